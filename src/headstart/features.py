@@ -1,0 +1,272 @@
+"""Batched feature extraction through the frozen backbone, and the on-disk feature cache.
+
+Cache layout: `<cache>/features/<namespace>/namespace.json` plus shard files, each a
+safetensors file of up to CHUNK images' pooled features with their image keys in its
+header. The namespace hashes everything that changes a feature (backbone, weights hash,
+preprocessing, engine, precision, decoder options, library versions); an image's key
+hashes its absolute path, size and st_mtime_ns. So a changed file gets a new key and is
+recomputed alone, and a shard, once renamed into place, is never rewritten.
+
+Missing images are computed in sorted order in fixed chunks of CHUNK images, and each
+chunk is written as it completes: memory stays flat as the data set grows, and a killed
+run resumes from the last finished chunk with the same batches, hence identical features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from . import progress
+from .fileio import atomic_path, write_json
+from .images import ImageError, load_image
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256  # images per shard; a multiple of the batch size keeps batches identical after a resume
+FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "headstart"
+
+
+def image_key(path: str) -> str:
+    st = os.stat(path)
+    return hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+
+
+def namespace_key(namespace: dict) -> str:
+    return hashlib.sha256(json.dumps(namespace, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class FeatureCache:
+    """Per-image features inside one namespace; `root=None` keeps them in memory only."""
+
+    def __init__(self, root: str | os.PathLike | None, namespace: dict):
+        self.namespace = namespace
+        self.key = namespace_key(namespace)
+        self.dir: Path | None = None
+        self._memory: dict[str, np.ndarray] = {}
+        self._index: dict[str, tuple[str, int]] = {}
+        self._seen: set[str] = set()
+        if root is not None:
+            d = Path(root) / "features" / self.key
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                if not (d / "namespace.json").exists():
+                    write_json(d / "namespace.json", {"format": FORMAT, **namespace})
+                self.dir = d
+            except OSError as exc:
+                log.warning("feature cache %s is not writable (%s); features are kept in memory for this run "
+                            "only. Pass --cache-dir to a writable folder to reuse them.", d, exc)
+
+    def refresh(self) -> None:
+        """Read the headers of shards not seen yet (other processes may have added some)."""
+        if self.dir is None:
+            return
+        for shard in sorted(self.dir.glob("*.safetensors")):
+            name = shard.name
+            if name in self._seen:
+                continue
+            try:
+                with safe_open(str(shard), framework="numpy") as f:
+                    keys = json.loads(f.metadata()["keys"])
+            except Exception as exc:  # a foreign or damaged file: ignore it, never crash on the cache
+                log.warning("ignoring unreadable cache shard %s (%s)", shard, type(exc).__name__)
+                self._seen.add(name)
+                continue
+            self._seen.add(name)
+            for row, k in enumerate(keys):
+                self._index.setdefault(k, (name, row))
+
+    def contains(self, key: str) -> bool:
+        return key in self._index or key in self._memory
+
+    def put(self, keys: list[str], feats: np.ndarray) -> None:
+        assert len(keys) == len(feats)
+        if not keys:
+            return
+        if self.dir is not None:
+            name = f"{time.time_ns():x}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
+            try:
+                with atomic_path(self.dir / name) as tmp:
+                    save_file({"features": np.ascontiguousarray(feats, dtype=np.float32)}, str(tmp),
+                              metadata={"keys": json.dumps(keys)})
+                self._seen.add(name)
+                for row, k in enumerate(keys):
+                    self._index.setdefault(k, (name, row))
+                return
+            except OSError as exc:
+                log.warning("cannot write to feature cache %s (%s); continuing without it.", self.dir, exc)
+                self.dir = None
+        for k, f in zip(keys, feats):
+            self._memory[k] = np.asarray(f, dtype=np.float32)
+
+    def get(self, keys: Sequence[str]) -> np.ndarray:
+        """Features for `keys`, in order; every key must be present."""
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        out: np.ndarray | None = None
+        for i, k in enumerate(keys):
+            if k in self._memory:
+                out = _place(out, len(keys), i, self._memory[k])
+            else:
+                name, row = self._index[k]
+                by_shard.setdefault(name, []).append((i, row))
+        for name, pairs in by_shard.items():
+            with safe_open(str(self.dir / name), framework="numpy") as f:
+                block = f.get_tensor("features")
+            for i, row in pairs:
+                out = _place(out, len(keys), i, block[row])
+        if out is None:
+            return np.zeros((0, 0), dtype=np.float32)
+        return out
+
+
+def _place(out: np.ndarray | None, n: int, i: int, vec: np.ndarray) -> np.ndarray:
+    if out is None:
+        out = np.empty((n, vec.shape[-1]), dtype=np.float32)
+    out[i] = vec
+    return out
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[str], transform: Callable):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_image(self.paths[i])), None
+        except ImageError as exc:
+            return i, None, str(exc)
+
+
+def _collate(items):
+    ok = [(i, x) for i, x, err in items if err is None]
+    failed = [(i, err) for i, x, err in items if err is not None]
+    xs = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], xs, failed
+
+
+def default_workers() -> int:
+    # One decoding worker overlaps decoding with the network; more would take cores the
+    # network's own threads use (measured on 2 cores: see benchmarks/).
+    return 1 if (os.cpu_count() or 1) >= 2 else 0
+
+
+@dataclass
+class Extraction:
+    keys: list[str | None]  # per input path; None where the file failed
+    failures: dict[str, str] = field(default_factory=dict)  # path -> reason
+    n_cached: int = 0
+    n_computed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([k is not None for k in self.keys], dtype=bool)
+
+
+def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCache, *,
+            batch_size: int = 64, workers: int | None = None, desc: str = "features") -> Extraction:
+    """Make sure every readable image in `paths` has features in `cache`; return keys and failures.
+
+    Features are not returned here, so memory does not grow with the data set:
+    `cache.get(result.keys)` assembles them when a caller needs them.
+    """
+    t0 = time.perf_counter()
+    keys: list[str | None] = []
+    failures: dict[str, str] = {}
+    for p in paths:
+        try:
+            keys.append(image_key(p))
+        except OSError as exc:
+            keys.append(None)
+            failures[p] = f"cannot read file ({exc.strerror or exc})"
+    cache.refresh()
+    todo = sorted({p: k for p, k in zip(paths, keys) if k is not None and not cache.contains(k)}.items())
+    n_cached = sum(1 for k in keys if k is not None) - len(todo)
+    if todo:
+        log.info("%s: %d/%d from cache, computing %d", desc, n_cached, len(paths), len(todo))
+        todo_paths = [p for p, _ in todo]
+        bad = _compute(engine, transform, todo_paths, [k for _, k in todo], cache, batch_size,
+                       default_workers() if workers is None else workers, desc)
+        for i, reason in bad.items():
+            failures[todo_paths[i]] = reason
+        keys = [None if p in failures else k for p, k in zip(paths, keys)]
+    result = Extraction(keys, failures, n_cached, len(todo) - len(failures), time.perf_counter() - t0)
+    log.info("%s: %d/%d features from cache%s", desc, n_cached, len(paths),
+             f", {result.n_computed} computed in {result.seconds:.1f}s "
+             f"({result.n_computed / max(result.seconds, 1e-9):.0f} images/s)" if todo else "")
+    for p, reason in failures.items():
+        log.warning("skipping %s: %s", p, reason)
+    return result
+
+
+def _compute(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
+             workers: int, desc: str) -> dict[int, str]:
+    chunk = max(batch_size, CHUNK // batch_size * batch_size)
+    loader = torch.utils.data.DataLoader(
+        _Images(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    failed: dict[int, str] = {}
+    pending_keys: list[str] = []
+    pending: list[np.ndarray] = []
+    done = 0
+    with progress.bar(len(paths), desc) as pbar:
+        for idx, xs, bad in loader:
+            failed.update(bad)
+            if xs is not None:
+                pending.append(engine(xs).numpy())
+                pending_keys.extend(keys[i] for i in idx)
+            done += len(idx) + len(bad)
+            pbar.update(len(idx) + len(bad))
+            # Chunk boundaries are positions in the sorted to-do list, independent of failures.
+            if done % chunk == 0 or done == len(paths):
+                cache.put(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0), np.float32))
+                pending_keys, pending = [], []
+    return failed
+
+
+def cache_info(root: str | os.PathLike | None = None) -> dict:
+    root = Path(root) if root else default_cache_dir()
+    spaces = []
+    total = 0
+    for d in sorted((root / "features").glob("*")) if (root / "features").is_dir() else []:
+        shards = list(d.glob("*.safetensors"))
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        total += size
+        try:
+            meta = json.loads((d / "namespace.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        spaces.append({"namespace": d.name, "backbone": meta.get("backbone"), "image_size":
+                       meta.get("preprocessing", {}).get("crop_size"), "engine": meta.get("engine"),
+                       "precision": meta.get("precision"), "shards": len(shards), "bytes": size})
+    return {"path": str(root), "bytes": total, "namespaces": spaces}
+
+
+def clear_cache(root: str | os.PathLike | None = None) -> int:
+    root = Path(root) if root else default_cache_dir()
+    info = cache_info(root)
+    if (root / "features").is_dir():
+        shutil.rmtree(root / "features")
+    return info["bytes"]

@@ -1,0 +1,91 @@
+"""Decoding one image file into an RGB PIL image, or a clear reason why not.
+
+Choices (documented in the README):
+- only the first frame of animated or multi-page files is used;
+- EXIF orientation is applied;
+- transparency is composited onto a white background (ALPHA_BACKGROUND), not dropped;
+- 16-bit and float grayscale are scaled to 8 bits, not clipped;
+- a truncated file is refused (skipped and reported), never padded with grey;
+- a header claiming more than MAX_PIXELS pixels is refused before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 9459 x 9459)
+ALPHA_BACKGROUND = (255, 255, 255)
+DECODER_OPTIONS = {"alpha_background": list(ALPHA_BACKGROUND), "max_pixels": MAX_PIXELS, "first_frame": True,
+                   "exif_transpose": True}
+
+
+class ImageError(Exception):
+    """This file cannot be used as an image; the message is the reason shown to the user."""
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open `path` and return an RGB image, or raise ImageError saying why it cannot be used."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageError(f"{im.width}x{im.height} pixels is over the limit of {MAX_PIXELS}")
+                if im.width < 1 or im.height < 1:
+                    raise ImageError(f"image has no pixels ({im.width}x{im.height})")
+                im.seek(0)
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return to_rgb(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read (wrong extension, or another kind of file)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"too many pixels: {exc}") from None
+    except OSError as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg:
+            msg = "truncated file (" + msg + ")"
+        raise ImageError(msg) from None
+    except (SyntaxError, ValueError, TypeError, EOFError, IndexError, MemoryError, Image.UnidentifiedImageError) as exc:
+        raise ImageError(f"corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_to_uint8(im), mode="L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGB", im.size, ALPHA_BACKGROUND)
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def _to_uint8(im: Image.Image) -> np.ndarray:
+    arr = np.asarray(im).astype(np.float64)
+    if im.mode == "F":
+        top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
+        arr = np.nan_to_num(arr) / top * 255.0
+    elif im.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+        arr = arr / 65535.0 * 255.0  # 16-bit range, including mode "I" from 16-bit PNGs
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)

@@ -1,0 +1,283 @@
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headstart.evaluation import (
+    compute_metrics,
+    format_report,
+    plot_confusion_matrix,
+    plot_training_curve,
+    plot_worst_errors,
+    worst_errors,
+    write_report_markdown,
+)
+
+CLASSES = ["cat", "dog", "fox", "owl"]
+# Predictions (argmax): cat, dog, dog, dog, fox, cat -> 4 of 6 right.
+Y_TRUE = np.array([0, 0, 1, 1, 2, 3])
+PROBA = np.array(
+    [
+        [0.70, 0.10, 0.10, 0.10],  # cat -> cat
+        [0.40, 0.50, 0.05, 0.05],  # cat -> dog, true class 2nd: inside top-3
+        [0.10, 0.80, 0.05, 0.05],  # dog -> dog
+        [0.20, 0.60, 0.10, 0.10],  # dog -> dog
+        [0.10, 0.10, 0.70, 0.10],  # fox -> fox
+        [0.50, 0.30, 0.15, 0.05],  # owl -> cat, true class last: outside top-3
+    ]
+)
+
+
+@pytest.fixture
+def metrics():
+    return compute_metrics(Y_TRUE, PROBA, CLASSES)
+
+
+def _assert_plain_json(obj):
+    # numpy scalars would pass json.dumps for floats but not ints; require builtins.
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            assert type(key) is str
+            _assert_plain_json(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            _assert_plain_json(value)
+    else:
+        assert type(obj) in (str, int, float, bool), type(obj)
+
+
+def _assert_png(path: Path):
+    assert path.stat().st_size > 0
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size[0] > 0 and image.size[1] > 0
+    assert not list(path.parent.glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_match_hand_computation(metrics):
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    # Recalls: cat 1/2, dog 2/2, fox 1/1, owl 0/1.
+    assert metrics["balanced_accuracy"] == pytest.approx((0.5 + 1 + 1 + 0) / 4)
+    # F1: cat 0.5, dog 2*(2/3)*1/(2/3+1) = 0.8, fox 1, owl 0.
+    assert metrics["macro_f1"] == pytest.approx((0.5 + 0.8 + 1 + 0) / 4)
+    # Only k=3 is informative with 4 classes (k=1 is accuracy, k=5 >= n_classes).
+    assert metrics["top_k_accuracy"] == {"3": pytest.approx(5 / 6)}
+    assert metrics["n_images"] == 6
+    assert metrics["classes"] == CLASSES
+    assert metrics["confusion_matrix"] == [
+        [1, 1, 0, 0],
+        [0, 2, 0, 0],
+        [0, 0, 1, 0],
+        [1, 0, 0, 0],
+    ]
+
+
+def test_per_class_rows(metrics):
+    by_class = {row["class"]: row for row in metrics["per_class"]}
+    assert list(by_class) == CLASSES
+    assert by_class["dog"]["precision"] == pytest.approx(2 / 3)
+    assert by_class["dog"]["recall"] == pytest.approx(1.0)
+    assert by_class["dog"]["f1"] == pytest.approx(0.8)
+    # owl is never predicted: precision is 0/0, reported as 0 rather than NaN.
+    assert by_class["owl"] == {"class": "owl", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert [row["support"] for row in metrics["per_class"]] == [2, 2, 1, 1]
+
+
+def test_metrics_are_plain_json(metrics):
+    _assert_plain_json(metrics)
+    assert json.loads(json.dumps(metrics)) == metrics
+
+
+def test_subset_of_classes_keeps_every_class():
+    classes = ["a", "b", "c", "d", "e"]
+    y_true = np.array([0, 0, 2, 2])
+    proba = np.full((4, 5), 0.1)
+    proba[[0, 1, 2, 3], [0, 1, 2, 2]] = 0.6  # second image predicted as b, absent from y_true
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn's "classes not in y_true" must not leak
+        m = compute_metrics(y_true, proba, classes)
+
+    assert m["accuracy"] == pytest.approx(3 / 4)
+    # Mean recall over the classes present in y_true only: a 1/2, c 2/2.
+    assert m["balanced_accuracy"] == pytest.approx(0.75)
+    assert [row["class"] for row in m["per_class"]] == classes
+    assert [row["support"] for row in m["per_class"]] == [2, 0, 2, 0, 0]
+    assert len(m["confusion_matrix"]) == 5
+    assert all(len(row) == 5 for row in m["confusion_matrix"])
+    assert sum(map(sum, m["confusion_matrix"])) == 4
+    assert set(m["top_k_accuracy"]) == {"3"}
+
+
+def test_confusion_matrix_sums_to_n():
+    rng = np.random.default_rng(0)
+    proba = rng.dirichlet(np.ones(6), size=50)
+    m = compute_metrics(rng.integers(0, 6, size=50), proba, list("abcdef"))
+    assert sum(map(sum, m["confusion_matrix"])) == 50
+    assert set(m["top_k_accuracy"]) == {"3", "5"}
+
+
+def test_binary_has_no_top_k():
+    m = compute_metrics([0, 1], [[0.9, 0.1], [0.2, 0.8]], ["no", "yes"])
+    assert m["top_k_accuracy"] == {}
+    assert m["accuracy"] == 1.0
+
+
+def test_skipped_passes_through_as_json():
+    skipped = [{"path": Path("data/x.jpg"), "reason": "cannot decode"}]
+    m = compute_metrics(Y_TRUE, PROBA, CLASSES, skipped=skipped)
+    assert m["skipped"] == [{"path": str(Path("data/x.jpg")), "reason": "cannot decode"}]
+    json.dumps(m)
+
+
+def test_empty_set_raises():
+    with pytest.raises(ValueError, match="empty evaluation set"):
+        compute_metrics(np.array([], dtype=int), np.zeros((0, 4)), CLASSES)
+
+
+@pytest.mark.parametrize(
+    "y_true, proba, match",
+    [
+        (Y_TRUE, PROBA[:, :3], "shape"),
+        (Y_TRUE[:5], PROBA, "shape"),
+        (np.array([0, 0, 1, 1, 2, 4]), PROBA, "outside"),
+        (Y_TRUE.astype(float), PROBA, "integer"),
+        (Y_TRUE, np.where(PROBA > 0.6, np.nan, PROBA), "NaN"),
+    ],
+)
+def test_bad_inputs_raise(y_true, proba, match):
+    with pytest.raises(ValueError, match=match):
+        compute_metrics(y_true, proba, CLASSES)
+
+
+# --------------------------------------------------------------------------- text reports
+
+
+def test_format_report_contents(metrics):
+    report = format_report(metrics)
+    for name in CLASSES:
+        assert name in report
+    assert "0.6667" in report  # accuracy
+    assert "0.6250" in report  # balanced accuracy
+    assert "top-3 accuracy" in report
+    assert "\x1b" not in report  # no colour codes in logs
+
+
+def test_format_report_fits_120_columns_for_10_long_names():
+    classes = [f"very_long_class_name_number_{i}" for i in range(10)]
+    rng = np.random.default_rng(1)
+    m = compute_metrics(rng.integers(0, 10, size=200), rng.dirichlet(np.ones(10), size=200), classes)
+    report = format_report(m)
+    matrix = report.split("confusion matrix")[1]
+    assert max(len(line) for line in matrix.splitlines()) <= 120
+    for name in classes:
+        assert name in report  # the per-class table keeps full names
+
+
+def test_markdown_report(tmp_path, metrics):
+    metrics["skipped"] = [{"path": "bad.jpg", "reason": "truncated file"}]
+    out = tmp_path / "report.md"
+    write_report_markdown(metrics, out, title="Test run")
+    text = out.read_text()
+    assert text.startswith("# Test run")
+    for heading in ("## Summary", "## Per class", "## Confusion matrix", "## Skipped images"):
+        assert heading in text
+    assert "| dog | 0.6667 | 1.0000 | 0.8000 | 2 |" in text
+    assert "| owl | 1 | 0 | 0 | 0 |" in text
+    assert "bad.jpg" in text
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- plots
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_plot_confusion_matrix(tmp_path, metrics, normalize):
+    out = tmp_path / "plots" / "cm.png"
+    plot_confusion_matrix(metrics["confusion_matrix"], CLASSES, out, normalize=normalize)
+    _assert_png(out)
+
+
+def test_plot_confusion_matrix_with_empty_row(tmp_path):
+    out = tmp_path / "cm.png"
+    plot_confusion_matrix(np.array([[2, 0], [0, 0]]), ["a", "b"], out)
+    _assert_png(out)
+
+
+def test_plot_confusion_matrix_shape_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="shape"):
+        plot_confusion_matrix(np.eye(3, dtype=int), ["a", "b"], tmp_path / "cm.png")
+
+
+@pytest.mark.parametrize("with_accuracy", [True, False])
+def test_plot_training_curve(tmp_path, with_accuracy):
+    history = {"epoch": [1, 2, 3], "train_loss": [1.0, 0.6, 0.4], "val_loss": [1.1, 0.7, 0.8]}
+    if with_accuracy:
+        history["val_accuracy"] = [0.5, 0.7, 0.65]
+    history["best_epoch"] = 2
+    out = tmp_path / "curve.png"
+    plot_training_curve(history, out)
+    _assert_png(out)
+
+
+def test_plot_training_curve_rejects_ragged_history(tmp_path):
+    with pytest.raises(ValueError, match="val_loss"):
+        plot_training_curve({"epoch": [1, 2], "train_loss": [1, 2], "val_loss": [1]}, tmp_path / "c.png")
+
+
+def _make_images(folder: Path, count: int) -> list[Path]:
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i}.png"
+        Image.new("RGB", (12, 8), color=(20 * i, 100, 200)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_plot_worst_errors_picks_most_confident_mistakes(tmp_path):
+    paths = _make_images(tmp_path, 6)
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    proba = np.array(
+        [
+            [0.9, 0.05, 0.05],  # right
+            [0.2, 0.7, 0.1],  # wrong, p=0.7
+            [0.05, 0.05, 0.9],  # wrong, p=0.9 -> worst
+            [0.1, 0.8, 0.1],  # right
+            [0.6, 0.1, 0.3],  # wrong, p=0.6
+            [0.1, 0.1, 0.8],  # right
+        ]
+    )
+    loaded = []
+
+    def load(p):
+        loaded.append(p)
+        return Image.open(p)
+
+    out = tmp_path / "out" / "errors.png"
+    chosen = plot_worst_errors(paths, y_true, proba, ["a", "b", "c"], out, load, n=2)
+    assert chosen == [
+        (paths[2], "b", "c", pytest.approx(0.9)),
+        (paths[1], "a", "b", pytest.approx(0.7)),
+    ]
+    assert loaded == [paths[2], paths[1]]
+    _assert_png(out)
+
+    all_errors = worst_errors(paths, y_true, proba, ["a", "b", "c"])
+    assert [c[0] for c in all_errors] == [paths[2], paths[1], paths[4]]
+
+
+def test_plot_worst_errors_without_mistakes(tmp_path):
+    paths = _make_images(tmp_path, 2)
+    out = tmp_path / "errors.png"
+
+    def never(p):
+        raise AssertionError("no image should be loaded")
+
+    chosen = plot_worst_errors(paths, [0, 1], np.eye(2), ["a", "b"], out, never)
+    assert chosen == []
+    _assert_png(out)
