@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 
 from . import progress
 from .fileio import atomic_path, write_json
-from .images import ImageError, load_image
+from .images import DECODER_OPTIONS, ImageError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,26 @@ def default_cache_dir() -> Path:
 def image_key(path: str) -> str:
     st = os.stat(path)
     return hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+
+
+def make_namespace(backbone: str, weights_identity: str, preprocessing, choice) -> dict:
+    """Everything that changes a feature vector, apart from the image itself."""
+    import PIL
+    import torchvision
+
+    from . import __version__
+
+    return {
+        "backbone": backbone,
+        "weights": weights_identity,
+        "preprocessing": preprocessing.to_dict(),
+        "engine": choice.engine,
+        "precision": choice.precision,
+        "device": choice.device,
+        "decoder": {**DECODER_OPTIONS, "pillow": PIL.__version__},
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "headstart": __version__},
+        "pool": "global-average",
+    }
 
 
 def namespace_key(namespace: dict) -> str:

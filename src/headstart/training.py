@@ -1,0 +1,303 @@
+"""Training a head on frozen features, and the run directory that explains the result.
+
+A run is built in `<out>.partial-<pid>` and renamed to `<out>` only when complete, so a
+directory at `<out>` always holds the resolved config, metrics, splits, skipped files,
+model bundle, plots and log of a finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL
+import sklearn
+import torch
+import torchvision
+
+from . import __version__
+from .backbones import get_backbone
+from .bundle import Model
+from .data import ImageData, load_data
+from .engine import choose_engine, make_engine
+from .errors import DataError, HeadstartError
+from .evaluation import (compute_metrics, format_report, plot_confusion_matrix, plot_training_curve,
+                         plot_worst_errors, write_report_markdown)
+from .features import FeatureCache, default_cache_dir, extract, make_namespace
+from .fileio import write_json, write_text
+from .heads import make_head
+from .images import load_image
+from .weights import load_backbone
+
+log = logging.getLogger("headstart")
+
+STRATEGIES = ("feature-extraction",)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. `resolved()` fills in what "auto" became."""
+
+    data: str
+    labels: str | None = None
+    backbone: str = "mobilenet_v2"
+    strategy: str = "feature-extraction"
+    head: str = "linear"
+    weights: str | None = None  # None/"imagenet": search the sources; "none": random init; else a file
+    image_size: int | str = "auto"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    class_weight: str | None = None
+    seed: int = 0
+    batch_size: int = 64
+    workers: int | None = None
+    device: str = "auto"
+    engine: str = "auto"
+    precision: str = "auto"
+    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/headstart; "none": no disk cache
+    out: str | None = None
+    strict: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class Run:
+    """What `train` returns: where the run is, what it measured, and the trained model."""
+
+    run_dir: Path
+    config: dict
+    metrics: dict
+    model: Model
+    skipped: list[dict] = field(default_factory=list)
+
+
+def auto_image_size(data: ImageData, default: int, sample: int = 64) -> tuple[int, str]:
+    """The crop size for this data: the backbone's own, unless the images are much smaller.
+
+    Upsampling a 28 px image to 224 px costs 5x the compute of 96 px and gains about one
+    point (README, "Choosing the image size"); images are upsampled at most MAX_UPSAMPLE
+    times, rounded up to a multiple of 32, and never past the backbone's default.
+    """
+    paths = [s.path for s in data.samples[:: max(1, len(data.samples) // sample)]][:sample]
+    sides = []
+    for p in paths:
+        try:
+            with PIL.Image.open(p) as im:
+                sides.append(min(im.size))
+        except Exception:
+            continue
+    if not sides:
+        return default, f"backbone default {default} px (image sizes unknown)"
+    median = float(np.median(sides))
+    size = int(min(default, max(64, math.ceil(median * MAX_UPSAMPLE / 32) * 32)))
+    if size == default:
+        return size, f"backbone default {default} px (median image side {median:.0f} px)"
+    return size, f"{size} px: median image side {median:.0f} px, upsampled at most {MAX_UPSAMPLE}x"
+
+
+MAX_UPSAMPLE = 4
+
+
+def _versions() -> dict:
+    return {"headstart": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "pillow": PIL.__version__, "platform": platform.platform()}
+
+
+def _prepare_out(out: str | None, overwrite: bool) -> tuple[Path, Path]:
+    final = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    final = final.expanduser().absolute()
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise HeadstartError(f"run directory {final} already exists; pass another --out or --overwrite.")
+    partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return final, partial
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Rename the finished run into place; an overwritten run is moved aside first, then removed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(partial, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_data_outside(data_root: str, out: Path, cache: Path | None) -> None:
+    root = Path(data_root).resolve()
+    root = root if root.is_dir() else root.parent
+    for what, p in (("--out", out), ("--cache-dir", cache)):
+        if p is not None and (p.resolve() == root or root in p.resolve().parents):
+            raise HeadstartError(f"{what} {p} is inside the data folder {root}; headstart never writes into "
+                                 "your data. Choose a folder outside it.")
+
+
+def train(data: str | os.PathLike, **settings) -> Run:
+    """Train a model on an image folder (or labels CSV) and write its run directory.
+
+    Settings are the fields of TrainConfig (backbone, head, image_size, seed, out, ...).
+    """
+    cfg = TrainConfig(data=os.fspath(data), **settings)
+    if cfg.strategy not in STRATEGIES:
+        raise HeadstartError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {cfg.strategy!r}.")
+    entry = get_backbone(cfg.backbone)
+    cache_root = None if str(cfg.cache_dir).lower() == "none" else Path(cfg.cache_dir or default_cache_dir())
+    final, partial = _prepare_out(cfg.out, cfg.overwrite)
+    handler = logging.FileHandler(partial / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("headstart").addHandler(handler)
+    try:
+        _check_data_outside(cfg.labels or cfg.data, final, cache_root)
+        run = _train(cfg, entry, cache_root, partial, final)
+        logging.getLogger("headstart").removeHandler(handler)
+        handler.close()
+        _publish(partial, final)
+        log.info("run written to %s", final)
+        return run
+    except BaseException:
+        logging.getLogger("headstart").removeHandler(handler)
+        handler.close()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path) -> Run:
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    data, bad_rows = load_data(cfg.data, labels=cfg.labels, val_fraction=cfg.val_fraction,
+                               test_fraction=cfg.test_fraction)
+    summary = data.summary()
+    log.info("data %s: %d images in %d classes (train %d, val %d, test %d)", data.root, summary["n_images"],
+             len(data.classes), summary["splits"]["train"], summary["splits"]["val"], summary["splits"]["test"])
+    if len(data.classes) < 2:
+        raise DataError(f"{data.root} has a single class ({data.classes[0]}); a classifier needs at least two "
+                        "class folders.")
+
+    if cfg.image_size == "auto":
+        image_size, size_reason = auto_image_size(data, entry.input_size)
+    else:
+        image_size, size_reason = int(cfg.image_size), "asked for"
+    prep = entry.preprocessing.scaled(image_size)
+    log.info("image size %d (%s); resize %d, crop %d", image_size, size_reason, prep.resize_size, prep.crop_size)
+
+    model, winfo = load_backbone(entry, cfg.weights, seed=cfg.seed)
+    log.info("backbone %s, weights: %s", entry.name, winfo.source)
+    choice = choose_engine(cfg.device, cfg.engine, cfg.precision)
+    log.info("engine %s, precision %s on %s (%s)", choice.engine, choice.precision, choice.device, choice.reason)
+    engine = make_engine(model, choice)
+    namespace = make_namespace(entry.name, winfo.identity(), prep, choice)
+    cache = FeatureCache(cache_root, namespace)
+
+    paths = [s.path for s in data.samples]
+    ext = extract(engine, prep.transform(), paths, cache, batch_size=cfg.batch_size, workers=cfg.workers,
+                  desc="extracting")
+    skipped = bad_rows + [{"path": p, "reason": r} for p, r in ext.failures.items()]
+    if skipped and cfg.strict:
+        listing = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
+        raise DataError(f"--strict: {len(skipped)} unusable files, nothing trained:\n{listing}")
+
+    ok = ext.ok
+    samples = [s for s, good in zip(data.samples, ok) if good]
+    keys = [k for k in ext.keys if k is not None]
+    X = cache.get(keys)
+    y = np.array([s.label for s in samples], dtype=np.int64)
+    split = np.array([s.split for s in samples])
+    tr, va, te = (split == "train"), (split == "val"), (split == "test")
+    if len(np.unique(y[tr])) < 2:
+        raise DataError("the training split has fewer than two classes with readable images; add images or "
+                        "lower --val-fraction/--test-fraction.")
+
+    head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed)
+    t_head = time.perf_counter()
+    head.fit(X[tr], y[tr], X[va] if va.any() else None, y[va] if va.any() else None)
+    head_seconds = time.perf_counter() - t_head
+    head_classes = [data.classes[i] for i in head.classes_]
+
+    bundle = Model(entry=entry, backbone=engine.model, head=head.to_torch(), classes=head_classes,
+                   preprocessing=prep, weights=winfo, head_config={**head.config(), "in_features": entry.feature_dim,
+                                                                   "n_classes": len(head_classes)},
+                   backbone_identity=winfo.identity())
+    bundle.save(out / "model")
+
+    metrics: dict = {"val_accuracy": getattr(head, "val_accuracy_", None)}
+    test_paths: list[str] = []
+    if te.any():
+        # Score with the saved module, so the reported numbers are the bundle's own.
+        proba = bundle.proba_from_features(X[te])
+        label_to_col = {c: i for i, c in enumerate(head_classes)}
+        test_known = np.array([data.classes[i] in label_to_col for i in y[te]])
+        y_test = np.array([label_to_col.get(data.classes[i], -1) for i in y[te]])
+        if not test_known.all():
+            log.warning("%d test images belong to classes with no training images and are left out of the "
+                        "test metrics.", int((~test_known).sum()))
+        test_paths = [s.path for s, t in zip(samples, te) if t]
+        test_paths = [p for p, k in zip(test_paths, test_known) if k]
+        metrics["test"] = compute_metrics(y_test[test_known], proba[test_known], head_classes)
+        log.info("test accuracy %.4f (balanced %.4f, macro-F1 %.4f) on %d images",
+                 metrics["test"]["accuracy"], metrics["test"]["balanced_accuracy"], metrics["test"]["macro_f1"],
+                 metrics["test"]["n_images"])
+    else:
+        log.warning("no test split: pass --test-fraction > 0 or a test/ folder to measure the model.")
+
+    wall = time.perf_counter() - t_start
+    metrics.update({
+        "wall_seconds": round(wall, 2),
+        "extraction": {"images": len(paths), "from_cache": ext.n_cached, "computed": ext.n_computed,
+                       "failed": len(ext.failures), "seconds": round(ext.seconds, 2),
+                       "images_per_second": round(ext.n_computed / ext.seconds, 1) if ext.n_computed else None,
+                       "network_images": engine.n_images},
+        "head_seconds": round(head_seconds, 2),
+        "n_train": int(tr.sum()), "n_val": int(va.sum()), "n_test": int(te.sum()),
+    })
+    resolved = {
+        **dataclasses.asdict(cfg),
+        "image_size": image_size, "image_size_reason": size_reason,
+        "out": str(final), "cache_dir": str(cache.dir.parent.parent) if cache.dir else None,
+        "cache_namespace": cache.key,
+        "preprocessing": prep.to_dict(), "weights": winfo.to_dict(), "engine": choice.to_dict(),
+        "head_settings": head.config(), "classes": data.classes, "data_summary": summary,
+        "feature_dim": entry.feature_dim, "versions": _versions(), "command": sys.argv,
+    }
+    write_json(out / "config.json", resolved)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "skipped.json", skipped)
+    _write_splits(out / "splits.csv", data, ext)
+    _write_plots(out, head, metrics, test_paths, head_classes, y_test[test_known] if te.any() else None,
+                 proba[test_known] if te.any() else None)
+    if "test" in metrics:
+        write_report_markdown(metrics["test"], out / "report.md", title=f"headstart run {final.name}: test set")
+        write_text(out / "report.txt", format_report(metrics["test"]) + "\n")
+    return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
+
+
+def _write_splits(path: Path, data: ImageData, ext) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "class", "split", "status"])
+    for s, key in zip(data.samples, ext.keys):
+        w.writerow([s.path, data.classes[s.label], s.split, "ok" if key is not None else "skipped"])
+    write_text(path, buf.getvalue())
+
+
+def _write_plots(out: Path, head, metrics: dict, test_paths, classes, y_test, proba) -> None:
+    if getattr(head, "history_", None):
+        plot_training_curve(head.history_, out / "training_curve.png")
+    if "test" in metrics:
+        plot_confusion_matrix(metrics["test"]["confusion_matrix"], classes, out / "confusion_matrix.png")
+        plot_worst_errors(test_paths, y_test, proba, classes, out / "worst_errors.png", load_image)

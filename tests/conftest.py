@@ -1,0 +1,82 @@
+"""Test isolation: private TORCH_HOME, XDG_CACHE_HOME and HOME, and no network at all."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_environment(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("TORCH_HOME", "XDG_CACHE_HOME", "HOME", "HEADSTART_OFFLINE")}
+    os.environ.update({"TORCH_HOME": str(home / "torch"), "XDG_CACHE_HOME": str(home / "cache"),
+                       "HOME": str(home), "HEADSTART_OFFLINE": "1"})
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test that made it."""
+
+    def refuse(*args, **kwargs):
+        raise NetworkBlocked("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def write_image_folder(root: Path, n_per_class: int = 6, classes=("cat", "dog"), size=(40, 32), seed=0) -> Path:
+    """A tiny image folder of distinguishable synthetic classes (different mean colours)."""
+    rng = np.random.default_rng(seed)
+    for ci, cname in enumerate(classes):
+        d = root / cname
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            base = np.zeros((size[1], size[0], 3), np.float64)
+            base[..., ci % 3] = 200
+            arr = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{cname}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory) -> Path:
+    """A small real Fashion-MNIST subset (30 train + 20 test images per class) as PNG folders."""
+    if not FMNIST_DIR.is_dir():
+        pytest.fail(f"{FMNIST_DIR} is missing: `make test` installs Debian's dataset-fashion-mnist "
+                    "(apt-get install dataset-fashion-mnist as root).")
+    from headstart.datasets import FASHION_MNIST_CLASSES, read_idx
+
+    out = tmp_path_factory.mktemp("fmnist") / "fmnist"
+    for split, stem, per_class in (("train", "train", 30), ("test", "t10k", 20)):
+        images = read_idx(FMNIST_DIR / f"{stem}-images-idx3-ubyte.gz")
+        labels = read_idx(FMNIST_DIR / f"{stem}-labels-idx1-ubyte.gz")
+        for c, name in enumerate(FASHION_MNIST_CLASSES):
+            d = out / split / name
+            d.mkdir(parents=True)
+            for i in np.flatnonzero(labels == c)[:per_class]:
+                Image.fromarray(images[i], mode="L").save(d / f"{i:05d}.png")
+    return out
