@@ -33,13 +33,25 @@ class NetworkBlocked(RuntimeError):
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test that made it."""
+    """Any attempt to reach the network fails the test that made it.
+
+    Unix-domain sockets stay allowed: DataLoader workers pass tensors back through them.
+    """
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(real):
+        def connect(self, *args, **kwargs):
+            if self.family in (socket.AF_INET, socket.AF_INET6):
+                raise NetworkBlocked(f"tests must not use the network (connect to {args[0] if args else '?'})")
+            return real(self, *args, **kwargs)
+
+        return connect
 
     def refuse(*args, **kwargs):
         raise NetworkBlocked("tests must not use the network")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket.socket, "connect", guard(real_connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guard(real_connect_ex))
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 

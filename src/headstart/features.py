@@ -80,7 +80,8 @@ class FeatureCache:
     def __init__(self, root: str | os.PathLike | None, namespace: dict):
         self.namespace = namespace
         self.key = namespace_key(namespace)
-        self.dir: Path | None = None
+        self.dir: Path | None = None  # where new shards go; None when not writing to disk
+        self._shard_dir: Path | None = None  # where indexed shards are read from, even after a write failure
         self._memory: dict[str, np.ndarray] = {}
         self._index: dict[str, tuple[str, int]] = {}
         self._seen: set[str] = set()
@@ -90,7 +91,7 @@ class FeatureCache:
                 d.mkdir(parents=True, exist_ok=True)
                 if not (d / "namespace.json").exists():
                     write_json(d / "namespace.json", {"format": FORMAT, **namespace})
-                self.dir = d
+                self.dir = self._shard_dir = d
             except OSError as exc:
                 log.warning("feature cache %s is not writable (%s); features are kept in memory for this run "
                             "only. Pass --cache-dir to a writable folder to reuse them.", d, exc)
@@ -148,7 +149,7 @@ class FeatureCache:
                 name, row = self._index[k]
                 by_shard.setdefault(name, []).append((i, row))
         for name, pairs in by_shard.items():
-            with safe_open(str(self.dir / name), framework="numpy") as f:
+            with safe_open(str(self._shard_dir / name), framework="numpy") as f:
                 block = f.get_tensor("features")
             for i, row in pairs:
                 out = _place(out, len(keys), i, block[row])
@@ -223,15 +224,17 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
     cache.refresh()
     todo = sorted({p: k for p, k in zip(paths, keys) if k is not None and not cache.contains(k)}.items())
     n_cached = sum(1 for k in keys if k is not None) - len(todo)
+    n_unreadable = 0  # of the to-do list; files that could not even be stat'ed were never in it
     if todo:
         log.info("%s: %d/%d from cache, computing %d", desc, n_cached, len(paths), len(todo))
         todo_paths = [p for p, _ in todo]
         bad = _compute(engine, transform, todo_paths, [k for _, k in todo], cache, batch_size,
                        default_workers() if workers is None else workers, desc)
+        n_unreadable = len(bad)
         for i, reason in bad.items():
             failures[todo_paths[i]] = reason
         keys = [None if p in failures else k for p, k in zip(paths, keys)]
-    result = Extraction(keys, failures, n_cached, len(todo) - len(failures), time.perf_counter() - t0)
+    result = Extraction(keys, failures, n_cached, len(todo) - n_unreadable, time.perf_counter() - t0)
     log.info("%s: %d/%d features from cache%s", desc, n_cached, len(paths),
              f", {result.n_computed} computed in {result.seconds:.1f}s "
              f"({result.n_computed / max(result.seconds, 1e-9):.0f} images/s)" if todo else "")

@@ -58,7 +58,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"too many pixels: {exc}") from None
     except OSError as exc:
         msg = str(exc) or type(exc).__name__
-        if "truncated" in msg:
+        if "truncated" in msg.lower():  # Pillow says both "image file is truncated" and "Truncated File Read"
             msg = "truncated file (" + msg + ")"
         raise ImageError(msg) from None
     except (SyntaxError, ValueError, TypeError, EOFError, IndexError, MemoryError, Image.UnidentifiedImageError) as exc:

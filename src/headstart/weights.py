@@ -164,6 +164,7 @@ def load_backbone(
         if digest != entry.weights.sha256:
             tried.append(f"{label} {path}: SHA-256 {digest[:12]}… differs from the expected "
                          f"{entry.weights.sha256[:12]}… (corrupt or partial file?)")
+            log.warning("skipping %s", tried[-1])  # a bad file must not be skipped silently
             continue
         model.load_state_dict(read_state_dict(path))
         return entry.strip_head(model), WeightsInfo("imagenet", label, digest, path=str(path))

@@ -1,0 +1,132 @@
+"""The backbone registry: every entry builds, runs on a tiny batch, and owns consistent metadata."""
+
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from headstart.backbones import (
+    Preprocessing,
+    block_modules,
+    get_backbone,
+    list_backbones,
+)
+from headstart.errors import HeadstartError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The 2 cores are shared with other work; two OpenMP threads fighting another process
+    # for them run tiny convolutions ~50x slower than one thread does.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module", params=list_backbones())
+def built(request):
+    """(entry, random-init feature extractor in eval mode); built once per backbone (vgg16 takes seconds)."""
+    entry = get_backbone(request.param)
+    torch.manual_seed(0)
+    return entry, entry.create().eval()
+
+
+def test_registry_lists_the_supported_backbones():
+    names = list_backbones()
+    assert "mobilenet_v2" in names and "resnet18" in names
+    assert names == sorted(set(names))
+    for name in names:
+        assert get_backbone(name).name == name
+
+
+def test_forward_on_tiny_batch_gives_pooled_features(built):
+    entry, model = built
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, entry.feature_dim)
+    assert out.dtype == torch.float32
+    assert not torch.isnan(out).any(), "output included NaNs"
+    assert torch.isfinite(out).all()
+    # Two different random images must not collapse to the same feature vector.
+    assert not torch.equal(out[0], out[1])
+
+
+def test_blocks_resolve_to_distinct_modules_of_the_extractor(built):
+    entry, model = built
+    assert entry.blocks, f"{entry.name} has no blocks to unfreeze"
+    own = {id(m) for m in model.modules()}
+    seen: dict[int, str] = {}
+    for path in entry.blocks:
+        modules = block_modules(model, path)
+        assert modules, f"block {path} of {entry.name} is empty"
+        for m in modules:
+            assert id(m) in own, f"block {path} is not part of the {entry.name} feature extractor"
+            assert id(m) not in seen, f"{path} and {seen.get(id(m))} share a module"
+            seen[id(m)] = path
+    # Blocks do not nest: no block module lies inside another block.
+    for path in entry.blocks:
+        for m in block_modules(model, path):
+            inner = {id(sub) for sub in m.modules()} - {id(m)}
+            assert not inner & set(seen), f"block {path} contains another block"
+    # Together the blocks hold every parameter of the extractor (so "unfreeze all blocks" is full fine-tuning).
+    in_blocks = {id(p) for path in entry.blocks for m in block_modules(model, path) for p in m.parameters()}
+    assert in_blocks == {id(p) for p in model.parameters()}
+
+
+def test_entry_metadata_is_consistent(built):
+    entry, model = built
+    assert entry.input_size == entry.preprocessing.crop_size
+    assert entry.preprocessing.resize_size >= entry.preprocessing.crop_size
+    assert entry.num_params > sum(p.numel() for p in model.parameters())  # the ImageNet head is stripped
+    assert entry.weights.url.endswith("/" + entry.weights.filename)
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_weights_file_hash_is_full_sha256_matching_the_file_name(name):
+    w = get_backbone(name).weights
+    assert re.fullmatch(r"[0-9a-f]{64}", w.sha256), w.sha256
+    # torchvision names files <arch>-<first hex digits of the sha256>.pth
+    fragment = re.search(r"-([0-9a-f]{8,})\.pth$", w.filename)
+    assert fragment, w.filename
+    assert w.sha256.startswith(fragment.group(1))
+
+
+def test_scaled_preprocessing_keeps_the_crop_fraction():
+    pre = get_backbone("mobilenet_v2").preprocessing
+    assert (pre.crop_size, pre.resize_size) == (224, 256)
+    small = pre.scaled(96)
+    assert (small.crop_size, small.resize_size) == (96, 110)  # 96 / (224 / 256) = 109.7
+    assert (small.mean, small.std, small.interpolation) == (pre.mean, pre.std, pre.interpolation)
+    assert pre.scaled(None) is pre and pre.scaled(224) is pre
+    assert Preprocessing.from_dict(small.to_dict()) == small
+    with pytest.raises(HeadstartError, match="too small"):
+        pre.scaled(8)
+
+
+def test_transform_of_a_pil_image_gives_the_crop_size():
+    small = get_backbone("mobilenet_v2").preprocessing.scaled(96)
+    image = Image.new("RGB", (150, 120), (255, 0, 0))
+    x = small.transform()(image)
+    assert x.shape == (3, 96, 96)
+    assert x.dtype == torch.float32
+    # Pure red, ImageNet-normalised: channel c is (value - mean) / std.
+    expected = [(1 - small.mean[0]) / small.std[0], -small.mean[1] / small.std[1], -small.mean[2] / small.std[2]]
+    assert torch.allclose(x.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-4)
+
+
+def test_get_backbone_normalises_names():
+    entry = get_backbone("mobilenet_v2")
+    assert get_backbone("MobileNet-V2") is entry
+    assert get_backbone("MOBILENET_V2") is entry
+
+
+def test_unknown_backbone_lists_the_choices():
+    with pytest.raises(HeadstartError) as err:
+        get_backbone("alexnet")
+    message = str(err.value)
+    assert "alexnet" in message
+    for name in list_backbones():
+        assert name in message

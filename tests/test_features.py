@@ -1,0 +1,344 @@
+"""Feature extraction through the frozen backbone, the on-disk cache, and the engine choice."""
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image_folder
+from PIL import Image
+
+from headstart import features as features_mod
+from headstart.backbones import get_backbone
+from headstart.engine import (
+    EngineChoice,
+    choose_engine,
+    cpu_flags,
+    make_engine,
+    native_bf16,
+)
+from headstart.errors import HeadstartError
+from headstart.features import (
+    FeatureCache,
+    cache_info,
+    clear_cache,
+    default_cache_dir,
+    extract,
+    make_namespace,
+    namespace_key,
+)
+from headstart.images import load_image
+from headstart.weights import load_backbone
+
+ENTRY = get_backbone("mobilenet_v2")
+PRE = ENTRY.preprocessing.scaled(32)
+FP32 = EngineChoice("torch", "fp32", "cpu", "tests")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The 2 cores are shared with other work; one thread avoids OpenMP contention slowdowns.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def paths(tmp_path) -> list[str]:
+    folder = write_image_folder(tmp_path / "data", n_per_class=5)
+    found = sorted(str(p) for p in folder.rglob("*.png"))
+    assert len(found) == 10
+    return found
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """A random-init MobileNetV2 (seed 0) and its weights info; engines put it in eval mode."""
+    return load_backbone(ENTRY, "none", seed=0)
+
+
+def _engine(backbone):
+    model, _ = backbone
+    return make_engine(model, FP32)
+
+
+def _namespace(info, pre=PRE, choice=FP32) -> dict:
+    return make_namespace(ENTRY.name, info.identity(), pre, choice)
+
+
+def _extract(engine, paths, cache, **kw):
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("workers", 0)
+    return extract(engine, PRE.transform(), paths, cache, **kw)
+
+
+def _assert_close(a: np.ndarray, b: np.ndarray, tol: float = 1e-5) -> None:
+    # A random-init MobileNetV2 in eval mode gives tiny pooled features (~1e-10), so an absolute
+    # 1e-5 would pass anything: compare relative to the features' own scale.
+    scale = float(np.abs(b).max())
+    assert scale > 0
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol * scale)
+
+
+def _rewrite(path: str, seed: int) -> None:
+    """New pixels and a later mtime, as an edit in an image editor would leave."""
+    before = os.stat(path).st_mtime_ns
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(path)
+    os.utime(path, ns=(before + 5_000_000_000, before + 5_000_000_000))
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def test_second_run_reads_everything_from_the_cache(backbone, paths, tmp_path):
+    _, info = backbone
+    ns = _namespace(info)
+    first_engine = _engine(backbone)
+    first = _extract(first_engine, paths, FeatureCache(tmp_path / "cache", ns))
+    assert (first.n_computed, first.n_cached, first.failures) == (10, 0, {})
+    assert first_engine.n_images == 10
+    assert all(first.ok)
+    feats = FeatureCache(tmp_path / "cache", ns)
+    feats.refresh()
+    computed = feats.get(first.keys)
+    assert computed.shape == (10, ENTRY.feature_dim) and computed.dtype == np.float32
+    assert np.isfinite(computed).all()
+
+    engine = _engine(backbone)  # a fresh engine and a fresh cache object: only the disk is shared
+    cache = FeatureCache(tmp_path / "cache", ns)
+    second = _extract(engine, paths, cache)
+    assert (second.n_computed, second.n_cached) == (0, 10)
+    assert engine.n_images == 0 and engine.n_batches == 0
+    assert second.keys == first.keys
+    assert np.array_equal(cache.get(second.keys), computed)
+
+
+def test_features_match_the_engine_in_input_order(backbone, paths):
+    """The cache hands back each image's own features, whatever order the paths come in."""
+    _, info = backbone
+    shuffled = list(paths)
+    random.Random(0).shuffle(shuffled)
+    cache = FeatureCache(None, _namespace(info))
+    result = _extract(_engine(backbone), shuffled, cache, batch_size=3)
+    transform = PRE.transform()
+    direct = _engine(backbone)(torch.stack([transform(load_image(p)) for p in shuffled])).numpy()
+    _assert_close(cache.get(result.keys), direct)
+
+
+def test_changed_image_is_recomputed_alone(backbone, paths, tmp_path):
+    _, info = backbone
+    ns = _namespace(info)
+    first = _extract(_engine(backbone), paths, FeatureCache(tmp_path / "cache", ns))
+    before = FeatureCache(tmp_path / "cache", ns)
+    before.refresh()
+    old = before.get(first.keys)
+
+    _rewrite(paths[3], seed=99)
+    engine = _engine(backbone)
+    cache = FeatureCache(tmp_path / "cache", ns)
+    second = _extract(engine, paths, cache)
+    assert (second.n_computed, second.n_cached) == (1, 9)
+    assert engine.n_images == 1
+    assert second.keys[3] != first.keys[3]
+    assert [k for i, k in enumerate(second.keys) if i != 3] == [k for i, k in enumerate(first.keys) if i != 3]
+    new = cache.get(second.keys)
+    assert np.array_equal(np.delete(new, 3, axis=0), np.delete(old, 3, axis=0))
+    assert np.abs(new[3] - old[3]).max() > 1e-2 * np.abs(old).max()  # really new features, not a copy
+
+
+def test_added_image_is_computed_alone(backbone, paths, tmp_path):
+    _, info = backbone
+    ns = _namespace(info)
+    _extract(_engine(backbone), paths, FeatureCache(tmp_path / "cache", ns))
+    extra = write_image_folder(tmp_path / "more", n_per_class=1, classes=("cat",), seed=5) / "cat" / "cat_000.png"
+    engine = _engine(backbone)
+    result = _extract(engine, [*paths, str(extra)], FeatureCache(tmp_path / "cache", ns))
+    assert (result.n_computed, result.n_cached) == (1, 10)
+    assert engine.n_images == 1
+
+
+def test_extraction_leaves_the_backbone_frozen(paths):
+    """Frozen means frozen: no parameter or BatchNorm buffer moves, even if handed over in train mode."""
+    model, info = load_backbone(ENTRY, "none", seed=1)
+    model.train()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert any(k.endswith("num_batches_tracked") for k in before)
+    engine = make_engine(model, FP32)
+    result = _extract(engine, paths, FeatureCache(None, _namespace(info)))
+    assert result.n_computed == 10 and engine.n_images == 10
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == []
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not model.training
+
+
+def test_unreadable_images_are_reported_and_the_rest_extracted(backbone, paths, tmp_path):
+    _, info = backbone
+    corrupt = Path(paths[2])
+    corrupt.write_bytes(b"this is not a png")
+    missing = str(tmp_path / "data" / "cat" / "gone.png")
+    cache = FeatureCache(None, _namespace(info))
+    engine = _engine(backbone)
+    result = _extract(engine, [*paths, missing], cache)
+    assert set(result.failures) == {str(corrupt), missing}
+    assert "not an image" in result.failures[str(corrupt)]
+    assert "cannot read file" in result.failures[missing]
+    assert result.ok.tolist() == [i != 2 for i in range(10)] + [False]
+    assert result.keys[2] is None and result.keys[10] is None
+    assert result.n_computed == 9 and result.n_cached == 0
+    feats = cache.get([k for k in result.keys if k is not None])
+    assert feats.shape == (9, ENTRY.feature_dim) and np.isfinite(feats).all()
+    # Run again: the 9 good ones come from the cache, the bad ones are reported again, not counted.
+    again = _extract(_engine(backbone), [*paths, missing], cache)
+    assert (again.n_computed, again.n_cached) == (0, 9)
+    assert set(again.failures) == {str(corrupt), missing}
+
+
+def test_memory_cache_writes_nothing(backbone, paths, tmp_path):
+    _, info = backbone
+    ns = _namespace(info)
+    cache = FeatureCache(None, ns)
+    assert cache.dir is None
+    result = _extract(_engine(backbone), paths, cache)
+    assert result.n_computed == 10
+    assert cache.get(result.keys).shape == (10, ENTRY.feature_dim)
+    assert not (default_cache_dir() / "features" / namespace_key(ns)).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    # A second in-memory cache shares nothing with the first.
+    assert _extract(_engine(backbone), paths, FeatureCache(None, ns)).n_computed == 10
+
+
+def test_unwritable_cache_location_falls_back_to_memory(backbone, paths, tmp_path, caplog):
+    _, info = backbone
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="headstart.features"):
+        cache = FeatureCache(blocker / "cache", _namespace(info))
+    assert cache.dir is None
+    assert "not writable" in caplog.text
+    result = _extract(_engine(backbone), paths, cache)
+    assert result.n_computed == 10
+    assert cache.get(result.keys).shape == (10, ENTRY.feature_dim)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_cache_that_fails_mid_run_keeps_what_was_written(backbone, paths, tmp_path, monkeypatch, caplog):
+    """A disk that fills up after the first shard: the run finishes and every feature is still readable."""
+    _, info = backbone
+    monkeypatch.setattr(features_mod, "CHUNK", 4)  # shards of 4 images, so the failure lands mid-run
+    real_save = features_mod.save_file
+    calls = []
+
+    def save_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(features_mod, "save_file", save_once)
+    cache = FeatureCache(tmp_path / "cache", _namespace(info))
+    with caplog.at_level(logging.WARNING, logger="headstart.features"):
+        result = _extract(_engine(backbone), paths, cache, batch_size=4)
+    assert result.n_computed == 10
+    assert "cannot write to feature cache" in caplog.text
+    feats = cache.get(result.keys)
+    assert feats.shape == (10, ENTRY.feature_dim) and np.isfinite(feats).all()
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # no half-written shard left behind
+
+
+def test_namespace_key_covers_what_changes_the_features(backbone):
+    _, info = backbone
+    base = namespace_key(_namespace(info))
+    assert namespace_key(_namespace(info)) == base
+    variants = {
+        "image size": _namespace(info, pre=ENTRY.preprocessing.scaled(48)),
+        "precision": _namespace(info, choice=EngineChoice("torch", "bf16", "cpu", "tests")),
+        "weights": make_namespace(ENTRY.name, ENTRY.weights.sha256, PRE, FP32),
+        "seed": make_namespace(ENTRY.name, "random-seed-1", PRE, FP32),
+        "backbone": make_namespace("resnet18", info.identity(), PRE, FP32),
+    }
+    keys = {what: namespace_key(ns) for what, ns in variants.items()}
+    for what, key in keys.items():
+        assert key != base, f"changing the {what} does not change the cache namespace"
+    assert len(set(keys.values())) == len(keys)
+
+
+def test_workers_and_batch_size_do_not_change_features(backbone, paths):
+    _, info = backbone
+    ns = _namespace(info)
+
+    def run(**kw):
+        cache = FeatureCache(None, ns)
+        result = _extract(_engine(backbone), paths, cache, **kw)
+        assert result.n_computed == 10
+        return cache.get(result.keys)
+
+    in_process = run(workers=0, batch_size=4)
+    assert np.array_equal(run(workers=1, batch_size=4), in_process)
+    for batch_size in (1, 10):
+        _assert_close(run(workers=0, batch_size=batch_size), in_process)
+
+
+def test_cache_info_and_clear_cache(backbone, paths, tmp_path):
+    _, info = backbone
+    root = tmp_path / "cache"
+    assert cache_info(root) == {"path": str(root), "bytes": 0, "namespaces": []}
+    cache = FeatureCache(root, _namespace(info))
+    _extract(_engine(backbone), paths, cache)
+    report = cache_info(root)
+    assert report["path"] == str(root)
+    [space] = report["namespaces"]
+    assert space["namespace"] == cache.key
+    assert (space["backbone"], space["image_size"], space["engine"], space["precision"]) == (
+        "mobilenet_v2", 32, "torch", "fp32")
+    assert space["shards"] >= 1
+    on_disk = sum(f.stat().st_size for f in (root / "features").rglob("*") if f.is_file())
+    assert report["bytes"] == space["bytes"] == on_disk > 10 * ENTRY.feature_dim * 4
+
+    assert clear_cache(root) == on_disk
+    assert not (root / "features").exists()
+    assert cache_info(root)["namespaces"] == []
+    assert all(Path(p).is_file() for p in paths)  # the images themselves are untouched
+
+
+# --------------------------------------------------------------------------- the engine choice
+
+
+def test_choose_engine_follows_the_cpu_flags():
+    assert native_bf16() == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    choice = choose_engine(device="cpu")
+    assert choice.engine == "torch"
+    assert choice.device == "cpu"
+    assert choice.precision == ("bf16" if native_bf16() else "fp32")
+    assert choice.reason
+    assert choose_engine(device="cpu") == choice  # a fixed rule: same machine, same choice
+    assert choose_engine(device="cpu", precision="fp32").precision == "fp32"
+    assert choose_engine(device="cpu", engine="torch", precision="bf16").precision == "bf16"
+    if not torch.cuda.is_available():
+        assert choose_engine().device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"engine": "onnx"}, "--engine"),
+        ({"precision": "fp16"}, "--precision"),
+        ({"device": "tpu"}, "--device"),
+    ],
+)
+def test_invalid_engine_settings_are_refused(kwargs, match):
+    with pytest.raises(HeadstartError, match=match):
+        choose_engine(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(HeadstartError, match="--device cpu"):
+        choose_engine(device="cuda")

@@ -1,0 +1,211 @@
+"""Heads as estimators, on small seeded Gaussian blobs standing in for cached features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from headstart.errors import HeadstartError
+from headstart.heads import DEFAULT_CS, LinearHead, MLPHead, head_module, make_head
+
+LABELS = np.array([2, 5, 7])  # non-contiguous on purpose: predictions must be these values, not 0..k-1
+HEADS = [LinearHead, MLPHead]
+
+
+def blobs(n: int, labels=LABELS, d: int = 32, spread: float = 1.0, seed: int = 0, weights=None):
+    """`n` points in `d` dims around one centre per label; `seed` fixes the centres, `n`-draws use seed + 1."""
+    centres = np.random.default_rng(seed).normal(0.0, 1.0, (len(labels), d)) * 1.5
+    rng = np.random.default_rng([seed, n])
+    idx = rng.choice(len(labels), size=n, p=weights)
+    X = centres[idx] + rng.normal(0.0, spread, (n, d))
+    return X.astype(np.float32), np.asarray(labels)[idx]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These matrices are tiny: a second thread only adds contention (and minutes on a busy machine)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def split_data():
+    X, y = blobs(270)
+    return (X[:150], y[:150]), (X[150:210], y[150:210]), (X[210:], y[210:])
+
+
+def _fit(cls, split_data, **kwargs):
+    (Xtr, ytr), (Xv, yv), _ = split_data
+    return cls(**kwargs).fit(Xtr, ytr, Xv, yv)
+
+
+@pytest.fixture(scope="module")
+def fitted(split_data):
+    return {cls: _fit(cls, split_data) for cls in HEADS}
+
+
+@pytest.mark.parametrize("cls", HEADS)
+def test_head_is_accurate_on_separable_data(cls, fitted, split_data):
+    head = fitted[cls]
+    _, _, (Xte, yte) = split_data
+    assert head.score(Xte, yte) >= 0.95
+    assert head.val_accuracy_ >= 0.9
+    assert head.n_features_in_ == 32
+
+
+@pytest.mark.parametrize("cls", HEADS)
+def test_probabilities_follow_classes(cls, fitted, split_data):
+    head = fitted[cls]
+    _, _, (Xte, yte) = split_data
+    assert head.classes_.tolist() == [2, 5, 7]
+    proba = head.predict_proba(Xte)
+    assert proba.shape == (60, 3)
+    assert np.allclose(proba.sum(axis=1), 1.0)
+    assert (proba >= 0).all()
+    pred = head.predict(Xte)
+    assert set(pred.tolist()) <= {2, 5, 7}
+    assert np.array_equal(pred, head.classes_[proba.argmax(axis=1)])
+    for j, c in enumerate(head.classes_):  # column j is the probability of label classes_[j]
+        assert proba[yte == c, j].mean() > 0.8
+
+
+@pytest.mark.parametrize("cls", HEADS)
+def test_to_torch_gives_the_same_logits(cls, fitted, split_data):
+    head = fitted[cls]
+    _, _, (Xte, _) = split_data
+    module = head.to_torch()
+    with torch.no_grad():
+        logits = module(torch.as_tensor(Xte))  # raw features: the scaler is folded in
+    expected = torch.as_tensor(head.decision_function(Xte), dtype=torch.float32)
+    assert logits.shape == (60, 3)
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+    assert all(p.requires_grad for p in module.parameters())  # ready to fine-tune
+
+
+def test_linear_head_binary_case_to_torch(split_data):
+    X, y = blobs(200, labels=np.array([0, 9]), seed=3)
+    head = LinearHead().fit(X[:120], y[:120], X[120:160], y[120:160])
+    assert head.classes_.tolist() == [0, 9]
+    with torch.no_grad():
+        logits = head.to_torch()(torch.as_tensor(X[160:]))
+    expected = torch.as_tensor(head.decision_function(X[160:]), dtype=torch.float32)
+    assert logits.shape == (40, 2)
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+    assert head.score(X[160:], y[160:]) >= 0.95
+
+
+@pytest.mark.parametrize("cls", HEADS)
+def test_same_seed_gives_identical_heads(cls, split_data):
+    _, _, (Xte, _) = split_data
+    a = _fit(cls, split_data, random_state=7)
+    b = _fit(cls, split_data, random_state=7)
+    assert np.array_equal(a.predict(Xte), b.predict(Xte))
+    assert np.array_equal(a.decision_function(Xte), b.decision_function(Xte))
+    sa, sb = a.to_torch().state_dict(), b.to_torch().state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_mlp_seed_matters(split_data):
+    a = _fit(MLPHead, split_data, random_state=1, max_epochs=3)
+    b = _fit(MLPHead, split_data, random_state=2, max_epochs=3)
+    assert not torch.equal(a.to_torch()[0].weight, b.to_torch()[0].weight)
+
+
+@pytest.mark.parametrize("cls,kwargs", [(LinearHead, {"Cs": (1.0,)}), (MLPHead, {"max_epochs": 30})])
+def test_balanced_class_weight_raises_minority_recall(cls, kwargs):
+    # Two overlapping classes, 95% / 5%: unweighted fits favour the majority class.
+    X, y = blobs(1000, labels=np.array([0, 1]), d=8, spread=2.5, seed=5, weights=[0.95, 0.05])
+    Xte, yte = blobs(2000, labels=np.array([0, 1]), d=8, spread=2.5, seed=5, weights=[0.5, 0.5])
+    recall = {}
+    for cw in (None, "balanced"):
+        head = cls(class_weight=cw, **kwargs).fit(X, y)
+        recall[cw] = float(np.mean(head.predict(Xte[yte == 1]) == 1))
+    assert recall["balanced"] > recall[None] + 0.1
+
+
+def test_linear_head_records_its_c_search_and_picks_c_on_validation(fitted, split_data):
+    head = fitted[LinearHead]
+    assert [r["C"] for r in head.search_] == sorted(DEFAULT_CS)
+    for r in head.search_:
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and r["val_loss"] > 0 and r["iterations"] >= 1
+    best = max(head.search_, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert head.C_ == best["C"]
+    assert head.val_accuracy_ == best["val_accuracy"]
+    assert head.config()["C"] == head.C_ and head.config()["search"] == head.search_
+    assert head.scaler_.n_samples_seen_ == 210  # refit on train + validation
+
+
+@pytest.mark.parametrize("spread,seed", [(8.0, 14), (12.0, 11)])
+def test_linear_head_picks_the_c_with_the_best_validation_score(spread, seed):
+    # 20 training points in 200 noisy dims: too little and too much regularisation both hurt on validation.
+    X, y = blobs(220, labels=np.array([0, 1]), d=200, spread=spread, seed=seed)
+    Cs = (1e-5, 1e-3, 1e-1, 10.0, 1000.0)
+    head = LinearHead(Cs=Cs).fit(X[:20], y[:20], X[20:], y[20:])
+    by_c = {r["C"]: r for r in head.search_}
+    assert list(by_c) == list(Cs)
+    assert len({r["val_loss"] for r in head.search_}) == len(Cs)  # the Cs really differ on validation
+    best_acc = max(r["val_accuracy"] for r in head.search_)
+    assert by_c[head.C_]["val_accuracy"] == best_acc == head.val_accuracy_
+    # Ties on accuracy go to the lower validation loss.
+    assert by_c[head.C_]["val_loss"] == min(r["val_loss"] for r in head.search_ if r["val_accuracy"] == best_acc)
+    assert head.C_ not in (Cs[0], Cs[-1])  # an interior C: chosen, not the end of the grid by default
+
+
+def test_linear_head_without_validation_uses_the_middle_c(split_data):
+    (Xtr, ytr), _, (Xte, yte) = split_data
+    head = LinearHead(Cs=(0.01, 0.1, 1.0)).fit(Xtr, ytr)
+    assert head.search_ == [] and head.val_accuracy_ is None
+    assert head.C_ == 0.1
+    assert head.score(Xte, yte) >= 0.95
+
+
+def test_mlp_head_records_history_and_refits(fitted):
+    head = fitted[MLPHead]
+    h = head.history_
+    n = len(h["epoch"])
+    assert h["epoch"] == list(range(1, n + 1))
+    assert len(h["train_loss"]) == len(h["val_loss"]) == len(h["val_accuracy"]) == n
+    assert 1 <= h["best_epoch"] <= n <= head.max_epochs
+    assert head.best_epoch_ == h["best_epoch"]
+    # The best epoch has the lowest validation loss (up to the 1e-4 improvement threshold).
+    assert h["val_loss"][head.best_epoch_ - 1] <= min(h["val_loss"]) + 1e-4
+    if n < head.max_epochs:  # stopped early: exactly `patience` epochs without improvement
+        assert n == head.best_epoch_ + head.patience
+    assert head.val_accuracy_ == h["val_accuracy"][head.best_epoch_ - 1]
+    assert head.config()["epochs"] == head.best_epoch_
+    assert head.scaler_.n_samples_seen_ == 210  # refit on train + validation
+
+
+def test_mlp_head_stops_early(split_data):
+    head = _fit(MLPHead, split_data, max_epochs=200, patience=2, lr=1e-2)
+    assert len(head.history_["epoch"]) < 200
+    assert len(head.history_["epoch"]) == head.best_epoch_ + 2
+
+
+@pytest.mark.parametrize("cls", HEADS)
+def test_head_module_loads_the_saved_tensors(cls, fitted, split_data):
+    head = fitted[cls]
+    _, _, (Xte, _) = split_data
+    saved = head.to_torch()
+    rebuilt = head_module(head.config(), 32, 3)
+    rebuilt.load_state_dict(saved.state_dict())  # strict: same keys and shapes
+    rebuilt.eval()
+    x = torch.as_tensor(Xte)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), saved(x))
+
+
+def test_make_head():
+    head = make_head("mlp", class_weight="balanced", seed=3, hidden=16)
+    assert isinstance(head, MLPHead)
+    assert (head.class_weight, head.random_state, head.hidden) == ("balanced", 3, 16)
+    assert isinstance(make_head("linear"), LinearHead)
+    with pytest.raises(HeadstartError, match="nope") as err:
+        make_head("nope")
+    assert "linear" in str(err.value) and "mlp" in str(err.value)
