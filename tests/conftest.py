@@ -92,3 +92,13 @@ def fmnist_small(tmp_path_factory) -> Path:
             for i in np.flatnonzero(labels == c)[:per_class]:
                 Image.fromarray(images[i], mode="L").save(d / f"{i:05d}.png")
     return out
+
+
+MEASURED: list[str] = []  # numbers tests measured, shown in pytest's closing summary
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("measured")
+        for line in MEASURED:
+            terminalreporter.write_line(line)

@@ -45,6 +45,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "headstart"
 
 
+def cache_root_of(cache_dir: str | os.PathLike | None) -> Path | None:
+    """The cache folder a --cache-dir value means: None for the default, the string 'none' for no disk cache."""
+    if cache_dir is None:
+        return default_cache_dir()
+    return None if str(cache_dir).lower() == "none" else Path(cache_dir)
+
+
 def image_key(path: str) -> str:
     st = os.stat(path)
     return hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]

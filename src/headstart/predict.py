@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -14,16 +13,10 @@ from .bundle import Model, load
 from .data import collect_images, load_data
 from .errors import DataError
 from .evaluation import compute_metrics
-from .features import FeatureCache, default_cache_dir, extract
+from .features import FeatureCache, cache_root_of, extract
 from .images import ImageError, to_rgb
 
 log = logging.getLogger(__name__)
-
-
-def _cache_root(cache_dir) -> Path | None:
-    if cache_dir is not None and str(cache_dir).lower() == "none":
-        return None
-    return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
 def features_of(model: Model, images: Sequence, *, batch_size: int = 64, cache_dir=None, device: str = "auto",
@@ -37,7 +30,7 @@ def features_of(model: Model, images: Sequence, *, batch_size: int = 64, cache_d
     transform = model.preprocessing.transform()
     if images and all(isinstance(im, (str, os.PathLike)) for im in images):
         paths = [os.fspath(p) for p in images]
-        cache = FeatureCache(_cache_root(cache_dir), model.namespace(eng.choice))
+        cache = FeatureCache(cache_root_of(cache_dir), model.namespace(eng.choice))
         result = extract(eng, transform, paths, cache, batch_size=batch_size, workers=workers, desc=desc)
         keys = [k for k in result.keys if k is not None]
         feats = cache.get(keys) if keys else np.zeros((0, model.entry.feature_dim), np.float32)

@@ -32,7 +32,7 @@ from .engine import choose_engine, make_engine
 from .errors import DataError, HeadstartError
 from .evaluation import (compute_metrics, format_report, plot_confusion_matrix, plot_training_curve,
                          plot_worst_errors, write_report_markdown)
-from .features import FeatureCache, default_cache_dir, extract, make_namespace
+from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .fileio import write_json, write_text
 from .heads import make_head
 from .images import load_image
@@ -154,7 +154,7 @@ def train(data: str | os.PathLike, **settings) -> Run:
     if cfg.strategy not in STRATEGIES:
         raise HeadstartError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {cfg.strategy!r}.")
     entry = get_backbone(cfg.backbone)
-    cache_root = None if str(cfg.cache_dir).lower() == "none" else Path(cfg.cache_dir or default_cache_dir())
+    cache_root = cache_root_of(cfg.cache_dir)
     final, partial = _prepare_out(cfg.out, cfg.overwrite)
     handler = logging.FileHandler(partial / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

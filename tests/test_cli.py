@@ -1,0 +1,194 @@
+"""End to end through the `headstart` command, on a small real Fashion-MNIST subset with the
+real ImageNet MobileNetV2 weights (from the offline weights package)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import headstart
+from headstart import cli
+from headstart.engine import TorchEngine
+
+from conftest import MEASURED, write_image_folder
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() + str(p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(fmnist_small, tmp_path_factory):
+    """One real training run shared by the tests below; the data folder is hashed before and after."""
+    before = tree_digest(fmnist_small)
+    out = tmp_path_factory.mktemp("runs") / "fm"
+    code, stdout, stderr = run_cli("train", fmnist_small, "--out", out, "--image-size", "64", "--workers", "0")
+    assert code == 0, stderr
+    return out, stdout, stderr, before
+
+
+def test_train_reaches_accuracy_and_writes_a_complete_run(trained, fmnist_small):
+    out, stdout, _, before = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    accuracy = metrics["test"]["accuracy"]
+    MEASURED.append(f"end-to-end CLI, real Fashion-MNIST subset (300 train / 200 test images), MobileNetV2 "
+                    f"ImageNet weights, 64 px, linear head: test accuracy {accuracy:.4f}")
+    assert accuracy >= 0.70
+    assert f"{accuracy:.4f}" in stdout
+    for name in ("config.json", "metrics.json", "skipped.json", "splits.csv", "train.log", "report.md",
+                 "confusion_matrix.png", "worst_errors.png", "model/model.safetensors", "model/model.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["weights"]["kind"] == "imagenet"
+    assert config["weights"]["sha256"] == headstart.get_backbone("mobilenet_v2").weights.sha256
+    assert config["image_size"] == 64 and config["engine"]["engine"] == "torch"
+    assert config["classes"] == sorted(os.listdir(fmnist_small / "train"))
+    rows = list(csv.DictReader(io.StringIO((out / "splits.csv").read_text())))
+    assert len(rows) == 500 and {r["split"] for r in rows} == {"train", "val", "test"}
+    assert sum(r["split"] == "test" for r in rows) == 200
+    assert json.loads((out / "skipped.json").read_text()) == []
+    assert not list(out.parent.glob("*.partial-*"))
+    assert tree_digest(fmnist_small) == before  # nothing written into the data folder
+
+
+def test_second_identical_train_runs_no_forward_pass(trained, fmnist_small, tmp_path, monkeypatch):
+    calls = []
+    real = TorchEngine.__call__
+    monkeypatch.setattr(TorchEngine, "__call__", lambda self, x: calls.append(len(x)) or real(self, x))
+    code, stdout, stderr = run_cli("train", fmnist_small, "--out", tmp_path / "again", "--image-size", "64",
+                                   "--workers", "0")
+    assert code == 0, stderr
+    assert calls == [], stderr
+    assert "500/500 features from cache" in stderr
+    first = json.loads((trained[0] / "metrics.json").read_text())["test"]
+    second = json.loads((tmp_path / "again" / "metrics.json").read_text())["test"]
+    assert second == first  # same inputs and seed, same numbers
+
+
+def test_one_changed_image_is_the_only_one_recomputed(fmnist_small, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_image_folder(data, n_per_class=5, classes=("a", "b", "c"))
+    args = ("train", data, "--image-size", "32", "--workers", "0", "--weights", "none", "--test-fraction", "0")
+    assert run_cli(*args, "--out", tmp_path / "r1")[0] == 0
+    victim = sorted((data / "b").iterdir())[2]
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    seen = []
+    real = TorchEngine.__call__
+    monkeypatch.setattr(TorchEngine, "__call__", lambda self, x: seen.append(len(x)) or real(self, x))
+    code, _, stderr = run_cli(*args, "--out", tmp_path / "r2")
+    assert code == 0, stderr
+    assert seen == [1]
+    assert "14/15 features from cache" in stderr
+
+
+def test_evaluate_json(trained, fmnist_small):
+    out = trained[0]
+    code, stdout, stderr = run_cli("evaluate", out, fmnist_small / "test", "--json")
+    assert code == 0, stderr
+    m = json.loads(stdout)
+    assert set(m) >= {"accuracy", "balanced_accuracy", "macro_f1", "n_images", "classes", "per_class",
+                      "confusion_matrix", "skipped"}
+    assert m["n_images"] == 200
+    train_metrics = json.loads((out / "metrics.json").read_text())["test"]
+    assert m["accuracy"] == pytest.approx(train_metrics["accuracy"])
+    code, text, _ = run_cli("evaluate", out, fmnist_small / "test")
+    assert code == 0 and "confusion" in text.lower() and "Ankle_boot" in text
+
+
+def test_evaluate_subset_warns_and_unknown_class_is_refused(trained, fmnist_small, tmp_path):
+    out = trained[0]
+    subset = tmp_path / "subset"
+    for name in ("Bag", "Trouser"):
+        (subset / name).mkdir(parents=True)
+        for p in sorted((fmnist_small / "test" / name).iterdir())[:3]:
+            (subset / name / p.name).write_bytes(p.read_bytes())
+    code, stdout, stderr = run_cli("evaluate", out, subset, "--json")
+    assert code == 0 and json.loads(stdout)["n_images"] == 6
+    assert "no images of classes" in stderr
+    (subset / "Zebra").mkdir()
+    (subset / "Zebra" / "z.png").write_bytes((subset / "Bag").iterdir().__next__().read_bytes())
+    code, _, stderr = run_cli("evaluate", out, subset)
+    assert code == 2 and "Zebra" in stderr and "Traceback" not in stderr
+
+
+def test_predict_json_and_csv(trained, fmnist_small, tmp_path):
+    out = trained[0]
+    one = sorted((fmnist_small / "test" / "Trouser").iterdir())[0]
+    folder = fmnist_small / "test" / "Bag"
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("<html>not an image</html>")
+    code, stdout, stderr = run_cli("predict", out, one, folder, broken, "--top-k", "3", "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert len(result["predictions"]) == 1 + 20
+    first = result["predictions"][0]
+    assert first["path"] == str(one) and len(first["predictions"]) == 3
+    probs = [p["probability"] for p in first["predictions"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert result["skipped"][0]["path"] == str(broken) and "broken.jpg" in stderr
+    code, stdout, _ = run_cli("predict", out, one, "--csv", "--top-k", "2")
+    rows = list(csv.reader(io.StringIO(stdout)))
+    assert rows[0] == ["path", "class1", "probability1", "class2", "probability2"] and rows[1][0] == str(one)
+
+
+def test_bundle_round_trip_gives_identical_predictions(trained, fmnist_small):
+    out = trained[0]
+    run_model = headstart.load(out)
+    images = sorted((fmnist_small / "test" / "Coat").iterdir())[:8]
+    p1 = run_model.predict_proba(images, cache_dir="none")
+    again = headstart.load(out / "model")
+    p2 = again.predict_proba(images, cache_dir="none")
+    assert np.array_equal(p1, p2)
+    from PIL import Image
+
+    p3 = again.predict_proba([Image.open(p) for p in images])  # in-memory images, no cache
+    assert np.allclose(p1, p3, atol=1e-6)
+    top = again.predict(images, top_k=2)
+    assert len(top) == 8 and all(len(t) == 2 and t[0][0] in again.classes for t in top)
+
+
+def test_backbones_and_cache_commands(trained, tmp_path):
+    code, stdout, _ = run_cli("backbones")
+    assert code == 0
+    lines = {line.split()[0]: line for line in stdout.splitlines()[1:]}
+    assert set(lines) == {"mobilenet_v2", "resnet18", "resnet50", "vgg16", "efficientnet_b0"}
+    assert "found" in lines["mobilenet_v2"] and "not found" in lines["resnet50"]
+    code, stdout, _ = run_cli("cache", "info", "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["bytes"] > 0 and info["namespaces"][0]["backbone"] == "mobilenet_v2"
+    code, stdout, _ = run_cli("cache", "clear", "--cache-dir", tmp_path / "empty-cache")
+    assert code == 0 and "cleared" in stdout
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path, image_folder):
+    code, _, stderr = run_cli("train", tmp_path / "missing")
+    assert code == 2 and "does not exist" in stderr and "Traceback" not in stderr
+    code, _, stderr = run_cli("train", image_folder, "--backbone", "resnet50", "--out", tmp_path / "r")
+    assert code == 2 and "no ImageNet weights found for resnet50" in stderr and "--weights" in stderr
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob("r.partial-*"))
+    code, _, stderr = run_cli("evaluate", tmp_path / "nothing", image_folder)
+    assert code == 2 and "no model found" in stderr
+    code, _, stderr = run_cli("train", image_folder, "--out", image_folder / "run")
+    assert code == 2 and "inside the data folder" in stderr
+
+
+def test_existing_run_is_not_overwritten_without_flag(trained, image_folder):
+    code, _, stderr = run_cli("train", image_folder, "--out", trained[0], "--weights", "none")
+    assert code == 2 and "already exists" in stderr
+    assert json.loads((trained[0] / "metrics.json").read_text())["test"]["accuracy"] >= 0.70
