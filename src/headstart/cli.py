@@ -23,6 +23,20 @@ def _size(value: str):
     return value if value == "auto" else int(value)
 
 
+def _duration(value: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if value[-1:] in units:
+            return float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {value!r} (use e.g. 90s, 10m, 1h)") from None
+
+
+FINETUNE_FLAGS = ("unfreeze", "epochs", "lr", "lr_head", "lr_decay", "optimizer", "weight_decay", "label_smoothing",
+                  "schedule", "augment", "bn_update", "early_stop_metric", "patience", "time_budget", "sampler")
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headstart", description="Transfer learning for image classification.")
     p.add_argument("--version", action="version", version=f"headstart {__version__}")
@@ -31,10 +45,10 @@ def get_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model on an image folder and write a run directory")
-    t.add_argument("data", help="DATA/<class>/..., DATA/train|val|test/<class>/..., or the CSV's folder")
+    t.add_argument("data", nargs="?", help="DATA/<class>/..., DATA/train|val|test/<class>/..., or the CSV's folder")
     t.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV)")
     t.add_argument("--backbone", default="mobilenet_v2", help="see `headstart backbones` (default mobilenet_v2)")
-    t.add_argument("--strategy", default="feature-extraction", choices=["feature-extraction"])
+    t.add_argument("--strategy", default="feature-extraction", choices=["feature-extraction", "fine-tune"])
     t.add_argument("--head", default="linear", choices=["linear", "mlp"])
     t.add_argument("--weights", default=None,
                    help="'imagenet' (default: search the usual places), 'none' (random init), or a file")
@@ -54,6 +68,25 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--strict", action="store_true", help="stop if any image is unusable instead of skipping it")
     t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
+    f.add_argument("--unfreeze", default=None, help="top blocks to train, a number or 'all'")
+    f.add_argument("--epochs", type=int, default=None)
+    f.add_argument("--lr", type=float, default=None, help="rate of the unfrozen blocks (textbook: 1e-5)")
+    f.add_argument("--lr-head", type=float, default=None)
+    f.add_argument("--lr-decay", type=float, default=None, help="discriminative rates: x per block further down")
+    f.add_argument("--optimizer", choices=["adam", "adamw"], default=None)
+    f.add_argument("--weight-decay", type=float, default=None)
+    f.add_argument("--label-smoothing", type=float, default=None)
+    f.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=None)
+    f.add_argument("--augment", choices=["none", "light", "standard"], default=None)
+    f.add_argument("--bn-update", action="store_true", default=None,
+                   help="let BatchNorm statistics in the unfrozen blocks adapt (default: keep ImageNet's)")
+    f.add_argument("--early-stop-metric", choices=["val_loss", "val_accuracy"], default=None)
+    f.add_argument("--patience", type=int, default=None)
+    f.add_argument("--time-budget", type=_duration, default=None, help="e.g. 90s, 10m, 1h")
+    f.add_argument("--sampler", choices=["balanced"], default=None, help="draw classes equally often")
+    f.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue the interrupted fine-tuning run RUN from its last checkpoint")
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a folder")
     e.add_argument("run", help="run directory or model bundle")
@@ -84,6 +117,17 @@ def get_parser() -> argparse.ArgumentParser:
     d.add_argument("out", help="folder to write")
     d.add_argument("--per-class", type=int, default=None,
                    help="keep the first N training images of each class (1000 gives FMNIST-TL)")
+
+    x = sub.add_parser("export", help="write a trained model as ONNX, with a JSON stating its preprocessing")
+    x.add_argument("run", help="run directory or model bundle")
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--out", default=None, help="folder to write model.onnx into (default RUN/onnx)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    batch = x.add_mutually_exclusive_group()
+    batch.add_argument("--dynamic-batch", dest="dynamic_batch", action="store_true", default=True,
+                       help="any batch size (default)")
+    batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false", help="batch size fixed at 1")
+    x.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     return p
 
 
@@ -101,14 +145,29 @@ def _engine_kw(a) -> dict:
 
 
 def cmd_train(a) -> int:
-    from .training import train
+    from .training import resume, train
 
+    if a.resume:
+        return _print_run(resume(a.resume), a.json)
+    if not a.data:
+        raise HeadstartError("train needs a DATA folder (or --resume RUN).")
+    finetune = {k: getattr(a, k) for k in FINETUNE_FLAGS if getattr(a, k) is not None}
+    if "unfreeze" in finetune and finetune["unfreeze"] != "all":
+        try:
+            finetune["unfreeze"] = int(finetune["unfreeze"])
+        except ValueError:
+            raise HeadstartError(f"--unfreeze takes a number of blocks or 'all', not {a.unfreeze!r}.") from None
+    if finetune and a.strategy != "fine-tune":
+        raise HeadstartError(f"--{next(iter(finetune)).replace('_', '-')} applies to --strategy fine-tune only.")
     settings = {k: getattr(a, k) for k in ("labels", "backbone", "strategy", "head", "weights", "image_size",
                                             "val_fraction", "test_fraction", "class_weight", "seed", "batch_size",
                                             "workers", "device", "engine", "precision", "cache_dir", "out",
                                             "strict", "overwrite")}
-    run = train(a.data, **settings)
-    if a.json:
+    return _print_run(train(a.data, finetune=finetune, **settings), a.json)
+
+
+def _print_run(run, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(run.metrics, indent=2))
         return 0
     from .evaluation import format_report
@@ -194,8 +253,19 @@ def cmd_datasets(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from pathlib import Path
+
+    from .export import export_onnx
+
+    out = Path(a.out) if a.out else Path(a.run) / "onnx"
+    path = export_onnx(a.run, out, opset=a.opset, dynamic_batch=a.dynamic_batch, overwrite=a.overwrite)
+    print(f"{path}\n{path}.json")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "backbones": cmd_backbones,
-            "cache": cmd_cache, "datasets": cmd_datasets}
+            "cache": cmd_cache, "datasets": cmd_datasets, "export": cmd_export}
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:

@@ -1,0 +1,118 @@
+"""ONNX export of a real trained run (MobileNetV2 features + linear head on real Fashion-MNIST images)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import headstart
+from headstart.errors import HeadstartError
+from headstart.export import export_onnx
+from headstart.images import load_image
+from headstart.predict import features_of
+
+from conftest import MEASURED
+from test_cli import run_cli, trained  # noqa: F401  (the module-scoped training run)
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _test_images(fmnist_small, per_class: int = 2) -> list:
+    return [p for d in sorted((fmnist_small / "test").iterdir()) for p in sorted(d.iterdir())[:per_class]]
+
+
+@pytest.fixture(scope="module")
+def exported(trained, fmnist_small, tmp_path_factory):  # noqa: F811
+    """The run's bundle, its logits on 20 real test images through headstart's own pipeline, and its export."""
+    model = headstart.load(trained[0])
+    paths = _test_images(fmnist_small)
+    feats, failures = features_of(model, paths, cache_dir="none", workers=0)  # leaves the backbone channels-last
+    assert not failures
+    path = export_onnx(model, tmp_path_factory.mktemp("export") / "onnx")
+    return model, paths, model.logits_from_features(feats), path
+
+
+def test_onnx_runtime_agrees_with_the_bundle_on_real_images(exported):
+    model, paths, want, path = exported
+    transform = model.preprocessing.transform()
+    x = torch.stack([transform(load_image(p)) for p in paths]).numpy()  # (20, 3, 64, 64)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, proba = session.run(["logits", "probabilities"], {"image": x})
+    diff = float(np.abs(logits - want).max())
+    agree = int((logits.argmax(1) == want.argmax(1)).sum())
+    MEASURED.append(f"ONNX export (MobileNetV2 + linear head, 64 px): top-1 agrees with the bundle on {agree}/"
+                    f"{len(paths)} real test images; max |logit difference| {diff:.2e}")
+    assert agree == len(paths)
+    assert diff < 1e-3
+    assert np.allclose(proba, torch.softmax(torch.as_tensor(logits), dim=1).numpy(), atol=1e-6)
+    # The export worked on a copy: the caller's backbone keeps the engine's channels-last layout.
+    conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_json_states_classes_preprocessing_and_hashes(exported):
+    model, _, _, path = exported
+    meta = json.loads((path.parent / "model.onnx.json").read_text())
+    assert meta["classes"] == model.classes
+    assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert meta["backbone"] == "mobilenet_v2"
+    assert meta["weights_sha256"] == model.weights.sha256 == headstart.get_backbone("mobilenet_v2").weights.sha256
+    assert meta["headstart_version"] == headstart.__version__
+    assert meta["inputs"] == [{"name": "image", "shape": ["batch", 3, 64, 64], "dtype": "float32",
+                               "description": meta["inputs"][0]["description"]}]
+    assert [(o["name"], o["shape"]) for o in meta["outputs"]] == [("logits", ["batch", 10]),
+                                                                  ("probabilities", ["batch", 10])]
+    prep = meta["preprocessing"]
+    assert prep["parameters"] == json.loads(json.dumps(model.preprocessing.to_dict()))
+    resize, crop, scale, norm = prep["steps"]
+    assert (resize["shorter_side"], resize["interpolation"], resize["antialias"]) == \
+        (model.preprocessing.resize_size, model.preprocessing.interpolation, True)
+    assert crop["height"] == crop["width"] == 64 and scale["range"] == [0.0, 1.0]
+    assert norm["mean"] == list(model.preprocessing.mean) and norm["std"] == list(model.preprocessing.std)
+    assert (prep["layout"], prep["channel_order"], prep["dtype"]) == ("NCHW", "RGB", "float32")
+    assert meta["check"]["max_abs_logit_diff_vs_torch"] < 1e-3
+
+
+def test_dynamic_batch_takes_any_size_and_static_batch_only_one(exported, tmp_path):
+    model, _, _, path = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, 64, 64]
+    for n in (1, 3):  # the export traced a batch of 2
+        (logits,) = session.run(["logits"], {"image": np.zeros((n, 3, 64, 64), np.float32)})
+        assert logits.shape == (n, 10)
+    static = export_onnx(model, tmp_path / "static", dynamic_batch=False, opset=18)
+    session = ort.InferenceSession(str(static), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 64, 64]
+    assert json.loads((static.parent / "model.onnx.json").read_text())["inputs"][0]["shape"] == [1, 3, 64, 64]
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(["logits"], {"image": np.zeros((2, 3, 64, 64), np.float32)})
+
+
+def test_cli_export_and_refusal_to_overwrite(trained, tmp_path):  # noqa: F811
+    out = tmp_path / "onnx"
+    code, stdout, stderr = run_cli("export", trained[0], "--format", "onnx", "--out", out)
+    assert code == 0, stderr
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.json").is_file()
+    assert str(out / "model.onnx") in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.json"]  # no temporary left behind
+    before = (out / "model.onnx.json").read_text()
+    code, _, stderr = run_cli("export", trained[0], "--out", out, "--static-batch")
+    assert code == 2 and "not empty" in stderr and "--overwrite" in stderr and "Traceback" not in stderr
+    assert (out / "model.onnx.json").read_text() == before
+    code, _, stderr = run_cli("export", trained[0], "--out", out, "--opset", "5")
+    assert code == 2 and "--opset 5" in stderr
+    code, _, stderr = run_cli("export", trained[0], "--out", out, "--static-batch", "--overwrite")
+    assert code == 0, stderr
+    assert json.loads((out / "model.onnx.json").read_text())["inputs"][0]["shape"][0] == 1
+
+
+def test_missing_onnx_packages_say_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    with pytest.raises(HeadstartError, match=r"pip install 'headstart\[export\]'"):
+        export_onnx(tmp_path / "no-run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
