@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .backbones import get_backbone, list_backbones  # noqa: E402
 from .bundle import Model, load  # noqa: E402
-from .training import train  # noqa: E402
+from .training import resume, train  # noqa: E402
 from .predict import evaluate  # noqa: E402
 
-__all__ = ["__version__", "train", "load", "evaluate", "Model", "get_backbone", "list_backbones"]
+__all__ = ["__version__", "train", "resume", "load", "evaluate", "Model", "get_backbone", "list_backbones"]

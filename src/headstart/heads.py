@@ -100,8 +100,9 @@ class LinearHead(_Head):
     kind = "linear"
 
     def __init__(self, Cs=DEFAULT_CS, class_weight: str | None = None, max_iter: int = 500, tol: float = 1e-5,
-                 random_state: int = 0):
+                 refit: bool = True, random_state: int = 0):
         self.Cs = Cs
+        self.refit = refit  # False keeps validation unseen (fine-tuning validates on it next)
         self.class_weight = class_weight
         self.max_iter = max_iter
         self.tol = tol
@@ -146,8 +147,9 @@ class LinearHead(_Head):
             best = max(self.search_, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
             self.C_ = best["C"]
             self.val_accuracy_ = best["val_accuracy"]
-            X = np.concatenate([X, Xv_raw])
-            yi = np.concatenate([yi, yv])
+            if self.refit:
+                X = np.concatenate([X, Xv_raw])
+                yi = np.concatenate([yi, yv])
         else:
             self.C_ = Cs[len(Cs) // 2]
             self.val_accuracy_ = None
@@ -157,7 +159,7 @@ class LinearHead(_Head):
             Xs, torch.as_tensor(yi), k, self.C_, self._weights(yi), None, self.max_iter, self.tol)
         self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - t0
-        log.info("linear head: C=%g chosen on validation%s; refit on %d images in %.1fs", self.C_,
+        log.info("linear head: C=%g chosen on validation%s; final fit on %d images in %.1fs", self.C_,
                  f" (accuracy {self.val_accuracy_:.4f})" if self.val_accuracy_ is not None else "", len(X),
                  self.fit_seconds_)
         return self
@@ -193,8 +195,9 @@ class MLPHead(_Head):
 
     def __init__(self, hidden: int = 256, dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 0.0,
                  batch_size: int = 128, max_epochs: int = 100, patience: int = 5, class_weight: str | None = None,
-                 random_state: int = 0):
+                 refit: bool = True, random_state: int = 0):
         self.hidden = hidden
+        self.refit = refit
         self.dropout = dropout
         self.lr = lr
         self.weight_decay = weight_decay
@@ -269,8 +272,9 @@ class MLPHead(_Head):
             self.best_epoch_ = int(self.history_["best_epoch"])
             best = self.history_["val_accuracy"][self.best_epoch_ - 1]
             self.val_accuracy_ = float(best)
-            X = np.concatenate([X, X_val[keep]])
-            yi = np.concatenate([yi, yv])
+            if self.refit:
+                X = np.concatenate([X, X_val[keep]])
+                yi = np.concatenate([yi, yv])
         else:
             self.history_, self.best_epoch_, self.val_accuracy_ = None, min(self.max_epochs, 20), None
         # Refit on train + validation for the epoch count validation chose.
@@ -278,7 +282,7 @@ class MLPHead(_Head):
         self.net_, _ = self._train(self.scaler_.transform(X).astype(np.float32), yi, self.best_epoch_)
         self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - t0
-        log.info("mlp head: %d epochs chosen on validation%s; refit on %d images in %.1fs", self.best_epoch_,
+        log.info("mlp head: %d epochs chosen on validation%s; final fit on %d images in %.1fs", self.best_epoch_,
                  f" (accuracy {self.val_accuracy_:.4f})" if self.val_accuracy_ is not None else "", len(X),
                  self.fit_seconds_)
         return self

@@ -37,10 +37,12 @@ from .fileio import write_json, write_text
 from .heads import make_head
 from .images import load_image
 from .weights import load_backbone
+from .finetune_run import backbone_identity, resume_settings, run_fine_tune
+from .finetune_run import finish as finish_fine_tune
 
 log = logging.getLogger("headstart")
 
-STRATEGIES = ("feature-extraction",)
+STRATEGIES = ("feature-extraction", "fine-tune")
 
 
 @dataclass
@@ -67,6 +69,8 @@ class TrainConfig:
     out: str | None = None
     strict: bool = False
     overwrite: bool = False
+    finetune: dict = field(default_factory=dict)  # FineTuneSettings fields, for --strategy fine-tune
+    resume: bool = False  # continue an interrupted fine-tuning run at `out` from its last checkpoint
 
 
 @dataclass
@@ -165,6 +169,7 @@ def train(data: str | os.PathLike, **settings) -> Run:
         logging.getLogger("headstart").removeHandler(handler)
         handler.close()
         _publish(partial, final)
+        finish_fine_tune(final)
         log.info("run written to %s", final)
         return run
     except BaseException:
@@ -172,6 +177,13 @@ def train(data: str | os.PathLike, **settings) -> Run:
         handler.close()
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def resume(run_dir: str | os.PathLike) -> Run:
+    """Continue an interrupted fine-tuning run from its last checkpoint, with the settings it was started with."""
+    settings = resume_settings(run_dir)
+    settings.update(out=os.fspath(Path(run_dir).expanduser().absolute()), resume=True)
+    return train(settings.pop("data"), **settings)
 
 
 def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path) -> Run:
@@ -220,26 +232,39 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         raise DataError("the training split has fewer than two classes with readable images; add images or "
                         "lower --val-fraction/--test-fraction.")
 
-    head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed)
+    fine_tune = cfg.strategy == "fine-tune"
+    # Fine-tuning validates on the validation split next, so its phase-1 head must not have seen it.
+    head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed, refit=not fine_tune)
     t_head = time.perf_counter()
     head.fit(X[tr], y[tr], X[va] if va.any() else None, y[va] if va.any() else None)
     head_seconds = time.perf_counter() - t_head
     head_classes = [data.classes[i] for i in head.classes_]
-
-    bundle = Model(entry=entry, backbone=engine.model, head=head.to_torch(), classes=head_classes,
-                   preprocessing=prep, weights=winfo, head_config={**head.config(), "in_features": entry.feature_dim,
-                                                                   "n_classes": len(head_classes)},
-                   backbone_identity=winfo.identity())
-    bundle.save(out / "model")
+    label_to_col = {c: i for i, c in enumerate(head_classes)}
+    cols = np.array([label_to_col.get(data.classes[i], -1) for i in y])  # head output column of each image
 
     metrics: dict = {"val_accuracy": getattr(head, "val_accuracy_", None)}
+    head_module, identity, ft_history = head.to_torch(), winfo.identity(), None
+    if fine_tune:
+        ft = run_fine_tune(cfg, entry, engine.model, head_module, prep, [s.path for s in samples], cols, tr, va, te,
+                           final)
+        identity = backbone_identity(engine.model)  # the backbone changed: its own features, its own cache
+        metrics["phase1_val_accuracy"] = metrics.pop("val_accuracy")
+        metrics["fine_tune"] = ft.summary
+        metrics["val_accuracy"] = ft.summary["best_val_accuracy"]
+        ft_history = ft.history
+
+    bundle = Model(entry=entry, backbone=engine.model, head=head_module, classes=head_classes,
+                   preprocessing=prep, weights=winfo, head_config={**head.config(), "in_features": entry.feature_dim,
+                                                                   "n_classes": len(head_classes)},
+                   strategy=cfg.strategy, backbone_identity=identity)
+    bundle.save(out / "model")
+
     test_paths: list[str] = []
     if te.any():
-        # Score with the saved module, so the reported numbers are the bundle's own.
-        proba = bundle.proba_from_features(X[te])
-        label_to_col = {c: i for i, c in enumerate(head_classes)}
-        test_known = np.array([data.classes[i] in label_to_col for i in y[te]])
-        y_test = np.array([label_to_col.get(data.classes[i], -1) for i in y[te]])
+        # Score with the saved modules, so the reported numbers are the bundle's own.
+        proba = ft.test_proba if fine_tune else bundle.proba_from_features(X[te])
+        y_test = cols[te]
+        test_known = y_test >= 0
         if not test_known.all():
             log.warning("%d test images belong to classes with no training images and are left out of the "
                         "test metrics.", int((~test_known).sum()))
@@ -275,8 +300,8 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     write_json(out / "metrics.json", metrics)
     write_json(out / "skipped.json", skipped)
     _write_splits(out / "splits.csv", data, ext)
-    _write_plots(out, head, metrics, test_paths, head_classes, y_test[test_known] if te.any() else None,
-                 proba[test_known] if te.any() else None)
+    _write_plots(out, ft_history or getattr(head, "history_", None), metrics, test_paths, head_classes,
+                 y_test[test_known] if te.any() else None, proba[test_known] if te.any() else None)
     if "test" in metrics:
         write_report_markdown(metrics["test"], out / "report.md", title=f"headstart run {final.name}: test set")
         write_text(out / "report.txt", format_report(metrics["test"]) + "\n")
@@ -295,9 +320,9 @@ def _write_splits(path: Path, data: ImageData, ext) -> None:
     write_text(path, buf.getvalue())
 
 
-def _write_plots(out: Path, head, metrics: dict, test_paths, classes, y_test, proba) -> None:
-    if getattr(head, "history_", None):
-        plot_training_curve(head.history_, out / "training_curve.png")
+def _write_plots(out: Path, history: dict | None, metrics: dict, test_paths, classes, y_test, proba) -> None:
+    if history:
+        plot_training_curve(history, out / "training_curve.png")
     if "test" in metrics:
         plot_confusion_matrix(metrics["test"]["confusion_matrix"], classes, out / "confusion_matrix.png")
         plot_worst_errors(test_paths, y_test, proba, classes, out / "worst_errors.png", load_image)

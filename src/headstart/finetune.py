@@ -1,0 +1,391 @@
+"""Fine-tuning phase 2: the top blocks of the backbone and the head, trained together at low rates.
+
+Phase 1 (the head on the frozen base) is the feature-extraction pipeline; its head enters
+here through `to_torch()`. This module then splits the backbone's forward sequence into
+a frozen bottom and a trainable top:
+
+- the frozen bottom runs in eval mode under `torch.no_grad()` (not inference mode: its
+  outputs feed trainable blocks), and `FineTuneNet.train()` keeps it in eval mode, so a
+  per-epoch `model.train()` cannot re-enable its BatchNorm statistics;
+- BatchNorm inside the trainable top keeps its ImageNet statistics too unless
+  `bn_update` is set (Keras's transfer-learning guide); its scale and shift still train;
+- with augmentation off, the frozen bottom's outputs (the boundary activations) are
+  computed once and each epoch runs only the top and the head.
+
+The loop is plain functions with explicit arguments: the sampler order comes from
+(seed, epoch), augmentation from (seed, epoch, index), and a checkpoint after every epoch
+holds everything needed to resume to the same final weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import progress
+from .backbones import Backbone, Preprocessing, sequence
+from .errors import HeadstartError
+from .fileio import atomic_path
+from .images import ImageError, load_image
+
+log = logging.getLogger(__name__)
+
+AUGMENTS = ("none", "light", "standard")
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+@dataclass
+class FineTuneSettings:
+    unfreeze: int | str = 4  # number of top blocks, or "all"
+    epochs: int = 5
+    lr: float = 1e-4  # top blocks (the textbook's Adam rate is 1e-5)
+    lr_head: float = 1e-3
+    lr_decay: float = 1.0  # discriminative rates: each block further down gets lr * lr_decay^depth
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"
+    augment: str = "none"
+    bn_update: bool = False
+    early_stop_metric: str = "val_loss"
+    patience: int = 3
+    batch_size: int = 64
+    time_budget: float | None = None  # seconds
+    sampler: str | None = None  # "balanced": draw training images with inverse class frequency
+
+    def validate(self) -> "FineTuneSettings":
+        if self.augment not in AUGMENTS:
+            raise HeadstartError(f"--augment must be one of {', '.join(AUGMENTS)}, not {self.augment!r}.")
+        if self.schedule not in SCHEDULES:
+            raise HeadstartError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}.")
+        if self.optimizer not in ("adam", "adamw"):
+            raise HeadstartError(f"--optimizer must be adam or adamw, not {self.optimizer!r}.")
+        if self.early_stop_metric not in ("val_loss", "val_accuracy"):
+            raise HeadstartError("--early-stop-metric must be val_loss or val_accuracy.")
+        if self.epochs < 1:
+            raise HeadstartError("--epochs must be at least 1.")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FineTuneNet(nn.Module):
+    """Frozen bottom -> trainable top blocks -> head. Shares its modules with the backbone it was cut from."""
+
+    def __init__(self, entry: Backbone, backbone: nn.Module, head: nn.Module, unfreeze: int | str,
+                 bn_update: bool = False):
+        super().__init__()
+        layers = sequence(entry, backbone)
+        named = [i for i, (name, _) in enumerate(layers) if name]
+        n = len(named) if unfreeze == "all" else int(unfreeze)
+        if not 0 <= n <= len(named):
+            raise HeadstartError(f"--unfreeze {unfreeze}: {entry.name} has {len(named)} blocks "
+                                 f"({', '.join(entry.blocks)}); use 0..{len(named)} or 'all'.")
+        # The first trainable layer: the bottom-most unfrozen block, or just past the last block when none is.
+        cut = named[len(named) - n] if n else named[-1] + 1
+        self.frozen = nn.Sequential(*[m for _, m in layers[:cut]])
+        self.top = nn.Sequential(*[m for _, m in layers[cut:]])
+        self.head = head
+        self.top_names = [name for name, _ in layers[cut:]]  # block name or None, per module of `top`
+        self.trainable_blocks = [name for name in self.top_names if name]
+        self.bn_update = bn_update
+        self.frozen.requires_grad_(False)
+        self.top.requires_grad_(True)
+        self.head.requires_grad_(True)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "FineTuneNet":
+        super().train(mode)
+        self.frozen.eval()  # always: frozen BatchNorm must never see training batches
+        if not self.bn_update:
+            for m in self.top.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def boundary(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen bottom's output: no gradient, eval mode."""
+        if len(self.frozen) == 0:
+            return x
+        with torch.no_grad():
+            return self.frozen(x)
+
+    def from_boundary(self, b: torch.Tensor) -> torch.Tensor:
+        return self.head(self.top(b))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_boundary(self.boundary(x))
+
+    def param_groups(self, s: FineTuneSettings) -> list[dict]:
+        """The head at lr_head; top blocks at lr, each block further down times lr_decay (named groups)."""
+        groups = [{"name": "head", "params": [p for p in self.head.parameters() if p.requires_grad],
+                   "lr": s.lr_head}]
+        blocks = [(name, [p for p in m.parameters() if p.requires_grad])
+                  for name, m in zip(self.top_names, self.top) if name]
+        for depth, (name, params) in enumerate(reversed(blocks)):
+            groups.append({"name": name, "params": params, "lr": s.lr * s.lr_decay ** depth})
+        return [g for g in groups if g["params"]]
+
+
+def train_transform(prep: Preprocessing, augment: str) -> Callable:
+    """Training-time transform: the backbone's own preprocessing, plus augmentation when asked."""
+    from torchvision.transforms import v2
+
+    if augment == "none":
+        return prep.transform()
+    scale = (0.8, 1.0) if augment == "light" else (0.5, 1.0)
+    ops = [v2.PILToTensor(), v2.RandomResizedCrop(prep.crop_size, scale=scale, antialias=True,
+                                                  interpolation=v2.InterpolationMode(prep.interpolation)),
+           v2.RandomHorizontalFlip()]
+    if augment == "standard":
+        ops.append(v2.ColorJitter(0.2, 0.2, 0.2))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
+    return v2.Compose(ops)
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + index) % (2**63)
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """Images through a random transform whose randomness is a function of (seed, epoch, index)."""
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, transform: Callable, seed: int):
+        self.paths, self.labels, self.transform, self.seed = list(paths), labels, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_item_seed(self.seed, self.epoch, i))
+            try:
+                x = self.transform(load_image(self.paths[i]))
+            except ImageError:  # became unreadable since extraction: a black image keeps batches aligned
+                x = torch.zeros(3, 1, 1)
+        return x, int(self.labels[i])
+
+
+@dataclass
+class Boundary:
+    """Frozen-bottom activations of a set of images, computed once (augmentation off)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray, transform: Callable,
+                     batch_size: int, workers: int, desc: str) -> Boundary:
+    from .features import _Images, _collate
+
+    loader = torch.utils.data.DataLoader(_Images(paths, transform), batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, collate_fn=_collate)
+    outs, keep = [], []
+    with progress.bar(len(paths), desc) as pbar:
+        for idx, xs, bad in loader:
+            if xs is not None:
+                outs.append(net.boundary(xs.contiguous(memory_format=torch.channels_last)))
+                keep.extend(idx)
+            pbar.update(len(idx) + len(bad))
+    return Boundary(torch.cat(outs), torch.as_tensor(np.asarray(labels)[keep], dtype=torch.long))
+
+
+def _scheduler(opt, s: FineTuneSettings, steps_per_epoch: int):
+    total = max(1, s.epochs * steps_per_epoch)
+    if s.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=total, pct_start=0.25)
+    if s.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total)
+                                                                                          / total)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+def _rng_state() -> dict:
+    """Every random state, as types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [kind, torch.as_tensor(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, torch.as_tensor(internal, dtype=torch.int64), gauss_next]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss_next))
+
+
+@dataclass
+class FineTuneResult:
+    history: dict = field(default_factory=dict)
+    best_epoch: int = 0
+    epochs_run: int = 0
+    stopped_by: str = ""
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def trainable_state(net: FineTuneNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if not k.startswith("frozen.")}
+
+
+def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Boundary | None,
+        checkpoint: Path | None = None, resume: dict | None = None,
+        val_fn: Callable[[FineTuneNet], tuple[float, float]] | None = None,
+        class_weight: torch.Tensor | None = None, sampler_weights: torch.Tensor | None = None,
+        workers: int = 0) -> FineTuneResult:
+    """Train the top and head for `s.epochs` (or until early stopping or the time budget).
+
+    `train_data` is a Boundary (augmentation off) or an AugmentedImages data set. Returns the
+    history; the best weights (by `s.early_stop_metric`) are loaded into `net` at the end.
+    """
+    t0 = time.perf_counter()
+    n = len(train_data.y) if isinstance(train_data, Boundary) else len(train_data)
+    steps = math.ceil(n / s.batch_size)
+    opt_cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
+    groups = net.param_groups(s)
+    opt = opt_cls(groups, weight_decay=s.weight_decay if s.optimizer == "adamw" else 0.0)
+    sched = _scheduler(opt, s, steps)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=s.label_smoothing)
+    history = {"epoch": [], "train_loss": [], "val_loss": [], "val_accuracy": [], "seconds": []}
+    best = {"score": -math.inf, "epoch": 0, "state": trainable_state(net), "bad": 0}
+    start = 0
+    if resume is not None:
+        net.load_state_dict({**net.state_dict(), **resume["model"]})
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        history, start = resume["history"], int(resume["epoch"])
+        best = {"score": resume["best_score"], "epoch": resume["best_epoch"], "state": resume["best_state"],
+                "bad": resume["bad"]}
+        _set_rng_state(resume["rng"])
+        log.info("resumed fine-tuning after epoch %d", start)
+    stopped_by, images = "epochs", 0
+    for epoch in range(start, s.epochs):
+        t_epoch = time.perf_counter()
+        net.train()
+        order = _epoch_order(n, seed, epoch, sampler_weights)
+        total = 0.0
+        if isinstance(train_data, Boundary):
+            batches = ((train_data.x[idx], train_data.y[idx]) for idx in order.split(s.batch_size))
+            forward = net.from_boundary
+        else:
+            train_data.epoch = epoch
+            batches = iter(torch.utils.data.DataLoader(
+                train_data, batch_size=s.batch_size, sampler=order.tolist(), num_workers=workers))
+            forward = net
+        with progress.bar(n, f"fine-tune epoch {epoch + 1}/{s.epochs}") as pbar:
+            for xb, yb in batches:
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(forward(xb), yb)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(yb)
+                images += len(yb)
+                pbar.update(len(yb))
+        vloss, vacc = val_fn(net) if val_fn else evaluate_boundary(net, val) if val is not None else (math.nan,
+                                                                                                       math.nan)
+        history["epoch"].append(epoch + 1)
+        history["train_loss"].append(total / n)
+        history["val_loss"].append(vloss)
+        history["val_accuracy"].append(vacc)
+        history["seconds"].append(round(time.perf_counter() - t_epoch, 2))
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f (%.0fs)", epoch + 1, s.epochs,
+                 total / n, vloss, vacc, history["seconds"][-1])
+        score = -vloss if s.early_stop_metric == "val_loss" else vacc
+        if math.isnan(score) or score > best["score"]:
+            best = {"score": score, "epoch": epoch + 1, "state": trainable_state(net), "bad": 0}
+        else:
+            best["bad"] += 1
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {
+                "model": trainable_state(net), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "history": history, "epoch": epoch + 1, "best_score": best["score"], "best_epoch": best["epoch"],
+                "best_state": best["state"], "bad": best["bad"], "rng": _rng_state()})
+        _fault_point("epoch", epoch + 1)
+        if best["bad"] >= s.patience:
+            stopped_by = "early stopping"
+            break
+        if s.time_budget and time.perf_counter() - t0 > s.time_budget:
+            stopped_by = "time budget"
+            log.warning("time budget of %.0fs reached after epoch %d", s.time_budget, epoch + 1)
+            break
+    net.load_state_dict({**net.state_dict(), **best["state"]})
+    net.train(False)
+    seconds = time.perf_counter() - t0
+    return FineTuneResult(history, best["epoch"], len(history["epoch"]), stopped_by, seconds,
+                          images / seconds if seconds else 0.0)
+
+
+def _epoch_order(n: int, seed: int, epoch: int, weights: torch.Tensor | None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_item_seed(seed, epoch, 0))
+    if weights is not None:  # balanced sampler: draw n indices with replacement by class weight
+        return torch.multinomial(weights, n, replacement=True, generator=g)
+    return torch.randperm(n, generator=g)
+
+
+def evaluate_boundary(net: FineTuneNet, data: Boundary, batch_size: int = 256) -> tuple[float, float]:
+    """Validation loss and accuracy from boundary activations (net in eval mode)."""
+    logits = predict_boundary(net, data, batch_size)
+    loss = float(nn.functional.cross_entropy(logits, data.y))
+    return loss, float((logits.argmax(1) == data.y).float().mean())
+
+
+def predict_boundary(net: FineTuneNet, data: Boundary, batch_size: int = 256) -> torch.Tensor:
+    was_training = net.training
+    net.train(False)
+    with torch.no_grad():
+        out = torch.cat([net.from_boundary(xb) for xb in data.x.split(batch_size)])
+    net.train(was_training)
+    return out
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise HeadstartError(f"checkpoint {path} cannot be read ({type(exc).__name__}); start the run again "
+                             "without --resume.") from None
+
+
+def _fault_point(where: str, count: int) -> None:
+    """Test hook: HEADSTART_FAULT=epoch:N kills the process (SIGKILL) right after checkpoint N."""
+    spec = os.environ.get("HEADSTART_FAULT", "")
+    if spec == f"{where}:{count}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def backbone_identity(backbone: nn.Module) -> str:
+    """A hash of the backbone's tensors: what the feature cache keys on once fine-tuning changed them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(backbone.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return "finetuned-" + h.hexdigest()
+
+

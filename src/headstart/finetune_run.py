@@ -1,0 +1,123 @@
+"""Phase 2 of `--strategy fine-tune` inside a run: data for the loop, checkpoints, resume, test scores."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+
+from .backbones import Backbone, Preprocessing, count_parameters
+from .errors import HeadstartError
+from .features import default_workers
+from .fileio import write_json
+from .finetune import (AugmentedImages, FineTuneNet, FineTuneSettings, backbone_identity, compute_boundary,
+                       evaluate_boundary, fit, load_checkpoint, predict_boundary, train_transform)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_fine_tune", "backbone_identity", "checkpoint_dir"]
+
+
+@dataclass
+class FineTuneOutcome:
+    summary: dict
+    history: dict
+    test_proba: np.ndarray | None
+
+
+def checkpoint_dir(final: Path) -> Path:
+    """Beside the run, not inside it: the run directory appears only when complete, checkpoints survive a kill."""
+    return final.with_name(final.name + ".checkpoints")
+
+
+def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, prep: Preprocessing,
+                  paths: list[str], cols: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray,
+                  final: Path) -> FineTuneOutcome:
+    s = FineTuneSettings(**cfg.finetune).validate()
+    known = cols >= 0
+    tr, va, te = tr & known, va & known, te & known
+    if not va.any():
+        raise HeadstartError("fine-tuning needs a validation split for early stopping: use --val-fraction > 0 "
+                             "or a val/ folder.")
+    torch.manual_seed(cfg.seed)
+    net = FineTuneNet(entry, backbone, head, s.unfreeze, bn_update=s.bn_update)
+    log.info("fine-tuning %s (%d of %d blocks: %s), %d trainable parameters; frozen part in eval mode",
+             entry.name, len(net.trainable_blocks), len(entry.blocks), ", ".join(net.trainable_blocks) or "none",
+             count_parameters(net, trainable_only=True))
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    pick = lambda mask: ([p for p, m in zip(paths, mask) if m], cols[mask])  # noqa: E731
+    plain = prep.transform()
+    val = compute_boundary(net, *pick(va), plain, cfg.batch_size, workers, "boundary (val)")
+    if s.augment == "none":
+        # Frozen work done once: every epoch runs only the top blocks and the head on these activations.
+        train_data = compute_boundary(net, *pick(tr), plain, cfg.batch_size, workers, "boundary (train)")
+    else:
+        train_data = AugmentedImages(*pick(tr), train_transform(prep, s.augment), cfg.seed)
+
+    y_train = cols[tr]
+    n_classes = int(cols.max()) + 1
+    class_weight = sampler = None
+    if cfg.class_weight == "balanced":
+        w = compute_class_weight("balanced", classes=np.arange(n_classes), y=y_train)
+        class_weight = torch.as_tensor(w, dtype=torch.float32)
+    if cfg.finetune.get("sampler") == "balanced":
+        counts = np.bincount(y_train, minlength=n_classes)
+        sampler = torch.as_tensor(1.0 / counts[y_train], dtype=torch.double)
+
+    ckpt_dir = checkpoint_dir(final)
+    ckpt = ckpt_dir / "last.pt"
+    resume = None
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise HeadstartError(f"--resume: no checkpoint at {ckpt}; the run either finished or never reached "
+                                 "its first epoch. Start it again without --resume.")
+        resume = load_checkpoint(ckpt)
+    else:
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True)
+    write_json(ckpt_dir / "config.json", _resumable_config(cfg))
+
+    result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt, resume=resume,
+                 class_weight=class_weight, sampler_weights=sampler, workers=workers)
+    vloss, vacc = evaluate_boundary(net, val)
+    test_proba = None
+    if te.any():
+        test = compute_boundary(net, *pick(te), plain, cfg.batch_size, workers, "test")
+        test_proba = torch.softmax(predict_boundary(net, test).double(), dim=1).numpy()
+    summary = {"settings": s.to_dict(), "trainable_blocks": net.trainable_blocks,
+               "trainable_parameters": count_parameters(net, trainable_only=True),
+               "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped_by": result.stopped_by,
+               "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
+               "best_val_loss": vloss, "best_val_accuracy": vacc, "boundary_cache": s.augment == "none"}
+    log.info("fine-tuning: %d epochs in %.0fs (best epoch %d, stopped by %s), val accuracy %.4f",
+             result.epochs_run, result.seconds, result.best_epoch, result.stopped_by, vacc)
+    return FineTuneOutcome(summary, {**result.history, "best_epoch": result.best_epoch}, test_proba)
+
+
+def _resumable_config(cfg) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    d.pop("resume", None)
+    return d
+
+
+def resume_settings(run: str | Path) -> dict:
+    """The settings an interrupted run was started with, for `--resume RUN`."""
+    path = checkpoint_dir(Path(run).expanduser().absolute()) / "config.json"
+    if not path.is_file():
+        raise HeadstartError(f"--resume {run}: no checkpoint folder {path.parent}; nothing to resume.")
+    return json.loads(path.read_text())
+
+
+def finish(final: Path) -> None:
+    """The run is published: its checkpoints are no longer needed."""
+    shutil.rmtree(checkpoint_dir(final), ignore_errors=True)
