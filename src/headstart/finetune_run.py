@@ -96,7 +96,8 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
                "trainable_parameters": count_parameters(net, trainable_only=True),
                "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped_by": result.stopped_by,
                "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
-               "best_val_loss": vloss, "best_val_accuracy": vacc, "boundary_cache": s.augment == "none"}
+               "best_val_loss": vloss, "best_val_accuracy": vacc, "boundary_cache": s.augment == "none",
+               "history": result.history}
     log.info("fine-tuning: %d epochs in %.0fs (best epoch %d, stopped by %s), val accuracy %.4f",
              result.epochs_run, result.seconds, result.best_epoch, result.stopped_by, vacc)
     return FineTuneOutcome(summary, {**result.history, "best_epoch": result.best_epoch}, test_proba)

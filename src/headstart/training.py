@@ -162,18 +162,25 @@ def train(data: str | os.PathLike, **settings) -> Run:
     final, partial = _prepare_out(cfg.out, cfg.overwrite)
     handler = logging.FileHandler(partial / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("headstart").addHandler(handler)
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("headstart")
+    level = root.level
+    if root.getEffectiveLevel() > logging.INFO:  # called from Python with logging unset: the log file still gets INFO
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
     try:
         _check_data_outside(cfg.labels or cfg.data, final, cache_root)
         run = _train(cfg, entry, cache_root, partial, final)
-        logging.getLogger("headstart").removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
         handler.close()
         _publish(partial, final)
         finish_fine_tune(final)
         log.info("run written to %s", final)
         return run
     except BaseException:
-        logging.getLogger("headstart").removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
         handler.close()
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -1,0 +1,120 @@
+"""Fine-tuning on a small real Fashion-MNIST subset with the real MobileNetV2 weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import headstart
+from headstart.backbones import get_backbone, sequence
+from headstart.finetune import FineTuneNet
+from headstart.weights import load_backbone
+
+ENTRY = get_backbone("mobilenet_v2")
+UNFREEZE = 3
+COMMON = dict(image_size=64, workers=0, seed=0)
+
+
+def split_state(model: nn.Module, n_top: int) -> tuple[dict, dict]:
+    """Parameters and buffers of the frozen bottom and of the top `n_top` blocks, cloned."""
+    layers = [(n, m) for n, m in sequence(ENTRY, model) if n]
+    frozen, top = layers[:-n_top], layers[-n_top:]
+    grab = lambda part: {f"{n}.{k}": v.detach().clone() for n, m in part for k, v in m.state_dict().items()}  # noqa
+    return grab(frozen), grab(top)
+
+
+def changed(before: dict, after: dict) -> list[str]:
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+@pytest.fixture(scope="module")
+def imagenet_state():
+    model, _ = load_backbone(ENTRY)
+    return split_state(model, UNFREEZE)
+
+
+def test_frozen_means_frozen_through_training_with_augmentation(fmnist_small, tmp_path, imagenet_state):
+    run = headstart.train(fmnist_small, strategy="fine-tune", out=tmp_path / "ft", **COMMON,
+                          finetune=dict(unfreeze=UNFREEZE, epochs=2, augment="light"))
+    frozen_before, top_before = imagenet_state
+    frozen_after, top_after = split_state(run.model.backbone, UNFREEZE)
+    assert changed(frozen_before, frozen_after) == []  # parameters and BatchNorm buffers, bitwise
+    moved = changed(top_before, top_after)
+    assert any(k.endswith("weight") for k in moved)  # the unfrozen blocks did train
+    assert not any("running_" in k for k in moved)  # and kept their BatchNorm statistics (no --bn-update)
+    ft = run.metrics["fine_tune"]
+    assert ft["trainable_blocks"] == list(ENTRY.blocks[-UNFREEZE:]) and ft["epochs_run"] == 2
+    assert run.metrics["test"]["accuracy"] >= 0.6
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["strategy"] == "fine-tune" and config["finetune"]["augment"] == "light"
+    assert not (tmp_path / "ft.checkpoints").exists()  # removed once the run is complete
+
+
+def test_control_frozen_check_catches_a_frozen_part_in_train_mode(fmnist_small, tmp_path, imagenet_state,
+                                                                 monkeypatch):
+    # What a per-epoch plain `model.train()` does: the frozen BatchNorm layers collect batch statistics.
+    monkeypatch.setattr(FineTuneNet, "train", lambda self, mode=True: nn.Module.train(self, mode))
+    run = headstart.train(fmnist_small, strategy="fine-tune", out=tmp_path / "bad", **COMMON,
+                          finetune=dict(unfreeze=UNFREEZE, epochs=1, augment="light"))
+    frozen_after, _ = split_state(run.model.backbone, UNFREEZE)
+    moved = changed(imagenet_state[0], frozen_after)
+    assert moved and all("running_" in k or "num_batches" in k for k in moved)
+
+
+def test_fine_tuning_lowers_training_loss_and_bn_update_moves_statistics(fmnist_small, tmp_path, imagenet_state):
+    run = headstart.train(fmnist_small, strategy="fine-tune", out=tmp_path / "bn", **COMMON,
+                          finetune=dict(unfreeze=UNFREEZE, epochs=3, bn_update=True, patience=5))
+    history = json.loads((tmp_path / "bn" / "metrics.json").read_text())["fine_tune"]
+    assert history["epochs_run"] == 3 and history["boundary_cache"] is True
+    frozen_after, top_after = split_state(run.model.backbone, UNFREEZE)
+    assert changed(imagenet_state[0], frozen_after) == []
+    assert any("running_mean" in k for k in changed(imagenet_state[1], top_after))
+    assert (tmp_path / "bn" / "training_curve.png").is_file()
+    curve = history["history"]["train_loss"]
+    assert len(curve) == 3 and curve[-1] < curve[0]
+    assert "epoch 3/3: train loss" in (tmp_path / "bn" / "train.log").read_text()
+
+
+def test_fine_tuned_bundle_loads_and_predicts_like_the_run(fmnist_small, tmp_path):
+    run = headstart.train(fmnist_small, strategy="fine-tune", out=tmp_path / "ft", **COMMON,
+                          finetune=dict(unfreeze=2, epochs=1))
+    model = headstart.load(tmp_path / "ft")
+    assert model.strategy == "fine-tune" and model.backbone_identity.startswith("finetuned-")
+    metrics = headstart.evaluate(model, fmnist_small / "test")
+    assert metrics["accuracy"] == pytest.approx(run.metrics["test"]["accuracy"], abs=1e-9)
+
+
+def _cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "headstart.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(fmnist_small, tmp_path):
+    args = ("train", fmnist_small, "--strategy", "fine-tune", "--image-size", "64", "--workers", "0",
+            "--unfreeze", "2", "--epochs", "3", "--patience", "5", "--json")
+    whole = _cli(*args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    env = {**os.environ, "HEADSTART_FAULT": "epoch:1"}  # SIGKILL right after the first epoch's checkpoint
+    killed = _cli(*args, "--out", tmp_path / "cut", env=env)
+    assert killed.returncode == -9, killed.stderr
+    assert not (tmp_path / "cut").exists() and (tmp_path / "cut.checkpoints" / "last.pt").is_file()
+    resumed = _cli("train", "--resume", tmp_path / "cut", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed fine-tuning after epoch 1" in resumed.stderr
+    a, b = json.loads(whole.stdout), json.loads(resumed.stdout)
+    assert b["test"] == a["test"]
+    assert b["fine_tune"]["best_val_loss"] == a["fine_tune"]["best_val_loss"]
+
+
+def test_bad_unfreeze_is_a_clear_error(fmnist_small, tmp_path):
+    from headstart.errors import HeadstartError
+
+    with pytest.raises(HeadstartError, match="has 19 blocks"):
+        headstart.train(fmnist_small, strategy="fine-tune", out=tmp_path / "x", **COMMON, finetune=dict(unfreeze=40))
+    assert not (tmp_path / "x").exists()
