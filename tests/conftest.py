@@ -74,16 +74,13 @@ def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "data")
 
 
-@pytest.fixture(scope="session")
-def fmnist_small(tmp_path_factory) -> Path:
-    """A small real Fashion-MNIST subset (30 train + 20 test images per class) as PNG folders."""
+def _write_fmnist_subset(out: Path, train_per_class: int, test_per_class: int) -> Path:
     if not FMNIST_DIR.is_dir():
         pytest.fail(f"{FMNIST_DIR} is missing: `make test` installs Debian's dataset-fashion-mnist "
                     "(apt-get install dataset-fashion-mnist as root).")
     from headstart.datasets import FASHION_MNIST_CLASSES, read_idx
 
-    out = tmp_path_factory.mktemp("fmnist") / "fmnist"
-    for split, stem, per_class in (("train", "train", 30), ("test", "t10k", 20)):
+    for split, stem, per_class in (("train", "train", train_per_class), ("test", "t10k", test_per_class)):
         images = read_idx(FMNIST_DIR / f"{stem}-images-idx3-ubyte.gz")
         labels = read_idx(FMNIST_DIR / f"{stem}-labels-idx1-ubyte.gz")
         for c, name in enumerate(FASHION_MNIST_CLASSES):
@@ -93,6 +90,17 @@ def fmnist_small(tmp_path_factory) -> Path:
                 Image.fromarray(images[i], mode="L").save(d / f"{i:05d}.png")
     return out
 
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory) -> Path:
+    """A small real Fashion-MNIST subset (30 train + 20 test images per class) as PNG folders."""
+    return _write_fmnist_subset(tmp_path_factory.mktemp("fmnist") / "fmnist", 30, 20)
+
+
+@pytest.fixture(scope="session")
+def fmnist_tiny(tmp_path_factory) -> Path:
+    """A tiny real Fashion-MNIST subset (12 train + 4 test images per class), for training-loop mechanics."""
+    return _write_fmnist_subset(tmp_path_factory.mktemp("fmnist-tiny") / "fmnist", 12, 4)
 
 MEASURED: list[str] = []  # numbers tests measured, shown in pytest's closing summary
 

@@ -158,6 +158,10 @@ def train(data: str | os.PathLike, **settings) -> Run:
     if cfg.strategy not in STRATEGIES:
         raise HeadstartError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {cfg.strategy!r}.")
     entry = get_backbone(cfg.backbone)
+    unfreeze = cfg.finetune.get("unfreeze", "all")
+    if unfreeze != "all" and not 0 <= int(unfreeze) <= len(entry.blocks):
+        raise HeadstartError(f"--unfreeze {unfreeze}: {entry.name} has {len(entry.blocks)} blocks "
+                             f"({', '.join(entry.blocks)}); use 0..{len(entry.blocks)} or 'all'.")
     cache_root = cache_root_of(cfg.cache_dir)
     final, partial = _prepare_out(cfg.out, cfg.overwrite)
     handler = logging.FileHandler(partial / "train.log", encoding="utf-8")
