@@ -55,6 +55,18 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from a second thread, and two OpenMP threads fighting another
+    process for 2 cores run them tens of times slower (seen here while benchmarks ran)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def write_image_folder(root: Path, n_per_class: int = 6, classes=("cat", "dog"), size=(40, 32), seed=0) -> Path:
     """A tiny image folder of distinguishable synthetic classes (different mean colours)."""
     rng = np.random.default_rng(seed)

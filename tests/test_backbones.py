@@ -15,14 +15,7 @@ from headstart.backbones import (
 from headstart.errors import HeadstartError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The 2 cores are shared with other work; two OpenMP threads fighting another process
-    # for them run tiny convolutions ~50x slower than one thread does.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=list_backbones())

@@ -38,13 +38,7 @@ PRE = ENTRY.preprocessing.scaled(32)
 FP32 = EngineChoice("torch", "fp32", "cpu", "tests")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The 2 cores are shared with other work; one thread avoids OpenMP contention slowdowns.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

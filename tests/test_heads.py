@@ -22,13 +22,7 @@ def blobs(n: int, labels=LABELS, d: int = 32, spread: float = 1.0, seed: int = 0
     return X.astype(np.float32), np.asarray(labels)[idx]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These matrices are tiny: a second thread only adds contention (and minutes on a busy machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

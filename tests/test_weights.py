@@ -16,13 +16,7 @@ MOBILENET = get_backbone("mobilenet_v2")
 RESNET18 = get_backbone("resnet18")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The 2 cores are shared with other work; one thread avoids OpenMP contention slowdowns.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
