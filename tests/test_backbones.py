@@ -73,11 +73,21 @@ def test_entry_metadata_is_consistent(built):
     entry, model = built
     assert entry.input_size == entry.preprocessing.crop_size
     assert entry.preprocessing.resize_size >= entry.preprocessing.crop_size
+    if entry.weights is None:  # the from-scratch CNN: nothing stripped, nothing to download
+        assert entry.num_params == sum(p.numel() for p in model.parameters())
+        return
     assert entry.num_params > sum(p.numel() for p in model.parameters())  # the ImageNet head is stripped
     assert entry.weights.url.endswith("/" + entry.weights.filename)
 
 
-@pytest.mark.parametrize("name", list_backbones())
+PRETRAINED = [n for n in list_backbones() if get_backbone(n).weights is not None]
+
+
+def test_every_classic_backbone_has_pretrained_weights():
+    assert set(PRETRAINED) == {"mobilenet_v2", "resnet18", "resnet50", "vgg16", "efficientnet_b0"}
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
 def test_weights_file_hash_is_full_sha256_matching_the_file_name(name):
     w = get_backbone(name).weights
     assert re.fullmatch(r"[0-9a-f]{64}", w.sha256), w.sha256

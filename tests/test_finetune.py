@@ -117,3 +117,69 @@ def test_bad_unfreeze_is_a_clear_error(fmnist_tiny, tmp_path):
     with pytest.raises(HeadstartError, match="has 19 blocks"):
         headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "x", **COMMON, finetune=dict(unfreeze=40))
     assert not (tmp_path / "x").exists()
+
+
+def test_scratch_trains_every_layer_of_the_small_cnn(fmnist_tiny, tmp_path):
+    from headstart.backbones import seeded_init
+
+    run = headstart.train(fmnist_tiny, strategy="scratch", out=tmp_path / "scratch", workers=0, seed=0,
+                          finetune=dict(epochs=2))
+    config = json.loads((tmp_path / "scratch" / "config.json").read_text())
+    assert config["backbone"] == "small_cnn" and config["weights"]["kind"] == "random"
+    assert config["image_size"] == 32 and config["finetune"]["unfreeze"] == "all"
+    assert config["finetune"]["bn_update"] is True
+    initial = seeded_init(get_backbone("small_cnn"), 0).state_dict()
+    trained = run.model.backbone.state_dict()
+    assert all(not torch.equal(initial[k], trained[k]) for k in initial if "weight" in k or "running_" in k)
+    assert run.metrics["fine_tune"]["trainable_parameters"] > 250_000
+    again = headstart.load(tmp_path / "scratch")
+    assert again.predict(sorted((fmnist_tiny / "test" / "Bag").iterdir())[:2], top_k=1)
+
+
+def test_scratch_refuses_pretrained_weights(fmnist_tiny, tmp_path):
+    from headstart.errors import HeadstartError
+
+    with pytest.raises(HeadstartError, match="random initialisation"):
+        headstart.train(fmnist_tiny, strategy="scratch", weights="imagenet", out=tmp_path / "x")
+
+
+def test_compare_runs_every_strategy_on_one_split(fmnist_tiny, tmp_path):
+    from test_cli import run_cli
+
+    code, stdout, stderr = run_cli("compare", fmnist_tiny, "--out", tmp_path / "cmp", "--image-size", "32",
+                                   "--workers", "0")
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    names = [r["strategy"] for r in result["runs"]]
+    assert names == ["scratch", "feature-extraction-linear", "feature-extraction-mlp", "fine-tune"]
+    for r in result["runs"]:
+        assert 0 <= r["test_accuracy"] <= 1 and r["wall_seconds"] > 0 and r["trainable_parameters"] > 0
+        assert r["strategy"] in stdout
+    splits = {(tmp_path / "cmp" / n / "splits.csv").read_text() for n in names}
+    assert len(splits) == 1  # the same files in the same splits for every strategy
+    assert (tmp_path / "cmp" / "compare.png").is_file() and not list((tmp_path / "cmp").glob(".cache-*"))
+
+
+def test_auto_explains_its_choice(fmnist_tiny, tmp_path):
+    run = headstart.train(fmnist_tiny, strategy="auto", out=tmp_path / "auto", image_size=32, workers=0)
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    decision = config["strategy_decision"]
+    # 12 images per class: too few to fine-tune, so auto keeps the base frozen and says so.
+    assert decision["strategy"] == "feature-extraction" == config["resolved_strategy"]
+    assert "too few" in decision["reasons"][0]
+    assert decision["measurements"]["min_train_images_per_class"] < 100
+    assert "strategy auto -> feature-extraction" in (tmp_path / "auto" / "train.log").read_text()
+    assert run.model.strategy == "feature-extraction" and "fine_tune" not in run.metrics
+
+
+def test_auto_rule_on_measurements():
+    import numpy as np
+
+    from headstart.auto import choose_strategy
+
+    y = np.repeat(np.arange(3), 500)
+    assert choose_strategy(y, 0.87, 2000, 100.0, 5, None)["strategy"] == "fine-tune"
+    assert choose_strategy(y, 0.99, 2000, 100.0, 5, None)["strategy"] == "feature-extraction"
+    slow = choose_strategy(y, 0.87, 2000, 100.0, 5, time_budget=60)
+    assert slow["strategy"] == "feature-extraction" and "time budget" in slow["reasons"][0]
+    assert choose_strategy(np.repeat(np.arange(3), 50), 0.87, 200, None, 5, None)["strategy"] == "feature-extraction"

@@ -89,7 +89,7 @@ class Backbone:
     preprocessing: Preprocessing
     blocks: tuple[str, ...]  # module paths, input to output; fine-tuning unfreezes from the end
     layers: Callable[[nn.Module], list[tuple[str | None, nn.Module]]]  # see `sequence`
-    weights: WeightsFile
+    weights: WeightsFile | None  # None: no pretrained weights exist (trained from scratch only)
     weights_name: str  # torchvision's enum entry the file and preprocessing come from
     num_params: int  # of the full ImageNet classifier, as torchvision reports it
     gflops_224: float  # torchvision's GFLOPS meta (multiply-adds) at 224 px
@@ -267,6 +267,46 @@ _entry(
     description="EfficientNet-B0 (5.3M params)",
     layers=_layers_features,
 )
+
+class SmallCNN(nn.Module):
+    """The from-scratch baseline: three conv blocks (2 x conv-BN-ReLU, max-pool) and global pooling.
+
+    `--strategy scratch` puts the usual head (linear or Dense 256 -> Dense N) on top and
+    trains everything with the fine-tuning loop.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        blocks, c_in = [], 3
+        for c in widths:
+            blocks.append(nn.Sequential(
+                nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2)))
+            c_in = c
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x))
+
+
+register(Backbone(
+    name="small_cnn",
+    build=SmallCNN,
+    strip_head=lambda m: m,  # it has no classifier to remove
+    feature_dim=128,
+    # Native size for small images; no crop (resize == crop) and a neutral normalisation.
+    preprocessing=Preprocessing(crop_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    blocks=("features.0", "features.1", "features.2"),
+    layers=lambda m: [(f"features.{i}", b) for i, b in enumerate(m.features)] + _pool(),
+    weights=None,
+    weights_name="none (from scratch)",
+    num_params=sum(p.numel() for p in SmallCNN().parameters()),
+    gflops_224=0.0,
+    description="a small 3-block CNN, the from-scratch baseline (no pretrained weights)",
+))
+
 
 def block_modules(model: nn.Module, path: str) -> list[nn.Module]:
     """The modules of one block path; 'features.0-4' names a range of children."""

