@@ -142,6 +142,12 @@ def get_parser() -> argparse.ArgumentParser:
                        help="any batch size (default)")
     batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false", help="batch size fixed at 1")
     x.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+
+    # --quiet/--verbose also work after the command (`headstart train DATA -q`); SUPPRESS keeps
+    # a subcommand's unset flag from overwriting one given before the command.
+    for sp in sub.choices.values():
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
