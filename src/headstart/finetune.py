@@ -47,19 +47,21 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 
 @dataclass
 class FineTuneSettings:
-    unfreeze: int | str = 4  # number of top blocks, or "all"
-    epochs: int = 5
+    # Defaults from FMNIST-TL measurements (README, "Fine-tuning"): 8 MobileNetV2 blocks, 10 epochs,
+    # label smoothing 0.1 and early stopping on validation accuracy gave 0.9071 test accuracy.
+    unfreeze: int | str | None = None  # number of top blocks, or "all"; None: the backbone's default
+    epochs: int = 10
     lr: float = 1e-4  # top blocks (the textbook's Adam rate is 1e-5)
     lr_head: float = 1e-3
     lr_decay: float = 1.0  # discriminative rates: each block further down gets lr * lr_decay^depth
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     schedule: str = "cosine"
     augment: str = "none"
     bn_update: bool = False
-    early_stop_metric: str = "val_loss"
-    patience: int = 3
+    early_stop_metric: str = "val_accuracy"
+    patience: int = 4
     batch_size: int = 64
     time_budget: float | None = None  # seconds
     sampler: str | None = None  # "balanced": draw training images with inverse class frequency

@@ -168,9 +168,12 @@ def train(data: str | os.PathLike, **settings) -> Run:
         cfg.backbone = cfg.backbone or "small_cnn"
         cfg.finetune = {**SCRATCH_DEFAULTS, **cfg.finetune}
     cfg.backbone = cfg.backbone or "mobilenet_v2"
-    if cfg.strategy != "feature-extraction":
-        cfg.finetune = FineTuneSettings(**cfg.finetune).validate().to_dict()
     entry = get_backbone(cfg.backbone)
+    if cfg.strategy != "feature-extraction":
+        settings = FineTuneSettings(**cfg.finetune).validate()
+        if settings.unfreeze is None:
+            settings.unfreeze = min(entry.default_unfreeze, len(entry.blocks))
+        cfg.finetune = settings.to_dict()
     unfreeze = cfg.finetune.get("unfreeze", "all")
     if unfreeze != "all" and not 0 <= int(unfreeze) <= len(entry.blocks):
         raise HeadstartError(f"--unfreeze {unfreeze}: {entry.name} has {len(entry.blocks)} blocks "
