@@ -14,7 +14,7 @@ from .data import collect_images, load_data
 from .errors import DataError
 from .evaluation import compute_metrics
 from .features import FeatureCache, cache_root_of, extract
-from .images import ImageError, to_rgb
+from .images import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -92,5 +92,3 @@ def evaluate(model: Model | str | os.PathLike, data, *, labels=None, **kw) -> di
     metrics = compute_metrics(y[keep], model.proba_from_features(feats), model.classes, skipped=skipped)
     return metrics
 
-
-__all__ = ["features_of", "predict_files", "evaluate", "ImageError"]
