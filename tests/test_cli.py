@@ -185,8 +185,12 @@ def test_user_errors_exit_2_without_traceback(tmp_path, image_folder):
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob("r.partial-*"))
     code, _, stderr = run_cli("evaluate", tmp_path / "nothing", image_folder)
     assert code == 2 and "no model found" in stderr
+    before, folder_mtime = tree_digest(image_folder), image_folder.stat().st_mtime_ns
     code, _, stderr = run_cli("train", image_folder, "--out", image_folder / "run")
     assert code == 2 and "inside the data folder" in stderr
+    assert sorted(p.name for p in image_folder.iterdir()) == ["cat", "dog"]  # not even a partial run folder
+    assert tree_digest(image_folder) == before
+    assert image_folder.stat().st_mtime_ns == folder_mtime  # no entry was even created and removed
 
 
 def test_existing_run_is_not_overwritten_without_flag(trained, image_folder):

@@ -123,16 +123,20 @@ def _versions() -> dict:
             "pillow": PIL.__version__, "platform": platform.platform()}
 
 
-def _prepare_out(out: str | None, overwrite: bool) -> tuple[Path, Path]:
+def _run_dir(out: str | None, overwrite: bool) -> Path:
     final = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     final = final.expanduser().absolute()
     if final.exists() and any(final.iterdir()) and not overwrite:
         raise HeadstartError(f"run directory {final} already exists; pass another --out or --overwrite.")
+    return final
+
+
+def _make_partial(final: Path) -> Path:
     partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    return final, partial
+    return partial
 
 
 def _publish(partial: Path, final: Path) -> None:
@@ -172,16 +176,18 @@ def train(data: str | os.PathLike, **settings) -> Run:
     cfg.backbone = cfg.backbone or "mobilenet_v2"
     entry = get_backbone(cfg.backbone)
     if cfg.strategy != "feature-extraction":
-        settings = FineTuneSettings(**cfg.finetune).validate()
-        if settings.unfreeze is None:
-            settings.unfreeze = min(entry.default_unfreeze, len(entry.blocks))
-        cfg.finetune = settings.to_dict()
+        ft = FineTuneSettings(**cfg.finetune).validate()
+        if ft.unfreeze is None:
+            ft.unfreeze = min(entry.default_unfreeze, len(entry.blocks))
+        cfg.finetune = ft.to_dict()
     unfreeze = cfg.finetune.get("unfreeze", "all")
     if unfreeze != "all" and not 0 <= int(unfreeze) <= len(entry.blocks):
         raise HeadstartError(f"--unfreeze {unfreeze}: {entry.name} has {len(entry.blocks)} blocks "
                              f"({', '.join(entry.blocks)}); use 0..{len(entry.blocks)} or 'all'.")
     cache_root = cache_root_of(cfg.cache_dir)
-    final, partial = _prepare_out(cfg.out, cfg.overwrite)
+    final = _run_dir(cfg.out, cfg.overwrite)
+    _check_data_outside(cfg.labels or cfg.data, final, cache_root)  # before anything is written
+    partial = _make_partial(final)
     handler = logging.FileHandler(partial / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
@@ -191,7 +197,6 @@ def train(data: str | os.PathLike, **settings) -> Run:
         root.setLevel(logging.INFO)
     root.addHandler(handler)
     try:
-        _check_data_outside(cfg.labels or cfg.data, final, cache_root)
         run = _train(cfg, entry, cache_root, partial, final)
         root.removeHandler(handler)
         root.setLevel(level)
