@@ -25,7 +25,7 @@ from .backbones import Backbone, Preprocessing, get_backbone
 from .engine import EngineChoice, choose_engine, make_engine
 from .errors import BundleError, HeadstartError
 from .fileio import atomic_path, write_json
-from .heads import head_module
+from .heads import head_module, softmax
 from .weights import WeightsInfo, check_compatible
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,7 @@ class Model:
             return self.head(torch.as_tensor(np.asarray(feats, np.float32))).double().numpy()
 
     def proba_from_features(self, feats: np.ndarray) -> np.ndarray:
-        z = self.logits_from_features(feats)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(self.logits_from_features(feats))
 
     def predict_proba(self, images: Sequence, *, batch_size: int = 64, cache_dir=None, **engine_kw) -> np.ndarray:
         """Probabilities (n, n_classes) for image paths or PIL images; raises ImageError on an unreadable one."""

@@ -226,8 +226,9 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "headstart" / "downloads"
+    from .features import default_cache_dir  # deferred: features imports torch, not needed to write PNGs
+
+    return default_cache_dir() / "downloads"
 
 
 def _download(root: Path) -> None:

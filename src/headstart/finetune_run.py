@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from .backbones import Backbone, Preprocessing, count_parameters
 from .errors import HeadstartError
 from .features import default_workers
 from .fileio import write_json
+from .heads import class_weights
 from .finetune import (AugmentedImages, FineTuneNet, FineTuneSettings, backbone_identity, compute_boundary,
                        evaluate_boundary, fit, load_checkpoint, predict_boundary, train_transform)
 
@@ -63,10 +63,7 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
 
     y_train = cols[tr]
     n_classes = int(cols.max()) + 1
-    class_weight = sampler = None
-    if cfg.class_weight == "balanced":
-        w = compute_class_weight("balanced", classes=np.arange(n_classes), y=y_train)
-        class_weight = torch.as_tensor(w, dtype=torch.float32)
+    class_weight, sampler = class_weights(cfg.class_weight, y_train, n_classes), None
     if cfg.finetune.get("sampler") == "balanced":
         counts = np.bincount(y_train, minlength=n_classes)
         sampler = torch.as_tensor(1.0 / counts[y_train], dtype=torch.double)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -41,14 +41,37 @@ def _fold_scaler(linear: nn.Linear, scaler: StandardScaler) -> None:
         linear.bias.copy_(b.float())
 
 
+def class_weights(kind: str | None, yi: np.ndarray, n_classes: int) -> torch.Tensor | None:
+    """Per-class loss weights for label indices `yi`: None, or inverse frequency for "balanced"."""
+    if kind != "balanced":
+        return None
+    w = compute_class_weight("balanced", classes=np.arange(n_classes), y=yi)
+    return torch.as_tensor(w, dtype=torch.float32)
+
+
 class _Head:
     classes_: np.ndarray
+
+    def _encode(self, y, X_val, y_val):
+        """Set `classes_` from `y`; return y and y_val as column indices, with X_val.
+
+        Validation images of a class unseen in training cannot be scored, so they are dropped.
+        Without validation data, X_val and y_val come back as None.
+        """
+        self.classes_ = np.unique(y)
+        to_index = {c: i for i, c in enumerate(self.classes_)}
+        yi = np.array([to_index[c] for c in y], dtype=np.int64)
+        if X_val is None or not len(X_val):
+            return yi, None, None
+        keep = np.isin(y_val, self.classes_)
+        yv = np.array([to_index[c] for c in np.asarray(y_val)[keep]], dtype=np.int64)
+        return yi, np.asarray(X_val, np.float32)[keep], yv
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return _softmax(self.decision_function(X))
+        return softmax(self.decision_function(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
@@ -109,24 +132,16 @@ class LinearHead(_Head):
         self.random_state = random_state  # the fit is deterministic; kept for a uniform interface
 
     def _weights(self, yi: np.ndarray) -> torch.Tensor | None:
-        if self.class_weight != "balanced":
-            return None
-        w = compute_class_weight("balanced", classes=np.arange(len(self.classes_)), y=yi)
-        return torch.as_tensor(w, dtype=torch.float32)
+        return class_weights(self.class_weight, yi, len(self.classes_))
 
     def fit(self, X, y, X_val=None, y_val=None) -> "LinearHead":
         t0 = time.perf_counter()
         X, y = np.asarray(X, np.float32), np.asarray(y)
-        self.classes_ = np.unique(y)
+        yi, Xv_raw, yv = self._encode(y, X_val, y_val)
         k = len(self.classes_)
-        to_index = {c: i for i, c in enumerate(self.classes_)}
-        yi = np.array([to_index[c] for c in y], dtype=np.int64)
         self.search_: list[dict] = []
         Cs = sorted(self.Cs)
-        if X_val is not None and len(X_val) and len(Cs) > 1:
-            keep = np.isin(y_val, self.classes_)
-            yv = np.array([to_index[c] for c in np.asarray(y_val)[keep]], dtype=np.int64)
-            Xv_raw = np.asarray(X_val, np.float32)[keep]
+        if Xv_raw is not None and len(Cs) > 1:
             scaler = StandardScaler().fit(X)
             Xs = torch.as_tensor(scaler.transform(X).astype(np.float32))
             Xv = torch.as_tensor(scaler.transform(Xv_raw).astype(np.float32))
@@ -213,11 +228,7 @@ class MLPHead(_Head):
         gen = torch.Generator().manual_seed(self.random_state)
         n_classes = len(self.classes_)
         net = MLP(Xs.shape[1], n_classes, self.hidden, self.dropout)
-        weight = None
-        if self.class_weight == "balanced":
-            w = compute_class_weight("balanced", classes=np.arange(n_classes), y=yi)
-            weight = torch.as_tensor(w, dtype=torch.float32)
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        loss_fn = nn.CrossEntropyLoss(weight=class_weights(self.class_weight, yi, n_classes))
         opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         X_t, y_t = torch.as_tensor(Xs), torch.as_tensor(yi)
         history = {"epoch": [], "train_loss": [], "val_loss": [], "val_accuracy": []}
@@ -259,21 +270,16 @@ class MLPHead(_Head):
     def fit(self, X, y, X_val=None, y_val=None) -> "MLPHead":
         t0 = time.perf_counter()
         X, y = np.asarray(X, np.float32), np.asarray(y)
-        self.classes_ = np.unique(y)
-        to_index = {c: i for i, c in enumerate(self.classes_)}
-        yi = np.array([to_index[c] for c in y], dtype=np.int64)
-        if X_val is not None and len(X_val):
-            X_val = np.asarray(X_val, np.float32)
-            keep = np.isin(y_val, self.classes_)  # validation images of classes unseen in training can't be scored
-            yv = np.array([to_index[c] for c in np.asarray(y_val)[keep]], dtype=np.int64)
+        yi, Xv, yv = self._encode(y, X_val, y_val)
+        if Xv is not None:
             scaler = StandardScaler().fit(X)
             _, self.history_ = self._train(scaler.transform(X).astype(np.float32), yi, self.max_epochs,
-                                           scaler.transform(X_val[keep]).astype(np.float32), yv)
+                                           scaler.transform(Xv).astype(np.float32), yv)
             self.best_epoch_ = int(self.history_["best_epoch"])
             best = self.history_["val_accuracy"][self.best_epoch_ - 1]
             self.val_accuracy_ = float(best)
             if self.refit:
-                X = np.concatenate([X, X_val[keep]])
+                X = np.concatenate([X, Xv])
                 yi = np.concatenate([yi, yv])
         else:
             self.history_, self.best_epoch_, self.val_accuracy_ = None, min(self.max_epochs, 20), None
