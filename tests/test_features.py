@@ -310,13 +310,16 @@ def test_cache_info_and_clear_cache(backbone, paths, tmp_path):
 def test_choose_engine_follows_the_cpu_flags():
     assert native_bf16() == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     choice = choose_engine(device="cpu")
-    assert choice.engine == "torch"
+    # make test installs both converted-model engines; the rule picks by CPU flags alone.
+    assert choice.engine == ("openvino" if native_bf16() else "onnxruntime")
     assert choice.device == "cpu"
     assert choice.precision == ("bf16" if native_bf16() else "fp32")
     assert choice.reason
     assert choose_engine(device="cpu") == choice  # a fixed rule: same machine, same choice
     assert choose_engine(device="cpu", precision="fp32").precision == "fp32"
     assert choose_engine(device="cpu", engine="torch", precision="bf16").precision == "bf16"
+    # ONNX Runtime has no bf16 path here: asking for bf16 alone moves the rule on to an engine that has one.
+    assert choose_engine(device="cpu", precision="bf16").engine in ("openvino", "torch")
     if not torch.cuda.is_available():
         assert choose_engine().device == "cpu"
 
@@ -325,6 +328,7 @@ def test_choose_engine_follows_the_cpu_flags():
     "kwargs, match",
     [
         ({"engine": "onnx"}, "--engine"),
+        ({"engine": "onnxruntime", "precision": "bf16"}, "no bf16"),
         ({"precision": "fp16"}, "--precision"),
         ({"device": "tpu"}, "--device"),
     ],

@@ -40,7 +40,8 @@ def imagenet_state():
 
 
 def test_frozen_means_frozen_through_training_with_augmentation(fmnist_tiny, tmp_path, imagenet_state):
-    run = headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "ft", **COMMON,
+    # engine torch: the frozen modules themselves run every batch (the other engines run a converted copy).
+    run = headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "ft", **COMMON, engine="torch",
                           finetune=dict(unfreeze=UNFREEZE, epochs=2, augment="light"))
     frozen_before, top_before = imagenet_state
     frozen_after, top_after = split_state(run.model.backbone, UNFREEZE)
@@ -59,7 +60,7 @@ def test_control_frozen_check_catches_a_frozen_part_in_train_mode(fmnist_tiny, t
                                                                  monkeypatch):
     # What a per-epoch plain `model.train()` does: the frozen BatchNorm layers collect batch statistics.
     monkeypatch.setattr(FineTuneNet, "train", lambda self, mode=True: nn.Module.train(self, mode))
-    run = headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "bad", **COMMON,
+    run = headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "bad", **COMMON, engine="torch",
                           finetune=dict(unfreeze=UNFREEZE, epochs=1, augment="light"))
     frozen_after, _ = split_state(run.model.backbone, UNFREEZE)
     moved = changed(imagenet_state[0], frozen_after)

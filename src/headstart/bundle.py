@@ -53,8 +53,8 @@ class Model:
     def classes_(self) -> np.ndarray:
         return np.array(self.classes)
 
-    def engine(self, device: str = "auto", engine: str = "auto", precision: str = "auto"):
-        return make_engine(self.backbone, choose_engine(device, engine, precision))
+    def engine(self, device: str = "auto", engine: str = "auto", precision: str = "auto", cache_root=None):
+        return make_engine(self.backbone, choose_engine(device, engine, precision), cache_root)
 
     def namespace(self, choice: EngineChoice) -> dict:
         from .features import make_namespace

@@ -172,16 +172,23 @@ def _place(out: np.ndarray | None, n: int, i: int, vec: np.ndarray) -> np.ndarra
     return out
 
 
+def decode_side(transform: Callable) -> int | None:
+    """The shorter side a transform resizes to (torchvision's ImageClassification): the JPEG draft target."""
+    size = getattr(transform, "resize_size", None)
+    return int(size[0]) if isinstance(size, (list, tuple)) and len(size) == 1 else None
+
+
 class _Images(torch.utils.data.Dataset):
     def __init__(self, paths: Sequence[str], transform: Callable):
         self.paths, self.transform = list(paths), transform
+        self.min_side = decode_side(transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(load_image(self.paths[i])), None
+            return i, self.transform(load_image(self.paths[i], self.min_side)), None
         except ImageError as exc:
             return i, None, str(exc)
 

@@ -35,8 +35,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import progress
 from .backbones import Backbone, Preprocessing, sequence
+from .engine import model_digest
 from .errors import HeadstartError
 from .fileio import atomic_path
+from .features import decode_side
 from .images import ImageError, load_image
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,9 @@ class FineTuneNet(nn.Module):
         self.top_names = [name for name, _ in layers[cut:]]  # block name or None, per module of `top`
         self.trainable_blocks = [name for name in self.top_names if name]
         self.bn_update = bn_update
+        # Optional: a faster engine (engine.py) running a converted copy of `frozen`; outputs agree
+        # with it within the engines' parity tolerance. None runs `frozen` itself.
+        self.frozen_engine: Callable | None = None
         self.frozen.requires_grad_(False)
         self.top.requires_grad_(True)
         self.head.requires_grad_(True)
@@ -121,8 +126,10 @@ class FineTuneNet(nn.Module):
         """The frozen bottom's output: no gradient, eval mode."""
         if len(self.frozen) == 0:
             return x
+        if self.frozen_engine is not None:
+            return self.frozen_engine(x)
         with torch.no_grad():
-            return self.frozen(x)
+            return self.frozen(x.contiguous(memory_format=torch.channels_last))
 
     def from_boundary(self, b: torch.Tensor) -> torch.Tensor:
         return self.head(self.top(b))
@@ -167,6 +174,7 @@ class AugmentedImages(torch.utils.data.Dataset):
     def __init__(self, paths: Sequence[str], labels: np.ndarray, transform: Callable, seed: int):
         self.paths, self.labels, self.transform, self.seed = list(paths), labels, transform, seed
         self.epoch = 0
+        self.min_side = decode_side(transform)  # None for the augmenting transforms: they crop at random
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -175,7 +183,7 @@ class AugmentedImages(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_item_seed(self.seed, self.epoch, i))
             try:
-                x = self.transform(load_image(self.paths[i]))
+                x = self.transform(load_image(self.paths[i], self.min_side))
             except ImageError:  # became unreadable since extraction: a black image keeps batches aligned
                 x = torch.zeros(3, 1, 1)
         return x, int(self.labels[i])
@@ -199,7 +207,7 @@ def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray,
     with progress.bar(len(paths), desc) as pbar:
         for idx, xs, bad in loader:
             if xs is not None:
-                outs.append(net.boundary(xs.contiguous(memory_format=torch.channels_last)))
+                outs.append(net.boundary(xs))
                 keep.extend(idx)
             pbar.update(len(idx) + len(bad))
     return Boundary(torch.cat(outs), torch.as_tensor(np.asarray(labels)[keep], dtype=torch.long))
@@ -382,12 +390,6 @@ def _fault_point(where: str, count: int) -> None:
 
 def backbone_identity(backbone: nn.Module) -> str:
     """A hash of the backbone's tensors: what the feature cache keys on once fine-tuning changed them."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(backbone.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return "finetuned-" + h.hexdigest()
+    return "finetuned-" + model_digest(backbone)
 
 

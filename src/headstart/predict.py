@@ -26,7 +26,7 @@ def features_of(model: Model, images: Sequence, *, batch_size: int = 64, cache_d
 
     Rows follow the readable inputs in order; `failures` maps each unreadable path to why.
     """
-    eng = model.engine(device, engine, precision)
+    eng = model.engine(device, engine, precision, cache_root_of(cache_dir))
     transform = model.preprocessing.transform()
     if images and all(isinstance(im, (str, os.PathLike)) for im in images):
         paths = [os.fspath(p) for p in images]

@@ -243,7 +243,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     log.info("backbone %s, weights: %s", entry.name, winfo.source)
     choice = choose_engine(cfg.device, cfg.engine, cfg.precision)
     log.info("engine %s, precision %s on %s (%s)", choice.engine, choice.precision, choice.device, choice.reason)
-    engine = make_engine(model, choice)
+    engine = make_engine(model, choice, cache_root)
     namespace = make_namespace(entry.name, winfo.identity(), prep, choice)
     cache = FeatureCache(cache_root, namespace)
 
