@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_DATA := data/fmnist
 DEMO_RUN  := runs/demo
 
-.PHONY: install demo test fmnist clean
+.PHONY: install demo test fmnist bench bench-smoke clean
 
 install: $(STAMP)
 
@@ -39,6 +39,15 @@ demo: install fmnist
 
 test: install fmnist
 	$(BIN)/python -m pytest
+	$(MAKE) bench-smoke
+
+# The benchmark suite (about 40 min here; run it alone): benchmarks/results.{json,md} and the
+# README's performance table. bench-smoke only checks that the suite runs, on a few images.
+bench: install fmnist
+	$(BIN)/python benchmarks/run.py
+
+bench-smoke: install fmnist
+	$(BIN)/python benchmarks/run.py --smoke
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

@@ -131,6 +131,8 @@ def get_parser() -> argparse.ArgumentParser:
     d.add_argument("out", help="folder to write")
     d.add_argument("--per-class", type=int, default=None,
                    help="keep the first N training images of each class (1000 gives FMNIST-TL)")
+    d.add_argument("--test-per-class", type=int, default=None,
+                   help="keep the first N test images of each class (default: the whole test set)")
 
     x = sub.add_parser("export", help="write a trained model as ONNX, with a JSON stating its preprocessing")
     x.add_argument("run", help="run directory or model bundle")
@@ -283,7 +285,7 @@ def cmd_cache(a) -> int:
 def cmd_datasets(a) -> int:
     from .datasets import prepare
 
-    kw = {"per_class": a.per_class} if a.per_class else {}
+    kw = {k: v for k, v in (("per_class", a.per_class), ("test_per_class", a.test_per_class)) if v}
     summary = prepare(a.name, a.out, progress=progress.enabled(), **kw)
     print(f"{a.name}: {summary['n_train']} train and {summary['n_test']} test images in {summary['out_dir']} "
           f"(from {summary['source']})")

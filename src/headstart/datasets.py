@@ -74,15 +74,20 @@ def prepare_fashion_mnist(
     per_class: int | None = None,
     source: str | os.PathLike | None = None,
     progress: bool = True,
+    test_per_class: int | None = None,
 ) -> dict:
     """Write Fashion-MNIST under out_dir; per_class keeps the first N training images
-    of each class. Returns a summary: out_dir, n_train, n_test, classes, source."""
-    if per_class is not None and (
-        isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1
-    ):
-        raise DataError(f"per_class must be a positive whole number, got {per_class!r}")
+    of each class (test_per_class the same for the test set, which is whole by default).
+    Returns a summary: out_dir, n_train, n_test, classes, source."""
+    for name, value in (("per_class", per_class), ("test_per_class", test_per_class)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+        ):
+            raise DataError(f"{name} must be a positive whole number, got {value!r}")
     out_dir = Path(out_dir)
     settings = {"name": "fashion-mnist", "per_class": None if per_class is None else int(per_class)}
+    if test_per_class is not None:
+        settings["test_per_class"] = int(test_per_class)
     done = _existing(out_dir, settings)
     if done is not None:
         return done
@@ -93,9 +98,10 @@ def prepare_fashion_mnist(
     for split, (images_name, labels_name) in _SPLIT_FILES.items():
         images, labels = _load_split(src, images_name, labels_name)
         keep = np.arange(len(labels))
-        if split == "train" and per_class is not None:
+        n = per_class if split == "train" else test_per_class
+        if n is not None:
             # The first N of each class in file order, so N=1000 always picks the same images.
-            firsts = [np.flatnonzero(labels == c)[:per_class] for c in range(len(classes))]
+            firsts = [np.flatnonzero(labels == c)[:n] for c in range(len(classes))]
             keep = np.sort(np.concatenate(firsts))
         splits[split] = (images, labels, keep)
 

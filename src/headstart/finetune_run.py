@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +61,14 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
     workers = default_workers() if cfg.workers is None else cfg.workers
     pick = lambda mask: ([p for p, m in zip(paths, mask) if m], cols[mask])  # noqa: E731
     plain = prep.transform()
+    t_boundary = time.perf_counter()
     val = compute_boundary(net, *pick(va), plain, cfg.batch_size, workers, "boundary (val)")
     if s.augment == "none":
         # Frozen work done once: every epoch runs only the top blocks and the head on these activations.
         train_data = compute_boundary(net, *pick(tr), plain, cfg.batch_size, workers, "boundary (train)")
     else:
         train_data = AugmentedImages(*pick(tr), train_transform(prep, s.augment), cfg.seed)
+    boundary_seconds = time.perf_counter() - t_boundary
 
     y_train = cols[tr]
     n_classes = int(cols.max()) + 1
@@ -100,6 +103,7 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
                "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped_by": result.stopped_by,
                "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
                "best_val_loss": vloss, "best_val_accuracy": vacc, "boundary_cache": s.augment == "none",
+               "boundary_seconds": round(boundary_seconds, 2),
                "history": result.history}
     log.info("fine-tuning: %d epochs in %.0fs (best epoch %d, stopped by %s), val accuracy %.4f",
              result.epochs_run, result.seconds, result.best_epoch, result.stopped_by, vacc)

@@ -1,0 +1,412 @@
+"""headstart's benchmark suite: `make bench` (full) and `make bench-smoke` (checks it runs).
+
+Everything is measured in this one process or in fresh subprocesses it starts, on this
+machine, in the same session, and reported as ratios against the plain baselines in
+benchmarks/baselines/ (written as the tutorials write them). Each timing is the median of
+`--repeats` runs taken in alternating order. Results go to benchmarks/results.json, a
+Markdown table in benchmarks/results.md, and the README's performance section.
+
+    python benchmarks/run.py                 # the full suite (about 40 min on 2 cores)
+    python benchmarks/run.py --smoke         # a few images, tiny sizes, results in a temp folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.baselines import plain  # noqa: E402
+from headstart.backbones import get_backbone  # noqa: E402
+from headstart.engine import EngineChoice, installed, make_engine, native_bf16  # noqa: E402
+from headstart.weights import load_backbone  # noqa: E402
+
+HEADSTART = [Path(sys.executable).with_name("headstart")]
+ENGINES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def median_alternating(fns: dict, repeats: int) -> dict:
+    """Run each callable `repeats` times, forward order on even rounds and reversed on odd ones."""
+    samples = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for k in names if r % 2 == 0 else names[::-1]:
+            samples[k].append(fns[k]())
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+# --- the machine -------------------------------------------------------------------------------
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    import onnxruntime
+
+    versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    if installed("openvino"):
+        import openvino
+
+        versions["openvino"] = openvino.__version__
+    flags = open("/proc/cpuinfo").read()
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "avx512": " avx512f" in flags, "native_bf16": native_bf16(), "versions": versions}
+
+
+def matmul_peak(dtype: torch.dtype, n: int, seconds: float) -> float:
+    """GFLOP/s of torch.mm on square matrices (2 n^3 FLOPs each)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    k, t0 = 0, time.perf_counter()
+    while k < 3 or time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        k += 1
+    return 2 * n ** 3 * k / (time.perf_counter() - t0) / 1e9
+
+
+def flops_per_image(model: torch.nn.Module, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        copy.deepcopy(model).eval()(torch.randn(1, 3, size, size))
+    return float(counter.get_total_flops())  # multiply-adds count twice: FLOPs = 2 x MACs
+
+
+# --- extraction throughput ---------------------------------------------------------------------
+
+def engine_throughput(model: torch.nn.Module, size: int, engine: str, precision: str, seconds: float,
+                      cache_root: Path) -> float:
+    eng = make_engine(copy.deepcopy(model), EngineChoice(engine, precision, "cpu", "bench"), cache_root)
+    x = torch.randn(plain.BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+    eng(x)  # conversion and warm-up
+    k, t0 = 0, time.perf_counter()
+    while k < 2 or time.perf_counter() - t0 < seconds:
+        eng(x)
+        k += 1
+    return k * plain.BATCH / (time.perf_counter() - t0)
+
+
+def extraction(models, sizes, seconds: float, repeats: int, peaks: dict, work: Path) -> list[dict]:
+    rows = []
+    for name in models:
+        entry = get_backbone(name)
+        ours, _ = load_backbone(entry, "none", seed=0)  # random weights: speed does not depend on them
+        base = plain.feature_model(name, weights=None)
+        for size in sizes:
+            flops = flops_per_image(base, size)
+            fns = {("baseline", "fp32"): lambda: plain.network_throughput(base, size, seconds)}
+            for engine, precision in ENGINES:
+                if installed(engine):
+                    fns[(engine, precision)] = (lambda e=engine, p=precision:
+                                                engine_throughput(ours, size, e, p, seconds, work / "engines"))
+            log(f"extraction {name} {size}px: {len(fns)} configurations x {repeats}")
+            rates = median_alternating(fns, repeats)
+            base_rate = rates[("baseline", "fp32")]
+            for (engine, precision), rate in rates.items():
+                gflops = rate * flops / 1e9
+                rows.append({"model": name, "size": size, "engine": engine, "precision": precision,
+                             "images_per_second": round(rate, 1), "vs_baseline": round(rate / base_rate, 2),
+                             "gflops": round(gflops, 1), "fraction_of_peak": round(gflops / peaks[precision], 3),
+                             "native": precision == "fp32" or native_bf16()})
+    return rows
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+def decoding(fmnist_dir: Path, sizes, seconds: float, work: Path) -> list[dict]:
+    """Decode + resize + normalise images/s in one process, for PNG (Fashion-MNIST) and JPEG photos."""
+    from PIL import Image
+
+    from headstart.images import load_image
+
+    pngs = sorted(fmnist_dir.rglob("*.png"))[:200]
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for i in range(8):  # photo-like 640x480: gradients, shapes and noise, quality 90
+        h, w = 480, 640
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([(xx * (i + 1) % 256), (yy * 2 + i * 30) % 256, ((xx + yy) // 3) % 256], -1).astype(float)
+        img += rng.normal(0, 12, img.shape)
+        p = work / f"photo{i}.jpg"
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(p, quality=90)
+        jpegs.append(p)
+    entry = get_backbone("mobilenet_v2")
+    rows = []
+    for size in sizes:
+        prep = entry.preprocessing.scaled(size)
+        t = prep.transform()
+        for kind, files, draft in (("png 28x28", pngs, False), ("jpeg 640x480", jpegs, False),
+                                   ("jpeg 640x480", jpegs, True)):
+            side = prep.resize_size if draft else None
+            k, t0 = 0, time.perf_counter()
+            while k < len(files) or time.perf_counter() - t0 < seconds:
+                t(load_image(files[k % len(files)], side))
+                k += 1
+            rows.append({"format": kind, "size": size, "draft": draft,
+                         "images_per_second": round(k / (time.perf_counter() - t0), 1)})
+    return rows
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def run(cmd: list, **kw) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0, proc
+
+
+def end_to_end(data: Path, repeats: int, work: Path, probe_size: int) -> dict:
+    """`headstart train` + `headstart evaluate` (feature extraction, defaults, empty cache) against
+    the baseline linear probe, each in a fresh process."""
+    counter = iter(range(1000))
+
+    def ours():
+        i = next(counter)
+        out, cache = work / f"e2e-run{i}", work / f"e2e-cache{i}"
+        t1, _ = run([*HEADSTART, "-q", "train", data, "--strategy", "feature-extraction", "--out", out,
+                     "--cache-dir", cache])
+        t2, proc = run([*HEADSTART, "-q", "evaluate", out, data / "test", "--cache-dir", cache, "--json"])
+        acc = json.loads(proc.stdout)["accuracy"]
+        samples["headstart"].append({"seconds": t1 + t2, "train_seconds": t1, "evaluate_seconds": t2,
+                                     "accuracy": acc})
+        return t1 + t2
+
+    def probe():
+        seconds, proc = run([sys.executable, "-m", "benchmarks.baselines.probe", data / "train", data / "test",
+                             "--size", probe_size], cwd=ROOT)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        samples["baseline"].append({**result, "process_seconds": seconds})
+        return seconds
+
+    samples: dict[str, list] = {"headstart": [], "baseline": []}
+    median_alternating({"headstart": ours, "baseline": probe}, repeats)
+    out = {}
+    for k, runs in samples.items():
+        mid = sorted(runs, key=lambda r: r["seconds"] if k == "headstart" else r["process_seconds"])[len(runs) // 2]
+        out[k] = {**mid, "all_seconds": [round(r.get("process_seconds", r["seconds"]), 1) for r in runs]}
+    out["speedup"] = round(out["baseline"]["process_seconds"] / out["headstart"]["seconds"], 2)
+    out["accuracy_difference"] = round(out["headstart"]["accuracy"] - out["baseline"]["accuracy"], 4)
+    return out
+
+
+def finetune_epoch(data: Path, work: Path, size: int, unfreeze: int, max_batches: int | None) -> dict:
+    """One fine-tuning epoch: headstart's (boundary cache) against plain PyTorch's (whole network)."""
+    out = work / "ft-run"
+    _, _ = run([*HEADSTART, "-q", "train", data, "--strategy", "fine-tune", "--epochs", "1", "--unfreeze", unfreeze,
+                "--image-size", size, "--out", out, "--cache-dir", work / "ft-cache"])
+    ft = json.loads((out / "metrics.json").read_text())["fine_tune"]
+    ours = ft["history"]["seconds"][0]
+    n_train = json.loads((out / "metrics.json").read_text())["n_train"]
+    base = plain.finetune_epoch(str(data / "train"), size, unfreeze, max_batches=max_batches)
+    base_epoch = base["seconds"] * n_train / base["images"]  # scaled to the same number of images
+    return {"image_size": size, "unfreeze": unfreeze, "images": n_train,
+            "headstart_epoch_seconds": ours, "headstart_boundary_seconds": ft["boundary_seconds"],
+            "baseline_epoch_seconds": round(base_epoch, 1), "baseline_images_timed": base["images"],
+            "speedup": round(base_epoch / ours, 2)}
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+MEMORY_SCRIPT = """
+import sys
+from pathlib import Path
+from headstart.backbones import get_backbone
+from headstart.engine import choose_engine, make_engine
+from headstart.features import FeatureCache, extract, make_namespace
+from headstart.weights import load_backbone
+folder, n, cache = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+paths = sorted(str(p) for p in folder.rglob("*.png"))[:n]
+assert len(paths) == n, (len(paths), n)
+entry = get_backbone("mobilenet_v2")
+prep = entry.preprocessing.scaled(int(sys.argv[4]))
+model, info = load_backbone(entry, None)
+choice = choose_engine("cpu")
+engine = make_engine(model, choice, cache)
+result = extract(engine, prep.transform(), paths, FeatureCache(cache, make_namespace(entry.name, info.identity(),
+                 prep, choice)))
+print(result.n_computed, engine.n_images)
+"""
+
+
+# Linux carries a process's high-water RSS across fork and exec, so a child of this (large)
+# process would report at least our own RSS: a small launcher starts the measured process.
+LAUNCHER = """
+import json, os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+out = p.stdout.read()
+_, status, usage = os.wait4(p.pid, 0)
+print(json.dumps({"status": status, "maxrss_kib": usage.ru_maxrss, "stdout": out}))
+"""
+
+
+def max_rss(*cmd) -> tuple[float, str]:
+    """(peak RSS in MiB, stdout) of `cmd` run in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *map(str, cmd)], capture_output=True, text=True,
+                          check=True)
+    r = json.loads(proc.stdout)
+    if r["status"] != 0:
+        raise RuntimeError(f"{cmd[:3]}... failed with status {r['status']}")
+    return r["maxrss_kib"] / 1024, r["stdout"]
+
+
+def peak_memory(folder: Path, counts, size: int, work: Path) -> list[dict]:
+    rows = []
+    for n in counts:
+        t0 = time.perf_counter()
+        mib, out = max_rss(sys.executable, "-c", MEMORY_SCRIPT, folder, n, work / f"mem-cache-{n}", size)
+        seconds = time.perf_counter() - t0
+        if int(out.split()[0]) != n:
+            raise RuntimeError(f"memory run for {n} images computed {out!r}")
+        rows.append({"images": n, "image_size": size, "peak_rss_mib": round(mib, 1), "seconds": round(seconds, 1)})
+        log(f"peak memory {n} images: {mib:.0f} MiB in {seconds:.0f}s")
+    mib, _ = max_rss(sys.executable, "-c", "import torch, onnxruntime, headstart.features")
+    rows.append({"images": 0, "what": "imports only (torch, onnxruntime, headstart)", "peak_rss_mib": round(mib, 1)})
+    return rows
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"Measured by `make bench` on {r['date']}: {m['cpu']}, {m['cores']} cores, "
+             f"AVX-512 {'yes' if m['avx512'] else 'no'}, native bf16 {'yes' if m['native_bf16'] else 'no'}; "
+             f"torch.mm peak {r['peak_gflops']['fp32']:.0f} GFLOP/s fp32, {r['peak_gflops']['bf16']:.0f} bf16. "
+             f"Median of {r['repeats']} runs in alternating order."]
+    if r.get("extraction"):
+        lines += ["", "| model | px | engine | precision | images/s | x baseline | GFLOP/s | of peak |",
+                  "|---|---|---|---|---|---|---|---|"]
+    for row in r.get("extraction", []):
+        engine = "plain PyTorch (baseline)" if row["engine"] == "baseline" else row["engine"]
+        note = "" if row["native"] else " (emulated)"
+        lines.append(f"| {row['model']} | {row['size']} | {engine} | {row['precision']}{note} | "
+                     f"{row['images_per_second']:.1f} | {row['vs_baseline']:.2f} | {row['gflops']:.0f} | "
+                     f"{row['fraction_of_peak']:.0%} |")
+    if r.get("end_to_end"):
+        e = r["end_to_end"]
+        lines += ["", "| FMNIST-TL, train + evaluate | wall s | test accuracy |", "|---|---|---|",
+                  f"| baseline linear probe ({e['baseline']['image_size']} px, sklearn C search) | "
+                  f"{e['baseline']['process_seconds']:.0f} | {e['baseline']['accuracy']:.4f} |",
+                  f"| headstart, feature extraction, defaults | {e['headstart']['seconds']:.0f} | "
+                  f"{e['headstart']['accuracy']:.4f} |",
+                  f"| **speed-up** | **{e['speedup']:.1f}x** | {e['accuracy_difference']:+.4f} |"]
+    if r.get("finetune_epoch"):
+        f = r["finetune_epoch"]
+        lines += ["", f"One fine-tuning epoch ({f['images']} images, {f['image_size']} px, top {f['unfreeze']} blocks): "
+                  f"headstart {f['headstart_epoch_seconds']:.1f} s with the boundary cache (built once in "
+                  f"{f['headstart_boundary_seconds']:.0f} s), plain PyTorch {f['baseline_epoch_seconds']:.1f} s: "
+                  f"**{f['speedup']:.1f}x**."]
+    if r.get("decoding"):
+        lines += ["", "| decode + resize + normalise | px | JPEG draft | images/s (1 core) |", "|---|---|---|---|"]
+        lines += [f"| {d['format']} | {d['size']} | {'yes' if d['draft'] else 'no'} | {d['images_per_second']:.0f} |"
+                  for d in r["decoding"]]
+    if r.get("memory"):
+        lines += ["", "| peak RSS, feature extraction in a fresh process | images | MiB | s |", "|---|---|---|---|"]
+        lines += [f"| {m.get('what', 'extract, %d px' % m.get('image_size', 0))} | {m['images']} | "
+                  f"{m['peak_rss_mib']:.0f} | {m.get('seconds', '')} |" for m in r["memory"]]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{table}{end}{tail}")
+
+
+def prepare(out: Path, per_class: int | None, test_per_class: int | None = None) -> Path:
+    from headstart.datasets import prepare_fashion_mnist
+
+    prepare_fashion_mnist(out, per_class=per_class, test_per_class=test_per_class, progress=False)
+    return out
+
+
+def torch_home_with_weights(work: Path) -> None:
+    """The baseline loads weights the tutorial way, from torch's hub cache: put the MobileNetV2 file
+    there (a link to the copy headstart found) in a private TORCH_HOME, so nothing is downloaded."""
+    from headstart.weights import weights_available
+
+    entry = get_backbone("mobilenet_v2")
+    source = weights_available(entry)
+    if source is None:
+        raise SystemExit("MobileNetV2's ImageNet weights are missing: run `make install` first.")
+    home = work / "torch-home"
+    target = home / "hub" / "checkpoints" / entry.weights.filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(Path(source).resolve())
+    os.environ["TORCH_HOME"] = str(home)  # for this process and the subprocesses it starts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="a few images at tiny sizes: checks the suite runs")
+    p.add_argument("--repeats", type=int, default=None, help="runs per timing (default 3; smoke 1)")
+    p.add_argument("--data", type=Path, default=ROOT / "benchmarks" / "data", help="where data sets are prepared")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="sections: peak extraction decoding end_to_end finetune_epoch memory")
+    a = p.parse_args(argv)
+    smoke = a.smoke
+    repeats = a.repeats or (1 if smoke else 3)
+    sections = set(a.only or ["peak", "extraction", "decoding", "end_to_end", "finetune_epoch", "memory"])
+    work = Path(tempfile.mkdtemp(prefix="headstart-bench-"))
+    out_dir = work if smoke else ROOT / "benchmarks"
+    data_dir = work / "data" if smoke else a.data
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "smoke": smoke, "repeats": repeats, "machine": machine()}
+    log(f"machine: {result['machine']}; work folder {work}")
+    torch_home_with_weights(work)
+
+    seconds = 0.05 if smoke else 4.0
+    result["peak_gflops"] = {"fp32": matmul_peak(torch.float32, 256 if smoke else 2048, seconds),
+                             "bf16": matmul_peak(torch.bfloat16, 256 if smoke else 2048, seconds)}
+    log(f"torch.mm peak: {result['peak_gflops']}")
+    if "extraction" in sections:
+        result["extraction"] = extraction(["mobilenet_v2"] if smoke else ["mobilenet_v2", "resnet50"],
+                                          [32] if smoke else [96, 224], seconds, repeats, result["peak_gflops"], work)
+    tl = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-tl"), 4 if smoke else 1000, 2 if smoke else None)
+    if "decoding" in sections:
+        result["decoding"] = decoding(tl, [32] if smoke else [96, 224], 0.05 if smoke else 3.0, work)
+    if "end_to_end" in sections:
+        result["end_to_end"] = end_to_end(tl, repeats, work, 32 if smoke else 96)
+        e = result["end_to_end"]
+        log(f"end to end: headstart {e['headstart']['seconds']:.1f}s ({e['headstart']['accuracy']:.4f}), "
+            f"baseline {e['baseline']['process_seconds']:.1f}s ({e['baseline']['accuracy']:.4f}): {e['speedup']}x")
+    if "finetune_epoch" in sections:
+        result["finetune_epoch"] = finetune_epoch(tl, work, 32 if smoke else 128, 8, 2 if smoke else None)
+        log(f"fine-tune epoch: {result['finetune_epoch']}")
+    if "memory" in sections:
+        full = tl if smoke else prepare(data_dir / "fmnist-full", None)
+        result["memory"] = peak_memory(full, [20, 40] if smoke else [7000, 70000], 32 if smoke else 128, work)
+
+    table = markdown(result)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "results.md").write_text(table)
+    if not smoke and a.only is None:
+        update_readme(table)
+    print(table)
+    log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
