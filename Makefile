@@ -34,7 +34,7 @@ fmnist:
 
 demo: install fmnist
 	$(BIN)/headstart datasets prepare fashion-mnist $(DEMO_DATA) --per-class 1000
-	$(BIN)/headstart train $(DEMO_DATA) --out $(DEMO_RUN) --overwrite
+	$(BIN)/headstart train $(DEMO_DATA) --strategy feature-extraction --out $(DEMO_RUN) --overwrite
 	$(BIN)/headstart evaluate $(DEMO_RUN) $(DEMO_DATA)/test
 
 test: install fmnist

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -150,3 +151,16 @@ def test_sequence_reproduces_the_extractor_and_names_every_block(name):
             z = module(z)
     torch.testing.assert_close(z, expected)
     assert tuple(n for n, _ in sequence(entry, model) if n) == entry.blocks
+
+
+def test_split_transform_is_bitwise_the_whole_one():
+    """Workers decode to uint8 and the consumer normalises whole batches: the same numbers as per image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((28, 28), (50, 90))]
+    t = get_backbone("mobilenet_v2").preprocessing.scaled(64).transform()
+    whole = torch.stack([t(im) for im in images])
+    halves = [t.decode(im) for im in images]
+    assert all(h.dtype == torch.uint8 and h.shape == (3, 64, 64) for h in halves)
+    assert torch.equal(t.normalize(torch.stack(halves)), whole)

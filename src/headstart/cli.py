@@ -49,9 +49,10 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV)")
     t.add_argument("--backbone", default=None,
                    help="see `headstart backbones` (default mobilenet_v2; small_cnn for scratch)")
-    t.add_argument("--strategy", default="feature-extraction",
-                   choices=["feature-extraction", "fine-tune", "scratch", "auto"],
-                   help="default feature-extraction; auto picks it or fine-tune and says why")
+    t.add_argument("--strategy", default="auto",
+                   choices=["auto", "feature-extraction", "fine-tune", "scratch"],
+                   help="default auto: feature extraction or fine-tuning, chosen from the data, with its reasons "
+                        "in the log and config.json")
     t.add_argument("--head", default="linear", choices=["linear", "mlp"])
     t.add_argument("--weights", default=None,
                    help="'imagenet' (default: search the usual places), 'none' (random init), or a file")

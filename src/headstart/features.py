@@ -178,9 +178,19 @@ def decode_side(transform: Callable) -> int | None:
     return int(size[0]) if isinstance(size, (list, tuple)) and len(size) == 1 else None
 
 
+def split_transform(transform: Callable) -> tuple[Callable, Callable | None]:
+    """(per-image part for the loader's workers, per-batch part for the consumer, or None)."""
+    if hasattr(transform, "decode") and hasattr(transform, "normalize"):
+        return transform.decode, transform.normalize
+    return transform, None
+
+
 class _Images(torch.utils.data.Dataset):
+    """(index, per-image tensor or None, reason or None); see `split_transform` for the batch part."""
+
     def __init__(self, paths: Sequence[str], transform: Callable):
-        self.paths, self.transform = list(paths), transform
+        self.paths = list(paths)
+        self.transform, _ = split_transform(transform)
         self.min_side = decode_side(transform)
 
     def __len__(self) -> int:
@@ -260,6 +270,7 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
 def _compute(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
              workers: int, desc: str) -> dict[int, str]:
     chunk = max(batch_size, CHUNK // batch_size * batch_size)
+    _, finish = split_transform(transform)
     loader = torch.utils.data.DataLoader(
         _Images(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
@@ -272,7 +283,7 @@ def _compute(engine, transform, paths: list[str], keys: list[str], cache: Featur
         for idx, xs, bad in loader:
             failed.update(bad)
             if xs is not None:
-                pending.append(engine(xs).numpy())
+                pending.append(engine(finish(xs) if finish else xs).numpy())
                 pending_keys.extend(keys[i] for i in idx)
             done += len(idx) + len(bad)
             pbar.update(len(idx) + len(bad))

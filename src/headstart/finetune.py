@@ -199,7 +199,9 @@ class Boundary:
 
 def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray, transform: Callable,
                      batch_size: int, workers: int, desc: str) -> Boundary:
-    from .features import _Images, _collate
+    from .features import _Images, _collate, split_transform
+
+    _, finish = split_transform(transform)
 
     loader = torch.utils.data.DataLoader(_Images(paths, transform), batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=_collate)
@@ -207,7 +209,7 @@ def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray,
     with progress.bar(len(paths), desc) as pbar:
         for idx, xs, bad in loader:
             if xs is not None:
-                outs.append(net.boundary(xs))
+                outs.append(net.boundary(finish(xs) if finish else xs))
                 keep.extend(idx)
             pbar.update(len(idx) + len(bad))
     return Boundary(torch.cat(outs), torch.as_tensor(np.asarray(labels)[keep], dtype=torch.long))

@@ -56,7 +56,7 @@ class TrainConfig:
     data: str
     labels: str | None = None
     backbone: str | None = None  # mobilenet_v2, or small_cnn for --strategy scratch
-    strategy: str = "feature-extraction"
+    strategy: str = "auto"
     head: str = "linear"
     weights: str | None = None  # None/"imagenet": search the sources; "none": random init; else a file
     image_size: int | str = "auto"
