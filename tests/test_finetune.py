@@ -14,6 +14,7 @@ from torch import nn
 import headstart
 from headstart.backbones import get_backbone, sequence
 from headstart.finetune import FineTuneNet
+from headstart.images import load_image
 from headstart.weights import load_backbone
 
 ENTRY = get_backbone("mobilenet_v2")
@@ -184,3 +185,27 @@ def test_auto_rule_on_measurements():
     slow = choose_strategy(y, 0.87, 2000, 100.0, 5, time_budget=60)
     assert slow["strategy"] == "feature-extraction" and "time budget" in slow["reasons"][0]
     assert choose_strategy(np.repeat(np.arange(3), 50), 0.87, 200, None, 5, None)["strategy"] == "feature-extraction"
+
+
+def test_flip_augmentation_keeps_the_boundary_cache(fmnist_tiny):
+    """--augment flip: boundary activations of each image and of its mirror, computed once; each epoch
+    mixes them by (seed, epoch, index), so the same seed gives the same batches."""
+    from headstart.data import scan_folder
+    from headstart.finetune import _boundary_batch, compute_boundary
+
+    model, _ = load_backbone(ENTRY, "none", seed=0)
+    net = FineTuneNet(ENTRY, model, nn.Linear(ENTRY.feature_dim, 10), UNFREEZE)
+    samples = scan_folder(fmnist_tiny / "train").samples[:6]
+    prep = ENTRY.preprocessing.scaled(32)
+    paths, labels = [s.path for s in samples], [s.label for s in samples]
+    b = compute_boundary(net, paths, labels, prep.transform(), 4, 0, "test", flip=True)
+    x = torch.stack([prep.transform()(load_image(p)) for p in paths])
+    torch.testing.assert_close(b.x, net.boundary(x))
+    torch.testing.assert_close(b.x_flip, net.boundary(x.flip(-1)))
+    assert not torch.equal(b.x, b.x_flip)
+    idx = torch.arange(6)
+    xb, _ = _boundary_batch(b, idx, seed=0, epoch=1)
+    mirrored = [not torch.equal(xb[i], b.x[i]) for i in range(6)]
+    assert all(torch.equal(xb[i], b.x_flip[i] if m else b.x[i]) for i, m in enumerate(mirrored))
+    assert torch.equal(_boundary_batch(b, idx, seed=0, epoch=1)[0], xb)  # same (seed, epoch): same batch
+    assert any(not torch.equal(_boundary_batch(b, idx, seed=0, epoch=e)[0], xb) for e in range(2, 6))

@@ -82,7 +82,7 @@ def get_parser() -> argparse.ArgumentParser:
     f.add_argument("--weight-decay", type=float, default=None)
     f.add_argument("--label-smoothing", type=float, default=None)
     f.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=None)
-    f.add_argument("--augment", choices=["none", "light", "standard"], default=None)
+    f.add_argument("--augment", choices=["none", "flip", "light", "standard"], default=None)
     f.add_argument("--bn-update", action="store_true", default=None,
                    help="let BatchNorm statistics in the unfrozen blocks adapt (default: keep ImageNet's)")
     f.add_argument("--early-stop-metric", choices=["val_loss", "val_accuracy"], default=None)

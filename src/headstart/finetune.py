@@ -43,7 +43,8 @@ from .images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
-AUGMENTS = ("none", "light", "standard")
+AUGMENTS = ("none", "flip", "light", "standard")
+BOUNDARY_AUGMENTS = ("none", "flip")  # these keep the boundary cache: flips are computed once, too
 SCHEDULES = ("cosine", "onecycle", "constant")
 
 
@@ -154,6 +155,8 @@ def train_transform(prep: Preprocessing, augment: str) -> Callable:
 
     if augment == "none":
         return prep.transform()
+    if augment == "flip":
+        return v2.Compose([prep.transform(), v2.RandomHorizontalFlip()])
     scale = (0.8, 1.0) if augment == "light" else (0.5, 1.0)
     ops = [v2.PILToTensor(), v2.RandomResizedCrop(prep.crop_size, scale=scale, antialias=True,
                                                   interpolation=v2.InterpolationMode(prep.interpolation)),
@@ -195,24 +198,29 @@ class Boundary:
 
     x: torch.Tensor
     y: torch.Tensor
+    x_flip: torch.Tensor | None = None  # the same images mirrored left-right (--augment flip)
 
 
 def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray, transform: Callable,
-                     batch_size: int, workers: int, desc: str) -> Boundary:
+                     batch_size: int, workers: int, desc: str, flip: bool = False) -> Boundary:
     from .features import _Images, _collate, split_transform
 
     _, finish = split_transform(transform)
 
     loader = torch.utils.data.DataLoader(_Images(paths, transform), batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=_collate)
-    outs, keep = [], []
+    outs, flips, keep = [], [], []
     with progress.bar(len(paths), desc) as pbar:
         for idx, xs, bad in loader:
             if xs is not None:
-                outs.append(net.boundary(finish(xs) if finish else xs))
+                xs = finish(xs) if finish else xs
+                outs.append(net.boundary(xs))
+                if flip:
+                    flips.append(net.boundary(xs.flip(-1)))
                 keep.extend(idx)
             pbar.update(len(idx) + len(bad))
-    return Boundary(torch.cat(outs), torch.as_tensor(np.asarray(labels)[keep], dtype=torch.long))
+    return Boundary(torch.cat(outs), torch.as_tensor(np.asarray(labels)[keep], dtype=torch.long),
+                    torch.cat(flips) if flip else None)
 
 
 def _scheduler(opt, s: FineTuneSettings, steps_per_epoch: int):
@@ -251,6 +259,14 @@ class FineTuneResult:
     stopped_by: str = ""
     seconds: float = 0.0
     images_per_second: float = 0.0
+
+
+def _boundary_batch(data: Boundary, idx: torch.Tensor, seed: int, epoch: int):
+    if data.x_flip is None:
+        return data.x[idx], data.y[idx]
+    # Which images are mirrored this epoch: a function of (seed, epoch, index), like the other augmentations.
+    flipped = torch.rand(len(data.y), generator=torch.Generator().manual_seed(_item_seed(seed, epoch, 0)))[idx] < 0.5
+    return torch.where(flipped[:, None, None, None], data.x_flip[idx], data.x[idx]), data.y[idx]
 
 
 def trainable_state(net: FineTuneNet) -> dict[str, torch.Tensor]:
@@ -294,7 +310,7 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
         order = _epoch_order(n, seed, epoch, sampler_weights)
         total = 0.0
         if isinstance(train_data, Boundary):
-            batches = ((train_data.x[idx], train_data.y[idx]) for idx in order.split(s.batch_size))
+            batches = (_boundary_batch(train_data, idx, seed, epoch) for idx in order.split(s.batch_size))
             forward = net.from_boundary
         else:
             train_data.epoch = epoch

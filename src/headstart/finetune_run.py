@@ -19,7 +19,7 @@ from .engine import choose_engine, make_engine
 from .features import cache_root_of, default_workers
 from .fileio import write_json
 from .heads import class_weights
-from .finetune import (AugmentedImages, FineTuneNet, FineTuneSettings, backbone_identity, compute_boundary,
+from .finetune import (BOUNDARY_AUGMENTS, AugmentedImages, FineTuneNet, FineTuneSettings, backbone_identity, compute_boundary,
                        evaluate_boundary, fit, load_checkpoint, predict_boundary, train_transform)
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,11 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
     plain = prep.transform()
     t_boundary = time.perf_counter()
     val = compute_boundary(net, *pick(va), plain, cfg.batch_size, workers, "boundary (val)")
-    if s.augment == "none":
-        # Frozen work done once: every epoch runs only the top blocks and the head on these activations.
-        train_data = compute_boundary(net, *pick(tr), plain, cfg.batch_size, workers, "boundary (train)")
+    if s.augment in BOUNDARY_AUGMENTS:
+        # Frozen work done once: every epoch runs only the top blocks and the head on these activations
+        # (with --augment flip, on those of each image or of its mirror image, chosen per epoch).
+        train_data = compute_boundary(net, *pick(tr), plain, cfg.batch_size, workers, "boundary (train)",
+                                      flip=s.augment == "flip")
     else:
         train_data = AugmentedImages(*pick(tr), train_transform(prep, s.augment), cfg.seed)
     boundary_seconds = time.perf_counter() - t_boundary
@@ -102,7 +104,7 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
                "trainable_parameters": count_parameters(net, trainable_only=True),
                "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped_by": result.stopped_by,
                "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
-               "best_val_loss": vloss, "best_val_accuracy": vacc, "boundary_cache": s.augment == "none",
+               "best_val_loss": vloss, "best_val_accuracy": vacc, "boundary_cache": s.augment in BOUNDARY_AUGMENTS,
                "boundary_seconds": round(boundary_seconds, 2),
                "history": result.history}
     log.info("fine-tuning: %d epochs in %.0fs (best epoch %d, stopped by %s), val accuracy %.4f",
