@@ -54,7 +54,9 @@ def cache_root_of(cache_dir: str | os.PathLike | None) -> Path | None:
 
 def image_key(path: str) -> str:
     st = os.stat(path)
-    return hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    # surrogateescape: a path that is not valid UTF-8 hashes as its own bytes (valid ones are unchanged).
+    key = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(key).hexdigest()[:32]
 
 
 def make_namespace(backbone: str, weights_identity: str, preprocessing, choice) -> dict:

@@ -1,0 +1,493 @@
+"""Reliability (issue 6): the files and folders the wild produces, skip-and-report, nothing lost or
+touched, interruptions at deterministic points, environment faults and untrusted model files.
+
+Every odd file is built here, with PIL or raw bytes. Decoding cases that test_images.py already
+covers (truncated files, alpha, 16-bit, 1-bit, EXIF, animated GIF, CMYK) are not repeated.
+Interruptions use the HEADSTART_FAULT hook (headstart/faults.py), never a sleep and a kill.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import headstart
+from headstart import fileio
+from headstart import features as features_mod
+from headstart.data import scan_folder, split_of
+from headstart.errors import DataError, HeadstartError
+from headstart.features import FeatureCache
+from headstart.images import MAX_PIXELS, ImageError, load_image
+
+from conftest import write_image_folder
+from test_cli import run_cli
+
+RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
+TINY = ("--backbone", "small_cnn", "--weights", "none", "--image-size", "32", "--workers", "0")
+
+
+def _rgb(im: Image.Image) -> np.ndarray:
+    assert im.mode == "RGB"
+    return np.asarray(im).astype(int)
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every entry under `root`, not following links: kind, content hash or link target, mode, mtime.
+
+    Folder mtimes are included, so creating and removing a file in the tree shows too.
+    """
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                what = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                what = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                what = ("dir" if stat.S_ISDIR(st.st_mode) else "other",)
+            state[os.path.relpath(p, root)] = (*what, st.st_mode, st.st_mtime_ns)
+    return state
+
+
+# =========================================================================================== 1. odd image files
+
+
+def test_html_file_named_jpg_is_refused(tmp_path):
+    p = tmp_path / "page.jpg"
+    p.write_text("<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head><body></body></html>\n")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(p)
+
+
+def _ycck_jpeg(ink: tuple[int, int, int, int]) -> bytes:
+    """A YCCK JPEG (Adobe APP14 transform=2) of one CMYK ink colour, which Pillow cannot write directly.
+
+    libjpeg stores YCCK as the YCbCr of (C, M, Y) ink with K inverted, and Pillow writes the
+    components of a CMYK image inverted (Adobe style). So a CMYK image holding 255 minus the
+    wanted YCCK components, with its APP14 transform byte switched from 0 (CMYK) to 2 (YCCK),
+    is a genuine YCCK file.
+    """
+    c, m, y, k = ink
+    luma = 0.299 * c + 0.587 * m + 0.114 * y
+    cb = 128 - 0.168736 * c - 0.331264 * m + 0.5 * y
+    cr = 128 + 0.5 * c - 0.418688 * m - 0.081312 * y
+    stored = [int(np.clip(round(v), 0, 255)) for v in (luma, cb, cr, 255 - k)]
+    buf = io.BytesIO()
+    Image.new("CMYK", (16, 16), tuple(255 - v for v in stored)).save(buf, "JPEG", quality=100)
+    data = bytearray(buf.getvalue())
+    app14 = data.index(b"\xff\xee")
+    length = int.from_bytes(data[app14 + 2:app14 + 4], "big")
+    assert data[app14 + 4:app14 + 9] == b"Adobe" and data[app14 + 2 + length - 1] == 0
+    data[app14 + 2 + length - 1] = 2  # the transform flag: 0 = CMYK, 2 = YCCK
+    return bytes(data)
+
+
+def test_ycck_jpeg_loads_as_rgb(tmp_path):
+    p = tmp_path / "ycck.jpg"
+    p.write_bytes(_ycck_jpeg((0, 255, 255, 0)))  # red ink: no cyan, full magenta and yellow
+    with Image.open(p) as raw:
+        assert raw.mode == "CMYK" and raw.info["adobe_transform"] == 2  # really YCCK
+    assert np.abs(_rgb(load_image(p)) - RED).max() <= 4
+
+
+def test_multi_page_tiff_uses_the_first_page(tmp_path):
+    p = tmp_path / "pages.tif"
+    pages = [Image.new("RGB", (5, 4), c) for c in (RED, BLUE, GREEN)]
+    pages[0].save(p, save_all=True, append_images=pages[1:])
+    with Image.open(p) as raw:
+        assert raw.n_frames == 3
+    assert (_rgb(load_image(p)) == RED).all()
+
+
+def test_webp_lossless_with_alpha_and_lossy(tmp_path):
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., 2] = 255
+    rgba[:, :3, 3] = 255  # left half opaque blue, right half fully transparent
+    p = tmp_path / "a.webp"
+    Image.fromarray(rgba, "RGBA").save(p, lossless=True)
+    px = _rgb(load_image(p))
+    assert (px[:, :3] == BLUE).all() and (px[:, 3:] == WHITE).all()
+    q = tmp_path / "lossy.webp"
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(q, quality=90)
+    assert np.abs(_rgb(load_image(q)) - (200, 100, 50)).max() <= 6
+
+
+@pytest.mark.parametrize("mode", ["RGB", "1", "P"])
+def test_bmp(tmp_path, mode):
+    arr = np.random.default_rng(3).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    im = Image.fromarray(arr).convert(mode)
+    p = tmp_path / f"{mode}.bmp"
+    im.save(p)
+    assert np.array_equal(_rgb(load_image(p)), np.asarray(im.convert("RGB")))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), RED).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _gif_claiming(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("P", (4, 4)).save(buf, "GIF")
+    data = bytearray(buf.getvalue())
+    data[6:10] = struct.pack("<HH", width, height)  # the logical screen
+    return bytes(data)
+
+
+def _bmp_claiming(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), RED).save(buf, "BMP")
+    data = bytearray(buf.getvalue())
+    data[18:26] = struct.pack("<ii", width, height)
+    return bytes(data)
+
+
+BOMBS = {
+    "png_10_gigapixel.png": _png_header_only(100_000, 100_000),
+    "png_just_over.png": _png_header_only(9_460, 9_460),  # 89,491,600: just above MAX_PIXELS
+    "jpeg.jpg": _jpeg_claiming(65_500, 65_500),
+    "gif.gif": _gif_claiming(65_535, 65_535),
+    "bmp.bmp": _bmp_claiming(100_000, 50_000),
+}
+
+
+def test_enormous_dimensions_are_refused_from_the_header(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)  # AssertionError is not an ImageError
+    assert 9_460 * 9_460 > MAX_PIXELS
+    for name, data in BOMBS.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(ImageError, match="too many pixels") as err:
+            load_image(p)
+        assert f"{MAX_PIXELS:,}" in str(err.value), name
+    # headstart's own check stands when Pillow's limit was lifted (by the user or another library).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(ImageError, match="too many pixels: 9460x9460 is over the limit of 89,478,485"):
+        load_image(tmp_path / "png_just_over.png")
+
+
+def test_enormous_dimensions_keep_memory_bounded(tmp_path):
+    """In a fresh process capped at 1 GiB of address space, loading every bomb peaks far below it.
+
+    images.py imports only numpy and Pillow, so it is loaded alone (not via the package, which
+    imports torch).
+    """
+    for name, data in BOMBS.items():
+        (tmp_path / name).write_bytes(data)
+    script = f"""
+import importlib.util, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+spec = importlib.util.spec_from_file_location("images", {str(Path(headstart.__file__).parent / "images.py")!r})
+images = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(images)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for name in {sorted(BOMBS)!r}:
+    try:
+        images.load_image({str(tmp_path)!r} + "/" + name)
+        sys.exit(name + " loaded")
+    except images.ImageError as exc:
+        assert "too many pixels" in str(exc), (name, str(exc))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert int(done.stdout) < 20_000  # KiB of peak growth; one decoded 9460 px RGB image alone is 262 MiB
+
+
+def test_readme_states_the_pixel_limit_and_background():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert f"{MAX_PIXELS:,} pixels" in readme
+    assert "composited onto white" in readme
+
+
+def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    p = tmp_path / "pipe.png"
+    os.mkfifo(p)
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(p)
+
+
+def test_one_pixel_images_go_through_the_backbone_transform(tmp_path):
+    for mode, value in (("RGB", (1, 2, 3)), ("L", 7), ("1", 1), ("RGBA", (9, 9, 9, 0))):
+        p = tmp_path / f"dot_{mode}.png"
+        Image.new(mode, (1, 1), value).save(p)
+        x = headstart.get_backbone("mobilenet_v2").preprocessing.scaled(32).transform()(load_image(p))
+        assert tuple(x.shape) == (3, 32, 32) and bool(x.isfinite().all())
+
+
+# =========================================================================================== 1. odd names, links
+
+
+def _png(path: Path, colour=(10, 20, 30), size=(4, 3)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, "PNG")
+    return path
+
+
+ODD_NAMES = ["my cat.png", "-rf.png", "--help.png", "café ü 猫.png", "cafe\u0301.png", "tab\there.png",
+             "new\nline.png", "ends with space .png", os.fsdecode(b"latin1-caf\xe9.png")]
+
+
+def test_odd_file_names_are_scanned_with_stable_splits(tmp_path):
+    root = tmp_path / "d"
+    for i, name in enumerate(ODD_NAMES):
+        _png(root / ("-dash class" if i % 2 else "Ünïcode class") / name)
+    data = scan_folder(root)
+    assert data.classes == sorted(["-dash class", "Ünïcode class"])
+    assert sorted(Path(s.path).name for s in data.samples) == sorted(ODD_NAMES)
+    for s in data.samples:
+        assert s.split == split_of(s.rel, 0.1, 0.1)
+        assert load_image(s.path).size == (4, 3)
+
+
+def test_odd_names_train_and_predict_end_to_end(tmp_path):
+    root = tmp_path / "d"
+    for c, colour in (("-dash class", RED), (os.fsdecode(b"caf\xe9 class"), BLUE)):
+        for i, name in enumerate(ODD_NAMES):
+            _png(root / c / f"{i}{name}", colour, size=(8, 8))
+    before = tree_state(root)
+    code, _, stderr = run_cli("train", root, *TINY, "--out", tmp_path / "run", "--test-fraction", "0.3")
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and "Logging error" not in stderr
+    run = tmp_path / "run"
+    assert json.loads((run / "skipped.json").read_text()) == []
+    rows = (run / "splits.csv").read_bytes()
+    assert b"latin1-caf\xe9.png" in rows  # the name's own bytes, not a replacement character
+    assert json.loads((run / "config.json").read_text())["classes"] == sorted(["-dash class",
+                                                                              os.fsdecode(b"caf\xe9 class")])
+    dash = root / "-dash class" / "1-rf.png"
+    code, stdout, stderr = run_cli("predict", run, "--json", "--", dash)
+    assert code == 0, stderr
+    assert json.loads(stdout)["predictions"][0]["path"] == str(dash)
+    assert tree_state(root) == before
+
+
+def test_links_are_followed_to_files_and_loops_are_reported(tmp_path):
+    root = tmp_path / "d"
+    _png(root / "cat" / "a.png", RED)
+    _png(root / "dog" / "b.png", BLUE)
+    outside = _png(tmp_path / "elsewhere" / "c.png", GREEN)
+    os.symlink(outside, root / "cat" / "linked.png")  # a link to an image: used
+    os.symlink("gone.png", root / "cat" / "dangling.png")
+    os.symlink("self.png", root / "cat" / "self.png")  # a link to itself (ELOOP)
+    os.symlink("..", root / "cat" / "up")  # a folder link back to the data root: a loop
+    os.symlink("../dog", root / "cat" / "dogs")  # a folder link inside a class: not followed
+    os.symlink(".", root / "loop")  # a class-level link to the data root itself
+    os.symlink(tmp_path / "elsewhere", root / "bird")  # a class folder kept elsewhere: followed
+    data = scan_folder(root, val_fraction=0, test_fraction=0)
+    assert data.classes == ["bird", "cat", "dog"]
+    rels = sorted(s.rel for s in data.samples)
+    assert rels == ["bird/c.png", "cat/a.png", "cat/dangling.png", "cat/linked.png", "cat/self.png", "dog/b.png"]
+    ignored = {Path(i["path"]).name: i["reason"] for i in data.ignored}
+    assert set(ignored) == {"up", "dogs", "loop"}
+    assert "not followed" in ignored["up"] and "not followed" in ignored["dogs"]
+    assert "loop" in ignored["loop"]
+    assert load_image(root / "cat" / "linked.png").size == (4, 3)
+
+
+def test_unlistable_folder_is_reported_not_fatal(tmp_path, monkeypatch):
+    root = tmp_path / "d"
+    _png(root / "cat" / "a.png")
+    _png(root / "cat" / "locked" / "b.png")
+    _png(root / "dog" / "c.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # root reads everything: permission bits prove nothing
+    data = scan_folder(root)
+    assert sorted(s.rel for s in data.samples) == ["cat/a.png", "dog/c.png"]
+    [entry] = data.ignored
+    assert entry["path"].endswith("locked") and "Permission denied" in entry["reason"]
+
+
+# =========================================================================================== 2. folder shapes
+
+
+@pytest.fixture
+def forward_calls(monkeypatch) -> list[int]:
+    """Batch sizes through any backbone engine: proves whether any feature work was done."""
+    from headstart.engine import TorchEngine
+
+    calls: list[int] = []
+    real = TorchEngine.__call__
+    monkeypatch.setattr(TorchEngine, "__call__", lambda self, x: calls.append(len(x)) or real(self, x))
+    return calls
+
+
+def _case(tmp_path: Path, name: str) -> tuple[list, str]:
+    """A user mistake: the command's arguments and the words its error must contain."""
+    data = tmp_path / "data"
+    if name == "missing path":
+        return ["train", tmp_path / "nowhere"], "does not exist"
+    if name == "path is a file":
+        return ["train", _png(tmp_path / "one.png")], "is a file, not a folder"
+    if name == "empty folder":
+        data.mkdir()
+        return ["train", data], "no images found"
+    if name == "no image files":
+        (data / "cat").mkdir(parents=True)
+        (data / "cat" / "notes.txt").write_text("x")
+        return ["train", data], "no images found"
+    if name == "single class":
+        _png(data / "cat" / "a.png")
+        return ["train", data], "single class"
+    if name == "labels csv missing":
+        write_image_folder(data, n_per_class=2, size=(4, 4))
+        return ["train", data, "--labels", tmp_path / "labels.csv"], "does not exist"
+    if name == "labels csv with no usable row":
+        write_image_folder(data, n_per_class=2, size=(4, 4))
+        (data / "labels.csv").write_text("path,label\ngone.png,cat\nok.png,\n")
+        return ["train", data, "--labels", data / "labels.csv"], "no usable image"
+    if name == "fractions":
+        write_image_folder(data, n_per_class=2, size=(4, 4))
+        return ["train", data, "--val-fraction", "0.7", "--test-fraction", "0.5"], "fraction"
+    if name == "out inside the data":
+        write_image_folder(data, n_per_class=2, size=(4, 4))
+        return ["train", data, "--out", data / "run"], "inside the data folder"
+    if name == "cache inside the data":
+        write_image_folder(data, n_per_class=2, size=(4, 4))
+        return ["train", data, "--cache-dir", data / "cache"], "inside the data folder"
+    if name == "no data argument":
+        return ["train"], "needs a DATA folder"
+    if name == "corrupt weights file":
+        write_image_folder(data, n_per_class=2, size=(4, 4))
+        (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 not really a zip")
+        return ["train", data, "--backbone", "mobilenet_v2", "--weights", tmp_path / "w.pth"], "w.pth"
+    if name == "weights of another model":
+        import torch
+
+        write_image_folder(data, n_per_class=2, size=(4, 4))
+        torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "linear.pth")
+        return ["train", data, "--backbone", "mobilenet_v2", "--weights", tmp_path / "linear.pth"], "does not fit"
+    raise AssertionError(name)
+
+
+USER_MISTAKES = ["missing path", "path is a file", "empty folder", "no image files", "single class",
+                 "labels csv missing", "labels csv with no usable row", "fractions", "out inside the data",
+                 "cache inside the data", "no data argument", "corrupt weights file", "weights of another model"]
+
+
+@pytest.mark.parametrize("name", USER_MISTAKES)
+def test_user_mistakes_stop_before_any_work_with_exit_2(tmp_path, name, forward_calls):
+    args, words = _case(tmp_path, name)
+    data = tmp_path / "data"
+    before = tree_state(data) if data.exists() else None
+    out = tmp_path / "run"
+    if "--out" not in args and len(args) > 1:
+        args += ["--out", out]
+    code, stdout, stderr = run_cli(*args, "--image-size", "32", "--workers", "0")
+    assert code == 2, stderr
+    assert "headstart: error: " in stderr and words in stderr[stderr.index("headstart: error: "):]
+    assert "Traceback" not in stderr and stdout == ""
+    assert forward_calls == []  # no image went through a network
+    assert not out.exists() and not list(tmp_path.glob("run.partial-*"))
+    if before is not None:
+        assert tree_state(data) == before
+
+
+def test_a_class_without_usable_images_warns_and_goes_on(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_per_class=6, classes=("a", "b"), size=(8, 8))
+    (data / "c").mkdir()
+    for i in range(4):
+        (data / "c" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(30))
+    (data / "d").mkdir()
+    (data / "d" / "readme.txt").write_text("images coming soon")
+    code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "run", "--val-fraction", "0",
+                              "--test-fraction", "0")
+    assert code == 0, stderr
+    assert "classes ['c'] have no readable training image left" in stderr
+    assert "class folders ['d'] hold no image files" in stderr
+    skipped = {Path(s["path"]).name: s["reason"] for s in json.loads((tmp_path / "run" / "skipped.json").read_text())}
+    assert set(skipped) == {"broken0.png", "broken1.png", "broken2.png", "broken3.png", "readme.txt"}
+    assert headstart.load(tmp_path / "run").classes == ["a", "b"]
+
+
+def test_train_and_test_folders_with_different_classes(tmp_path):
+    data = tmp_path / "data"
+    write_image_folder(data / "train", n_per_class=6, classes=("a", "b", "c"), size=(8, 8))
+    write_image_folder(data / "test", n_per_class=3, classes=("a", "b", "d"), size=(8, 8))
+    code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "run", "--json")
+    assert code == 0, stderr
+    assert "classes ['d'] have no training images" in stderr
+    assert "3 test images belong to classes with no training images" in stderr
+    run = headstart.load(tmp_path / "run")
+    assert run.classes == ["a", "b", "c"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["n_images"] == 6  # a and b; d is left out of the scores
+
+
+def test_labels_csv_rows_with_unknown_paths_or_empty_labels_are_skipped_and_reported(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_per_class=6, classes=("a", "b"), size=(8, 8))
+    rows = [f"{c}/{c}_{i:03d}.png,{c}" for c in "ab" for i in range(6) if (c, i) not in (("b", 0), ("b", 1))]
+    rows += ["a/ghost.png,a", "b/b_000.png,", "b/b_001.png,   "]
+    (data / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    code, _, stderr = run_cli("train", "--labels", data / "labels.csv", *TINY, "--out", tmp_path / "run",
+                              "--test-fraction", "0")
+    assert code == 0, stderr
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert skipped == [{"path": str(data / "a" / "ghost.png"), "reason": "labels.csv line 12: file not found"},
+                       {"path": str(data / "b" / "b_000.png"), "reason": "labels.csv line 13: empty label"},
+                       {"path": str(data / "b" / "b_001.png"), "reason": "labels.csv line 14: empty label"}]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "ghost.png: labels.csv line 12: file not found" in log
+    # The rows with empty labels were not trained on at all.
+    splits = (tmp_path / "run" / "splits.csv").read_text()
+    assert "ghost.png" not in splits and f"{data}/b/b_000.png" not in splits and f"{data}/b/b_001.png" not in splits
+
+
+def test_exit_codes_are_documented():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Exit codes"):]
+    for code in ("| 0 |", "| 1 |", "| 2 |", "| 130 |"):
+        assert code in table
+
+
+def test_a_bug_is_exit_1_with_its_traceback(tmp_path, monkeypatch):
+    """An unexpected exception is not dressed up as a user error: it propagates, so Python prints the
+    traceback and exits 1 (the console script and `python -m headstart.cli` both do)."""
+    import headstart.training
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(headstart.training, "train", bug)
+    with pytest.raises(ZeroDivisionError):
+        run_cli("train", write_image_folder(tmp_path / "d", n_per_class=1))
