@@ -33,7 +33,7 @@ from headstart.errors import DataError, HeadstartError
 from headstart.features import FeatureCache
 from headstart.images import MAX_PIXELS, ImageError, load_image
 
-from conftest import write_image_folder
+from conftest import MEASURED, write_image_folder
 from test_cli import run_cli
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
@@ -491,3 +491,527 @@ def test_a_bug_is_exit_1_with_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(headstart.training, "train", bug)
     with pytest.raises(ZeroDivisionError):
         run_cli("train", write_image_folder(tmp_path / "d", n_per_class=1))
+
+
+# =========================================================================================== 3-4. a messy folder
+
+
+def _truncated(fmt: str) -> bytes:
+    arr = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+def add_junk(class_dir: Path, tag: str) -> dict[Path, str]:
+    """Unusable files of every kind in `class_dir`, and hidden ones: {listed path: expected reason words}."""
+    junk: dict[Path, str] = {}
+
+    def put(name: str, data: bytes, reason: str) -> None:
+        (class_dir / name).write_bytes(data)
+        junk[class_dir / name] = reason
+
+    put(f"{tag} empty.jpg", b"", "empty file")
+    put(f"{tag}-truncated.jpg", _truncated("JPEG"), "truncated")
+    put(f"{tag}-truncated.png", _truncated("PNG"), "truncated")
+    put(f"{tag} page.jpg", b"<html><body>Sign in to download</body></html>", "not an image")
+    put(f"{tag} notes.txt", b"labelled by Bob", "not an image file extension")
+    put(f"{tag} bomb.png", BOMBS["png_10_gigapixel.png"], "too many pixels")
+    os.symlink(f"{tag} gone.png", class_dir / f"{tag} dangling.png")
+    junk[class_dir / f"{tag} dangling.png"] = "cannot read file"
+    os.symlink(f"{tag} loop.png", class_dir / f"{tag} loop.png")
+    junk[class_dir / f"{tag} loop.png"] = "cannot read file"
+    os.mkfifo(class_dir / f"{tag} pipe.png")
+    junk[class_dir / f"{tag} pipe.png"] = "not a regular file"
+    os.symlink("..", class_dir / f"{tag} up")
+    junk[class_dir / f"{tag} up"] = "not followed"
+    # Hidden: not data, so neither used nor listed.
+    (class_dir / ".DS_Store").write_bytes(b"\0\0\0\1Bud1\0\0")
+    (class_dir / "._resource_fork.png").write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X")
+    _png(class_dir / ".ipynb_checkpoints" / "a-checkpoint.png")
+    return junk
+
+
+def reencode_same_pixels(path: Path, kind: str) -> None:
+    """Rewrite a grayscale image in an odd encoding that decodes to exactly the same RGB pixels.
+
+    The name stays, so the hash split and the file order stay: only the bytes on disk change.
+    """
+    arr = np.asarray(Image.open(path).convert("L"))
+    im = Image.fromarray(arr, "L")
+    buf = io.BytesIO()
+    if kind == "png16":
+        Image.fromarray(arr.astype(np.uint16) * 257).save(buf, "PNG")  # 16-bit, scaled back to arr exactly
+    elif kind == "palette":
+        p = Image.fromarray(arr, "P")
+        p.putpalette([v for i in range(256) for v in (i, i, i)])
+        p.save(buf, "PNG")
+    elif kind == "la":
+        im.convert("LA").save(buf, "PNG")  # alpha 255 everywhere
+    elif kind == "rgba":
+        im.convert("RGBA").save(buf, "PNG")
+    elif kind == "tiff-pages":
+        im.save(buf, "TIFF", save_all=True, append_images=[Image.new("L", im.size, 255)])
+    elif kind == "gif-animated":
+        im.save(buf, "GIF", save_all=True, append_images=[Image.new("L", im.size, 0)], duration=40)
+    elif kind == "webp":
+        im.convert("RGB").save(buf, "WEBP", lossless=True)
+    elif kind == "bmp":
+        im.save(buf, "BMP")
+    elif kind == "exif-rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 3  # stored upside down, displayed the right way up
+        Image.fromarray(np.ascontiguousarray(arr[::-1, ::-1]), "L").save(buf, "PNG", exif=exif)
+    else:
+        raise AssertionError(kind)
+    original = _rgb(load_image(path))
+    path.write_bytes(buf.getvalue())
+    assert np.array_equal(_rgb(load_image(path)), original), kind  # the premise: same pixels
+
+
+ODD_ENCODINGS = ["png16", "palette", "la", "rgba", "tiff-pages", "gif-animated", "webp", "bmp", "exif-rotated"]
+
+
+def test_messy_folder_trains_like_the_clean_one_names_every_bad_file_and_is_not_touched(
+        fmnist_small, tmp_path, one_torch_thread):
+    import shutil
+
+    messy = tmp_path / "messy"
+    shutil.copytree(fmnist_small, messy)
+    junk: dict[Path, str] = {}
+    for k, class_dir in enumerate(sorted((messy / "train").iterdir()) + sorted((messy / "test").iterdir())):
+        for j, image in enumerate(sorted(class_dir.iterdir())[:3]):
+            reencode_same_pixels(image, ODD_ENCODINGS[(3 * k + j) % len(ODD_ENCODINGS)])
+        if k % 3 == 0:
+            junk.update(add_junk(class_dir, f"k{k}"))
+    (messy / "train" / "stray.png").write_bytes((messy / "train" / "Bag" / sorted(
+        os.listdir(messy / "train" / "Bag"))[5]).read_bytes())
+    junk[messy / "train" / "stray.png"] = "class level"
+    _png(messy / "__MACOSX" / "train" / "Bag" / "._00001.png")
+    (messy / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    before = tree_state(messy)
+
+    args = ("--image-size", "32", "--workers", "0", "--cache-dir", tmp_path / "cache")
+    code, _, stderr = run_cli("train", fmnist_small, *args, "--out", tmp_path / "clean")
+    assert code == 0, stderr
+    code, _, stderr = run_cli("train", messy, *args, "--out", tmp_path / "messy-run")
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+
+    skipped = json.loads((tmp_path / "messy-run" / "skipped.json").read_text())
+    assert sorted(s["path"] for s in skipped) == sorted(map(str, junk))  # every unusable file, nothing else
+    log = (tmp_path / "messy-run" / "train.log").read_text()
+    for s in skipped:
+        assert junk[Path(s["path"])] in s["reason"], s
+        assert f"skipping {s['path']}: {s['reason']}" in log
+
+    clean = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    dirty = json.loads((tmp_path / "messy-run" / "metrics.json").read_text())
+    assert (dirty["n_train"], dirty["n_val"], dirty["n_test"]) == (clean["n_train"], clean["n_val"], clean["n_test"])
+    assert clean["test"]["accuracy"] > 0.5
+    MEASURED.append(f"messy folder (real Fashion-MNIST subset, {len(ODD_ENCODINGS)} odd encodings, {len(junk)} "
+                    f"unusable files): test accuracy {dirty['test']['accuracy']:.4f}, clean "
+                    f"{clean['test']['accuracy']:.4f} (MobileNetV2, 32 px)")
+    # The same pixels in the same splits give the same model; only a last-bit difference in a feature
+    # (a batch holding other images) could move a single borderline test image.
+    assert abs(dirty["test"]["accuracy"] - clean["test"]["accuracy"]) <= 1 / clean["n_test"]
+
+    # Evaluating and predicting on the messy folder skip the same files and write nothing there either.
+    code, stdout, stderr = run_cli("evaluate", tmp_path / "messy-run", messy, "--json", "--cache-dir", tmp_path / "cache")
+    assert code == 0, stderr
+    evaluated = json.loads(stdout)
+    assert evaluated["accuracy"] == dirty["test"]["accuracy"]
+    assert sorted(s["path"] for s in evaluated["skipped"]) == sorted(
+        str(p) for p in junk if p.parent.parent == messy / "test" and junk[p] != "not followed"
+        and junk[p] != "not an image file extension")
+    code, stdout, stderr = run_cli("predict", tmp_path / "messy-run", messy / "test" / "Bag", "--json")
+    assert code == 0, stderr
+    assert tree_state(messy) == before  # not one byte, name, mode or mtime changed in the data folder
+
+
+# =========================================================================================== 5. interruptions
+
+
+def _cli_process(*args, fault: str | None = None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels as this process's one thread
+    env.pop("HEADSTART_FAULT", None)
+    if fault:
+        env["HEADSTART_FAULT"] = fault
+    return subprocess.Popen([sys.executable, "-m", "headstart.cli", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = proc.communicate(timeout=600)
+    return proc.returncode, stdout, stderr
+
+
+def cache_contents(cache_root: Path) -> dict[str, np.ndarray]:
+    """Every (image key -> feature vector) in every shard under a cache folder."""
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    for shard in sorted(cache_root.rglob("*.safetensors")):
+        with safe_open(str(shard), framework="numpy") as f:
+            keys, block = json.loads(f.metadata()["keys"]), f.get_tensor("features")
+        for k, row in zip(keys, block):
+            assert k not in out or np.array_equal(out[k], row), "one image, two different features"
+            out[k] = row
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """900 tiny images: more than 3 cache chunks of 256."""
+    assert features_mod.CHUNK == 256
+    return write_image_folder(tmp_path_factory.mktemp("many") / "data", n_per_class=450, size=(8, 8))
+
+
+@pytest.fixture(scope="module")
+def reference_run(many_images, tmp_path_factory, one_torch_thread):
+    """One uninterrupted run in this process: its cache and metrics are what interrupted runs must reproduce."""
+    base = tmp_path_factory.mktemp("reference")
+    code, _, stderr = run_cli("train", many_images, *TINY, "--test-fraction", "0", "--cache-dir", base / "cache",
+                              "--out", base / "run")
+    assert code == 0, stderr
+    return cache_contents(base / "cache"), json.loads((base / "run" / "metrics.json").read_text())
+
+
+def test_extraction_killed_after_the_third_chunk_resumes_to_identical_features(many_images, reference_run,
+                                                                               tmp_path, one_torch_thread):
+    features, metrics = reference_run
+    assert len(features) == 900
+    args = ("train", many_images, *TINY, "--test-fraction", "0", "--cache-dir", tmp_path / "cache",
+            "--out", tmp_path / "run")
+    code, _, stderr = _finish(_cli_process(*args, fault="chunk:3"))
+    assert code == -signal.SIGKILL, stderr
+    assert not (tmp_path / "run").exists()  # only a .partial-<pid> folder, which does not look finished
+    assert [p.name.split(".partial-")[0] for p in tmp_path.glob("run.partial-*")] == ["run"]
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 3
+    assert len(cache_contents(tmp_path / "cache")) == 3 * 256
+
+    code, _, stderr = run_cli(*args)  # started again, as a user would, with nothing else changed
+    assert code == 0, stderr
+    again = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert again["extraction"]["from_cache"] == 768 and again["extraction"]["computed"] == 132
+    assert again["extraction"]["network_images"] == 132  # only the unfinished images went through the network
+    resumed = cache_contents(tmp_path / "cache")
+    assert resumed.keys() == features.keys()
+    assert all(np.array_equal(resumed[k], features[k]) for k in features)  # bitwise
+    assert again["val_accuracy"] == metrics["val_accuracy"]
+
+
+def test_two_processes_sharing_one_cache_at_once(many_images, reference_run, tmp_path):
+    features, metrics = reference_run
+    procs = [_cli_process("train", many_images, *TINY, "--test-fraction", "0", "--cache-dir", tmp_path / "cache",
+                          "--out", tmp_path / f"run{i}") for i in range(2)]
+    results = [_finish(p) for p in procs]
+    for code, _, stderr in results:
+        assert code == 0, stderr
+        assert "ignoring unreadable cache shard" not in stderr
+    shared = cache_contents(tmp_path / "cache")  # also checks no key has two different vectors
+    assert shared.keys() == features.keys()
+    assert all(np.array_equal(shared[k], features[k]) for k in features)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
+    for i in range(2):
+        assert json.loads((tmp_path / f"run{i}" / "metrics.json").read_text())["val_accuracy"] == \
+            metrics["val_accuracy"]
+    code, _, stderr = run_cli("train", many_images, *TINY, "--test-fraction", "0", "--cache-dir", tmp_path / "cache",
+                              "--out", tmp_path / "after")  # a third run reads the shared cache whole
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "after" / "metrics.json").read_text())["extraction"]["network_images"] == 0
+
+
+def test_ctrl_c_stops_cleanly_with_a_message(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_per_class=150, size=(8, 8))
+    # SIGINT to the whole process group after the first chunk, as a terminal does: the decoding worker
+    # (--workers 1) gets it too.
+    proc = _cli_process("train", data, "--backbone", "small_cnn", "--weights", "none", "--workers", "1",
+                        "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run", fault="sigint-chunk:1",
+                        start_new_session=True)
+    code, stdout, stderr = _finish(proc)
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "headstart: interrupted; nothing partial was kept."
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("run.partial-*"))
+    assert len(cache_contents(tmp_path / "cache")) == 256  # the finished chunk stays for the next run
+
+
+def test_fine_tuning_killed_mid_epoch_resumes_to_the_same_final_metrics(tmp_path, one_torch_thread):
+    data = write_image_folder(tmp_path / "data", n_per_class=70, classes=("a", "b"), size=(12, 12))
+    args = ("train", data, "--strategy", "scratch", "--epochs", "3", "--patience", "5", "--workers", "0",
+            "--cache-dir", "none", "--json")
+    code, whole, stderr = run_cli(*args, "--out", tmp_path / "whole")
+    assert code == 0, stderr
+    steps = json.loads(whole)["fine_tune"]["history"]
+    # 2 steps an epoch (batch 64): the 3rd step is the first of epoch 2, the kill lands mid-epoch.
+    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["n_train"] in range(65, 129)
+    code, _, stderr = _finish(_cli_process(*args, "--out", tmp_path / "cut", fault="step:3"))
+    assert code == -signal.SIGKILL, stderr
+    assert "epoch 1/3" in stderr and "epoch 2/3" not in stderr
+    assert not (tmp_path / "cut").exists()
+    import torch
+
+    assert torch.load(tmp_path / "cut.checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    code, resumed, stderr = run_cli("train", "--resume", tmp_path / "cut", "--json")
+    assert code == 0, stderr
+    assert "resumed fine-tuning after epoch 1" in stderr
+    a, b = json.loads(whole), json.loads(resumed)
+    assert b["fine_tune"]["history"] == steps | {"seconds": b["fine_tune"]["history"]["seconds"]}
+    assert b["test"] == a["test"] and b["val_accuracy"] == a["val_accuracy"]
+    assert not (tmp_path / "cut.checkpoints").exists()
+
+
+# =========================================================================================== 6. environment faults
+
+
+def _failing(real, target: str, exc: OSError):
+    """Wrap an atomic_path so that writing `target` fails after its temporary file exists."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def atomic_path(path):
+        with real(path) as tmp:
+            if Path(path).name == target:
+                raise exc
+            yield tmp
+
+    return atomic_path
+
+
+FAULTS = {
+    "ENOSPC writing metrics.json": ("metrics.json", OSError(errno.ENOSPC, "No space left on device")),
+    "EACCES writing the bundle": ("model.safetensors", PermissionError(errno.EACCES, "Permission denied")),
+    "ENOSPC writing a plot": ("confusion_matrix.png", OSError(errno.ENOSPC, "No space left on device")),
+    "EROFS renaming the run into place": ("publish", OSError(errno.EROFS, "Read-only file system")),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_write_failure_gives_a_clear_message_and_keeps_the_earlier_run(tmp_path, monkeypatch, fault):
+    import headstart.bundle
+    import headstart.evaluation
+    import headstart.training
+
+    data = write_image_folder(tmp_path / "data", n_per_class=6, size=(8, 8))
+    out = tmp_path / "run"
+    code, _, stderr = run_cli("train", data, *TINY, "--out", out, "--test-fraction", "0.3")
+    assert code == 0, stderr
+    earlier = tree_state(out)
+    target, exc = FAULTS[fault]
+    if target == "publish":
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if ".partial-" in os.fspath(src) and Path(dst) == out:
+                raise OSError(exc.errno, exc.strerror, os.fspath(dst))
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(headstart.training.os, "replace", replace)
+    else:
+        exc.filename = str(tmp_path / "somewhere" / target)
+        for module in (fileio, headstart.bundle, headstart.evaluation):
+            monkeypatch.setattr(module, "atomic_path", _failing(module.atomic_path, target, exc))
+    code, stdout, stderr = run_cli("train", data, *TINY, "--out", out, "--test-fraction", "0.3", "--overwrite",
+                                   "--seed", "1")
+    assert code == 2, stderr
+    message = stderr[stderr.index("headstart: error: "):]
+    assert exc.strerror in message and f"run {out} was not completed" in message
+    assert "The earlier run there is untouched." in message and "Traceback" not in stderr
+    assert tree_state(out) == earlier  # the earlier run, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]  # no partial, no .old, no temp file
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("where", ["creating the cache folder", "writing a chunk"])
+def test_unwritable_cache_warns_once_and_the_run_completes_without_it(tmp_path, monkeypatch, where):
+    data = write_image_folder(tmp_path / "data", n_per_class=150, size=(8, 8))  # 2 chunks
+    cache = tmp_path / "cache"
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    if where == "creating the cache folder":
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if cache in (self, *self.parents):
+                raise denied
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+    else:
+        def save_file(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(features_mod, "save_file", save_file)
+    code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "run", "--cache-dir", cache)
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if "feature cache" in line]
+    assert len(warnings) == 1 and str(cache / "features") in warnings[0]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert config["cache_dir"] is None and metrics["extraction"]["computed"] == 300
+    assert not list(cache.rglob("*.safetensors")) and not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_oserror_outside_train_is_exit_2_not_a_traceback(tmp_path, monkeypatch):
+    import shutil
+
+    def rmtree(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+
+    (tmp_path / "cache" / "features").mkdir(parents=True)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    code, _, stderr = run_cli("cache", "clear", "--cache-dir", tmp_path / "cache")
+    assert code == 2 and "Permission denied" in stderr and str(tmp_path / "cache" / "features") in stderr
+    assert "Traceback" not in stderr
+
+
+# =========================================================================================== 7. untrusted bundles
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("bundle")
+    data = write_image_folder(base / "data", n_per_class=5, classes=("ant", "bee", "cow"), size=(8, 8))
+    code, _, stderr = run_cli("train", data, *TINY, "--out", base / "run", "--test-fraction", "0")
+    assert code == 0, stderr
+    return base / "run" / "model"
+
+
+@pytest.fixture
+def copy_of(bundle, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(bundle, tmp_path / "model"))
+
+
+def test_bundle_loads_without_unpickling_anything(copy_of, monkeypatch, tmp_path):
+    import pickle
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    model = headstart.load(copy_of)
+    assert model.classes == ["ant", "bee", "cow"]
+    image = _png(tmp_path / "x.png", size=(8, 8))
+    assert model.predict([image], cache_dir="none")[0][0][0] in model.classes
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _edit_json(d: Path, change) -> None:
+    meta = json.loads((d / "model.json").read_text())
+    change(meta)
+    (d / "model.json").write_text(json.dumps(meta))
+
+
+def _edit_tensors(d: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(d / "model.safetensors")
+    change(tensors)
+    save_file(tensors, d / "model.safetensors")
+
+
+def _damage(d: Path, how: str, tmp_path: Path) -> str:
+    """Damage the bundle in `d`; return words the refusal must contain."""
+    import torch
+
+    if how == "truncated tensors":
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+        return "cannot be read"
+    if how == "pickle posing as safetensors":
+        torch.save({"head.0.weight": _Payload(str(tmp_path / "pwned"))}, d / "model.safetensors")
+        return "cannot be read"
+    if how == "tensors missing":
+        (d / "model.safetensors").unlink()
+        return "cannot be read"
+    if how == "json not json":
+        (d / "model.json").write_text("{'format': 'headstart-bundle',")
+        return "not readable JSON"
+    if how == "foreign json":
+        (d / "model.json").write_text(json.dumps({"format": "keras", "layers": []}))
+        return "not a headstart bundle"
+    if how == "newer format version":
+        _edit_json(d, lambda m: m.update(format_version=2))
+        return "format version 2"
+    if how == "one class fewer":
+        _edit_json(d, lambda m: m.update(classes=m["classes"][:2]))
+        return "shape mismatches"
+    if how == "duplicate classes":
+        _edit_json(d, lambda m: m.update(classes=["ant", "ant", "cow"]))
+        return "distinct non-empty names"
+    if how == "class that is not a name":
+        _edit_json(d, lambda m: m.update(classes=["ant", 7, "cow"]))
+        return "distinct non-empty names"
+    if how == "a billion classes":
+        _edit_json(d, lambda m: m.update(classes=[f"c{i}" for i in range(10**6)]))  # checked on meta tensors
+        return "shape mismatches"
+    if how == "huge hidden layer":
+        _edit_json(d, lambda m: m.update(head={"kind": "mlp", "hidden": 10**12, "dropout": 0.5}))
+        return "missing keys"
+    if how == "negative hidden layer":
+        _edit_json(d, lambda m: m.update(head={"kind": "mlp", "hidden": -3, "dropout": 0.5}))
+        return "incomplete or edited"
+    if how == "unknown head kind":
+        _edit_json(d, lambda m: m["head"].update(kind="forest"))
+        return "unknown head kind"
+    if how == "unknown backbone":
+        _edit_json(d, lambda m: m.update(backbone="alexnet_9000"))
+        return "incomplete or edited"
+    if how == "preprocessing edited":
+        _edit_json(d, lambda m: m["preprocessing"].update(crop_size=0))
+        return "out of range"
+    if how == "std of zero":
+        _edit_json(d, lambda m: m["preprocessing"].update(std=[0.5, 0.0, 0.5]))
+        return "std > 0"
+    if how == "key missing from json":
+        _edit_json(d, lambda m: m.pop("preprocessing"))
+        return "incomplete or edited"
+    if how == "tensor shape edited":
+        _edit_tensors(d, lambda t: t.update({"head.0.weight": t["head.0.weight"][:, :64].contiguous()}))
+        return "shape mismatches"
+    if how == "extra tensor":
+        _edit_tensors(d, lambda t: t.update({"optimizer.state": torch.zeros(3)}))
+        return "unexpected tensors"
+    if how == "another model's tensors":
+        from safetensors.torch import save_file
+
+        from headstart.backbones import seeded_init
+
+        other = seeded_init(headstart.get_backbone("mobilenet_v2"), 0).state_dict()
+        save_file({f"backbone.{k}": v.contiguous() for k, v in other.items()}, d / "model.safetensors")
+        return "does not fit the small_cnn backbone"
+    raise AssertionError(how)
+
+
+DAMAGE = ["truncated tensors", "pickle posing as safetensors", "tensors missing", "json not json", "foreign json",
+          "newer format version", "one class fewer", "duplicate classes", "class that is not a name",
+          "a billion classes", "huge hidden layer", "negative hidden layer", "unknown head kind", "unknown backbone",
+          "preprocessing edited", "std of zero", "key missing from json", "tensor shape edited", "extra tensor",
+          "another model's tensors"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_edited_or_foreign_bundle_is_refused_clearly(copy_of, tmp_path, how):
+    from headstart.errors import BundleError
+
+    words = _damage(copy_of, how, tmp_path)
+    with pytest.raises(BundleError, match=words.replace("(", r"\(")) as err:
+        headstart.load(copy_of)
+    assert str(copy_of) in str(err.value)
+    assert not (tmp_path / "pwned").exists()  # nothing was unpickled
+    code, _, stderr = run_cli("predict", copy_of.parent, _png(tmp_path / "x.png"))
+    assert code == 2 and "Traceback" not in stderr and words in stderr

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from . import progress
+from . import faults, progress
 from .fileio import atomic_path, write_json
 from .images import DECODER_OPTIONS, ImageError, load_image
 
@@ -128,9 +128,13 @@ class FeatureCache:
         return key in self._index or key in self._memory
 
     def put(self, keys: list[str], feats: np.ndarray) -> None:
+        """Store one chunk's features (on disk when the cache is writable, else in memory)."""
         assert len(keys) == len(feats)
-        if not keys:
-            return
+        if keys:
+            self._store(keys, feats)
+        faults.point("chunk")  # test hook: HEADSTART_FAULT=chunk:N
+
+    def _store(self, keys: list[str], feats: np.ndarray) -> None:
         if self.dir is not None:
             name = f"{time.time_ns():x}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
             try:
