@@ -234,6 +234,22 @@ def test_readme_states_the_pixel_limit_and_background():
     assert "composited onto white" in readme
 
 
+def test_corrupt_exif_loads_quietly(tmp_path):
+    """Pillow warns about damaged EXIF without naming the file; the pixels are fine, so the image is used."""
+    import warnings
+
+    p = tmp_path / "bad_exif.jpg"
+    Image.new("RGB", (8, 6), RED).save(p, exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x12\x01\x03\x00")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Image.open(p) as raw:
+            raw.getexif()
+        assert any("Corrupt EXIF" in str(w.message) for w in seen)  # what Pillow alone prints
+        seen.clear()
+        px = _rgb(load_image(p))
+    assert seen == [] and px.shape == (6, 8, 3) and np.abs(px - RED).max() <= 3
+
+
 def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     p = tmp_path / "pipe.png"
     os.mkfifo(p)
@@ -473,6 +489,24 @@ def test_labels_csv_rows_with_unknown_paths_or_empty_labels_are_skipped_and_repo
     assert "ghost.png" not in splits and f"{data}/b/b_000.png" not in splits and f"{data}/b/b_001.png" not in splits
 
 
+def test_labels_csv_oddities(tmp_path):
+    from headstart.data import read_labels_csv
+
+    for i in range(3):
+        _png(tmp_path / f"{i}.png")
+    long_name, nul = "x" * 300 + ".png", "2.p\x00ng"
+    (tmp_path / "l.csv").write_text(f"0.png,a\n1.png,b\n0.png,b\n./x/../0.png,b\n~no_such_user_xyz/2.png,a\n"
+                                    f"{long_name},a\n{nul},a\n")
+    data, bad = read_labels_csv(tmp_path / "l.csv")
+    assert sorted(s.rel for s in data.samples) == ["0.png", "1.png"]
+    assert [b["reason"].split(": ", 1)[1] for b in bad] == [
+        "listed again (first on line 1); only the first row is used"] * 2 + ["file not found"] * 3
+    assert data.classes[[s for s in data.samples if s.rel == "0.png"][0].label] == "a"  # the first row wins
+    (tmp_path / "l.csv").write_bytes(b"0.png,caf\xe9\n")  # Latin-1, as a spreadsheet may save it
+    with pytest.raises(DataError, match="cannot be read as CSV.*UTF-8"):
+        read_labels_csv(tmp_path / "l.csv")
+
+
 def test_exit_codes_are_documented():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     table = readme[readme.index("## Exit codes"):]
@@ -617,7 +651,8 @@ def test_messy_folder_trains_like_the_clean_one_names_every_bad_file_and_is_not_
     assert abs(dirty["test"]["accuracy"] - clean["test"]["accuracy"]) <= 1 / clean["n_test"]
 
     # Evaluating and predicting on the messy folder skip the same files and write nothing there either.
-    code, stdout, stderr = run_cli("evaluate", tmp_path / "messy-run", messy, "--json", "--cache-dir", tmp_path / "cache")
+    code, stdout, stderr = run_cli("evaluate", tmp_path / "messy-run", messy, "--json", "--cache-dir",
+                                   tmp_path / "cache")
     assert code == 0, stderr
     evaluated = json.loads(stdout)
     assert evaluated["accuracy"] == dirty["test"]["accuracy"]

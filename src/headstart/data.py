@@ -204,31 +204,56 @@ def read_labels_csv(csv_path: str | os.PathLike, *, val_fraction: float = 0.1, t
         raise DataError(f"labels file {csv_path} does not exist or is not a file.")
     base = csv_path.parent
     rows, bad = [], []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        for lineno, row in enumerate(csv.reader(f), start=1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if lineno == 1 and row[0].strip().lower() == "path":
-                continue
-            p = Path(row[0].strip()).expanduser()
-            p = p if p.is_absolute() else base / p
-            if len(row) < 2 or not row[1].strip():
-                bad.append({"path": str(p) if row[0].strip() else "",
-                            "reason": f"{csv_path.name} line {lineno}: empty label"})
-                continue
-            if not p.is_file():
-                bad.append({"path": str(p), "reason": f"{csv_path.name} line {lineno}: file not found"})
-                continue
-            rel = os.path.relpath(p, base).replace(os.sep, "/")
-            given = _SPLIT_ALIASES.get(row[2].strip().lower()) if len(row) > 2 and row[2].strip() else None
-            sp = given or split_of(rel, val_fraction, test_fraction)
-            rows.append((p.absolute(), rel, row[1].strip(), sp))
+    first_line: dict[Path, int] = {}
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            lines = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"labels file {csv_path} cannot be read as CSV ({exc}). Save it as UTF-8 text with rows of "
+                        "path,label[,split].") from None
+    for lineno, row in enumerate(lines, start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if lineno == 1 and row[0].strip().lower() == "path":
+            continue
+        p = _expanduser(Path(row[0].strip()))
+        p = Path(os.path.normpath(p if p.is_absolute() else base / p))  # "./a.png" and "sub/../a.png" are a.png
+        if len(row) < 2 or not row[1].strip():
+            bad.append({"path": str(p) if row[0].strip() else "",
+                        "reason": f"{csv_path.name} line {lineno}: empty label"})
+            continue
+        if not _is_file(p):
+            bad.append({"path": str(p), "reason": f"{csv_path.name} line {lineno}: file not found"})
+            continue
+        if p in first_line:
+            bad.append({"path": str(p), "reason": f"{csv_path.name} line {lineno}: listed again (first on line "
+                                                  f"{first_line[p]}); only the first row is used"})
+            continue
+        first_line[p] = lineno
+        rel = os.path.relpath(p, base).replace(os.sep, "/")
+        given = _SPLIT_ALIASES.get(row[2].strip().lower()) if len(row) > 2 and row[2].strip() else None
+        sp = given or split_of(rel, val_fraction, test_fraction)
+        rows.append((p, rel, row[1].strip(), sp))
     if not rows:
         raise DataError(f"labels file {csv_path} lists no usable image ({len(bad)} rows unusable). "
                         "Expected rows of path,label with paths relative to the CSV.")
     for b in bad:
         log.warning("skipping %s: %s", b["path"], b["reason"])
     return _make_data(csv_path, rows, "csv", [], classes), bad
+
+
+def _expanduser(p: Path) -> Path:
+    try:
+        return p.expanduser()
+    except RuntimeError:  # ~someone with no such user: left as written, and reported as not found
+        return p
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, an embedded NUL
+        return False
 
 
 def load_data(path: str | os.PathLike, *, labels: str | os.PathLike | None = None, val_fraction: float = 0.1,

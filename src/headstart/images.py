@@ -45,6 +45,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         if st.st_size == 0:
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
+            # Pillow's notes on damaged metadata ("Corrupt EXIF data") name no file and change no
+            # pixel: not printed. Pixel data that is cut short is an error, handled below.
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:  # when Pillow's own limit was lifted
