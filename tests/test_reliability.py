@@ -422,19 +422,18 @@ USER_MISTAKES = ["missing path", "path is a file", "empty folder", "no image fil
 
 
 @pytest.mark.parametrize("name", USER_MISTAKES)
-def test_user_mistakes_stop_before_any_work_with_exit_2(tmp_path, name, forward_calls):
+def test_user_mistakes_stop_before_any_work_with_exit_2(tmp_path, name, forward_calls, monkeypatch):
     args, words = _case(tmp_path, name)
     data = tmp_path / "data"
     before = tree_state(data) if data.exists() else None
-    out = tmp_path / "run"
-    if "--out" not in args and len(args) > 1:
-        args += ["--out", out]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # where the default --out, runs/<timestamp>, would go
     code, stdout, stderr = run_cli(*args, "--image-size", "32", "--workers", "0")
     assert code == 2, stderr
     assert "headstart: error: " in stderr and words in stderr[stderr.index("headstart: error: "):]
     assert "Traceback" not in stderr and stdout == ""
     assert forward_calls == []  # no image went through a network
-    assert not out.exists() and not list(tmp_path.glob("run.partial-*"))
+    assert os.listdir(tmp_path / "cwd") == []  # no run folder, partial or not, not even runs/
     if before is not None:
         assert tree_state(data) == before
 
@@ -664,6 +663,29 @@ def test_messy_folder_trains_like_the_clean_one_names_every_bad_file_and_is_not_
     assert tree_state(messy) == before  # not one byte, name, mode or mtime changed in the data folder
 
 
+def test_strict_stops_before_training_and_lists_every_skipped_file(tmp_path, monkeypatch):
+    import headstart.training
+
+    data = write_image_folder(tmp_path / "data", n_per_class=6, size=(8, 8))
+    junk = add_junk(data / "cat", "j")
+    (data / "stray.txt").write_text("at the class level")
+    code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "lenient")
+    assert code == 0, stderr
+    skipped = json.loads((tmp_path / "lenient" / "skipped.json").read_text())
+    assert len(skipped) == len(junk) + 1
+
+    fits = []
+    real = headstart.training.make_head
+    monkeypatch.setattr(headstart.training, "make_head", lambda *a, **k: fits.append(1) or real(*a, **k))
+    code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "strict", "--strict")
+    assert code == 2 and "Traceback" not in stderr
+    message = stderr[stderr.index("headstart: error: --strict"):]
+    assert f"{len(skipped)} unusable files, nothing trained" in message
+    for s in skipped:
+        assert f"  {s['path']}: {s['reason']}" in message
+    assert fits == [] and not (tmp_path / "strict").exists()
+
+
 # =========================================================================================== 5. interruptions
 
 
@@ -856,6 +878,26 @@ def test_write_failure_gives_a_clear_message_and_keeps_the_earlier_run(tmp_path,
     assert tree_state(out) == earlier  # the earlier run, byte for byte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]  # no partial, no .old, no temp file
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("weights", ["truncated", "another model's"])
+def test_bad_weights_file_keeps_the_earlier_run(tmp_path, weights):
+    import torch
+
+    data = write_image_folder(tmp_path / "data", n_per_class=6, size=(8, 8))
+    out = tmp_path / "run"
+    code, _, stderr = run_cli("train", data, *TINY, "--out", out)
+    assert code == 0, stderr
+    earlier = tree_state(out)
+    small = headstart.get_backbone("small_cnn").create().state_dict()
+    torch.save(small, tmp_path / "w.pth")
+    if weights == "truncated":
+        (tmp_path / "w.pth").write_bytes((tmp_path / "w.pth").read_bytes()[:5000])
+    code, _, stderr = run_cli("train", data, "--backbone", "mobilenet_v2", "--weights", tmp_path / "w.pth",
+                              "--image-size", "32", "--workers", "0", "--out", out, "--overwrite")
+    assert code == 2 and "Traceback" not in stderr and str(tmp_path / "w.pth") in stderr
+    assert ("cannot read weights file" if weights == "truncated" else "does not fit backbone mobilenet_v2") in stderr
+    assert tree_state(out) == earlier and sorted(os.listdir(tmp_path)) == ["data", "run", "w.pth"]
 
 
 @pytest.mark.parametrize("where", ["creating the cache folder", "writing a chunk"])

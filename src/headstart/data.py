@@ -133,6 +133,16 @@ def _check_root(root: Path) -> None:
                         "or a labels CSV with --labels.")
 
 
+def check_input(path: str | os.PathLike, labels: str | os.PathLike | None = None) -> None:
+    """The DataError load_data would give for a missing or wrong path, without scanning anything."""
+    if labels is not None:
+        csv_path = Path(labels).expanduser().absolute()
+        if not csv_path.is_file():
+            raise DataError(f"labels file {csv_path} does not exist or is not a file.")
+    else:
+        _check_root(Path(path).expanduser().absolute())
+
+
 def scan_folder(root: str | os.PathLike, *, val_fraction: float = 0.1, test_fraction: float = 0.1,
                 classes: list[str] | None = None) -> ImageData:
     """Find every image under `root` with its class and split."""
@@ -199,9 +209,8 @@ def read_labels_csv(csv_path: str | os.PathLike, *, val_fraction: float = 0.1, t
 
     Returns the data and the rows that could not be used (missing file, empty label), each with a reason.
     """
+    check_input(csv_path, labels=csv_path)
     csv_path = Path(csv_path).expanduser().absolute()
-    if not csv_path.is_file():
-        raise DataError(f"labels file {csv_path} does not exist or is not a file.")
     base = csv_path.parent
     rows, bad = [], []
     first_line: dict[Path, int] = {}

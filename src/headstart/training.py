@@ -28,7 +28,7 @@ import torchvision
 from . import __version__
 from .backbones import get_backbone
 from .bundle import Model
-from .data import ImageData, load_data
+from .data import ImageData, check_input, load_data
 from .engine import choose_engine, make_engine
 from .errors import DataError, HeadstartError
 from .evaluation import (compute_metrics, format_report, plot_confusion_matrix, plot_training_curve,
@@ -157,9 +157,7 @@ def _publish(partial: Path, final: Path) -> None:
 
 
 def _check_data_outside(data: str, labels: str | None, out: Path, cache: Path | None) -> None:
-    given = Path(labels or data).resolve()
-    if not (given.is_file() if labels else given.is_dir()):
-        return  # missing, or a file where a folder is due: load_data names the problem
+    given = Path(labels or data).resolve()  # checked to exist by check_input
     root = given.parent if labels else given  # a labels CSV: its folder holds the data
     for what, p in (("--out", out), ("--cache-dir", cache)):
         if p is not None and (p.resolve() == root or root in p.resolve().parents):
@@ -192,12 +190,14 @@ def train(data: str | os.PathLike, **settings) -> Run:
     if unfreeze != "all" and not 0 <= int(unfreeze) <= len(entry.blocks):
         raise HeadstartError(f"--unfreeze {unfreeze}: {entry.name} has {len(entry.blocks)} blocks "
                              f"({', '.join(entry.blocks)}); use 0..{len(entry.blocks)} or 'all'.")
+    check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
     cache_root = cache_root_of(cfg.cache_dir)
     final = _run_dir(cfg.out, cfg.overwrite)
     _check_data_outside(cfg.data, cfg.labels, final, cache_root)  # before anything is written
     root = logging.getLogger("headstart")
     level = root.level
     partial = handler = None
+    created = [p for p in final.parents if not p.exists()]  # folders that creating the run adds, deepest first
     try:
         partial = _make_partial(final)
         handler = logging.FileHandler(partial / "train.log", encoding="utf-8", errors="surrogateescape")
@@ -217,6 +217,11 @@ def train(data: str | os.PathLike, **settings) -> Run:
             _detach(root, handler, level)
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
+        for folder in created:  # a failed first run leaves no empty runs/ behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         if isinstance(exc, OSError):  # a full disk, a permission, a vanished file: the environment, not a bug
             raise _environment_error(exc, final) from exc
         raise
