@@ -24,7 +24,7 @@ from headstart.data import SPLITS, collect_images, read_labels_csv, scan_folder
 from headstart.errors import DataError
 from headstart.images import MAX_PIXELS, ImageError, is_image_name, load_image
 
-FUZZ = settings(derandomize=True, deadline=None, database=None, max_examples=150,
+FUZZ = settings(derandomize=True, deadline=None, database=None, max_examples=100,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -122,6 +122,8 @@ def _build(root: Path, entries) -> None:
     root.mkdir()
     for parts, kind, content, target in entries:
         p = root.joinpath(*parts)
+        if os.path.lexists(p) or not os.path.realpath(p).startswith(str(root.resolve()) + os.sep):
+            continue  # an existing FIFO would block a write; a path through a link could leave the tree
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             if kind == "file":
@@ -136,7 +138,7 @@ def _build(root: Path, entries) -> None:
             continue  # an impossible tree (a file where a folder is due): leave that entry out
 
 
-@settings(FUZZ, max_examples=80)
+@settings(FUZZ, max_examples=60)
 @given(st.lists(ENTRY, max_size=14), st.sampled_from([(0.1, 0.1), (0.0, 0.0), (0.5, 0.3)]))
 def test_random_trees(workdir, entries, fractions):
     base = Path(tempfile.mkdtemp(dir=workdir))
