@@ -29,8 +29,7 @@ import headstart
 from headstart import fileio
 from headstart import features as features_mod
 from headstart.data import scan_folder, split_of
-from headstart.errors import DataError, HeadstartError
-from headstart.features import FeatureCache
+from headstart.errors import DataError
 from headstart.images import MAX_PIXELS, ImageError, load_image
 
 from conftest import MEASURED, write_image_folder
@@ -255,6 +254,32 @@ def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     os.mkfifo(p)
     with pytest.raises(ImageError, match="not a regular file"):
         load_image(p)
+
+
+def test_automatic_image_size_does_not_open_a_fifo(tmp_path):
+    from headstart.training import auto_image_size
+
+    root = write_image_folder(tmp_path / "data", n_per_class=3, size=(20, 20))
+    os.mkfifo(root / "cat" / "a pipe.png")
+    data = scan_folder(root)
+    assert any(s.path.endswith("a pipe.png") for s in data.samples)
+
+    class Hung(BaseException):  # not an Exception: auto_image_size's own `except Exception` must not eat it
+        pass
+
+    def hung(*args):
+        raise Hung
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        size, reason = auto_image_size(data, 224)
+    except Hung:
+        pytest.fail("auto_image_size blocked opening the FIFO")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert size == 96 and "median image side 20 px" in reason  # 20 px upsampled 4x, to a multiple of 32
 
 
 def test_one_pixel_images_go_through_the_backbone_transform(tmp_path):
@@ -833,7 +858,7 @@ def test_ctrl_c_stops_cleanly_with_a_message(tmp_path):
     proc = CliChild(tmp_path, "train", data, "--backbone", "small_cnn", "--weights", "none", "--workers", "1",
                     "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run", fault="sigint-chunk:1",
                     new_session=True)
-    code, stdout, stderr = proc.finish()
+    code, _, stderr = proc.finish()
     assert code == 130, stderr
     assert stderr.strip().splitlines()[-1] == "headstart: interrupted; nothing partial was kept."
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
@@ -916,8 +941,8 @@ def test_write_failure_gives_a_clear_message_and_keeps_the_earlier_run(tmp_path,
         exc.filename = str(tmp_path / "somewhere" / target)
         for module in (fileio, headstart.bundle, headstart.evaluation):
             monkeypatch.setattr(module, "atomic_path", _failing(module.atomic_path, target, exc))
-    code, stdout, stderr = run_cli("train", data, *TINY, "--out", out, "--test-fraction", "0.3", "--overwrite",
-                                   "--seed", "1")
+    code, _, stderr = run_cli("train", data, *TINY, "--out", out, "--test-fraction", "0.3", "--overwrite",
+                              "--seed", "1")
     assert code == 2, stderr
     message = stderr[stderr.index("headstart: error: "):]
     assert exc.strerror in message and f"run {out} was not completed" in message

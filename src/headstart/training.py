@@ -16,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,9 +104,13 @@ def auto_image_size(data: ImageData, default: int, sample: int = 64) -> tuple[in
     paths = [s.path for s in data.samples[:: max(1, len(data.samples) // sample)]][:sample]
     sides = []
     for p in paths:
+        if not os.path.isfile(p):  # opening a FIFO named like an image would wait forever
+            continue
         try:
-            with PIL.Image.open(p) as im:
-                sides.append(min(im.size))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a header's oddities are load_image's to report
+                with PIL.Image.open(p) as im:
+                    sides.append(min(im.size))
         except Exception:
             continue
     if not sides:
