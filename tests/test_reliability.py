@@ -36,7 +36,8 @@ from conftest import MEASURED, write_image_folder
 from test_cli import run_cli
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
-TINY = ("--backbone", "small_cnn", "--weights", "none", "--image-size", "32", "--workers", "0")
+TINY = ("--strategy", "feature-extraction", "--backbone", "small_cnn", "--weights", "none", "--image-size", "32",
+        "--workers", "0")
 
 
 def _rgb(im: Image.Image) -> np.ndarray:
@@ -649,7 +650,8 @@ def test_messy_folder_trains_like_the_clean_one_names_every_bad_file_and_is_not_
     (messy / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     before = tree_state(messy)
 
-    args = ("--image-size", "32", "--workers", "0", "--cache-dir", tmp_path / "cache")
+    args = ("--strategy", "feature-extraction", "--image-size", "32", "--workers", "0", "--cache-dir",
+            tmp_path / "cache")
     code, _, stderr = run_cli("train", fmnist_small, *args, "--out", tmp_path / "clean")
     assert code == 0, stderr
     code, _, stderr = run_cli("train", messy, *args, "--out", tmp_path / "messy-run")
@@ -855,9 +857,9 @@ def test_ctrl_c_stops_cleanly_with_a_message(tmp_path):
     data = write_image_folder(tmp_path / "data", n_per_class=150, size=(8, 8))
     # SIGINT to the whole process group after the first chunk, as a terminal does: the decoding worker
     # (--workers 1) gets it too.
-    proc = CliChild(tmp_path, "train", data, "--backbone", "small_cnn", "--weights", "none", "--workers", "1",
-                    "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run", fault="sigint-chunk:1",
-                    new_session=True)
+    proc = CliChild(tmp_path, "train", data, "--strategy", "feature-extraction", "--backbone", "small_cnn",
+                    "--weights", "none", "--workers", "1", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run",
+                    fault="sigint-chunk:1", new_session=True)
     code, _, stderr = proc.finish()
     assert code == 130, stderr
     assert stderr.strip().splitlines()[-1] == "headstart: interrupted; nothing partial was kept."
