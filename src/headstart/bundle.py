@@ -26,7 +26,7 @@ from .engine import EngineChoice, choose_engine, make_engine
 from .errors import BundleError, HeadstartError
 from .fileio import atomic_path, write_json
 from .heads import head_module, softmax
-from .weights import WeightsInfo, check_compatible
+from .weights import WeightsInfo, mismatches
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,20 @@ class Model:
         return directory
 
 
+def _checked_preprocessing(prep: Preprocessing) -> Preprocessing:
+    import math
+
+    from torchvision.transforms import InterpolationMode
+
+    InterpolationMode(prep.interpolation)  # ValueError for an unknown one
+    if not (16 <= prep.crop_size <= prep.resize_size <= 4096):
+        raise ValueError(f"preprocessing sizes crop {prep.crop_size}, resize {prep.resize_size} are out of range")
+    if len(prep.mean) != 3 or len(prep.std) != 3 or not all(math.isfinite(v) for v in prep.mean + prep.std) \
+            or min(prep.std) <= 0:
+        raise ValueError(f"preprocessing mean {prep.mean} / std {prep.std} are not 3 finite values, std > 0")
+    return prep
+
+
 def _bundle_dir(path: Path) -> Path:
     if (path / META).is_file():
         return path
@@ -138,13 +152,16 @@ def load(path: str | os.PathLike) -> Model:
         if (not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes)
                 or len(set(classes)) != len(classes)):
             raise BundleError(f"{d / META}: 'classes' must be a list of distinct non-empty names.")
-        prep = Preprocessing.from_dict(meta["preprocessing"])
+        prep = _checked_preprocessing(Preprocessing.from_dict(meta["preprocessing"]))
         head_cfg = dict(meta["head"])
         weights = WeightsInfo(**meta["weights"])
-        head = head_module(head_cfg, entry.feature_dim, len(classes))
+        # On the meta device a module has shapes but no storage, so sizes edited into model.json
+        # (a billion classes, a huge hidden layer) allocate nothing before they are checked.
+        with torch.device("meta"):
+            shapes = {"backbone": entry.create(), "head": head_module(head_cfg, entry.feature_dim, len(classes))}
     except BundleError:
         raise
-    except (KeyError, TypeError, ValueError, HeadstartError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, HeadstartError) as exc:
         raise BundleError(f"{d / META} is incomplete or edited: {type(exc).__name__}: {exc}") from None
 
     try:
@@ -152,18 +169,19 @@ def load(path: str | os.PathLike) -> Model:
     except Exception as exc:  # truncated or foreign file
         raise BundleError(f"{d / TENSORS} cannot be read ({type(exc).__name__}: {exc}); the bundle is damaged.") \
             from None
-    backbone = entry.create()
-    parts = {"backbone": backbone, "head": head}
-    for name, module in parts.items():
-        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        try:
-            check_compatible(module, sd, f"{entry.name} {name}", d / TENSORS)
-        except HeadstartError as exc:
-            raise BundleError(str(exc)) from None
-        module.load_state_dict(sd)
     stray = [k for k in tensors if not k.startswith(("backbone.", "head."))]
     if stray:
         raise BundleError(f"{d / TENSORS} holds unexpected tensors ({', '.join(stray[:3])}).")
+    parts = {name: {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")} for name in shapes}
+    for name, sd in parts.items():
+        problems = mismatches(shapes[name], sd)
+        if problems:
+            raise BundleError(f"{d / TENSORS} does not fit the {entry.name} {name} that {META} describes "
+                              f"({len(classes)} classes): {'; '.join(problems)}. The bundle was edited or mixed "
+                              "with another model's files.")
+    backbone, head = entry.create(), head_module(head_cfg, entry.feature_dim, len(classes))
+    backbone.load_state_dict(parts["backbone"])
+    head.load_state_dict(parts["head"])
     return Model(entry=entry, backbone=backbone.eval(), head=head.eval(), classes=classes, preprocessing=prep,
                  weights=weights, head_config=head_cfg, strategy=str(meta.get("strategy", "feature-extraction")),
                  backbone_identity=meta.get("backbone_identity"))

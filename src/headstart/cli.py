@@ -1,8 +1,8 @@
 """The `headstart` command: parses arguments, calls the Python API, prints.
 
 Exit codes: 0 success; 1 unexpected internal error (a bug: the traceback is printed);
-2 a problem with the input or environment (bad arguments, data, weights or model files:
-the message says what to do); 130 interrupted with Ctrl-C.
+2 a problem with the input or environment (bad arguments, data, weights or model files,
+a full disk or a permission: the message says what to do); 130 interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 
 from . import __version__, progress
@@ -172,8 +173,9 @@ def cmd_train(a) -> int:
 
     if a.resume:
         return _print_run(resume(a.resume), a.json)
-    if not a.data:
-        raise HeadstartError("train needs a DATA folder (or --resume RUN).")
+    if not a.data and not a.labels:
+        raise HeadstartError("train needs a DATA folder (or --labels FILE.csv, or --resume RUN).")
+    data = a.data or os.path.dirname(os.path.abspath(a.labels))  # with --labels, paths are relative to the CSV
     finetune = {k: getattr(a, k) for k in FINETUNE_FLAGS if getattr(a, k) is not None}
     if "unfreeze" in finetune and finetune["unfreeze"] != "all":
         try:
@@ -187,7 +189,7 @@ def cmd_train(a) -> int:
                                             "val_fraction", "test_fraction", "class_weight", "seed", "batch_size",
                                             "workers", "device", "engine", "precision", "cache_dir", "out",
                                             "strict", "overwrite")}
-    return _print_run(train(a.data, finetune=finetune, **settings), a.json)
+    return _print_run(train(data, finetune=finetune, **settings), a.json)
 
 
 def _print_run(run, as_json: bool) -> int:
@@ -329,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     except HeadstartError as exc:
         print(f"headstart: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a full disk, a permission, a missing file: the environment, not a bug
+        print(f"headstart: error: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; check "
+              "the path named, its permissions and the free space on its disk.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("headstart: interrupted; nothing partial was kept.", file=sys.stderr)
         return 130

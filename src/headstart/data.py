@@ -59,7 +59,8 @@ class ImageData:
 
 def split_of(rel: str, val_fraction: float, test_fraction: float) -> str:
     """A stable split from the path alone: the first 64 bits of its SHA-256 as a number in [0, 1)."""
-    u = int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:8], "big") / 2**64
+    # surrogateescape: a file name that is not valid UTF-8 hashes as its own bytes.
+    u = int.from_bytes(hashlib.sha256(rel.encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2**64
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:
@@ -72,10 +73,28 @@ def _is_hidden(name: str) -> bool:
 
 
 def _walk_images(folder: Path, ignored: list[dict]) -> list[Path]:
-    """Image files under `folder`, recursively and sorted; hidden entries skipped, links not followed into loops."""
+    """Image files under `folder`, recursively and sorted; hidden entries skipped.
+
+    Links to files are followed; links to folders are listed in `ignored` and not followed,
+    since one pointing back up the tree would be a loop. A folder that cannot be listed is
+    listed in `ignored` too.
+    """
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+
+    def unlistable(exc: OSError) -> None:
+        ignored.append({"path": os.fspath(exc.filename), "reason": f"cannot list folder ({exc.strerror or exc})"})
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False, onerror=unlistable):
+        keep = []
+        for d in sorted(dirnames):
+            if _is_hidden(d):
+                continue
+            if os.path.islink(os.path.join(dirpath, d)):
+                ignored.append({"path": os.path.join(dirpath, d), "reason": "link to a folder inside a class, "
+                                "not followed (it could loop); link the class folder itself or copy the files"})
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if _is_hidden(name):
                 continue
@@ -88,12 +107,18 @@ def _walk_images(folder: Path, ignored: list[dict]) -> list[Path]:
 
 
 def _class_dirs(folder: Path, ignored: list[dict]) -> list[Path]:
+    """Class folders (links to folders are followed, unless they lead back to `folder` or above it)."""
     dirs = []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if _is_hidden(entry.name):
             continue
         if entry.is_dir():
-            dirs.append(entry)
+            target = entry.resolve()
+            if entry.is_symlink() and (target == folder.resolve() or target in folder.resolve().parents):
+                ignored.append({"path": str(entry), "reason": f"link to {target}, which holds the data folder "
+                                "(a loop); not followed"})
+            else:
+                dirs.append(entry)
         else:
             ignored.append({"path": str(entry), "reason": "file at the class level (not inside a class folder)"})
     return dirs
@@ -108,6 +133,16 @@ def _check_root(root: Path) -> None:
                         "or a labels CSV with --labels.")
 
 
+def check_input(path: str | os.PathLike, labels: str | os.PathLike | None = None) -> None:
+    """The DataError load_data would give for a missing or wrong path, without scanning anything."""
+    if labels is not None:
+        csv_path = Path(labels).expanduser().absolute()
+        if not csv_path.is_file():
+            raise DataError(f"labels file {csv_path} does not exist or is not a file.")
+    else:
+        _check_root(Path(path).expanduser().absolute())
+
+
 def scan_folder(root: str | os.PathLike, *, val_fraction: float = 0.1, test_fraction: float = 0.1,
                 classes: list[str] | None = None) -> ImageData:
     """Find every image under `root` with its class and split."""
@@ -120,20 +155,21 @@ def scan_folder(root: str | os.PathLike, *, val_fraction: float = 0.1, test_frac
     split_dirs = {_SPLIT_ALIASES[p.name.lower()]: p for p in top if p.name.lower() in _SPLIT_ALIASES}
 
     files: list[tuple[Path, str, str, str | None]] = []  # (path, rel, class, given split)
+    empty: list[str] = []  # class folders without a single image file
+    bases = sorted(split_dirs.items()) if split_dirs else [(None, root)]
+    layout = "splits" if split_dirs else "classes"
+    for sp, d in bases:
+        for cdir in _class_dirs(d, ignored):
+            found = _walk_images(cdir, ignored)
+            files.extend((p, p.relative_to(d).as_posix(), cdir.name, sp) for p in found)
+            if not found:
+                empty.append(cdir.relative_to(root).as_posix())
     if split_dirs:
-        layout = "splits"
-        for sp, d in sorted(split_dirs.items()):
-            for cdir in _class_dirs(d, ignored):
-                for p in _walk_images(cdir, ignored):
-                    files.append((p, p.relative_to(d).as_posix(), cdir.name, sp))
         extra = [p.name for p in top if p.name.lower() not in _SPLIT_ALIASES]
         if extra:
             log.warning("%s: folders %s are not train/val/test and are ignored (split layout).", root, extra)
-    else:
-        layout = "classes"
-        for cdir in _class_dirs(root, ignored):
-            for p in _walk_images(cdir, ignored):
-                files.append((p, p.relative_to(root).as_posix(), cdir.name, None))
+    if empty and files:
+        log.warning("%s: class folders %s hold no image files and are left out.", root, empty)
 
     if not files:
         raise DataError(f"no images found under {root}. Expected DATA/<class>/<image> or "
@@ -173,35 +209,60 @@ def read_labels_csv(csv_path: str | os.PathLike, *, val_fraction: float = 0.1, t
 
     Returns the data and the rows that could not be used (missing file, empty label), each with a reason.
     """
+    check_input(csv_path, labels=csv_path)
     csv_path = Path(csv_path).expanduser().absolute()
-    if not csv_path.is_file():
-        raise DataError(f"labels file {csv_path} does not exist or is not a file.")
     base = csv_path.parent
     rows, bad = [], []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        for lineno, row in enumerate(csv.reader(f), start=1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if lineno == 1 and row[0].strip().lower() == "path":
-                continue
-            if len(row) < 2 or not row[1].strip():
-                bad.append({"path": row[0] if row else "", "reason": f"{csv_path.name} line {lineno}: empty label"})
-                continue
-            p = Path(row[0].strip()).expanduser()
-            p = p if p.is_absolute() else base / p
-            if not p.is_file():
-                bad.append({"path": str(p), "reason": f"{csv_path.name} line {lineno}: file not found"})
-                continue
-            rel = os.path.relpath(p, base).replace(os.sep, "/")
-            given = _SPLIT_ALIASES.get(row[2].strip().lower()) if len(row) > 2 and row[2].strip() else None
-            sp = given or split_of(rel, val_fraction, test_fraction)
-            rows.append((p.absolute(), rel, row[1].strip(), sp))
+    first_line: dict[Path, int] = {}
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            lines = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"labels file {csv_path} cannot be read as CSV ({exc}). Save it as UTF-8 text with rows of "
+                        "path,label[,split].") from None
+    for lineno, row in enumerate(lines, start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if lineno == 1 and row[0].strip().lower() == "path":
+            continue
+        p = _expanduser(Path(row[0].strip()))
+        p = Path(os.path.normpath(p if p.is_absolute() else base / p))  # "./a.png" and "sub/../a.png" are a.png
+        if len(row) < 2 or not row[1].strip():
+            bad.append({"path": str(p) if row[0].strip() else "",
+                        "reason": f"{csv_path.name} line {lineno}: empty label"})
+            continue
+        if not _is_file(p):
+            bad.append({"path": str(p), "reason": f"{csv_path.name} line {lineno}: file not found"})
+            continue
+        if p in first_line:
+            bad.append({"path": str(p), "reason": f"{csv_path.name} line {lineno}: listed again (first on line "
+                                                  f"{first_line[p]}); only the first row is used"})
+            continue
+        first_line[p] = lineno
+        rel = os.path.relpath(p, base).replace(os.sep, "/")
+        given = _SPLIT_ALIASES.get(row[2].strip().lower()) if len(row) > 2 and row[2].strip() else None
+        sp = given or split_of(rel, val_fraction, test_fraction)
+        rows.append((p, rel, row[1].strip(), sp))
     if not rows:
         raise DataError(f"labels file {csv_path} lists no usable image ({len(bad)} rows unusable). "
                         "Expected rows of path,label with paths relative to the CSV.")
     for b in bad:
-        log.warning("skipping %s", b["reason"])
+        log.warning("skipping %s: %s", b["path"], b["reason"])
     return _make_data(csv_path, rows, "csv", [], classes), bad
+
+
+def _expanduser(p: Path) -> Path:
+    try:
+        return p.expanduser()
+    except RuntimeError:  # ~someone with no such user: left as written, and reported as not found
+        return p
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, an embedded NUL
+        return False
 
 
 def load_data(path: str | os.PathLike, *, labels: str | os.PathLike | None = None, val_fraction: float = 0.1,

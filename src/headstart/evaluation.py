@@ -287,12 +287,17 @@ def plot_confusion_matrix(
     fig.colorbar(image, ax=ax, label="recall (row share)" if normalize else "images")
     _annotate_counts(ax, counts, values, fontsize=max(5, 11 - n // 5))
 
-    ax.set_xticks(range(n), [str(c) for c in class_names], rotation=45, ha="right")
-    ax.set_yticks(range(n), [str(c) for c in class_names])
+    ax.set_xticks(range(n), [_shown(c) for c in class_names], rotation=45, ha="right")
+    ax.set_yticks(range(n), [_shown(c) for c in class_names])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix" + (" (row-normalised)" if normalize else ""))
     _save_png(fig, path)
+
+
+def _shown(name: Any) -> str:
+    # A folder name that is not valid UTF-8 arrives with lone surrogates, which fonts cannot draw.
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _row_normalise(counts: np.ndarray) -> np.ndarray:
@@ -373,7 +378,7 @@ def plot_worst_errors(
     for k, (image_path, true_name, pred_name, p) in enumerate(chosen):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         ax.imshow(_thumbnail(load_image(image_path)))
-        ax.set_title(f"true: {true_name} / pred: {pred_name} (p={p:.2f})", fontsize=7)
+        ax.set_title(f"true: {_shown(true_name)} / pred: {_shown(pred_name)} (p={p:.2f})", fontsize=7)
         ax.axis("off")
     fig.suptitle("Most confident mistakes")
     _save_png(fig, path)

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from . import progress
+from . import faults, progress
 from .fileio import atomic_path, write_json
 from .images import DECODER_OPTIONS, ImageError, load_image
 
@@ -54,7 +54,9 @@ def cache_root_of(cache_dir: str | os.PathLike | None) -> Path | None:
 
 def image_key(path: str) -> str:
     st = os.stat(path)
-    return hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    # surrogateescape: a path that is not valid UTF-8 hashes as its own bytes (valid ones are unchanged).
+    key = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(key).hexdigest()[:32]
 
 
 def make_namespace(backbone: str, weights_identity: str, preprocessing, choice) -> dict:
@@ -126,9 +128,13 @@ class FeatureCache:
         return key in self._index or key in self._memory
 
     def put(self, keys: list[str], feats: np.ndarray) -> None:
+        """Store one chunk's features (on disk when the cache is writable, else in memory)."""
         assert len(keys) == len(feats)
-        if not keys:
-            return
+        if keys:
+            self._store(keys, feats)
+        faults.point("chunk")  # test hook: HEADSTART_FAULT=chunk:N
+
+    def _store(self, keys: list[str], feats: np.ndarray) -> None:
         if self.dir is not None:
             name = f"{time.time_ns():x}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
             try:

@@ -46,7 +46,8 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes.
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import progress
+from . import faults, progress
 from .backbones import Backbone, Preprocessing, sequence
 from .engine import model_digest
 from .errors import HeadstartError
@@ -324,6 +323,7 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
                 loss.backward()
                 opt.step()
                 sched.step()
+                faults.point("step")
                 total += float(loss.detach()) * len(yb)
                 images += len(yb)
                 pbar.update(len(yb))
@@ -346,7 +346,7 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
                 "model": trainable_state(net), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "history": history, "epoch": epoch + 1, "best_score": best["score"], "best_epoch": best["epoch"],
                 "best_state": best["state"], "bad": best["bad"], "rng": _rng_state()})
-        _fault_point("epoch", epoch + 1)
+        faults.point("epoch", epoch + 1)
         if best["bad"] >= s.patience:
             stopped_by = "early stopping"
             break
@@ -395,15 +395,6 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as exc:
         raise HeadstartError(f"checkpoint {path} cannot be read ({type(exc).__name__}); start the run again "
                              "without --resume.") from None
-
-
-def _fault_point(where: str, count: int) -> None:
-    """Test hook: HEADSTART_FAULT=epoch:N kills the process (SIGKILL) right after checkpoint N."""
-    spec = os.environ.get("HEADSTART_FAULT", "")
-    if spec == f"{where}:{count}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def backbone_identity(backbone: nn.Module) -> str:

@@ -6,12 +6,14 @@ Choices (documented in the README):
 - transparency is composited onto a white background (ALPHA_BACKGROUND), not dropped;
 - 16-bit and float grayscale are scaled to 8 bits, not clipped;
 - a truncated file is refused (skipped and reported), never padded with grey;
-- a header claiming more than MAX_PIXELS pixels is refused before any pixel is decoded.
+- a header claiming more than MAX_PIXELS pixels is refused before any pixel is decoded;
+- anything but a regular file (a FIFO or device named like an image) is refused unopened.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -43,13 +45,20 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
     pixels than from a full decode, so the option is part of the feature cache's key.
     """
     try:
-        if os.path.getsize(path) == 0:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device named like an image: opening it could block
+            raise ImageError("not a regular file")
+        if st.st_size == 0:
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
+            # Pillow's notes on damaged metadata ("Corrupt EXIF data") name no file and change no
+            # pixel: not printed. Pixel data that is cut short is an error, handled below.
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ImageError(f"{im.width}x{im.height} pixels is over the limit of {MAX_PIXELS}")
+                if im.width * im.height > MAX_PIXELS:  # when Pillow's own limit was lifted
+                    raise ImageError(f"too many pixels: {im.width}x{im.height} is over the limit of "
+                                     f"{MAX_PIXELS:,}")
                 if im.width < 1 or im.height < 1:
                     raise ImageError(f"image has no pixels ({im.width}x{im.height})")
                 im.seek(0)
@@ -62,8 +71,10 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
         raise
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (wrong extension, or another kind of file)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"too many pixels: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow checks the header's size in Image.open, before any pixel is decoded.
+        raise ImageError(f"too many pixels: the header claims more than the limit of {MAX_PIXELS:,}; "
+                         "not decoded") from None
     except OSError as exc:
         msg = str(exc) or type(exc).__name__
         if "truncated" in msg.lower():  # Pillow says both "image file is truncated" and "Truncated File Read"

@@ -8,6 +8,7 @@ model bundle, plots and log of a finished run.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import torchvision
 from . import __version__
 from .backbones import get_backbone
 from .bundle import Model
-from .data import ImageData, load_data
+from .data import ImageData, check_input, load_data
 from .engine import choose_engine, make_engine
 from .errors import DataError, HeadstartError
 from .evaluation import (compute_metrics, format_report, plot_confusion_matrix, plot_training_curve,
@@ -102,9 +104,13 @@ def auto_image_size(data: ImageData, default: int, sample: int = 64) -> tuple[in
     paths = [s.path for s in data.samples[:: max(1, len(data.samples) // sample)]][:sample]
     sides = []
     for p in paths:
+        if not os.path.isfile(p):  # opening a FIFO named like an image would wait forever
+            continue
         try:
-            with PIL.Image.open(p) as im:
-                sides.append(min(im.size))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a header's oddities are load_image's to report
+                with PIL.Image.open(p) as im:
+                    sides.append(min(im.size))
         except Exception:
             continue
     if not sides:
@@ -145,14 +151,19 @@ def _publish(partial: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-    os.replace(partial, final)
+    try:
+        os.replace(partial, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)  # the earlier run goes back where it was
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_data_outside(data_root: str, out: Path, cache: Path | None) -> None:
-    root = Path(data_root).resolve()
-    root = root if root.is_dir() else root.parent
+def _check_data_outside(data: str, labels: str | None, out: Path, cache: Path | None) -> None:
+    given = Path(labels or data).resolve()  # checked to exist by check_input
+    root = given.parent if labels else given  # a labels CSV: its folder holds the data
     for what, p in (("--out", out), ("--cache-dir", cache)):
         if p is not None and (p.resolve() == root or root in p.resolve().parents):
             raise HeadstartError(f"{what} {p} is inside the data folder {root}; headstart never writes into "
@@ -184,33 +195,57 @@ def train(data: str | os.PathLike, **settings) -> Run:
     if unfreeze != "all" and not 0 <= int(unfreeze) <= len(entry.blocks):
         raise HeadstartError(f"--unfreeze {unfreeze}: {entry.name} has {len(entry.blocks)} blocks "
                              f"({', '.join(entry.blocks)}); use 0..{len(entry.blocks)} or 'all'.")
+    check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
     cache_root = cache_root_of(cfg.cache_dir)
     final = _run_dir(cfg.out, cfg.overwrite)
-    _check_data_outside(cfg.labels or cfg.data, final, cache_root)  # before anything is written
-    partial = _make_partial(final)
-    handler = logging.FileHandler(partial / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
+    _check_data_outside(cfg.data, cfg.labels, final, cache_root)  # before anything is written
     root = logging.getLogger("headstart")
     level = root.level
-    if root.getEffectiveLevel() > logging.INFO:  # called from Python with logging unset: the log file still gets INFO
-        root.setLevel(logging.INFO)
-    root.addHandler(handler)
+    partial = handler = None
+    created = [p for p in final.parents if not p.exists()]  # folders that creating the run adds, deepest first
     try:
+        partial = _make_partial(final)
+        handler = logging.FileHandler(partial / "train.log", encoding="utf-8", errors="surrogateescape")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        if root.getEffectiveLevel() > logging.INFO:  # from Python with logging unset: the log still gets INFO
+            root.setLevel(logging.INFO)
+        root.addHandler(handler)
         run = _train(cfg, entry, cache_root, partial, final)
-        root.removeHandler(handler)
-        root.setLevel(level)
-        handler.close()
+        _detach(root, handler, level)
         _publish(partial, final)
         finish_fine_tune(final)
         log.info("run written to %s", final)
         return run
-    except BaseException:
-        root.removeHandler(handler)
-        root.setLevel(level)
-        handler.close()
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException as exc:
+        if handler is not None:
+            _detach(root, handler, level)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        for folder in created:  # a failed first run leaves no empty runs/ behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError):  # a full disk, a permission, a vanished file: the environment, not a bug
+            raise _environment_error(exc, final) from exc
         raise
+
+
+def _detach(root: logging.Logger, handler: logging.Handler, level: int) -> None:
+    root.removeHandler(handler)
+    root.setLevel(level)
+    handler.close()
+
+
+def _environment_error(exc: OSError, final: Path) -> HeadstartError:
+    full = "free some space, or pass --out and --cache-dir on another disk"
+    allowed = "check that you may read the data and write --out and --cache-dir"
+    hint = {errno.ENOSPC: full, errno.EDQUOT: full, errno.EACCES: allowed, errno.EPERM: allowed,
+            errno.EROFS: "pass --out and --cache-dir on a writable disk"}.get(exc.errno, "check the path named")
+    where = f" ({exc.filename})" if exc.filename else ""
+    kept = "The earlier run there is untouched." if final.exists() else "Nothing was left there."
+    return HeadstartError(f"run {final} was not completed: {exc.strerror or exc}{where}; {hint}. {kept}")
 
 
 def resume(run_dir: str | os.PathLike) -> Run:
@@ -228,6 +263,8 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     summary = data.summary()
     log.info("data %s: %d images in %d classes (train %d, val %d, test %d)", data.root, summary["n_images"],
              len(data.classes), summary["splits"]["train"], summary["splits"]["val"], summary["splits"]["test"])
+    for item in data.ignored:
+        log.warning("skipping %s: %s", item["path"], item["reason"])
     if len(data.classes) < 2:
         raise DataError(f"{data.root} has a single class ({data.classes[0]}); a classifier needs at least two "
                         "class folders.")
@@ -250,10 +287,13 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     paths = [s.path for s in data.samples]
     ext = extract(engine, prep.transform(), paths, cache, batch_size=cfg.batch_size, workers=cfg.workers,
                   desc="extracting")
-    skipped = bad_rows + [{"path": p, "reason": r} for p, r in ext.failures.items()]
+    # Every file not used, with why: unusable CSV rows, non-image files and links the scan passed over
+    # (hidden files are not data and are not listed), and images that could not be decoded.
+    skipped = bad_rows + data.ignored + [{"path": p, "reason": r} for p, r in ext.failures.items()]
     if skipped and cfg.strict:
         listing = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
-        raise DataError(f"--strict: {len(skipped)} unusable files, nothing trained:\n{listing}")
+        raise DataError(f"--strict: {len(skipped)} unusable files, nothing trained (drop --strict to skip them "
+                        f"and go on):\n{listing}")
 
     ok = ext.ok
     samples = [s for s, good in zip(data.samples, ok) if good]
@@ -262,6 +302,10 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     y = np.array([s.label for s in samples], dtype=np.int64)
     split = np.array([s.split for s in samples])
     tr, va, te = (split == "train"), (split == "val"), (split == "test")
+    lost = sorted({data.classes[s.label] for s in data.split("train")} - {data.classes[i] for i in y[tr]})
+    if lost:
+        log.warning("classes %s have no readable training image left (see the skipped files); the model "
+                    "cannot predict them.", lost)
     if len(np.unique(y[tr])) < 2:
         raise DataError("the training split has fewer than two classes with readable images; add images or "
                         "lower --val-fraction/--test-fraction.")

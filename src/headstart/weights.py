@@ -100,22 +100,28 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def check_compatible(model: nn.Module, sd: dict[str, torch.Tensor], name: str, path) -> None:
-    """Keys and shapes must match exactly: a foreign file must never half-load."""
+def mismatches(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
+    """How a state dict's keys and shapes differ from a model's; empty when they match exactly."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in sd.items()}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {got[k]} vs model {expected[k]})")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {got[k]} vs model {expected[k]})")
+    return parts
+
+
+def check_compatible(model: nn.Module, sd: dict[str, torch.Tensor], name: str, path) -> None:
+    """Keys and shapes must match exactly: a foreign file must never half-load."""
+    parts = mismatches(model, sd)
+    if parts:
         raise WeightsMismatchError(
             f"weights file {path} does not fit backbone {name}: {'; '.join(parts)}. "
             f"Pass the torchvision ImageNet file for {name} or --weights none."
