@@ -49,10 +49,11 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 
 @dataclass
 class FineTuneSettings:
-    # Defaults from FMNIST-TL measurements (README, "Fine-tuning"): 8 MobileNetV2 blocks, 10 epochs,
-    # label smoothing 0.1 and early stopping on validation accuracy gave 0.9071 test accuracy.
+    # Defaults from FMNIST-TL measurements (README, "Fine-tuning"): 8 MobileNetV2 blocks, up to 14
+    # epochs, flips (which keep the boundary cache), label smoothing 0.1 and early stopping on
+    # validation accuracy gave 0.9117 test accuracy in 12 min 24 s from a cold cache.
     unfreeze: int | str | None = None  # number of top blocks, or "all"; None: the backbone's default
-    epochs: int = 10
+    epochs: int = 14
     lr: float = 1e-4  # top blocks (the textbook's Adam rate is 1e-5)
     lr_head: float = 1e-3
     lr_decay: float = 1.0  # discriminative rates: each block further down gets lr * lr_decay^depth
@@ -60,7 +61,7 @@ class FineTuneSettings:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     schedule: str = "cosine"
-    augment: str = "none"
+    augment: str = "flip"  # mirror images: right for photos and clothes; use "none" for text or digits
     bn_update: bool = False
     early_stop_metric: str = "val_accuracy"
     patience: int = 4

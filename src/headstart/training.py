@@ -48,7 +48,7 @@ log = logging.getLogger("headstart")
 
 STRATEGIES = ("feature-extraction", "fine-tune", "scratch", "auto")
 # From scratch every block trains, at a from-scratch rate, and BatchNorm must learn its statistics.
-SCRATCH_DEFAULTS = {"unfreeze": "all", "bn_update": True, "lr": 1e-3, "epochs": 15}
+SCRATCH_DEFAULTS = {"unfreeze": "all", "bn_update": True, "lr": 1e-3, "epochs": 15, "augment": "none"}
 
 
 @dataclass
