@@ -333,6 +333,14 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
 
     metrics: dict = {"val_accuracy": getattr(head, "val_accuracy_", None)}
     head_module, identity, ft_history = head.to_torch(), winfo.identity(), None
+    if strategy == "scratch":
+        # Phase 1's head was fitted to a random network's features, with its scaler folded in: weights
+        # sized for features that training is about to change completely (the first epoch's loss was
+        # in the thousands on FMNIST-TL). From scratch, the head starts from PyTorch's own init too.
+        torch.manual_seed(cfg.seed)
+        for m in head_module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
     if fine_tune:
         ft = run_fine_tune(cfg, entry, engine.model, head_module, prep, [s.path for s in samples], cols, tr, va, te,
                            final)
