@@ -128,7 +128,7 @@ def test_linear_head_records_its_c_search_and_picks_c_on_validation(fitted, spli
     assert [r["C"] for r in head.search_] == sorted(DEFAULT_CS)
     for r in head.search_:
         assert 0.0 <= r["val_accuracy"] <= 1.0 and r["val_loss"] > 0 and r["iterations"] >= 1
-    best = max(head.search_, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    best = min(head.search_, key=lambda r: r["val_loss"])
     assert head.C_ == best["C"]
     assert head.val_accuracy_ == best["val_accuracy"]
     assert head.config()["C"] == head.C_ and head.config()["search"] == head.search_
@@ -144,10 +144,8 @@ def test_linear_head_picks_the_c_with_the_best_validation_score(spread, seed):
     by_c = {r["C"]: r for r in head.search_}
     assert list(by_c) == list(Cs)
     assert len({r["val_loss"] for r in head.search_}) == len(Cs)  # the Cs really differ on validation
-    best_acc = max(r["val_accuracy"] for r in head.search_)
-    assert by_c[head.C_]["val_accuracy"] == best_acc == head.val_accuracy_
-    # Ties on accuracy go to the lower validation loss.
-    assert by_c[head.C_]["val_loss"] == min(r["val_loss"] for r in head.search_ if r["val_accuracy"] == best_acc)
+    assert by_c[head.C_]["val_loss"] == min(r["val_loss"] for r in head.search_)  # chosen by validation loss
+    assert by_c[head.C_]["val_accuracy"] == head.val_accuracy_
     assert head.C_ not in (Cs[0], Cs[-1])  # an interior C: chosen, not the end of the grid by default
 
 
