@@ -16,7 +16,7 @@ import pytest
 
 import headstart
 from headstart import cli
-from headstart.engine import TorchEngine
+from headstart.engine import TorchEngine, _ConvertedEngine, choose_engine
 
 from conftest import MEASURED, write_image_folder
 
@@ -57,7 +57,7 @@ def test_train_reaches_accuracy_and_writes_a_complete_run(trained, fmnist_small)
     config = json.loads((out / "config.json").read_text())
     assert config["weights"]["kind"] == "imagenet"
     assert config["weights"]["sha256"] == headstart.get_backbone("mobilenet_v2").weights.sha256
-    assert config["image_size"] == 64 and config["engine"]["engine"] == "torch"
+    assert config["image_size"] == 64 and config["engine"]["engine"] == choose_engine("cpu").engine
     assert config["classes"] == sorted(os.listdir(fmnist_small / "train"))
     rows = list(csv.DictReader(io.StringIO((out / "splits.csv").read_text())))
     assert len(rows) == 500 and {r["split"] for r in rows} == {"train", "val", "test"}
@@ -67,10 +67,17 @@ def test_train_reaches_accuracy_and_writes_a_complete_run(trained, fmnist_small)
     assert tree_digest(fmnist_small) == before  # nothing written into the data folder
 
 
+def count_network_batches(monkeypatch) -> list[int]:
+    """Batch sizes every engine (torch or converted) is called with from now on."""
+    sizes: list[int] = []
+    for cls in (TorchEngine, _ConvertedEngine):
+        real = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, x, real=real: sizes.append(len(x)) or real(self, x))
+    return sizes
+
+
 def test_second_identical_train_runs_no_forward_pass(trained, fmnist_small, tmp_path, monkeypatch):
-    calls = []
-    real = TorchEngine.__call__
-    monkeypatch.setattr(TorchEngine, "__call__", lambda self, x: calls.append(len(x)) or real(self, x))
+    calls = count_network_batches(monkeypatch)
     code, stdout, stderr = run_cli("train", fmnist_small, "--out", tmp_path / "again", "--image-size", "64",
                                    "--workers", "0")
     assert code == 0, stderr
@@ -88,9 +95,7 @@ def test_one_changed_image_is_the_only_one_recomputed(fmnist_small, tmp_path, mo
     assert run_cli(*args, "--out", tmp_path / "r1")[0] == 0
     victim = sorted((data / "b").iterdir())[2]
     os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
-    seen = []
-    real = TorchEngine.__call__
-    monkeypatch.setattr(TorchEngine, "__call__", lambda self, x: seen.append(len(x)) or real(self, x))
+    seen = count_network_batches(monkeypatch)
     code, _, stderr = run_cli(*args, "--out", tmp_path / "r2")
     assert code == 0, stderr
     assert seen == [1]
