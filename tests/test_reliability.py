@@ -733,6 +733,10 @@ class CliChild:
         if self.pid == 0:  # the child: never returns into pytest
             code = 1
             try:
+                import signal
+
+                # A fresh interpreter's Ctrl-C behaviour, whatever handler an earlier test left in pytest.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 if new_session:
                     os.setsid()  # its own process group, as a shell gives a foreground command
                 os.dup2(os.open(self.out, os.O_WRONLY), 1)
