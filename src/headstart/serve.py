@@ -279,7 +279,16 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: flo
 
 
 def run_server(app, *, host: str, port: int, log_level: str) -> None:
+    import signal
+
     import uvicorn
 
-    # uvicorn handles SIGTERM and SIGINT: stop accepting, finish in-flight requests, exit.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    # uvicorn handles SIGTERM and SIGINT: stop accepting, finish in-flight requests, then raise
+    # the signal again under the handler found before it started. SIGTERM is the normal way to
+    # stop a service (systemd, docker stop), so that handler does nothing and serve exits 0;
+    # SIGINT keeps Python's, so Ctrl-C ends with the CLI's 130 as everywhere else.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
