@@ -61,12 +61,16 @@ class Server:
                 [sys.executable, "-m", "headstart.cli", "serve", str(run), "--port", str(self.port),
                  "--cache-dir", str(workdir / "cache"), "--max-upload-mb", str(MAX_UPLOAD_MB), *args],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.tmp_at_start: list[str] = []
+
+    def wait_ready(self, timeout: float = 180) -> "Server":
         try:
-            self._wait_ready(timeout=180)
+            self._wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         self.tmp_at_start = sorted(os.listdir(self.tmp))  # torch's own start-up files
+        return self
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -151,10 +155,11 @@ def run_dir(fmnist_tiny, workdir, one_torch_thread) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(run_dir, workdir):
+def server(run_dir, workdir, request):
     s = Server(run_dir, workdir, "--token", TOKEN)
     try:
-        yield s
+        request.getfixturevalue("expected")  # while the server starts
+        yield s.wait_ready()
     finally:
         s.stop()
 
@@ -374,6 +379,7 @@ def test_concurrent_requests_all_succeed_and_memory_stays_flat(server, test_imag
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(run_dir, workdir, test_images, expected):
     server = Server(run_dir, workdir)  # no token
     try:
+        server.wait_ready()
         p = test_images[0]
         body, headers = multipart((p.name, p.read_bytes()))
         c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)

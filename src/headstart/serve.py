@@ -284,9 +284,9 @@ def run_server(app, *, host: str, port: int, log_level: str) -> None:
     import uvicorn
 
     # uvicorn handles SIGTERM and SIGINT: stop accepting, finish in-flight requests, then raise
-    # the signal again under the handler found before it started. SIGTERM is the normal way to
-    # stop a service (systemd, docker stop), so that handler does nothing and serve exits 0;
-    # SIGINT keeps Python's, so Ctrl-C ends with the CLI's 130 as everywhere else.
+    # the signal again under the handler found before it started (its run() swallows the
+    # KeyboardInterrupt that gives for SIGINT). SIGTERM is the normal way to stop a service
+    # (systemd, docker stop): under a do-nothing handler it exits 0 too, instead of dying by it.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
