@@ -250,6 +250,9 @@ def test_bad_requests_get_a_4xx_json_that_says_what_is_wrong(server, test_images
         (request(server, "POST", "/predict", b"", AUTH), 400, "no file"),
         (upload(server, ("a.png", png), query="?top_k=many"), 400, "top_k"),
         (request(server, "GET", "/nowhere", headers=AUTH), 404, "Not Found"),
+        (request(server, "POST", "/predict", b"--nope\r\ngarbage", {**AUTH, "Content-Type":
+                 "multipart/form-data; boundary=other"}), 400, "multipart"),
+        (upload(server, *[(f"{i}.png", png) for i in range(65)]), 400, "Too many files"),
     ]
     for (status, body), want_status, want in cases:
         assert status == want_status and isinstance(body, dict) and want in body["error"], (status, body)
@@ -423,6 +426,12 @@ def test_host_0000_says_it_is_reachable_from_the_network(run_dir, workdir, monke
     assert "0.0.0.0:8123, reachable from the network" in err and "add --token" in err
     assert "add --token" not in serve.exposure_note("0.0.0.0", 8123, "t")
     assert serve.exposure_note("::1", 8000, None) is None and serve.exposure_note("localhost", 8000, None) is None
+    from headstart import load
+    from headstart.engine import choose_engine
+
+    bundle = run_dir / "model"  # a bare bundle has no run metrics; a run directory has them
+    assert serve.model_info(load(bundle), choose_engine(), bundle)["metrics"] is None
+    assert serve.model_info(load(run_dir), choose_engine(), run_dir)["metrics"]["test"]["n_images"] == 40
 
 
 def test_the_network_guard_lets_loopback_through_and_refuses_the_rest():
@@ -473,9 +482,11 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
             page.evaluate("document.activeElement && document.activeElement.blur()")
             page.keyboard.press("Tab")
             assert page.evaluate("document.activeElement.id") == "files"
-            file_input = page.get_by_label("Choose images")
-            assert file_input.get_attribute("type") == "file"
-            file_input.set_input_files([str(shoe), str(notes)])
+            assert page.get_by_label("Choose images").get_attribute("type") == "file"
+            with page.expect_file_chooser() as chooser:
+                page.keyboard.press("Enter")  # the keyboard opens the file picker
+            assert chooser.value.is_multiple()
+            chooser.value.set_files([str(shoe), str(notes)])
             card = page.locator(".card", has_text=shoe.name)
             expect(card.locator(".row").first).to_contain_text(want, timeout=30_000)
             expect(card.locator(".row")).to_have_count(3)
