@@ -498,3 +498,13 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
     assert any(u.endswith("/predict?top_k=3") for u in requests), requests
     outside = [u for u in requests if not (u.startswith(server.origin + "/") or u.startswith("blob:" + server.origin))]
     assert outside == [], outside
+
+
+def test_serve_errors_before_binding_exit_2_with_the_fix(tmp_path, monkeypatch, capsys):
+    from headstart import cli
+
+    assert cli.main(["serve", str(tmp_path / "no-such-run")]) == 2
+    assert "no model found at" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
+    assert cli.main(["serve", str(tmp_path)]) == 2
+    assert "pip install 'headstart[serve]'" in capsys.readouterr().err
