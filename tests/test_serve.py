@@ -350,12 +350,12 @@ def test_concurrent_requests_all_succeed_and_memory_stays_flat(server, test_imag
     images = [(p.name, p.read_bytes()) for p in test_images]
     local = threading.local()
 
-    def one(i: int) -> tuple[int, str, str]:
+    def one(i: int) -> tuple[int, str, list | dict]:
         if not hasattr(local, "conn"):
             local.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         name, data = images[i % len(images)]
         status, body = upload(server, (name, data), query="?top_k=3", conn=local.conn)
-        return status, name, body["results"][0]["predictions"][0]["class"] if status == 200 else body
+        return status, name, body["results"][0]["predictions"] if status == 200 else body
 
     def burst(n: int) -> float:
         t0 = time.perf_counter()
@@ -363,16 +363,23 @@ def test_concurrent_requests_all_succeed_and_memory_stays_flat(server, test_imag
             results = list(pool.map(one, range(n)))
         seconds = time.perf_counter() - t0
         assert all(s == 200 for s, _, _ in results), [r for r in results if r[0] != 200][:3]
-        assert all(top == expected[name][0]["class"] for _, name, top in results)
+        for _, name, predictions in results:  # batched with other requests or not, the same answer
+            assert_same(predictions, expected[name])
         return seconds
 
+    served_before = request(server, "GET", "/model", headers=AUTH)[1]["served"]
     burst(100)
     rss_100 = server.rss_mb()
     seconds = burst(200)
     burst(100)
     rss_400 = server.rss_mb()
+    served = request(server, "GET", "/model", headers=AUTH)[1]["served"]
+    images_run = served["images"] - served_before["images"]
+    batches = served["batches"] - served_before["batches"]
     MEASURED.append(f"serve: 200 requests from 8 threads in {seconds:.1f}s ({200 / seconds:.0f}/s); "
-                    f"RSS {rss_100:.0f} MB after 100, {rss_400:.0f} MB after 400")
+                    f"400 images in {batches} batches; RSS {rss_100:.0f} MB after 100, {rss_400:.0f} MB after 400")
+    assert images_run == 400
+    assert batches < images_run  # waiting requests were batched together
     assert rss_400 - rss_100 < 25, (rss_100, rss_400)
 
 

@@ -7,9 +7,10 @@ Decisions:
   the same rule picks. One image per request is a batch of one, as `predict` on one file.
 - The model and its engine are made and warmed up (the ONNX conversion) once, before the port
   opens: /healthz answers only when a request would be served at full speed.
-- One lock around the engine and head: converted engines compile lazily and count calls, so
-  they are not thread-safe. Decoding runs outside it in the threadpool, at most one per core
-  (a decoded image can be MAX_PIXELS x 3 bytes, about 270 MB), so it overlaps inference.
+- One thread runs the engine and head (converted engines compile lazily and count calls: not
+  thread-safe), batching together the requests that wait (see Predictor). Decoding runs in
+  the threadpool, at most one per core (a decoded image can be MAX_PIXELS x 3 bytes, about
+  270 MB), so it overlaps inference.
 - The upload limit is an ASGI layer in front of FastAPI: a Content-Length over the limit is
   refused before any byte is read, and a streamed body is counted and refused as soon as it
   passes the limit, so nothing beyond it is ever buffered.
@@ -21,13 +22,16 @@ Decisions:
   is one file with its CSS and JS inline.
 """
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import queue
 import sys
 import threading
+from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
 
@@ -45,30 +49,65 @@ MAX_FILES = 64  # per request
 
 
 class Predictor:
-    """A loaded model and its warmed-up engine; `decode` and `proba` are safe from many threads."""
+    """A loaded model and its warmed-up engine; `decode` and `submit` may be called from any thread.
+
+    One thread runs the network: it takes the oldest waiting request and every other one already
+    queued (up to `batch_size` images) as one batch. A lone request is a batch of its own, with no
+    wait; under load, requests that arrive while a batch runs go together in the next one.
+    """
 
     def __init__(self, model, *, device: str = "auto", engine: str = "auto", precision: str = "auto",
                  cache_dir=None, batch_size: int = 64):
         self.model = model
         self.transform = model.preprocessing.transform()
         self.min_side = decode_side(self.transform)
-        self.batch_size = batch_size
+        self.batch_size = max(1, batch_size)
         self.engine = model.engine(device, engine, precision, cache_root_of(cache_dir))
-        self._lock = threading.Lock()
         self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         size = model.preprocessing.crop_size
-        self.proba([self.transform.decode(Image.new("RGB", (size, size)))])  # converts the backbone now
+        self._proba([self.transform.decode(Image.new("RGB", (size, size)))])  # converts the backbone now
+        threading.Thread(target=self._batches, name="headstart-inference", daemon=True).start()
 
     def decode(self, data: bytes) -> torch.Tensor:
         """(3, crop, crop) uint8 from an image file's bytes; raises ImageError saying why not."""
         with self._decoding:
             return self.transform.decode(load_image(data, self.min_side))
 
-    def proba(self, images: list[torch.Tensor]) -> np.ndarray:
+    def submit(self, images: list[torch.Tensor]) -> Future:
+        """A future of the (n, n_classes) probabilities of decoded images."""
+        future: Future = Future()
+        self._queue.put((images, future))
+        return future
+
+    def stats(self) -> dict:
+        return {"images": self.engine.n_images, "batches": self.engine.n_batches}
+
+    def _proba(self, images: list[torch.Tensor]) -> np.ndarray:
         batch = self.transform.normalize(torch.stack(images))  # (n, 3, crop, crop) float32
-        with self._lock:
-            feats = [self.engine(batch[i:i + self.batch_size]).numpy() for i in range(0, len(batch), self.batch_size)]
-            return self.model.proba_from_features(np.concatenate(feats))  # (n, n_classes)
+        feats = [self.engine(batch[i:i + self.batch_size]).numpy() for i in range(0, len(batch), self.batch_size)]
+        return self.model.proba_from_features(np.concatenate(feats))  # (n, n_classes)
+
+    def _batches(self) -> None:
+        while True:
+            jobs = [self._queue.get()]
+            n = len(jobs[0][0])
+            while n < self.batch_size:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+                n += len(jobs[-1][0])
+            try:
+                proba = self._proba([im for images, _ in jobs for im in images])
+            except Exception as exc:  # noqa: BLE001 - handed to the requests, which answer 500
+                for _, future in jobs:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for images, future in jobs:
+                future.set_result(proba[start:start + len(images)])
+                start += len(images)
 
 
 def model_info(model, engine_choice, source: Path) -> dict:
@@ -210,7 +249,7 @@ def create_app(predictor: Predictor, info: dict, *, top_k: int = 3):
 
     @app.get("/model")
     async def model():
-        return {**info, "top_k": top_k}
+        return {**info, "top_k": top_k, "served": predictor.stats()}
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = top_k, name: str = "body"):
@@ -225,7 +264,7 @@ def create_app(predictor: Predictor, info: dict, *, top_k: int = 3):
         if failed:
             first = failed[0]
             raise ApiError(first["status"], f"{first['name']}: {first['error']}", failed)
-        proba = await run_in_threadpool(predictor.proba, decoded)
+        proba = await asyncio.wrap_future(predictor.submit(decoded))
         results = []
         for (filename, _), p in zip(uploads, proba):
             order = np.argsort(-p, kind="stable")[:k]
