@@ -316,6 +316,17 @@ def test_no_temporary_file_is_left_behind(server, test_images):
     assert status == 200
     status, _ = _send_big(server, 3 * 2**20, chunked=True, as_form_part=True)  # cut off in mid-part, on disk
     assert status == 413
+    body, headers = multipart(("a.png", png), ("pad.png", padding))
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)  # a client that goes away
+    c.putrequest("POST", "/predict")
+    for k, v in {**headers, "Content-Length": str(len(body))}.items():
+        c.putheader(k, v)
+    c.endheaders()
+    c.send(body[: len(body) * 3 // 4])
+    time.sleep(0.3)
+    c.close()
+    time.sleep(0.5)
+    assert request(server, "GET", "/healthz")[0] == 200
     assert sorted(os.listdir(server.tmp)) == server.tmp_at_start
     assert server.deleted_open_files() == deleted_before
 
@@ -417,6 +428,18 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(run_dir, workdir
         server.stop()
 
 
+def test_a_port_in_use_is_exit_2_naming_it(run_dir, workdir, capsys, one_torch_thread):
+    from headstart import cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code = cli.main(["serve", str(run_dir), "--cache-dir", str(workdir / "cache"), "--port", str(port)])
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_host_0000_says_it_is_reachable_from_the_network(run_dir, workdir, monkeypatch, capsys, one_torch_thread):
     """The CLI path with uvicorn replaced: nothing but 127.0.0.1 is ever bound by this suite."""
     from headstart import cli, serve
@@ -512,6 +535,74 @@ def test_serve_errors_before_binding_exit_2_with_the_fix(tmp_path, monkeypatch, 
 
     assert cli.main(["serve", str(tmp_path / "no-such-run")]) == 2
     assert "no model found at" in capsys.readouterr().err
+    assert cli.main(["serve", str(tmp_path), "--max-upload-mb", "0"]) == 2
+    assert "--max-upload-mb must be a positive" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
     assert cli.main(["serve", str(tmp_path)]) == 2
     assert "pip install 'headstart[serve]'" in capsys.readouterr().err
+
+
+def _asgi_post(app, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
+    """One request straight into an ASGI app (for a fault no real client can cause)."""
+    import asyncio
+
+    sent = []
+
+    async def go():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path.split("?")[0], "raw_path": path.split("?")[0].encode(),
+                 "query_string": path.partition("?")[2].encode(), "root_path": "",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        try:
+            await app(scope, receive, send)
+        except Exception:
+            pass  # Starlette re-raises after answering, for the server's log
+    asyncio.run(go())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_a_failure_inside_inference_is_a_json_500_and_the_next_request_works(test_images):
+    from concurrent.futures import Future
+
+    import torch
+
+    from headstart import serve
+
+    class Flaky:
+        """Decodes for real; its network fails once, as a broken engine would."""
+
+        model = type("M", (), {"classes": ["a", "b"]})()
+        calls = 0
+
+        def decode(self, data):
+            serve.load_image(data)  # an ImageError for a bad file, as the real one
+            return torch.zeros(3, 4, 4, dtype=torch.uint8)
+
+        def submit(self, images):
+            Flaky.calls += 1
+            f = Future()
+            if Flaky.calls == 1:
+                f.set_exception(RuntimeError("engine fell over"))
+            else:
+                f.set_result(np.tile([[0.25, 0.75]], (len(images), 1)))
+            return f
+
+        def stats(self):
+            return {}
+
+    app = serve.Guard(serve.create_app(Flaky(), {}), max_bytes=2**20)
+    png = test_images[0].read_bytes()
+    status, body = _asgi_post(app, "/predict?name=x.png", png, {"content-type": "image/png"})
+    assert status == 500 and "internal error (RuntimeError)" in body["error"]
+    status, body = _asgi_post(app, "/predict?name=x.png", png, {"content-type": "image/png"})
+    assert status == 200 and body["results"][0]["predictions"][0] == {"class": "b", "probability": 0.75}

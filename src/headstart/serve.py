@@ -215,6 +215,7 @@ def create_app(predictor: Predictor, info: dict, *, top_k: int = 3):
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="headstart", docs_url=None, redoc_url=None)  # both load their JS from a CDN
     page = resources.files("headstart").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -234,6 +235,10 @@ def create_app(predictor: Predictor, info: dict, *, top_k: int = 3):
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
         return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):  # the traceback goes to the log; the client gets JSON
+        return error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -273,16 +278,19 @@ def create_app(predictor: Predictor, info: dict, *, top_k: int = 3):
         return {"results": results}
 
     async def _uploads(request: Request, name: str) -> list[tuple[str, bytes]]:
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form(max_files=MAX_FILES)
-            try:
-                uploads = [(v.filename or key, await v.read()) for key, v in form.multi_items()
-                           if isinstance(v, UploadFile)]
-            finally:
-                await form.close()
-        else:
-            body = await request.body()
-            uploads = [(name, body)] if body else []
+        try:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                form = await request.form(max_files=MAX_FILES)
+                try:
+                    uploads = [(v.filename or key, await v.read()) for key, v in form.multi_items()
+                               if isinstance(v, UploadFile)]
+                finally:
+                    await form.close()
+            else:
+                body = await request.body()
+                uploads = [(name, body)] if body else []
+        except ClientDisconnect:
+            raise ApiError(400, "the client went away before the whole request was sent") from None
         if not uploads:
             raise ApiError(400, "no file: send images as multipart form files (curl -F file=@shoe.png "
                                 ".../predict) or one image as the request body")
@@ -301,6 +309,8 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: flo
         raise HeadstartError("headstart serve needs FastAPI and uvicorn: pip install 'headstart[serve]'.") from None
     from .bundle import load
 
+    if not max_upload_mb > 0:
+        raise HeadstartError(f"--max-upload-mb must be a positive number of MB, not {max_upload_mb}.")
     source = Path(path).expanduser()
     model = load(source)
     predictor = Predictor(model, device=device, engine=engine, precision=precision, cache_dir=cache_dir,
@@ -329,5 +339,9 @@ def run_server(app, *, host: str, port: int, log_level: str) -> None:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    except SystemExit as exc:  # uvicorn's way of saying it could not listen; its log says why
+        if exc.code:
+            raise HeadstartError(f"cannot listen on {host}:{port} (the reason is logged above): another "
+                                 "program may use the port; choose another with --port.") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
