@@ -112,7 +112,7 @@ class Predictor:
 
 def model_info(model, engine_choice, source: Path) -> dict:
     """What GET /model answers: classes, backbone, input, engine, and the run's test metrics if a run."""
-    info = {"source": source.name, "backbone": model.entry.name, "strategy": model.strategy,
+    info = {"source": source.resolve().name, "backbone": model.entry.name, "strategy": model.strategy,
             "classes": list(model.classes), "image_size": model.preprocessing.crop_size,
             "preprocessing": model.preprocessing.to_dict(), "engine": engine_choice.to_dict(), "metrics": None}
     try:
@@ -173,8 +173,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.token and scope["path"] not in self.OPEN_PATHS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.token}".encode()):
                 return await _send_json(send, 401, {"error": "missing or wrong token: send the header "
                                                              "`Authorization: Bearer <token>`"},
                                         [(b"www-authenticate", b"Bearer")])
@@ -208,7 +207,7 @@ async def _send_json(send, status: int, body: dict, headers=()) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def create_app(predictor: Predictor, info: dict, *, top_k: int = 3):
+def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3):
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
@@ -254,10 +253,10 @@ def create_app(predictor: Predictor, info: dict, *, top_k: int = 3):
 
     @app.get("/model")
     async def model():
-        return {**info, "top_k": top_k, "served": predictor.stats()}
+        return {**info, "top_k": default_top_k, "served": predictor.stats()}
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int = top_k, name: str = "body"):
+    async def predict(request: Request, top_k: int = default_top_k, name: str = "body"):
         uploads = await _uploads(request, name)
         k = max(1, min(top_k, len(classes)))  # as `headstart predict`
         decoded, failed = [], []
@@ -304,7 +303,7 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: flo
           batch_size: int = 64, log_level: str = "info") -> int:
     """Load the model and its engine, then serve until SIGTERM or Ctrl-C (in-flight requests finish first)."""
     try:
-        import uvicorn
+        import fastapi, python_multipart, uvicorn  # noqa: F401,E401 - the serve extra
     except ImportError:
         raise HeadstartError("headstart serve needs FastAPI and uvicorn: pip install 'headstart[serve]'.") from None
     from .bundle import load
@@ -315,7 +314,7 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: flo
     model = load(source)
     predictor = Predictor(model, device=device, engine=engine, precision=precision, cache_dir=cache_dir,
                           batch_size=batch_size)
-    app = create_app(predictor, model_info(model, predictor.engine.choice, source), top_k=top_k)
+    app = create_app(predictor, model_info(model, predictor.engine.choice, source), default_top_k=top_k)
     note = exposure_note(host, port, token)
     if note:
         print(note, file=sys.stderr, flush=True)
