@@ -501,8 +501,11 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_page(viewport={"width": 900, "height": 560})
+            page = browser.new_page(viewport={"width": 900, "height": 400})
             page.on("request", lambda r: requests.append(r.url))
+            # Listening from the start turns on Playwright's file-chooser interception before any key is
+            # pressed; enabled only by expect_file_chooser, the first Enter raced it (2 in 20 missed here).
+            page.on("filechooser", lambda chooser: None)
             page.goto(server.origin + "/")
             # The token form shows up (this server needs one); then the model is described.
             page.get_by_label("This server needs a token").fill(TOKEN)
@@ -521,6 +524,16 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
             expect(card.locator(".row").first).to_contain_text(want, timeout=30_000)
             expect(card.locator(".row")).to_have_count(3)
             expect(page.locator(".card", has_text="notes.png").locator(".error")).to_contain_text("not an image")
+            # Drag and drop: a Trouser image dropped on the zone gets its own card.
+            trouser = test_images[1]
+            dropped = page.evaluate_handle(
+                """([name, bytes]) => { const dt = new DataTransfer();
+                     dt.items.add(new File([new Uint8Array(bytes)], name, {type: "image/png"})); return dt; }""",
+                [trouser.name, list(trouser.read_bytes())])
+            page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+            expect(page.locator(".card", has_text=trouser.name).locator(".row").first).to_contain_text(
+                expected[trouser.name][0]["class"], timeout=30_000)
+            expect(page.locator(".card")).to_have_count(3)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "serve-page.png"))
         finally:
