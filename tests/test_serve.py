@@ -619,3 +619,14 @@ def test_a_failure_inside_inference_is_a_json_500_and_the_next_request_works(tes
     assert status == 500 and "internal error (RuntimeError)" in body["error"]
     status, body = _asgi_post(app, "/predict?name=x.png", png, {"content-type": "image/png"})
     assert status == 200 and body["results"][0]["predictions"][0] == {"class": "b", "probability": 0.75}
+
+
+def test_the_token_can_come_from_the_environment(monkeypatch):
+    """$HEADSTART_TOKEN keeps the token out of the process list; --token still wins."""
+    from headstart import cli
+
+    monkeypatch.setenv("HEADSTART_TOKEN", "from-env")
+    assert cli.get_parser().parse_args(["serve", "run"]).token == "from-env"
+    assert cli.get_parser().parse_args(["serve", "run", "--token", "flag"]).token == "flag"
+    monkeypatch.delenv("HEADSTART_TOKEN")
+    assert cli.get_parser().parse_args(["serve", "run"]).token is None
