@@ -259,6 +259,16 @@ def test_bad_requests_get_a_4xx_json_that_says_what_is_wrong(server, test_images
     # one bad file among good ones: the request fails and names it
     status, body = upload(server, ("good.png", png), ("bad.png", b"GIF89a nonsense"))
     assert status == 415 and [f["name"] for f in body["files"]] == ["bad.png"], body
+    # damaged files of every kind: each gets an answer, never a 500, and the server stays up
+    rng = np.random.default_rng(0)
+    jpg = io.BytesIO()
+    Image.open(test_images[1]).convert("RGB").resize((90, 90)).save(jpg, "JPEG")
+    for i in range(40):
+        data = bytearray((png, jpg.getvalue())[i % 2])
+        for j in rng.integers(0, len(data), size=1 + i % 8):
+            data[j] = rng.integers(0, 256)
+        status, body = upload(server, (f"flipped-{i}", bytes(data)))
+        assert status == 200 or (status in (400, 415, 422) and body["error"].startswith(f"flipped-{i}: ")), body
     deadline = time.monotonic() + 5  # the server closes its side of each connection just after the client
     while server.open_fds() > fds_before and time.monotonic() < deadline:
         time.sleep(0.1)
