@@ -306,7 +306,7 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: flo
         import fastapi, python_multipart, uvicorn  # noqa: F401,E401 - the serve extra
     except ImportError:
         raise HeadstartError("headstart serve needs FastAPI and uvicorn: pip install 'headstart[serve]'.") from None
-    from .bundle import load
+    from . import load  # the public API (bundle.py today)
 
     if not max_upload_mb > 0:
         raise HeadstartError(f"--max-upload-mb must be a positive number of MB, not {max_upload_mb}.")
