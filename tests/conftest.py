@@ -1,4 +1,4 @@
-"""Test isolation: private TORCH_HOME, XDG_CACHE_HOME and HOME, and no network at all."""
+"""Test isolation: private TORCH_HOME, XDG_CACHE_HOME and HOME, and no network at all (children included)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,33 @@ from PIL import Image
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+def _load_netguard():
+    """tests/netguard/sitecustomize.py under its own name: the same guard code in this process and its children."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headstart_netguard", NETGUARD_DIR / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+NETGUARD_DIR = Path(__file__).parent / "netguard"
+netguard = _load_netguard()
+NetworkBlocked = netguard.NetworkBlocked
+_NETWORK = pytest.StashKey[dict]()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_environment(tmp_path_factory):
+    """Private TORCH_HOME, XDG_CACHE_HOME and HOME, HEADSTART_OFFLINE=1, and the network guard in every
+    child Python (tests/netguard first on PYTHONPATH, its refused attempts logged to one file)."""
     home = tmp_path_factory.mktemp("home")
-    saved = {k: os.environ.get(k) for k in ("TORCH_HOME", "XDG_CACHE_HOME", "HOME", "HEADSTART_OFFLINE")}
+    names = ("TORCH_HOME", "XDG_CACHE_HOME", "HOME", "HEADSTART_OFFLINE", "PYTHONPATH", netguard.LOG_VARIABLE)
+    saved = {k: os.environ.get(k) for k in names}
+    pythonpath = os.pathsep.join(p for p in (str(NETGUARD_DIR), os.environ.get("PYTHONPATH")) if p)
     os.environ.update({"TORCH_HOME": str(home / "torch"), "XDG_CACHE_HOME": str(home / "cache"),
-                       "HOME": str(home), "HEADSTART_OFFLINE": "1"})
+                       "HOME": str(home), "HEADSTART_OFFLINE": "1", "PYTHONPATH": pythonpath,
+                       netguard.LOG_VARIABLE: str(tmp_path_factory.mktemp("netguard") / "attempts.log")})
     yield
     for k, v in saved.items():
         if v is None:
@@ -27,32 +48,51 @@ def _isolated_environment(tmp_path_factory):
             os.environ[k] = v
 
 
-class NetworkBlocked(RuntimeError):
-    pass
+def _network_attempts(state: dict) -> list[str]:
+    """Attempts logged since the test began (or since they were last reported), by any process."""
+    log = Path(os.environ[netguard.LOG_VARIABLE])
+    seen = []
+    if log.exists():
+        with open(log, encoding="utf-8") as f:
+            f.seek(state["offset"])
+            seen += f.read().splitlines()
+            state["offset"] = f.tell()
+    return seen
+
+
+def _fail_on_network(state: dict) -> None:
+    attempts = _network_attempts(state)
+    if attempts:
+        pytest.fail("the test tried to reach the network (even if the error was caught):\n  "
+                    + "\n  ".join(attempts), pytrace=False)
 
 
 @pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    """Any attempt to reach the network fails the test that made it.
+def _no_network(monkeypatch, request):
+    """Any attempt to reach the network fails the test that made it, in this process or a child.
 
-    Unix-domain sockets stay allowed: DataLoader workers pass tensors back through them.
+    The attempt raises NetworkBlocked and is logged to a file (so forked children's attempts arrive
+    too); the test fails on the log after its call (pytest_runtest_call below) or at teardown, so an
+    `except Exception` around the attempt changes nothing.
+    Loopback and Unix-domain sockets stay allowed (tests/netguard/sitecustomize.py says why).
     """
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    log = Path(os.environ[netguard.LOG_VARIABLE])
+    state = {"offset": log.stat().st_size if log.exists() else 0}
+    request.node.stash[_NETWORK] = state
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, netguard.guarded(getattr(socket.socket, name),
+                                                                  netguard.append_to_log))
+    yield
+    _fail_on_network(state)
 
-    def guard(real):
-        def connect(self, *args, **kwargs):
-            if self.family in (socket.AF_INET, socket.AF_INET6):
-                raise NetworkBlocked(f"tests must not use the network (connect to {args[0] if args else '?'})")
-            return real(self, *args, **kwargs)
 
-        return connect
-
-    def refuse(*args, **kwargs):
-        raise NetworkBlocked("tests must not use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", guard(real_connect))
-    monkeypatch.setattr(socket.socket, "connect_ex", guard(real_connect_ex))
-    monkeypatch.setattr(socket, "create_connection", refuse)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test that caught NetworkBlocked and passed is failed here: FAILED, not an error at teardown."""
+    result = yield
+    if _NETWORK in item.stash:
+        _fail_on_network(item.stash[_NETWORK])
+    return result
 
 
 @pytest.fixture(scope="module")
