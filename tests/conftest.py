@@ -95,6 +95,26 @@ def pytest_runtest_call(item):
     return result
 
 
+def count_network_batches(monkeypatch) -> list[int]:
+    """Batch sizes every backbone engine is called with from now on, whichever engine runs.
+
+    Every class of headstart.engine with a `__call__` of its own is patched (TorchEngine and the
+    converted engines' base class today), so a new engine is counted without editing this.
+    """
+    import inspect
+
+    from headstart import engine
+
+    sizes: list[int] = []
+    patched = [cls for _, cls in inspect.getmembers(engine, inspect.isclass)
+               if cls.__module__ == engine.__name__ and "__call__" in vars(cls)]
+    assert engine.TorchEngine in patched and engine._ConvertedEngine in patched, patched
+    for cls in patched:
+        real = vars(cls)["__call__"]
+        monkeypatch.setattr(cls, "__call__", lambda self, x, real=real: sizes.append(len(x)) or real(self, x))
+    return sizes
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors gain nothing from a second thread, and two OpenMP threads fighting another

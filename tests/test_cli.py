@@ -16,9 +16,9 @@ import pytest
 
 import headstart
 from headstart import cli
-from headstart.engine import TorchEngine, _ConvertedEngine, choose_engine
+from headstart.engine import choose_engine
 
-from conftest import MEASURED, write_image_folder
+from conftest import MEASURED, count_network_batches, write_image_folder
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -65,15 +65,6 @@ def test_train_reaches_accuracy_and_writes_a_complete_run(trained, fmnist_small)
     assert json.loads((out / "skipped.json").read_text()) == []
     assert not list(out.parent.glob("*.partial-*"))
     assert tree_digest(fmnist_small) == before  # nothing written into the data folder
-
-
-def count_network_batches(monkeypatch) -> list[int]:
-    """Batch sizes every engine (torch or converted) is called with from now on."""
-    sizes: list[int] = []
-    for cls in (TorchEngine, _ConvertedEngine):
-        real = cls.__call__
-        monkeypatch.setattr(cls, "__call__", lambda self, x, real=real: sizes.append(len(x)) or real(self, x))
-    return sizes
 
 
 def test_second_identical_train_runs_no_forward_pass(trained, fmnist_small, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from headstart.data import scan_folder, split_of
 from headstart.errors import DataError
 from headstart.images import MAX_PIXELS, ImageError, load_image
 
-from conftest import MEASURED, write_image_folder
+from conftest import MEASURED, count_network_batches, write_image_folder
 from test_cli import run_cli
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
@@ -385,13 +385,8 @@ def test_unlistable_folder_is_reported_not_fatal(tmp_path, monkeypatch):
 
 @pytest.fixture
 def forward_calls(monkeypatch) -> list[int]:
-    """Batch sizes through any backbone engine: proves whether any feature work was done."""
-    from headstart.engine import TorchEngine
-
-    calls: list[int] = []
-    real = TorchEngine.__call__
-    monkeypatch.setattr(TorchEngine, "__call__", lambda self, x: calls.append(len(x)) or real(self, x))
-    return calls
+    """Batch sizes through any backbone engine (torch or converted): proves whether any feature work was done."""
+    return count_network_batches(monkeypatch)
 
 
 def _case(tmp_path: Path, name: str) -> tuple[list, str]:
