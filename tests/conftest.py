@@ -95,6 +95,28 @@ def pytest_runtest_call(item):
     return result
 
 
+def tree_digest(root: Path) -> dict[str, tuple]:
+    """Every entry under `root`, `root` included, not following links: kind, content hash or link target,
+    mode and mtime. Folders are entries too, so a folder created, removed or re-moded shows, and so
+    does a file created and removed again (its folder's mtime moved)."""
+    import hashlib
+    import stat
+
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                what = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                what = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                what = ("dir" if stat.S_ISDIR(st.st_mode) else "other",)
+            state[os.path.relpath(p, root)] = (*what, st.st_mode, st.st_mtime_ns)
+    return state
+
+
 def count_network_batches(monkeypatch) -> list[int]:
     """Batch sizes every backbone engine is called with from now on, whichever engine runs.
 

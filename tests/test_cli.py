@@ -18,7 +18,7 @@ import headstart
 from headstart import cli
 from headstart.engine import choose_engine
 
-from conftest import MEASURED, count_network_batches, write_image_folder
+from conftest import MEASURED, count_network_batches, tree_digest, write_image_folder
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -26,11 +26,6 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     with redirect_stdout(out), redirect_stderr(err):
         code = cli.main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() + str(p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +185,26 @@ def test_user_errors_exit_2_without_traceback(tmp_path, image_folder):
 
 
 def test_existing_run_is_not_overwritten_without_flag(trained, image_folder):
+    before = tree_digest(trained[0])
     code, _, stderr = run_cli("train", image_folder, "--out", trained[0], "--weights", "none")
     assert code == 2 and "already exists" in stderr
-    assert json.loads((trained[0] / "metrics.json").read_text())["test"]["accuracy"] >= 0.70
+    assert tree_digest(trained[0]) == before  # every file, folder, mode and mtime as it was
+    assert not list(trained[0].parent.glob(f"{trained[0].name}.partial-*"))
+
+
+def test_train_overwrite_replaces_the_run(image_folder, tmp_path):
+    args = ("train", image_folder, "--backbone", "small_cnn", "--weights", "none", "--image-size", "32",
+            "--workers", "0", "--test-fraction", "0", "--out", tmp_path / "run")
+    assert run_cli(*args)[0] == 0
+    (tmp_path / "run" / "stale-note.txt").write_text("left by the first run's user")
+    first = json.loads((tmp_path / "run" / "config.json").read_text())
+    code, _, stderr = run_cli(*args, "--overwrite", "--head", "mlp", "--seed", "3")
+    assert code == 0, stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert first["head"] == "linear" and config["head"] == "mlp" and config["seed"] == 3
+    assert not (tmp_path / "run" / "stale-note.txt").exists()  # replaced as a whole, not written over
+    assert headstart.load(tmp_path / "run").head_config["kind"] == "mlp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]  # no partial or backup folder left
 
 
 def test_mlp_head_run_has_training_curve(fmnist_small, tmp_path):
