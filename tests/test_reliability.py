@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -230,11 +231,51 @@ def test_corrupt_exif_loads_quietly(tmp_path):
     assert seen == [] and px.shape == (6, 8, 3) and np.abs(px - RED).max() <= 3
 
 
+class Hung(BaseException):
+    """Raised by an alarm: not an Exception, so no `except Exception` in the code under test eats it."""
+
+
+@contextmanager
+def fails_if_blocked(seconds: int, what: str):
+    """Fail the test, rather than hang it, when the block takes longer than `seconds` (an open that blocks)."""
+    def hung(*args):
+        raise Hung
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    except Hung:
+        pytest.fail(f"{what} blocked for {seconds} s")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     p = tmp_path / "pipe.png"
     os.mkfifo(p)
-    with pytest.raises(ImageError, match="not a regular file"):
+    with fails_if_blocked(10, "load_image on a FIFO"), pytest.raises(ImageError, match="not a regular file"):
         load_image(p)
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null", "/dev/urandom"])
+def test_devices_named_like_images_are_refused(tmp_path, device):
+    """A link named x.jpg to a device is followed to the device, which is not a regular file: reading
+    /dev/zero or /dev/urandom would never end, /dev/null reads as an empty stream."""
+    link = tmp_path / "x.jpg"
+    os.symlink(device, link)
+    for path in (link, Path(device)):
+        with fails_if_blocked(10, f"load_image on {path}"), pytest.raises(ImageError, match="not a regular file"):
+            load_image(path)
+    # In a class folder, the device is listed as skipped with that reason, and the rest is used.
+    data = write_image_folder(tmp_path / "data", n_per_class=3, size=(8, 8))
+    os.symlink(device, data / "cat" / "device.png")
+    code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "run", "--test-fraction", "0",
+                              "--val-fraction", "0")
+    assert code == 0, stderr
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert skipped == [{"path": str(data / "cat" / "device.png"), "reason": "not a regular file"}]
 
 
 def test_automatic_image_size_does_not_open_a_fifo(tmp_path):
@@ -244,22 +285,8 @@ def test_automatic_image_size_does_not_open_a_fifo(tmp_path):
     os.mkfifo(root / "cat" / "a pipe.png")
     data = scan_folder(root)
     assert any(s.path.endswith("a pipe.png") for s in data.samples)
-
-    class Hung(BaseException):  # not an Exception: auto_image_size's own `except Exception` must not eat it
-        pass
-
-    def hung(*args):
-        raise Hung
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(10)
-    try:
+    with fails_if_blocked(10, "auto_image_size opening the FIFO"):
         size, reason = auto_image_size(data, 224)
-    except Hung:
-        pytest.fail("auto_image_size blocked opening the FIFO")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     assert size == 96 and "median image side 20 px" in reason  # 20 px upsampled 4x, to a multiple of 32
 
 
