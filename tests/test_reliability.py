@@ -905,6 +905,31 @@ def test_fine_tuning_killed_mid_epoch_resumes_to_the_same_final_metrics(tmp_path
     assert not (tmp_path / "cut.checkpoints").exists()
 
 
+def test_ctrl_c_during_fine_tuning_keeps_the_checkpoints_and_resumes(tmp_path, one_torch_thread):
+    """Ctrl-C mid-epoch (the terminal's SIGINT to the process group): exit 130 with one line, no run
+    folder, and the checkpoint of the last finished epoch kept, from which --resume finishes the run."""
+    data = write_image_folder(tmp_path / "data", n_per_class=70, classes=("a", "b"), size=(12, 12))
+    args = ("train", data, "--strategy", "scratch", "--epochs", "3", "--patience", "5", "--workers", "0",
+            "--cache-dir", "none", "--json")
+    # 2 steps an epoch (batch 64): the 3rd step is the first of epoch 2.
+    code, _, stderr = CliChild(tmp_path, *args, "--out", tmp_path / "cut", fault="sigint-step:3",
+                               new_session=True).finish()
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("headstart: interrupted")
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "epoch 1/3" in stderr and "epoch 2/3" not in stderr
+    assert not (tmp_path / "cut").exists() and not list(tmp_path.glob("cut.partial-*"))
+    import torch
+
+    assert torch.load(tmp_path / "cut.checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    code, resumed, stderr = run_cli("train", "--resume", tmp_path / "cut", "--json")
+    assert code == 0, stderr
+    assert "resumed fine-tuning after epoch 1" in stderr
+    assert json.loads(resumed)["fine_tune"]["epochs_run"] == 3
+    assert headstart.load(tmp_path / "cut").classes == ["a", "b"]
+    assert not (tmp_path / "cut.checkpoints").exists()
+
+
 # =========================================================================================== 6. environment faults
 
 
