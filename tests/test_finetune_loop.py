@@ -70,16 +70,17 @@ def test_time_budget_stops_after_the_epoch_that_crossed_it(monkeypatch):
     import headstart.finetune as ft
 
     clock = iter(range(0, 10_000, 10))  # every reading of the clock is 10 s after the last
-    monkeypatch.setattr(ft.time, "perf_counter", lambda: float(next(clock)))
     s = FineTuneSettings(epochs=10, patience=10, augment="none", batch_size=8, time_budget=45)
-    result = fit(_small_net(), s, seed=0, train_data=_boundary(), val=_boundary(6, seed=1))
+    with monkeypatch.context() as m:  # not monkeypatch.undo(): that would lift the network guard too
+        m.setattr(ft.time, "perf_counter", lambda: float(next(clock)))
+        result = fit(_small_net(), s, seed=0, train_data=_boundary(), val=_boundary(6, seed=1))
     assert result.stopped_by == "time budget" and 1 < result.epochs_run < 10
-    monkeypatch.undo()
     unbounded = fit(_small_net(), FineTuneSettings(epochs=3, patience=10, augment="none", batch_size=8),
                     seed=0, train_data=_boundary(), val=_boundary(6, seed=1))
     assert unbounded.stopped_by == "epochs" and unbounded.epochs_run == 3
 
 
+@pytest.mark.slow
 def test_time_budget_from_the_command_line_and_phase_one_kept_off_validation(fmnist_tiny, tmp_path):
     """One fine-tuning run through the CLI: --time-budget stops it after its first epoch, and its phase-1
     head was fitted on the training images alone (phase 2 validates on the validation images)."""
@@ -153,6 +154,7 @@ def test_cosine_schedule_is_the_default_and_decays(monkeypatch):
     assert head == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * i / 6)) for i in range(6)])
 
 
+@pytest.mark.slow
 def test_augment_standard_applies_to_training_images_only(fmnist_tiny, tmp_path, monkeypatch):
     """Counted at the random ops themselves: each training image once per epoch, and not one while the
     validation and test images go through the frozen part (the plain transform)."""
