@@ -28,6 +28,27 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def test_tree_digest_sees_folders_modes_links_and_mtimes(tmp_path):
+    """The helper the "nothing touched" checks rest on: each change below, none of which alters a regular
+    file's bytes, changes the digest."""
+    root = write_image_folder(tmp_path / "d", n_per_class=1, size=(4, 4))
+    os.symlink("cat", root / "link")
+    changes = {
+        "empty folder added": lambda: (root / "cat" / "new").mkdir(),
+        "folder added and removed": lambda: ((root / "cat" / "tmp").mkdir(), (root / "cat" / "tmp").rmdir()),
+        "file mode": lambda: os.chmod(root / "dog" / "dog_000.png", 0o600),
+        "folder mode": lambda: os.chmod(root / "dog", 0o700),
+        "link target": lambda: (os.unlink(root / "link"), os.symlink("dog", root / "link")),
+        "file mtime": lambda: os.utime(root / "cat" / "cat_000.png", ns=(0, 10**9)),
+    }
+    for what, change in changes.items():
+        for folder in (root, root / "cat", root / "dog"):  # far from now: a change within one clock tick shows
+            os.utime(folder, ns=(0, 0))
+        before = tree_digest(root)
+        change()
+        assert tree_digest(root) != before, what
+
+
 @pytest.fixture(scope="module")
 def trained(fmnist_small, tmp_path_factory):
     """One real training run shared by the tests below; the data folder is hashed before and after."""
