@@ -4,12 +4,10 @@ real ImageNet MobileNetV2 weights (from the offline weights package)."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
 from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,13 +9,11 @@ Interruptions use the HEADSTART_FAULT hook (headstart/faults.py), never a sleep 
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
 import pickle
 import signal
-import stat
 import struct
 import subprocess
 import sys
