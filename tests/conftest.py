@@ -1,8 +1,7 @@
-"""Test isolation: private TORCH_HOME, XDG_CACHE_HOME and HOME, and no network at all."""
+"""Test isolation: private TORCH_HOME, XDG_CACHE_HOME and HOME, and no network at all (children included)."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -14,12 +13,33 @@ from PIL import Image
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+def _load_netguard():
+    """tests/netguard/sitecustomize.py under its own name: the same guard code in this process and its children."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headstart_netguard", NETGUARD_DIR / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+NETGUARD_DIR = Path(__file__).parent / "netguard"
+netguard = _load_netguard()
+NetworkBlocked = netguard.NetworkBlocked
+_NETWORK = pytest.StashKey[dict]()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_environment(tmp_path_factory):
+    """Private TORCH_HOME, XDG_CACHE_HOME and HOME, HEADSTART_OFFLINE=1, and the network guard in every
+    child Python (tests/netguard first on PYTHONPATH, its refused attempts logged to one file)."""
     home = tmp_path_factory.mktemp("home")
-    saved = {k: os.environ.get(k) for k in ("TORCH_HOME", "XDG_CACHE_HOME", "HOME", "HEADSTART_OFFLINE")}
+    names = ("TORCH_HOME", "XDG_CACHE_HOME", "HOME", "HEADSTART_OFFLINE", "PYTHONPATH", netguard.LOG_VARIABLE)
+    saved = {k: os.environ.get(k) for k in names}
+    pythonpath = os.pathsep.join(p for p in (str(NETGUARD_DIR), os.environ.get("PYTHONPATH")) if p)
     os.environ.update({"TORCH_HOME": str(home / "torch"), "XDG_CACHE_HOME": str(home / "cache"),
-                       "HOME": str(home), "HEADSTART_OFFLINE": "1"})
+                       "HOME": str(home), "HEADSTART_OFFLINE": "1", "PYTHONPATH": pythonpath,
+                       netguard.LOG_VARIABLE: str(tmp_path_factory.mktemp("netguard") / "attempts.log")})
     yield
     for k, v in saved.items():
         if v is None:
@@ -28,46 +48,93 @@ def _isolated_environment(tmp_path_factory):
             os.environ[k] = v
 
 
-class NetworkBlocked(RuntimeError):
-    pass
+def _network_attempts(state: dict) -> list[str]:
+    """Attempts logged since the test began (or since they were last reported), by any process."""
+    log = Path(os.environ[netguard.LOG_VARIABLE])
+    seen = []
+    if log.exists():
+        with open(log, encoding="utf-8") as f:
+            f.seek(state["offset"])
+            seen += f.read().splitlines()
+            state["offset"] = f.tell()
+    return seen
 
 
-def _is_loopback(address) -> bool:
-    host = address[0] if isinstance(address, tuple) and address else None
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
-    except ValueError:
-        return False
+def _fail_on_network(state: dict) -> None:
+    attempts = _network_attempts(state)
+    if attempts:
+        pytest.fail("the test tried to reach the network (even if the error was caught):\n  "
+                    + "\n  ".join(attempts), pytrace=False)
 
 
 @pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    """Any attempt to reach the network fails the test that made it; loopback stays allowed.
+def _no_network(monkeypatch, request):
+    """Any attempt to reach the network fails the test that made it, in this process or a child.
 
-    Unix-domain sockets stay allowed: DataLoader workers pass tensors back through them.
-    Loopback (127.0.0.0/8, ::1) too: the serving tests talk to a server they started on 127.0.0.1.
+    The attempt raises NetworkBlocked and is logged to a file (so forked children's attempts arrive
+    too); the test fails on the log after its call (pytest_runtest_call below) or at teardown, so an
+    `except Exception` around the attempt changes nothing.
+    Loopback and Unix-domain sockets stay allowed (tests/netguard/sitecustomize.py says why).
     """
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-    real_create_connection = socket.create_connection
+    log = Path(os.environ[netguard.LOG_VARIABLE])
+    state = {"offset": log.stat().st_size if log.exists() else 0}
+    request.node.stash[_NETWORK] = state
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, netguard.guarded(getattr(socket.socket, name),
+                                                                  netguard.append_to_log))
+    yield
+    _fail_on_network(state)
 
-    def guard(real):
-        def connect(self, *args, **kwargs):
-            if self.family in (socket.AF_INET, socket.AF_INET6) and not (args and _is_loopback(args[0])):
-                raise NetworkBlocked(f"tests must not use the network (connect to {args[0] if args else '?'})")
-            return real(self, *args, **kwargs)
 
-        return connect
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test that caught NetworkBlocked and passed is failed here: FAILED, not an error at teardown."""
+    result = yield
+    if _NETWORK in item.stash:
+        _fail_on_network(item.stash[_NETWORK])
+    return result
 
-    def create_connection(address, *args, **kwargs):
-        if not _is_loopback(address):
-            raise NetworkBlocked(f"tests must not use the network (connect to {address})")
-        return real_create_connection(address, *args, **kwargs)
 
-    monkeypatch.setattr(socket.socket, "connect", guard(real_connect))
-    monkeypatch.setattr(socket.socket, "connect_ex", guard(real_connect_ex))
-    monkeypatch.setattr(socket, "create_connection", create_connection)
+def tree_digest(root: Path) -> dict[str, tuple]:
+    """Every entry under `root`, `root` included, not following links: kind, content hash or link target,
+    mode and mtime. Folders are entries too, so a folder created, removed or re-moded shows, and so
+    does a file created and removed again (its folder's mtime moved)."""
+    import hashlib
+    import stat
+
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                what = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                what = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                what = ("dir" if stat.S_ISDIR(st.st_mode) else "other",)
+            state[os.path.relpath(p, root)] = (*what, st.st_mode, st.st_mtime_ns)
+    return state
+
+
+def count_network_batches(monkeypatch) -> list[int]:
+    """Batch sizes every backbone engine is called with from now on, whichever engine runs.
+
+    Every class of headstart.engine with a `__call__` of its own is patched (TorchEngine and the
+    converted engines' base class today), so a new engine is counted without editing this.
+    """
+    import inspect
+
+    from headstart import engine
+
+    sizes: list[int] = []
+    patched = [cls for _, cls in inspect.getmembers(engine, inspect.isclass)
+               if cls.__module__ == engine.__name__ and "__call__" in vars(cls)]
+    assert engine.TorchEngine in patched and engine._ConvertedEngine in patched, patched
+    for cls in patched:
+        real = vars(cls)["__call__"]
+        monkeypatch.setattr(cls, "__call__", lambda self, x, real=real: sizes.append(len(x)) or real(self, x))
+    return sizes
 
 
 @pytest.fixture(scope="module")

@@ -164,3 +164,42 @@ def test_split_transform_is_bitwise_the_whole_one():
     halves = [t.decode(im) for im in images]
     assert all(h.dtype == torch.uint8 and h.shape == (3, 64, 64) for h in halves)
     assert torch.equal(t.normalize(torch.stack(halves)), whole)
+
+
+# Written out from torchvision's model docs, so a registry that copied the wrong entry is caught too.
+KNOWN_PREPROCESSING = {  # name: (crop, resize, interpolation)
+    "mobilenet_v2": (224, 256, "bilinear"),
+    "resnet18": (224, 256, "bilinear"),
+    "resnet50": (224, 232, "bilinear"),  # IMAGENET1K_V2's recipe
+    "vgg16": (224, 256, "bilinear"),
+    "efficientnet_b0": (224, 256, "bicubic"),
+}
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_preprocessing_is_torchvisions_own_for_the_weights(name):
+    """Each entry's preprocessing equals what torchvision's weights entry for its file prescribes, and the
+    two transforms give the same tensor on a real-sized image."""
+    import torchvision
+
+    entry = get_backbone(name)
+    weights = torchvision.models.get_weight(entry.weights_name)
+    assert weights.url == entry.weights.url  # the very file the entry loads
+    theirs, ours = weights.transforms(), entry.preprocessing
+    assert (ours.crop_size, ours.resize_size, ours.interpolation) == \
+        (theirs.crop_size[0], theirs.resize_size[0], theirs.interpolation.value) == KNOWN_PREPROCESSING[name]
+    assert ours.mean == tuple(theirs.mean) and ours.std == tuple(theirs.std)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    assert torch.equal(ours.transform()(image), theirs(image))
+
+
+def test_readme_table_states_each_backbones_input_and_resize():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in PRETRAINED:
+        crop, resize, interpolation = KNOWN_PREPROCESSING[name]
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
+        stated = f"{crop} (resize {resize}" + (f", {interpolation})" if interpolation != "bilinear" else ")")
+        assert stated in row, row

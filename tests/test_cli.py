@@ -4,21 +4,19 @@ real ImageNet MobileNetV2 weights (from the offline weights package)."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
 from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import headstart
 from headstart import cli
-from headstart.engine import TorchEngine, _ConvertedEngine, choose_engine
+from headstart.engine import choose_engine
 
-from conftest import MEASURED, write_image_folder
+from conftest import MEASURED, count_network_batches, tree_digest, write_image_folder
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -28,9 +26,25 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() + str(p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+def test_tree_digest_sees_folders_modes_links_and_mtimes(tmp_path):
+    """The helper the "nothing touched" checks rest on: each change below, none of which alters a regular
+    file's bytes, changes the digest."""
+    root = write_image_folder(tmp_path / "d", n_per_class=1, size=(4, 4))
+    os.symlink("cat", root / "link")
+    changes = {
+        "empty folder added": lambda: (root / "cat" / "new").mkdir(),
+        "folder added and removed": lambda: ((root / "cat" / "tmp").mkdir(), (root / "cat" / "tmp").rmdir()),
+        "file mode": lambda: os.chmod(root / "dog" / "dog_000.png", 0o600),
+        "folder mode": lambda: os.chmod(root / "dog", 0o700),
+        "link target": lambda: (os.unlink(root / "link"), os.symlink("dog", root / "link")),
+        "file mtime": lambda: os.utime(root / "cat" / "cat_000.png", ns=(0, 10**9)),
+    }
+    for what, change in changes.items():
+        for folder in (root, root / "cat", root / "dog"):  # far from now: a change within one clock tick shows
+            os.utime(folder, ns=(0, 0))
+        before = tree_digest(root)
+        change()
+        assert tree_digest(root) != before, what
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +79,6 @@ def test_train_reaches_accuracy_and_writes_a_complete_run(trained, fmnist_small)
     assert json.loads((out / "skipped.json").read_text()) == []
     assert not list(out.parent.glob("*.partial-*"))
     assert tree_digest(fmnist_small) == before  # nothing written into the data folder
-
-
-def count_network_batches(monkeypatch) -> list[int]:
-    """Batch sizes every engine (torch or converted) is called with from now on."""
-    sizes: list[int] = []
-    for cls in (TorchEngine, _ConvertedEngine):
-        real = cls.__call__
-        monkeypatch.setattr(cls, "__call__", lambda self, x, real=real: sizes.append(len(x)) or real(self, x))
-    return sizes
 
 
 def test_second_identical_train_runs_no_forward_pass(trained, fmnist_small, tmp_path, monkeypatch):
@@ -199,9 +204,26 @@ def test_user_errors_exit_2_without_traceback(tmp_path, image_folder):
 
 
 def test_existing_run_is_not_overwritten_without_flag(trained, image_folder):
+    before = tree_digest(trained[0])
     code, _, stderr = run_cli("train", image_folder, "--out", trained[0], "--weights", "none")
     assert code == 2 and "already exists" in stderr
-    assert json.loads((trained[0] / "metrics.json").read_text())["test"]["accuracy"] >= 0.70
+    assert tree_digest(trained[0]) == before  # every file, folder, mode and mtime as it was
+    assert not list(trained[0].parent.glob(f"{trained[0].name}.partial-*"))
+
+
+def test_train_overwrite_replaces_the_run(image_folder, tmp_path):
+    args = ("train", image_folder, "--backbone", "small_cnn", "--weights", "none", "--image-size", "32",
+            "--workers", "0", "--test-fraction", "0", "--out", tmp_path / "run")
+    assert run_cli(*args)[0] == 0
+    (tmp_path / "run" / "stale-note.txt").write_text("left by the first run's user")
+    first = json.loads((tmp_path / "run" / "config.json").read_text())
+    code, _, stderr = run_cli(*args, "--overwrite", "--head", "mlp", "--seed", "3")
+    assert code == 0, stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert first["head"] == "linear" and config["head"] == "mlp" and config["seed"] == 3
+    assert not (tmp_path / "run" / "stale-note.txt").exists()  # replaced as a whole, not written over
+    assert headstart.load(tmp_path / "run").head_config["kind"] == "mlp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]  # no partial or backup folder left
 
 
 def test_mlp_head_run_has_training_curve(fmnist_small, tmp_path):

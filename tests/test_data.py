@@ -190,9 +190,34 @@ def test_split_roughly_follows_the_fractions():
     assert abs(counts["val"] / 2000 - 0.15) < 0.04
     assert abs(counts["train"] / 2000 - 0.60) < 0.04
     assert Counter(split_of(r, 0.0, 0.0) for r in rels) == {"train": 2000}
-    # Deterministic: the same path always gets the same split.
-    assert [split_of(r, 0.15, 0.25) for r in rels[:50]] == [split_of(r, 0.15, 0.25) for r in rels[:50]]
 
+
+# Computed once with split_of (SHA-256 of the UTF-8 path relative to the data folder): a change to the hash
+# would silently move every user's images between train, validation and test, so these are pinned.
+PINNED_SPLITS = {  # path: (split at val 0.1 / test 0.1, split at val 0.3 / test 0.3)
+    "cat/cat_000.png": ("train", "train"),
+    "cat/cat_004.png": ("val", "test"),
+    "cat/cat_007.png": ("val", "test"),
+    "cat/cat_008.png": ("test", "test"),
+    "cat/cat_026.png": ("test", "test"),
+    "dog/dog_001.png": ("train", "val"),
+    "Bag/01234.png": ("train", "val"),
+    "train/Shirt/00007.png": ("val", "test"),
+    "x.png": ("train", "test"),
+    "dog/IMG_0042.JPG": ("train", "train"),
+    "café/ü 猫.png": ("train", "train"),
+}
+
+
+def test_known_paths_keep_their_pinned_splits(tmp_path):
+    for rel, (default, wide) in PINNED_SPLITS.items():
+        assert (split_of(rel, 0.1, 0.1), split_of(rel, 0.3, 0.3)) == (default, wide), rel
+    # ... and scan_folder (class layout) uses exactly that split, keyed on the path relative to the data folder.
+    in_classes = [rel for rel in PINNED_SPLITS if rel.count("/") == 1 and not rel.startswith("train/")]
+    for rel in in_classes:
+        _png(tmp_path / "d" / rel)
+    found = {s.rel: s.split for s in scan_folder(tmp_path / "d").samples}
+    assert found == {rel: PINNED_SPLITS[rel][0] for rel in in_classes}
 
 def test_bad_fractions_are_refused(image_folder):
     with pytest.raises(DataError, match="fraction"):

@@ -19,7 +19,7 @@ from headstart.predict import features_of
 from conftest import MEASURED
 from test_cli import run_cli, trained  # noqa: F401  (the module-scoped training run)
 
-ort = pytest.importorskip("onnxruntime")
+import onnxruntime as ort  # a dependency of headstart (the default CPU engine): missing, the suite must fail
 
 
 def _test_images(fmnist_small, per_class: int = 2) -> list:

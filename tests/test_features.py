@@ -249,21 +249,78 @@ def test_cache_that_fails_mid_run_keeps_what_was_written(backbone, paths, tmp_pa
     assert not list((tmp_path / "cache").rglob("*.tmp"))  # no half-written shard left behind
 
 
-def test_namespace_key_covers_what_changes_the_features(backbone):
-    _, info = backbone
-    base = namespace_key(_namespace(info))
-    assert namespace_key(_namespace(info)) == base
-    variants = {
-        "image size": _namespace(info, pre=ENTRY.preprocessing.scaled(48)),
-        "precision": _namespace(info, choice=EngineChoice("torch", "bf16", "cpu", "tests")),
-        "weights": make_namespace(ENTRY.name, ENTRY.weights.sha256, PRE, FP32),
-        "seed": make_namespace(ENTRY.name, "random-seed-1", PRE, FP32),
-        "backbone": make_namespace("resnet18", info.identity(), PRE, FP32),
+def _key_with(monkeypatch, change) -> str:
+    """The namespace key of the test's reference inputs after `change(monkeypatch)`; undone afterwards."""
+    with monkeypatch.context() as m:
+        change(m)
+        return namespace_key(make_namespace(ENTRY.name, "imagenet-sha256", PRE, FP32))
+
+
+def _version(m, module_name: str, value: str) -> None:
+    import importlib
+
+    m.setattr(importlib.import_module(module_name), "__version__", value)
+
+
+def _dist_version(m, dist: str, value: str) -> None:
+    from importlib import metadata
+
+    real = metadata.version
+    m.setattr(metadata, "version", lambda name: value if name == dist else real(name))
+
+
+def _decoder_option(m, key: str, value) -> None:
+    m.setitem(features_mod.DECODER_OPTIONS, key, value)
+
+
+def test_namespace_key_covers_what_changes_the_features(monkeypatch):
+    """Every input the README lists for the namespace ("backbone, full weights SHA-256 (or the seed of a
+    random init), preprocessing and image size, engine, precision, device, decoder options and library
+    versions") changes the key on its own."""
+    import dataclasses
+
+    ns = lambda **kw: namespace_key(make_namespace(**{"backbone": ENTRY.name, "weights_identity": "imagenet-sha256",  # noqa
+                                                       "preprocessing": PRE, "choice": FP32, **kw}))
+    base = ns()
+    assert ns() == base and _key_with(monkeypatch, lambda m: None) == base
+    keys = {
+        "backbone": ns(backbone="resnet18"),
+        "weights hash": ns(weights_identity="imagenet-other-sha256"),
+        "seed of a random init": ns(weights_identity="random-seed-1"),
+        "image size": ns(preprocessing=PRE.scaled(48)),
+        "resize size": ns(preprocessing=dataclasses.replace(PRE, resize_size=PRE.resize_size + 1)),
+        "interpolation": ns(preprocessing=dataclasses.replace(PRE, interpolation="bicubic")),
+        "mean": ns(preprocessing=dataclasses.replace(PRE, mean=(0.5, 0.5, 0.5))),
+        "std": ns(preprocessing=dataclasses.replace(PRE, std=(0.5, 0.5, 0.5))),
+        "engine onnxruntime": ns(choice=EngineChoice("onnxruntime", "fp32", "cpu", "tests")),
+        "engine openvino": ns(choice=EngineChoice("openvino", "fp32", "cpu", "tests")),
+        "precision": ns(choice=EngineChoice("torch", "bf16", "cpu", "tests")),
+        "device": ns(choice=EngineChoice("torch", "fp32", "cuda", "tests")),
+        "torch version": _key_with(monkeypatch, lambda m: _version(m, "torch", "0.0.1")),
+        "torchvision version": _key_with(monkeypatch, lambda m: _version(m, "torchvision", "0.0.1")),
+        "headstart version": _key_with(monkeypatch, lambda m: _version(m, "headstart", "0.0.1")),
+        "Pillow version": _key_with(monkeypatch, lambda m: _version(m, "PIL", "0.0.1")),
+        "onnxruntime version": _key_with(monkeypatch, lambda m: _dist_version(m, "onnxruntime", "0.0.1")),
+        "openvino version": _key_with(monkeypatch, lambda m: _dist_version(m, "openvino", "0.0.1")),
+        "JPEG draft decoding": _key_with(monkeypatch, lambda m: _decoder_option(m, "jpeg_draft", "off")),
+        "alpha background": _key_with(monkeypatch, lambda m: _decoder_option(m, "alpha_background", [0, 0, 0])),
+        "pixel limit": _key_with(monkeypatch, lambda m: _decoder_option(m, "max_pixels", 10**6)),
+        "EXIF rotation": _key_with(monkeypatch, lambda m: _decoder_option(m, "exif_transpose", False)),
+        "animation frame": _key_with(monkeypatch, lambda m: _decoder_option(m, "first_frame", False)),
     }
-    keys = {what: namespace_key(ns) for what, ns in variants.items()}
     for what, key in keys.items():
         assert key != base, f"changing the {what} does not change the cache namespace"
     assert len(set(keys.values())) == len(keys)
+    assert _key_with(monkeypatch, lambda m: None) == base  # every change was undone
+    # The reason the engines' versions matter: they compute the features on CPU by default.
+    assert {"onnxruntime", "openvino"} <= set(make_namespace(ENTRY.name, "x", PRE, FP32)["versions"])
+
+
+def test_namespace_key_ignores_the_engine_choice_reason():
+    """The reason text is for people: the same engine chosen for another reason reuses the cache."""
+    other = EngineChoice("torch", "fp32", "cpu", "--engine torch")
+    assert namespace_key(make_namespace(ENTRY.name, "x", PRE, other)) == \
+        namespace_key(make_namespace(ENTRY.name, "x", PRE, FP32))
 
 
 def test_workers_and_batch_size_do_not_change_features(backbone, paths):

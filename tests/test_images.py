@@ -231,3 +231,51 @@ def test_bytes_and_file_objects_decode_by_the_same_rules_as_paths(tmp_path):
             load_image(data)
         with pytest.raises(ImageError, match=reason):
             load_image(io.BytesIO(data))
+
+
+# --- JPEG draft decoding -----------------------------------------------------------------------------------------
+
+
+def _photo_jpeg(path: Path, size=(800, 600)) -> Path:
+    """A smooth gradient with detail, saved as a JPEG: what a camera photo looks like to the decoder."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // w, yy * 255 // h, (xx * yy) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(arr).save(path, "JPEG", quality=90)
+    return path
+
+
+def test_jpeg_draft_decodes_at_the_smallest_scale_keeping_min_side(tmp_path):
+    p = _photo_jpeg(tmp_path / "photo.jpg")
+    assert load_image(p).size == (800, 600)
+    # libjpeg scales by 1/2, 1/4 or 1/8; the smallest whose both sides stay >= min_side is used.
+    assert load_image(p, min_side=100).size == (200, 150)  # 1/8 would give 100x75
+    assert load_image(p, min_side=75).size == (100, 75)
+    assert load_image(p, min_side=300).size == (400, 300)
+    assert load_image(p, min_side=301).size == (800, 600)
+    png = tmp_path / "photo.png"
+    Image.open(p).save(png)
+    assert load_image(png, min_side=100).size == (800, 600)  # other formats decode whole
+
+
+def test_extraction_decodes_jpegs_in_draft_mode_and_the_key_says_so(tmp_path):
+    """The feature pipeline asks for the resize size, so its input differs (slightly) from a full decode:
+    which is why the option is part of the feature cache key."""
+    import torch
+
+    from headstart.backbones import get_backbone
+    from headstart.engine import EngineChoice
+    from headstart.features import _Images, decode_side, make_namespace, split_transform
+
+    prep = get_backbone("mobilenet_v2").preprocessing.scaled(64)
+    transform = prep.transform()
+    assert decode_side(transform) == prep.resize_size == 73
+    p = _photo_jpeg(tmp_path / "photo.jpg")
+    _, x, bad = _Images([str(p)], transform)[0]
+    assert bad is None
+    decode_half, _ = split_transform(transform)  # the worker's half: resize and crop (uint8)
+    assert load_image(p, min_side=73).size == (100, 75)  # 1/8: both sides still >= 73
+    assert torch.equal(x, decode_half(load_image(p, min_side=73)))
+    assert not torch.equal(x, decode_half(load_image(p)))  # a full decode gives other pixels
+    ns = make_namespace("mobilenet_v2", "x", prep, EngineChoice("torch", "fp32", "cpu", "tests"))
+    assert ns["decoder"]["jpeg_draft"] == "shorter side >= resize size"

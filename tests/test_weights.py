@@ -241,3 +241,42 @@ def test_pickle_of_plain_object_is_refused(tmp_path):
     torch.save({"a": object()}, path)
     with pytest.raises(WeightsMismatchError, match="cannot read weights file"):
         load_backbone(MOBILENET, path)
+
+
+def test_a_valid_hub_cache_file_wins_over_the_package(hub_dir, no_download, monkeypatch):
+    """Source order: the hub cache comes before the package, so a valid file there is the one read."""
+    import shutil
+
+    hub_file = hub_cache_path(MOBILENET)
+    hub_file.parent.mkdir(parents=True)
+    shutil.copyfile(package_path(MOBILENET), hub_file)
+    read = []
+    real = weights_mod.read_state_dict
+    monkeypatch.setattr(weights_mod, "read_state_dict", lambda path: read.append(Path(path)) or real(path))
+    model, info = load_backbone(MOBILENET)
+    assert read == [hub_file]  # the package's copy was not even opened
+    assert (info.kind, info.source, Path(info.path)) == ("imagenet", "torch hub cache", hub_file)
+    assert info.sha256 == MOBILENET.weights.sha256 and no_download == []
+    sd = torch.load(hub_file, map_location="cpu", weights_only=True)
+    assert torch.equal(model.state_dict()["features.0.0.weight"], sd["features.0.0.weight"])
+
+
+def test_safetensors_weights_file_loads_without_unpickling(tmp_path, monkeypatch, caplog):
+    from safetensors.torch import save_file
+
+    sd = torch.load(package_path(MOBILENET), map_location="cpu", weights_only=True)
+    path = tmp_path / "mobilenet_v2.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a .safetensors file went through torch.load")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with caplog.at_level(logging.WARNING, logger="headstart.weights"):
+        model, info = load_backbone(MOBILENET, path)
+    # Not torchvision's file byte for byte, so it is a "file" of its own hash, loaded as keys and shapes match.
+    assert (info.kind, Path(info.path), info.sha256) == ("file", path, sha256_file(path))
+    assert "keys and shapes match" in caplog.text
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], sd[k]) for k in loaded)  # every backbone tensor, the ImageNet values
+    assert set(sd) - set(loaded) == {"classifier.1.weight", "classifier.1.bias"}  # only the head is stripped

@@ -74,9 +74,24 @@ def make_namespace(backbone: str, weights_identity: str, preprocessing, choice) 
         "precision": choice.precision,
         "device": choice.device,
         "decoder": {**DECODER_OPTIONS, "pillow": PIL.__version__},
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "headstart": __version__},
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "headstart": __version__,
+                     **engine_versions()},
         "pool": "global-average",
     }
+
+
+def engine_versions() -> dict[str, str]:
+    """The converted engines' versions, when installed: they compute the features on CPU by default, and a
+    new release may change a kernel (so a feature's last digits) like a new torch does."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("onnxruntime", "openvino"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def namespace_key(namespace: dict) -> str:
