@@ -1052,7 +1052,7 @@ def test_bundle_loads_without_unpickling_anything(copy_of, monkeypatch, tmp_path
     model = headstart.load(copy_of)
     assert model.classes == ["ant", "bee", "cow"]
     image = _png(tmp_path / "x.png", size=(8, 8))
-    assert model.predict([image], cache_dir="none")[0][0][0] in model.classes
+    assert model.predict([image], cache_dir="none")[0].top[0][0] in model.classes
 
 
 class _Payload:

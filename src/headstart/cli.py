@@ -3,6 +3,9 @@
 Exit codes: 0 success; 1 unexpected internal error (a bug: the traceback is printed);
 2 a problem with the input or environment (bad arguments, data, weights or model files,
 a full disk or a permission: the message says what to do); 130 interrupted with Ctrl-C.
+`predict` exits 0 when at least one input was predicted (each unusable input, a missing
+file included, is warned about on stderr and listed under "skipped" with --json), and 2
+when none could be.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import logging
 import os
 import sys
 
-from . import __version__, progress
+from . import progress
+from ._version import __version__
 from .errors import HeadstartError
 
 log = logging.getLogger("headstart")
@@ -242,8 +246,11 @@ def cmd_predict(a) -> int:
         for r in rows:
             preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
             print(f"{r['path']}\t{preds}")
-    for s in skipped:
-        log.warning("skipped %s: %s", s["path"], s["reason"])
+    # Each skipped file was warned about once already, as it was read; the exit status sums it up.
+    if not rows:
+        print(f"headstart: error: none of the {len(skipped)} inputs could be predicted (see the warnings above).",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -26,9 +26,10 @@ import sklearn
 import torch
 import torchvision
 
-from . import __version__
+from ._version import __version__
 from .backbones import get_backbone
 from .bundle import Model
+from .bundle import save as save_bundle
 from .data import ImageData, check_input, load_data
 from .engine import choose_engine, make_engine
 from .errors import DataError, HeadstartError
@@ -354,7 +355,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
                    preprocessing=prep, weights=winfo, head_config={**head.config(), "in_features": entry.feature_dim,
                                                                    "n_classes": len(head_classes)},
                    strategy=strategy, backbone_identity=identity)
-    bundle.save(out / "model")
+    save_bundle(bundle, out / "model")
 
     test_paths: list[str] = []
     if te.any():
