@@ -77,6 +77,9 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--strict", action="store_true", help="stop if any image is unusable instead of skipping it")
     t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    t.add_argument("--cv", type=int, default=None, metavar="K",
+                   help="feature extraction: also report K-fold accuracy (mean and spread) of the head on the "
+                        "cached train + val features")
     f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
     f.add_argument("--unfreeze", default=None, help="top blocks to train, a number or 'all'")
     f.add_argument("--epochs", type=int, default=None)
@@ -192,7 +195,7 @@ def cmd_train(a) -> int:
     settings = {k: getattr(a, k) for k in ("labels", "backbone", "strategy", "head", "weights", "image_size",
                                             "val_fraction", "test_fraction", "class_weight", "seed", "batch_size",
                                             "workers", "device", "engine", "precision", "cache_dir", "out",
-                                            "strict", "overwrite")}
+                                            "strict", "overwrite", "cv")}
     return _print_run(train(data, finetune=finetune, **settings), a.json)
 
 
@@ -205,6 +208,10 @@ def _print_run(run, as_json: bool) -> int:
     if "test" in run.metrics:
         print(format_report(run.metrics["test"]))
     m = run.metrics
+    if "cv" in m:
+        cv = m["cv"]
+        print(f"\n{cv['k']}-fold cross-validation (train + val, {cv['n_images']} images): accuracy "
+              f"{cv['accuracy_mean']:.4f} +- {cv['accuracy_std']:.4f} (folds {', '.join(f'{a:.4f}' for a in cv['folds'])})")
     print(f"\nrun: {run.run_dir}  (wall {m['wall_seconds']:.0f}s; features: {m['extraction']['from_cache']} from "
           f"cache, {m['extraction']['computed']} computed; skipped {len(run.skipped)})")
     return 0

@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -447,6 +448,35 @@ def _forward_training(net: MLP, x: torch.Tensor, gen: torch.Generator) -> torch.
 
 
 HEADS = {"linear": LinearHead, "mlp": MLPHead}
+
+
+def cross_validate(head: _Head, X: np.ndarray, y: np.ndarray, k: int, seed: int = 0) -> dict:
+    """Stratified K-fold accuracy of (a fresh clone of) `head` on features X: mean, spread, each fold.
+
+    Each fold's head gets no validation data and holds out its own `validation_fraction` of the
+    other folds for its choices: a few hundred images give one test split a wide error bar, K folds
+    use every image once for testing.
+    """
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    from .errors import HeadstartError
+
+    if not 2 <= k <= len(y):
+        raise HeadstartError(f"--cv {k}: K-fold cross-validation needs 2 <= K <= the number of train + validation "
+                             f"images ({len(y)}); pass a K in that range.")
+    smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
+    if k > smallest:
+        log.warning("--cv %d: the smallest class has %d train + validation images, so some folds test none of "
+                    "it; a K of at most %d keeps every class in every fold.", k, smallest, smallest)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)  # logged above
+        # One fold after another: cross_val_score's n_jobs would fight the heads' own torch threads.
+        folds = cross_val_score(clone(head).set_params(refit=True), X, y,
+                                cv=StratifiedKFold(k, shuffle=True, random_state=seed))
+    return {"k": k, "accuracy_mean": float(folds.mean()), "accuracy_std": float(folds.std()),
+            "folds": [float(f) for f in folds], "n_images": int(len(y)), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def make_head(kind: str, *, class_weight=None, seed: int = 0, **kwargs) -> _Head:
