@@ -17,7 +17,7 @@ from headstart.heads import LinearHead, MLPHead
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Small settings keep scikit-learn's ~50 checks (each fits several times) to seconds.
-CHECKED = [LinearHead(), MLPHead(hidden=32, max_epochs=20, patience=3, batch_size=16)]
+CHECKED = [LinearHead(), MLPHead(hidden=16, max_epochs=10, patience=3, batch_size=16, lr=1e-2)]
 
 
 @pytest.mark.parametrize("head", CHECKED, ids=lambda h: type(h).__name__)
@@ -35,7 +35,7 @@ def digits():
     return X.astype(np.float32), y
 
 
-@pytest.mark.parametrize("head", [LinearHead(), MLPHead(max_epochs=30)], ids=lambda h: type(h).__name__)
+@pytest.mark.parametrize("head", [LinearHead(), MLPHead(max_epochs=15, lr=3e-3)], ids=lambda h: type(h).__name__)
 def test_five_fold_cross_val_score_on_digits(head, digits):
     X, y = digits
     scores = cross_val_score(head, X, y, cv=StratifiedKFold(5, shuffle=True, random_state=0))
