@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
