@@ -170,7 +170,7 @@ def test_bundle_round_trip_gives_identical_predictions(trained, fmnist_small):
     p3 = again.predict_proba([Image.open(p) for p in images])  # in-memory images, no cache
     assert np.allclose(p1, p3, atol=1e-6)
     top = again.predict(images, top_k=2)
-    assert len(top) == 8 and all(len(t) == 2 and t[0][0] in again.classes for t in top)
+    assert len(top) == 8 and all(len(t.top) == 2 and t.top[0][0] in again.classes for t in top)
 
 
 def test_backbones_and_cache_commands(trained, tmp_path):

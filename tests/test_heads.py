@@ -86,10 +86,13 @@ def test_linear_head_binary_case_to_torch(split_data):
     assert head.classes_.tolist() == [0, 9]
     with torch.no_grad():
         logits = head.to_torch()(torch.as_tensor(X[160:]))
-    expected = torch.as_tensor(head.decision_function(X[160:]), dtype=torch.float32)
+    expected = torch.as_tensor(head.logits(X[160:]), dtype=torch.float32)
     assert logits.shape == (40, 2)
     assert torch.allclose(logits, expected, atol=1e-4)
     assert torch.equal(logits.argmax(1), expected.argmax(1))
+    # scikit-learn's binary convention: decision_function is the second class's margin over the first.
+    margin = head.decision_function(X[160:])
+    assert margin.shape == (40,) and np.allclose(margin, head.logits(X[160:]) @ [-1.0, 1.0])
     assert head.score(X[160:], y[160:]) >= 0.95
 
 
@@ -125,9 +128,14 @@ def test_balanced_class_weight_raises_minority_recall(cls, kwargs):
 
 def test_linear_head_records_its_c_search_and_picks_c_on_validation(fitted, split_data):
     head = fitted[LinearHead]
-    assert [r["C"] for r in head.search_] == sorted(DEFAULT_CS)
+    tried = [r["C"] for r in head.search_]
+    assert tried[:len(DEFAULT_CS)] == sorted(DEFAULT_CS)
+    # These blobs are separable: loss still fell at C=1, so the path went on by factors of 3 until it turned.
+    assert np.allclose(tried[len(DEFAULT_CS):], [3.0 ** i for i in range(1, len(tried) - len(DEFAULT_CS) + 1)])
     for r in head.search_:
-        assert 0.0 <= r["val_accuracy"] <= 1.0 and r["val_loss"] > 0 and r["iterations"] >= 1
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and r["val_loss"] > 0
+        # Past the grid a warm start on separable data can already meet the tolerance (0 iterations).
+        assert r["iterations"] >= (1 if r["C"] in DEFAULT_CS else 0)
     best = min(head.search_, key=lambda r: r["val_loss"])
     assert head.C_ == best["C"]
     assert head.val_accuracy_ == best["val_accuracy"]
@@ -151,7 +159,7 @@ def test_linear_head_picks_the_c_with_the_best_validation_score(spread, seed):
 
 def test_linear_head_without_validation_uses_the_middle_c(split_data):
     (Xtr, ytr), _, (Xte, yte) = split_data
-    head = LinearHead(Cs=(0.01, 0.1, 1.0)).fit(Xtr, ytr)
+    head = LinearHead(Cs=(0.01, 0.1, 1.0), validation_fraction=0.0).fit(Xtr, ytr)
     assert head.search_ == [] and head.val_accuracy_ is None
     assert head.C_ == 0.1
     assert head.score(Xte, yte) >= 0.95
@@ -201,3 +209,53 @@ def test_make_head():
     with pytest.raises(HeadstartError, match="nope") as err:
         make_head("nope")
     assert "linear" in str(err.value) and "mlp" in str(err.value)
+
+
+# --- the C path past the ends of the grid (issue 10, item 9) ---------------------------------------------------------
+
+
+def _low_noise(n_train=200, n_val=200, d=20, seed=0):
+    """Nearly separable, low-noise labels from a linear rule with a few flips: the best C is well above 1."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(3, d))
+    X = rng.normal(size=(n_train + n_val, d)).astype(np.float32)
+    y = np.argmax(X @ w.T, axis=1)
+    flip = rng.random(len(y)) < 0.02
+    y[flip] = rng.integers(0, 3, flip.sum())
+    return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
+
+
+def test_linear_head_extends_the_c_path_upwards_to_an_interior_minimum():
+    Xtr, ytr, Xv, yv = _low_noise()
+    head = LinearHead().fit(Xtr, ytr, Xv, yv)  # DEFAULT_CS ends at 1; on main the search stopped there
+    cs = [r["C"] for r in head.search_]
+    losses = [r["val_loss"] for r in head.search_]
+    assert head.C_ > 1.0
+    best = cs.index(head.C_)
+    assert 0 < best < len(cs) - 1  # an interior minimum: the loss turned above the chosen C
+    assert losses[best] == min(losses) and losses[best + 1] > losses[best]
+    assert head.search_edge_ is None and head.config()["search_edge"] is None
+
+
+def test_linear_head_says_when_the_search_hit_its_cap(caplog, monkeypatch):
+    from headstart import heads
+
+    Xtr, ytr, Xv, yv = _low_noise()  # its optimum is at C=9 (the test above)
+    monkeypatch.setattr(heads, "C_MAX", 3.0)
+    head = LinearHead().fit(Xtr, ytr, Xv, yv)
+    assert [r["C"] for r in head.search_][-2:] == [1.0, 3.0] and head.C_ == 3.0
+    assert head.search_edge_ == "upper" and head.config()["search_edge"] == "upper"
+    assert "C=3, the upper end of the search" in caplog.text
+
+
+def test_linear_head_extends_the_c_path_downwards():
+    # Pure noise labels: the strongest regularisation is best, below the grid's lowest C.
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(200, 50)).astype(np.float32)
+    y = rng.integers(0, 2, 200)
+    head = LinearHead(Cs=(1.0, 3.0, 10.0)).fit(X[:100], y[:100], X[100:], y[100:])
+    cs = [r["C"] for r in head.search_]
+    assert min(cs) < 1.0 and head.C_ < 1.0
+    assert cs == sorted(cs)
+    best = cs.index(head.C_)
+    assert best > 0 or head.search_edge_ == "lower"

@@ -1146,7 +1146,7 @@ def test_bundle_loads_without_unpickling_anything(copy_of, no_unpickling, tmp_pa
     assert model.classes == ["ant", "bee", "cow"]
     image = _png(tmp_path / "x.png", size=(8, 8))
     # workers=0: a decoding worker's tensors come back pickled (its own IPC, not a file), which would cloud this.
-    assert model.predict([image], cache_dir="none", workers=0)[0][0][0] in model.classes
+    assert model.predict([image], cache_dir="none", workers=0)[0].top[0][0] in model.classes
     assert no_unpickling == []  # no class was looked up by any unpickler, however it was reached
 
 

@@ -1,6 +1,6 @@
 """headstart: transfer learning for image classification on ImageNet backbones."""
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .backbones import get_backbone, list_backbones  # noqa: E402
 from .bundle import Model, load  # noqa: E402

@@ -1,5 +1,7 @@
 """A trained model on disk: `model.safetensors` (every tensor) + `model.json` (everything else).
 
+Saving and loading only; using a loaded Model (features, predictions) is `model.py`'s.
+
 The bundle holds the backbone's weights too, so it predicts on a machine that has no
 weights package. Nothing is pickled: tensors are safetensors, the rest is JSON, and both
 are validated (format version, backbone name, class names, every key and shape) before
@@ -11,22 +13,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from . import __version__
-from .backbones import Backbone, Preprocessing, get_backbone
-from .engine import EngineChoice, choose_engine, make_engine
+from ._version import __version__
+from .backbones import Preprocessing, get_backbone
 from .errors import BundleError, HeadstartError
 from .fileio import atomic_path, write_json
-from .heads import head_module, softmax
+from .heads import head_module
+from .model import Model
 from .weights import WeightsInfo, mismatches
+
+__all__ = ["Model", "load", "save"]
 
 log = logging.getLogger(__name__)
 
@@ -35,80 +35,31 @@ FORMAT_VERSION = 1
 TENSORS, META = "model.safetensors", "model.json"
 
 
-@dataclass
-class Model:
-    """A backbone and a head with the preprocessing and class names they were trained with."""
-
-    entry: Backbone
-    backbone: nn.Module  # image batch -> pooled features
-    head: nn.Module  # features -> logits, columns follow `classes`
-    classes: list[str]
-    preprocessing: Preprocessing
-    weights: WeightsInfo
-    head_config: dict
-    strategy: str = "feature-extraction"
-    backbone_identity: str | None = None  # what the feature cache keys on; the weights hash when frozen
-
-    @property
-    def classes_(self) -> np.ndarray:
-        return np.array(self.classes)
-
-    def engine(self, device: str = "auto", engine: str = "auto", precision: str = "auto", cache_root=None):
-        return make_engine(self.backbone, choose_engine(device, engine, precision), cache_root)
-
-    def namespace(self, choice: EngineChoice) -> dict:
-        from .features import make_namespace
-
-        return make_namespace(self.entry.name, self.backbone_identity or self.weights.identity(), self.preprocessing,
-                              choice)
-
-    def logits_from_features(self, feats: np.ndarray) -> np.ndarray:
-        self.head.eval()
-        with torch.inference_mode():
-            return self.head(torch.as_tensor(np.asarray(feats, np.float32))).double().numpy()
-
-    def proba_from_features(self, feats: np.ndarray) -> np.ndarray:
-        return softmax(self.logits_from_features(feats))
-
-    def predict_proba(self, images: Sequence, *, batch_size: int = 64, cache_dir=None, **engine_kw) -> np.ndarray:
-        """Probabilities (n, n_classes) for image paths or PIL images; raises ImageError on an unreadable one."""
-        from .predict import features_of
-
-        feats, _ = features_of(self, list(images), batch_size=batch_size, cache_dir=cache_dir, **engine_kw)
-        return self.proba_from_features(feats)
-
-    def predict(self, images: Sequence, top_k: int = 1, **kw) -> list[list[tuple[str, float]]]:
-        """The top-k (class, probability) pairs of each image."""
-        proba = self.predict_proba(images, **kw)
-        order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
-        return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(proba, order)]
-
-    # --- disk --------------------------------------------------------------------------
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
-        tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        # safetensors wants contiguous tensors; the engine may have made them channels-last.
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        with atomic_path(directory / TENSORS) as tmp:
-            save_file(tensors, str(tmp))
-        write_json(directory / META, {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "headstart_version": __version__,
-            "torch_version": torch.__version__,
-            "backbone": self.entry.name,
-            "backbone_identity": self.backbone_identity or self.weights.identity(),
-            "weights": self.weights.to_dict(),
-            "strategy": self.strategy,
-            "preprocessing": self.preprocessing.to_dict(),
-            "feature_dim": self.entry.feature_dim,
-            "classes": list(self.classes),
-            "head": self.head_config,
-        })
-        return directory
+def save(model: Model, directory: str | os.PathLike) -> Path:
+    """Write `model` as a bundle folder (model.safetensors + model.json); returns the folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+    tensors.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    # safetensors wants contiguous tensors; the engine may have made them channels-last.
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(directory / TENSORS) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(directory / META, {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "headstart_version": __version__,
+        "torch_version": torch.__version__,
+        "backbone": model.entry.name,
+        "backbone_identity": model.backbone_identity or model.weights.identity(),
+        "weights": model.weights.to_dict(),
+        "strategy": model.strategy,
+        "preprocessing": model.preprocessing.to_dict(),
+        "feature_dim": model.entry.feature_dim,
+        "classes": list(model.classes),
+        "head": model.head_config,
+    })
+    return directory
 
 
 def _checked_preprocessing(prep: Preprocessing) -> Preprocessing:

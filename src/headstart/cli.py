@@ -3,6 +3,9 @@
 Exit codes: 0 success; 1 unexpected internal error (a bug: the traceback is printed);
 2 a problem with the input or environment (bad arguments, data, weights or model files,
 a full disk or a permission: the message says what to do); 130 interrupted with Ctrl-C.
+`predict` exits 0 when at least one input was predicted (each unusable input, a missing
+file included, is warned about on stderr and listed under "skipped" with --json), and 2
+when none could be.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import logging
 import os
 import sys
 
-from . import __version__, progress
+from . import progress
+from ._version import __version__
 from .errors import HeadstartError
 
 log = logging.getLogger("headstart")
@@ -73,6 +77,9 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--strict", action="store_true", help="stop if any image is unusable instead of skipping it")
     t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    t.add_argument("--cv", type=int, default=None, metavar="K",
+                   help="feature extraction: also report K-fold accuracy (mean and spread) of the head on the "
+                        "cached train + val features")
     f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
     f.add_argument("--unfreeze", default=None, help="top blocks to train, a number or 'all'")
     f.add_argument("--epochs", type=int, default=None)
@@ -201,7 +208,7 @@ def cmd_train(a) -> int:
     settings = {k: getattr(a, k) for k in ("labels", "backbone", "strategy", "head", "weights", "image_size",
                                             "val_fraction", "test_fraction", "class_weight", "seed", "batch_size",
                                             "workers", "device", "engine", "precision", "cache_dir", "out",
-                                            "strict", "overwrite")}
+                                            "strict", "overwrite", "cv")}
     return _print_run(train(data, finetune=finetune, **settings), a.json)
 
 
@@ -214,6 +221,10 @@ def _print_run(run, as_json: bool) -> int:
     if "test" in run.metrics:
         print(format_report(run.metrics["test"]))
     m = run.metrics
+    if "cv" in m:
+        cv = m["cv"]
+        print(f"\n{cv['k']}-fold cross-validation (train + val, {cv['n_images']} images): accuracy "
+              f"{cv['accuracy_mean']:.4f} +- {cv['accuracy_std']:.4f} (folds {', '.join(f'{a:.4f}' for a in cv['folds'])})")
     print(f"\nrun: {run.run_dir}  (wall {m['wall_seconds']:.0f}s; features: {m['extraction']['from_cache']} from "
           f"cache, {m['extraction']['computed']} computed; skipped {len(run.skipped)})")
     return 0
@@ -255,8 +266,11 @@ def cmd_predict(a) -> int:
         for r in rows:
             preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
             print(f"{r['path']}\t{preds}")
-    for s in skipped:
-        log.warning("skipped %s: %s", s["path"], s["reason"])
+    # Each skipped file was warned about once already, as it was read; the exit status sums it up.
+    if not rows:
+        print(f"headstart: error: none of the {len(skipped)} inputs could be predicted (see the warnings above).",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -125,6 +126,8 @@ class TorchEngine:
 
     Every engine has this call signature, `model` (the torch module it runs, which fine-tuning
     trains further) and the counters `n_images` / `n_batches` (tests and logs prove cache hits).
+    Every engine may be called from several threads at once (a Model serving requests):
+    an eval-mode module under inference_mode keeps no state between calls.
     """
 
     def __init__(self, model: nn.Module, choice: EngineChoice):
@@ -134,10 +137,12 @@ class TorchEngine:
         self.model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
         self.n_images = 0
         self.n_batches = 0
+        self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.n_images += x.shape[0]
-        self.n_batches += 1
+        with self._lock:
+            self.n_images += x.shape[0]
+            self.n_batches += 1
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if self.choice.precision == "bf16":
@@ -177,14 +182,18 @@ class _ConvertedEngine:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._digest: str | None = None
         self._runners: dict[tuple[int, int], object] = {}
+        # Held while a runner is made: two threads meeting a new shape convert and compile it once.
+        self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.n_images += x.shape[0]
-        self.n_batches += 1
         shape = (int(x.shape[2]), int(x.shape[3]))
-        if shape not in self._runners:
-            self._runners[shape] = self._compile(self._onnx_file(shape))
-        out = self._run(self._runners[shape], np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
+        with self._lock:
+            self.n_images += x.shape[0]
+            self.n_batches += 1
+            if shape not in self._runners:
+                self._runners[shape] = self._compile(self._onnx_file(shape))
+            runner = self._runners[shape]
+        out = self._run(runner, np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     @staticmethod
@@ -227,6 +236,7 @@ class _ConvertedEngine:
 
 
 class OnnxRuntimeEngine(_ConvertedEngine):
+    # An InferenceSession's run() may be called from several threads at once (ONNX Runtime's docs).
     def _compile(self, path: Path):
         import onnxruntime as ort
 
@@ -247,10 +257,25 @@ class OpenVinoEngine(_ConvertedEngine):
         # The precision hint is always explicit: left unset, the CPU plugin may choose bf16 on its own.
         config = {"INFERENCE_PRECISION_HINT": "bf16" if self.choice.precision == "bf16" else "f32",
                   "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads()}
-        return ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+        return _PerThreadRequests(ov.Core().compile_model(str(path), "CPU", config))
 
-    def _run(self, request, x: np.ndarray) -> np.ndarray:
-        return request.infer({0: x})[0]
+    def _run(self, requests: "_PerThreadRequests", x: np.ndarray) -> np.ndarray:
+        return requests.get().infer({0: x})[0]
+
+
+class _PerThreadRequests:
+    """One OpenVINO infer request per calling thread: a compiled model is shared safely, but an
+    infer request holds its input and output buffers and must not run two inferences at once."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self._local = threading.local()
+
+    def get(self):
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return request
 
 
 def make_engine(model: nn.Module, choice: EngineChoice, cache_root: str | os.PathLike | None = None):

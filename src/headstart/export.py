@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .bundle import Model, load
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json

@@ -64,7 +64,7 @@ def make_namespace(backbone: str, weights_identity: str, preprocessing, choice) 
     import PIL
     import torchvision
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "backbone": backbone,

@@ -4,58 +4,51 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from .bundle import Model, load
+from .bundle import load
 from .data import collect_images, load_data
 from .errors import DataError
 from .evaluation import compute_metrics
-from .features import FeatureCache, cache_root_of, extract
-from .images import to_rgb
+from .model import Model
 
 log = logging.getLogger(__name__)
 
 
-def features_of(model: Model, images: Sequence, *, batch_size: int = 64, cache_dir=None, device: str = "auto",
-                engine: str = "auto", precision: str = "auto", workers: int | None = None,
-                desc: str = "features") -> tuple[np.ndarray, dict[str, str]]:
-    """Features of image paths (through the cache) or PIL images; paths that fail are returned with reasons.
+def features_of(model: Model, images: Sequence, **kw) -> tuple[np.ndarray, dict[str, str]]:
+    """Features of the usable inputs (rows in input order, unusable ones left out) and, for each
+    unusable one, why: `Model.features` in the shape evaluation wants."""
+    feats, reasons = model.features(images, **kw)
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    names = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else f"<image {i}>" for i, im in enumerate(images)]
+    return feats[ok], {n: r for n, r in zip(names, reasons) if r is not None}
 
-    Rows follow the readable inputs in order; `failures` maps each unreadable path to why.
-    """
-    eng = model.engine(device, engine, precision, cache_root_of(cache_dir))
-    transform = model.preprocessing.transform()
-    if images and all(isinstance(im, (str, os.PathLike)) for im in images):
-        paths = [os.fspath(p) for p in images]
-        cache = FeatureCache(cache_root_of(cache_dir), model.namespace(eng.choice))
-        result = extract(eng, transform, paths, cache, batch_size=batch_size, workers=workers, desc=desc)
-        keys = [k for k in result.keys if k is not None]
-        feats = cache.get(keys) if keys else np.zeros((0, model.entry.feature_dim), np.float32)
-        return feats, result.failures
-    # In-memory images (PIL): no cache key to give them, so straight through the network.
-    batch = [transform(to_rgb(im)) for im in images]
-    out = [eng(torch.stack(batch[i:i + batch_size])).numpy() for i in range(0, len(batch), batch_size)]
-    return (np.concatenate(out) if out else np.zeros((0, model.entry.feature_dim), np.float32)), {}
+
+def expand_inputs(inputs: Sequence) -> list[str]:
+    """Predict's inputs as image paths: folders searched recursively (sorted), anything else kept as
+    given, so that a missing or unusable file is reported in its place like any other bad input."""
+    paths: list[str] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        paths.extend(collect_images([p]) if p.is_dir() else [os.fspath(p.absolute())])
+    return paths
 
 
 def predict_files(model: Model, inputs: Sequence, *, top_k: int = 1, **kw) -> tuple[list[dict], list[dict]]:
-    """Top-k predictions for files and folders: rows of {path, predictions:[{class, probability}]}, and skips."""
-    paths = collect_images(list(inputs))
+    """Top-k predictions for files and folders: rows of {path, predictions:[{class, probability}]} in
+    input order, and the unusable inputs as {path, reason} (each warned about once, by extraction)."""
+    paths = expand_inputs(list(inputs))
     if not paths:
         raise DataError(f"no images found in {', '.join(map(str, inputs))}.")
-    feats, failures = features_of(model, paths, desc="predict", **kw)
-    proba = model.proba_from_features(feats) if len(feats) else np.zeros((0, len(model.classes)))
-    ok_paths = [p for p in paths if p not in failures]
-    k = max(1, min(top_k, len(model.classes)))
-    rows = []
-    for path, p in zip(ok_paths, proba):
-        order = np.argsort(-p, kind="stable")[:k]
-        rows.append({"path": path, "predictions": [{"class": model.classes[j], "probability": float(p[j])}
-                                                   for j in order]})
-    skipped = [{"path": p, "reason": r} for p, r in failures.items()]
+    rows, skipped = [], []
+    for pred in model.predict(paths, top_k=top_k, desc="predict", **kw):
+        if pred.ok:
+            rows.append({"path": pred.input, "predictions": [{"class": c, "probability": p} for c, p in pred.top]})
+        else:
+            skipped.append({"path": pred.input, "reason": pred.error})
     return rows, skipped
 
 

@@ -26,9 +26,10 @@ import sklearn
 import torch
 import torchvision
 
-from . import __version__
+from ._version import __version__
 from .backbones import get_backbone
 from .bundle import Model
+from .bundle import save as save_bundle
 from .data import ImageData, check_input, load_data
 from .engine import choose_engine, make_engine
 from .errors import DataError, HeadstartError
@@ -36,7 +37,7 @@ from .evaluation import (compute_metrics, format_report, plot_confusion_matrix, 
                          plot_worst_errors, write_report_markdown)
 from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .fileio import write_json, write_text
-from .heads import make_head
+from .heads import cross_validate, make_head
 from .images import load_image
 from .weights import load_backbone
 from .finetune_run import backbone_identity, resume_settings, run_fine_tune
@@ -77,6 +78,7 @@ class TrainConfig:
     overwrite: bool = False
     finetune: dict = field(default_factory=dict)  # FineTuneSettings fields, for --strategy fine-tune
     resume: bool = False  # continue an interrupted fine-tuning run at `out` from its last checkpoint
+    cv: int | None = None  # K: also report K-fold accuracy of the feature-extraction head on train + val
 
 
 @dataclass
@@ -195,6 +197,10 @@ def train(data: str | os.PathLike, **settings) -> Run:
     if unfreeze != "all" and not 0 <= int(unfreeze) <= len(entry.blocks):
         raise HeadstartError(f"--unfreeze {unfreeze}: {entry.name} has {len(entry.blocks)} blocks "
                              f"({', '.join(entry.blocks)}); use 0..{len(entry.blocks)} or 'all'.")
+    if cfg.cv is not None and cfg.strategy in ("fine-tune", "scratch"):
+        raise HeadstartError(f"--cv cross-validates the head on cached features; it does not apply to --strategy "
+                             f"{cfg.strategy} (each fold would train the network again). Drop --cv, or use "
+                             "--strategy feature-extraction.")
     check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
     cache_root = cache_root_of(cfg.cache_dir)
     final = _run_dir(cfg.out, cfg.overwrite)
@@ -327,11 +333,14 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
             fine_tune = False
             head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed).fit(*fit_args)
     head_seconds = time.perf_counter() - t_head
+    cv = _cross_validate(cfg, X[tr | va], y[tr | va], strategy) if cfg.cv is not None else None
     head_classes = [data.classes[i] for i in head.classes_]
     label_to_col = {c: i for i, c in enumerate(head_classes)}
     cols = np.array([label_to_col.get(data.classes[i], -1) for i in y])  # head output column of each image
 
     metrics: dict = {"val_accuracy": getattr(head, "val_accuracy_", None)}
+    if cv is not None:
+        metrics["cv"] = cv
     head_module, identity, ft_history = head.to_torch(), winfo.identity(), None
     if strategy == "scratch":
         # Phase 1's head was fitted to a random network's features, with its scaler folded in: weights
@@ -354,7 +363,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
                    preprocessing=prep, weights=winfo, head_config={**head.config(), "in_features": entry.feature_dim,
                                                                    "n_classes": len(head_classes)},
                    strategy=strategy, backbone_identity=identity)
-    bundle.save(out / "model")
+    save_bundle(bundle, out / "model")
 
     test_paths: list[str] = []
     if te.any():
@@ -404,6 +413,18 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         write_report_markdown(metrics["test"], out / "report.md", title=f"headstart run {final.name}: test set")
         write_text(out / "report.txt", format_report(metrics["test"]) + "\n")
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
+
+
+def _cross_validate(cfg: TrainConfig, X: np.ndarray, y: np.ndarray, strategy: str) -> dict:
+    """K-fold accuracy of the configured head on the cached train + validation features."""
+    cv = cross_validate(make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed), X, y, cfg.cv, cfg.seed)
+    log.info("%d-fold cross-validation of the %s head on %d train + val images: accuracy %.4f +- %.4f (folds %s)",
+             cv["k"], cfg.head, cv["n_images"], cv["accuracy_mean"], cv["accuracy_std"],
+             ", ".join(f"{a:.4f}" for a in cv["folds"]))
+    if strategy != "feature-extraction":
+        log.warning("--cv: the %d-fold accuracy is of the feature-extraction head; strategy auto chose %s, so "
+                    "the saved model is not the one cross-validated.", cv["k"], strategy)
+    return cv
 
 
 def _write_splits(path: Path, data: ImageData, ext) -> None:

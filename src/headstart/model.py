@@ -1,0 +1,190 @@
+"""A trained model in use: features, probabilities and predictions for image files and PIL images.
+
+`bundle.py` saves and loads a Model; this module only uses one. The backbone's engine is
+built once per (engine, precision, device, cache folder) and reused by every later call:
+building it costs, with ONNX Runtime, a hash of every backbone tensor and a new session.
+A Model may be called from several threads at once (a server): the engine table is filled
+under a lock, and the engines themselves are safe to share (engine.py).
+
+Every input gets an answer in input order. An unusable one (missing, not an image, damaged)
+is a `Prediction` with its `error` from `predict`, a NaN row from `predict_proba(...,
+errors="nan")`, and an ImageError naming it from `predict_proba` by default: rows of a
+probability matrix that silently skipped an input would pair with the wrong files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .backbones import Backbone, Preprocessing
+from .engine import EngineChoice, choose_engine, make_engine
+from .features import FeatureCache, cache_root_of, extract, make_namespace
+from .heads import softmax
+from .images import ImageError, to_rgb
+from .weights import WeightsInfo
+
+log = logging.getLogger(__name__)
+
+ERRORS = ("raise", "nan")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What `Model.predict` says about one input: its top-k classes, or why it could not be used."""
+
+    input: str  # the path as given, or "<image i>" for the i-th input when it is an in-memory image
+    top: list[tuple[str, float]]  # (class, probability), most probable first; empty when `error` is set
+    error: str | None = None  # why the input could not be used (missing, not an image, damaged, ...)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def label(self) -> str | None:
+        """The most probable class, or None for an unusable input."""
+        return self.top[0][0] if self.top else None
+
+
+def as_inputs(images) -> list:
+    """A list of inputs from one path, one PIL image, or a sequence of them: a single string is one
+    file, not a sequence of one-character file names."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    return list(images)
+
+
+def _name(item, i: int) -> str:
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<image {i}>"
+
+
+@dataclass(eq=False)
+class Model:
+    """A backbone and a head with the preprocessing and class names they were trained with."""
+
+    entry: Backbone
+    backbone: nn.Module  # image batch -> pooled features
+    head: nn.Module  # features -> logits, columns follow `classes`
+    classes: list[str]
+    preprocessing: Preprocessing
+    weights: WeightsInfo
+    head_config: dict
+    strategy: str = "feature-extraction"
+    backbone_identity: str | None = None  # what the feature cache keys on; the weights hash when frozen
+    _engines: dict = field(default_factory=dict, init=False, repr=False)
+    _engines_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return np.array(self.classes)
+
+    def engine(self, device: str = "auto", engine: str = "auto", precision: str = "auto", cache_root=None):
+        """The backbone's engine for this choice, built on first use and then reused (by every thread)."""
+        choice = choose_engine(device, engine, precision)
+        key = (choice.engine, choice.precision, choice.device, None if cache_root is None else os.fspath(cache_root))
+        with self._engines_lock:  # held while building: two first calls build one engine, not two
+            if key not in self._engines:
+                self._engines[key] = make_engine(self.backbone, choice, cache_root)
+            return self._engines[key]
+
+    def namespace(self, choice: EngineChoice) -> dict:
+        return make_namespace(self.entry.name, self.backbone_identity or self.weights.identity(), self.preprocessing,
+                              choice)
+
+    def logits_from_features(self, feats: np.ndarray) -> np.ndarray:
+        self.head.eval()
+        with torch.inference_mode():
+            return self.head(torch.as_tensor(np.asarray(feats, np.float32))).double().numpy()
+
+    def proba_from_features(self, feats: np.ndarray) -> np.ndarray:
+        return softmax(self.logits_from_features(feats))
+
+    def features(self, images, *, batch_size: int = 64, cache_dir=None, device: str = "auto",
+                 engine: str = "auto", precision: str = "auto", workers: int | None = None,
+                 desc: str = "features") -> tuple[np.ndarray, list[str | None]]:
+        """Features (n_inputs, feature_dim) of image paths (through the cache) and PIL images, in input
+        order, and per input None or why it could not be used (its row is then NaN)."""
+        items = as_inputs(images)
+        cache_root = cache_root_of(cache_dir)
+        eng = self.engine(device, engine, precision, cache_root)
+        transform = self.preprocessing.transform()
+        feats = np.full((len(items), self.entry.feature_dim), np.nan, np.float32)
+        errors: list[str | None] = [None] * len(items)
+        at_paths = [i for i, im in enumerate(items) if isinstance(im, (str, os.PathLike))]
+        if at_paths:
+            paths = [os.fspath(items[i]) for i in at_paths]
+            cache = FeatureCache(cache_root, self.namespace(eng.choice))
+            # extract warns once about each unusable file; nothing here warns again.
+            result = extract(eng, transform, paths, cache, batch_size=batch_size, workers=workers, desc=desc)
+            ok = [i for i, k in zip(at_paths, result.keys) if k is not None]
+            if ok:
+                feats[ok] = cache.get([k for k in result.keys if k is not None])
+            for i, p in zip(at_paths, paths):
+                errors[i] = result.failures.get(p)
+        # In-memory images: no cache key to give them, so straight through the network.
+        in_memory, batch = [], []
+        for i, im in enumerate(items):
+            if isinstance(im, (str, os.PathLike)):
+                continue
+            try:
+                if not isinstance(im, Image.Image):
+                    raise ImageError(f"not an image path or PIL image but {type(im).__name__}")
+                batch.append(transform(to_rgb(im)))
+                in_memory.append(i)
+            except (ImageError, OSError, ValueError) as exc:
+                errors[i] = str(exc)
+                log.warning("skipping %s: %s", _name(im, i), exc)
+        for s in range(0, len(batch), batch_size):
+            feats[in_memory[s:s + batch_size]] = eng(torch.stack(batch[s:s + batch_size])).numpy()
+        return feats, errors
+
+    def predict_proba(self, images, *, errors: str = "raise", **kw) -> np.ndarray:
+        """Probabilities (n_inputs, n_classes) for image paths or PIL images, rows in input order.
+
+        An unusable input raises ImageError naming it (errors="raise"), or gets a row of NaN
+        (errors="nan"). Keywords: batch_size, cache_dir, device, engine, precision, workers.
+        """
+        if errors not in ERRORS:
+            raise ValueError(f"errors must be one of {', '.join(ERRORS)}, not {errors!r}")
+        items = as_inputs(images)
+        feats, reasons = self.features(items, **kw)
+        bad = [(i, r) for i, r in enumerate(reasons) if r is not None]
+        if bad and errors == "raise":
+            listing = "; ".join(f"{_name(items[i], i)}: {r}" for i, r in bad[:5])
+            raise ImageError(f"{len(bad)} of {len(items)} inputs cannot be used ({listing}"
+                             f"{'; ...' if len(bad) > 5 else ''}). Pass errors='nan' for a NaN row in their place, "
+                             "or use predict(), which reports each input's status.")
+        proba = np.full((len(items), len(self.classes)), np.nan)
+        ok = [r is None for r in reasons]
+        if any(ok):
+            proba[ok] = self.proba_from_features(feats[ok])
+        return proba
+
+    def predict(self, images, top_k: int = 1, **kw) -> list[Prediction]:
+        """One Prediction per input, in input order: its top-k (class, probability) pairs, or its error.
+
+        `images` is one path or PIL image, or a sequence of them; nothing is dropped.
+        """
+        items = as_inputs(images)
+        feats, reasons = self.features(items, **kw)
+        ok = [r is None for r in reasons]
+        proba = self.proba_from_features(feats[ok]) if any(ok) else np.zeros((0, len(self.classes)))
+        rows = iter(proba)
+        k = max(1, min(top_k, len(self.classes)))
+        out = []
+        for i, (item, reason) in enumerate(zip(items, reasons)):
+            if reason is not None:
+                out.append(Prediction(_name(item, i), [], reason))
+                continue
+            p = next(rows)
+            order = np.argsort(-p, kind="stable")[:k]
+            out.append(Prediction(_name(item, i), [(self.classes[j], float(p[j])) for j in order]))
+        return out
