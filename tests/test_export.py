@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import headstart
+from headstart.engine import native_bf16
 from headstart.errors import HeadstartError
 from headstart.export import export_onnx
 from headstart.images import load_image
@@ -32,7 +34,8 @@ def exported(trained, fmnist_small, tmp_path_factory):  # noqa: F811
     model = headstart.load(trained[0])
     paths = _test_images(fmnist_small)
     # The torch engine leaves the backbone channels-last: the export must work on a copy.
-    feats, failures = features_of(model, paths, cache_dir="none", workers=0, engine="torch")
+    # fp32 pinned: the export computes in fp32, and the rule's precision is bf16 on a native-bf16 CPU.
+    feats, failures = features_of(model, paths, cache_dir="none", workers=0, engine="torch", precision="fp32")
     assert not failures
     path = export_onnx(model, tmp_path_factory.mktemp("export") / "onnx")
     return model, paths, model.logits_from_features(feats), path
@@ -54,6 +57,38 @@ def test_onnx_runtime_agrees_with_the_bundle_on_real_images(exported):
     # The export worked on a copy: the caller's backbone keeps the engine's channels-last layout.
     conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# bf16 against fp32, where the CPU computes bf16 natively (on the AVX2 kind it is emulated, about 1 GFLOP/s,
+# and the rule never picks it). NOT MEASURED on native-bf16 hardware: the session that wrote this test had
+# only the AVX2 kind. The bounds come from bf16's format and published behaviour: 8 significant bits, so
+# each rounding is off by up to 2^-9 (0.2%) relative; oneDNN and OpenVINO accumulate in fp32 and report
+# ImageNet top-1 within a few tenths of a percent of fp32 for CNNs such as MobileNetV2 and ResNet-50.
+# Per image, agreement is lower where two classes nearly tie (this small head has many such images:
+# issue 10 saw 18 of 20 agree, torch bf16 against fp32). Replace them with measured numbers once run there.
+BF16_MIN_TOP1_AGREEMENT = 0.85
+BF16_MAX_LOGIT_DIFF = 0.1  # relative to the largest |fp32 logit|
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bf16 is emulated on this CPU (no avx512_bf16/amx_bf16)")
+def test_bf16_agrees_with_fp32_on_real_images(trained, fmnist_small):  # noqa: F811
+    paths = [str(p) for p in _test_images(fmnist_small, per_class=20)]  # 200 real test images
+    # OpenVINO in its own process (its thread pool's teardown crashed this long pytest process; test_engines).
+    script = ("import sys, json, headstart; from headstart.predict import features_of; "
+              "m = headstart.load(sys.argv[1]); paths = json.loads(sys.argv[2]); "
+              "out = {p: m.logits_from_features(features_of(m, paths, cache_dir='none', workers=0, "
+              "engine='openvino', precision=p)[0]).tolist() for p in ('fp32', 'bf16')}; print(json.dumps(out))")
+    proc = subprocess.run([sys.executable, "-c", script, str(trained[0]), json.dumps(paths)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    fp32, bf16 = np.array(out["fp32"]), np.array(out["bf16"])
+    agree = float((fp32.argmax(1) == bf16.argmax(1)).mean())
+    diff = float(np.abs(bf16 - fp32).max() / np.abs(fp32).max())
+    MEASURED.append(f"OpenVINO bf16 vs fp32 (MobileNetV2 + linear head, 64 px, 200 real images): top-1 agrees on "
+                    f"{agree:.3f}; max |logit difference| {diff:.3g} of the largest logit")
+    assert agree >= BF16_MIN_TOP1_AGREEMENT
+    assert diff <= BF16_MAX_LOGIT_DIFF
 
 
 def test_json_states_classes_preprocessing_and_hashes(exported):
