@@ -3,6 +3,7 @@ real ImageNet MobileNetV2 weights (from the offline weights package)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
@@ -230,3 +231,63 @@ def test_corrupt_image_is_skipped_and_strict_stops(tmp_path):
     code, _, stderr = run_cli(*args, "--out", tmp_path / "strict", "--strict")
     assert code == 2 and "--strict" in stderr and "broken.png" in stderr
     assert not (tmp_path / "strict").exists()
+
+
+# --------------------------------------------------------------------------- the command line itself
+
+
+def parse_error(capsys, *args: str) -> str:
+    """argparse's own errors exit 2 before any command runs; return what they printed."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_no_prefix_matching_and_a_mistyped_flag_shows_its_commands_usage(capsys, image_folder):
+    err = parse_error(capsys, "train", image_folder, "--epoch", "3")  # became --epochs before
+    assert err.startswith("usage: headstart train") and "unrecognized arguments: --epoch 3" in err
+    assert "--image-size" in err  # the subcommand's usage, not the top level's
+    err = parse_error(capsys, "cache", "info", "--cache", "x")  # a prefix of --cache-dir
+    assert err.startswith("usage: headstart cache") and "--cache x" in err
+    parser = cli.get_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert parser.allow_abbrev is False and all(sp.allow_abbrev is False for sp in subparsers.values())
+    err = parse_error(capsys, "--quite", "backbones")
+    assert err.startswith("usage: headstart [-h]") and "--quite" in err
+    err = parse_error(capsys, "train", image_folder, "--image-size", "abc")
+    assert "a number of pixels or 'auto'" in err and "'abc'" in err
+
+
+def test_fine_tuning_settings_with_feature_extraction_are_refused_by_the_api_too(image_folder, tmp_path):
+    from headstart.errors import HeadstartError
+
+    with pytest.raises(HeadstartError, match="epochs.*fine-tune"):
+        headstart.train(image_folder, strategy="feature-extraction", finetune={"epochs": 3}, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    code, _, stderr = run_cli("train", image_folder, "--strategy", "feature-extraction", "--lr", "0.1")
+    assert code == 2 and "--lr" in stderr
+
+
+def test_settings_auto_does_not_use_are_warned_about_and_recorded(image_folder, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli("train", image_folder, "--out", out, "--image-size", "32", "--workers", "0",
+                                   "--weights", "none", "--epochs", "3", "--lr", "0.001", "--time-budget", "1h",
+                                   "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["run_dir"] == str(out)  # --json names the run it wrote
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved_strategy"] == "feature-extraction"  # 6 images per class
+    assert config["unused_settings"] == {"epochs": 3, "lr": 0.001}  # the time budget took part in the choice
+    assert "not used: --epochs, --lr" in stderr
+
+
+def test_counts_are_pluralised(tmp_path):
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    write_image_folder(tmp_path / "data", n_per_class=1, classes=("a",))
+    code, _, stderr = run_cli("train", tmp_path / "data", "--out", tmp_path / "run", "--weights", "none")
+    assert code == 2 and "1 image in 1 class " in stderr  # it said "1 images in 1 classes"
+    from headstart.text import count
+
+    assert [count(n, w) for n, w in ((0, "image"), (1, "class"), (2, "class"), (1, "file"))] == \
+        ["0 images", "1 class", "2 classes", "1 file"]

@@ -16,12 +16,18 @@ import sys
 
 from . import __version__, progress
 from .errors import HeadstartError
+from .text import count
 
 log = logging.getLogger("headstart")
 
 
 def _size(value: str):
-    return value if value == "auto" else int(value)
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', not {value!r}") from None
 
 
 def _duration(value: str) -> float:
@@ -38,12 +44,28 @@ FINETUNE_FLAGS = ("unfreeze", "epochs", "lr", "lr_head", "lr_decay", "optimizer"
                   "schedule", "augment", "bn_update", "early_stop_metric", "patience", "time_budget", "sampler")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No prefix matching (`--epoch 3` is an error, not `--epochs`), and an unknown argument is reported
+    by the (sub)command that got it, with that command's usage: argparse's default hands a subcommand's
+    leftovers to the top-level parser, whose usage does not show the subcommand's flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="headstart", description="Transfer learning for image classification.")
+    p = _Parser(prog="headstart", description="Transfer learning for image classification.")
     p.add_argument("--version", action="version", version=f"headstart {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results; no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model on an image folder and write a run directory")
     t.add_argument("data", nargs="?", help="DATA/<class>/..., DATA/train|val|test/<class>/..., or the CSV's folder")
@@ -194,7 +216,7 @@ def cmd_train(a) -> int:
 
 def _print_run(run, as_json: bool) -> int:
     if as_json:
-        print(json.dumps(run.metrics, indent=2))
+        print(json.dumps({"run_dir": str(run.run_dir), **run.metrics}, indent=2))
         return 0
     from .evaluation import format_report
 
@@ -202,7 +224,7 @@ def _print_run(run, as_json: bool) -> int:
         print(format_report(run.metrics["test"]))
     m = run.metrics
     print(f"\nrun: {run.run_dir}  (wall {m['wall_seconds']:.0f}s; features: {m['extraction']['from_cache']} from "
-          f"cache, {m['extraction']['computed']} computed; skipped {len(run.skipped)})")
+          f"cache, {m['extraction']['computed']} computed; skipped {count(len(run.skipped), 'file')})")
     return 0
 
 
