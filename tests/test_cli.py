@@ -9,6 +9,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -291,3 +293,27 @@ def test_counts_are_pluralised(tmp_path):
 
     assert [count(n, w) for n, w in ((0, "image"), (1, "class"), (2, "class"), (1, "file"))] == \
         ["0 images", "1 class", "2 classes", "1 file"]
+
+
+def _with_reader_gone(*args: str) -> tuple[int, str]:
+    """Run the command with stdout a pipe whose reader has closed, as `| head` does once it has its lines."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "headstart.cli", *map(str, args)], stdout=write_end,
+                            stderr=subprocess.PIPE)
+    os.close(write_end)
+    os.close(read_end)  # before the command prints anything: its first write meets a closed pipe
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err.decode()
+
+
+def test_a_closed_pipe_exits_141_quietly_and_keeps_the_run(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_per_class=10)  # 20 images: a test split, so no warning
+    out = tmp_path / "run"
+    code, stderr = _with_reader_gone("-q", "train", data, "--out", out, "--image-size", "32",
+                                     "--workers", "0", "--weights", "none")
+    assert (code, stderr) == (141, "")  # was exit 2 with "error: Broken pipe; check the path..."
+    for name in ("config.json", "metrics.json", "model/model.json", "model/model.safetensors", "report.md"):
+        assert (out / name).is_file(), name
+    assert not list(tmp_path.glob("run.partial-*"))
+    code, stderr = _with_reader_gone("cache", "info", "--json", "--cache-dir", tmp_path / "cache")
+    assert (code, stderr) == (141, "")

@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 unexpected internal error (a bug: the traceback is printed);
 2 a problem with the input or environment (bad arguments, data, weights or model files,
-a full disk or a permission: the message says what to do); 130 interrupted with Ctrl-C.
+a full disk or a permission: the message says what to do); 130 interrupted with Ctrl-C;
+141 (128 + SIGPIPE) the reader of the output went away (`headstart train ... | head -3`):
+no message, as Unix tools do, and a run that completed is kept.
 """
 
 from __future__ import annotations
@@ -349,7 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_quiet(args.quiet)
     _setup_logging(args.quiet, args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
+    except BrokenPipeError:
+        # Python's docs, "Note on SIGPIPE": point stdout at /dev/null so the flush at exit does not
+        # fail again. Everything the command did (a published run) stays; only the printing stopped.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except HeadstartError as exc:
         print(f"headstart: error: {exc}", file=sys.stderr)
         return exc.exit_code
