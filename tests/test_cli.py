@@ -181,8 +181,9 @@ def test_backbones_and_cache_commands(trained, tmp_path):
     code, stdout, _ = run_cli("cache", "info", "--json")
     info = json.loads(stdout)
     assert code == 0 and info["bytes"] > 0 and info["namespaces"][0]["backbone"] == "mobilenet_v2"
+    (tmp_path / "empty-cache").mkdir()
     code, stdout, _ = run_cli("cache", "clear", "--cache-dir", tmp_path / "empty-cache")
-    assert code == 0 and "cleared" in stdout
+    assert code == 0 and "cleared: 0.0 MB freed" in stdout
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path, image_folder):

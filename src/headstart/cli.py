@@ -146,7 +146,7 @@ def get_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backbones", help="list the backbones, their sizes and whether weights are available")
 
-    c = sub.add_parser("cache", help="inspect or clear the feature cache")
+    c = sub.add_parser("cache", help="inspect or clear the cache (features, converted backbones, downloads)")
     c.add_argument("action", choices=["info", "clear"])
     c.add_argument("--cache-dir", default=None)
     c.add_argument("--json", action="store_true")
@@ -294,18 +294,24 @@ def _weights_status(b, where: str | None) -> str:
 def cmd_cache(a) -> int:
     from .features import cache_info, clear_cache
 
-    if a.action == "clear":
-        freed = clear_cache(a.cache_dir)
-        print(f"feature cache cleared ({freed / 1e6:.1f} MB freed)")
-        return 0
-    info = cache_info(a.cache_dir)
+    info = clear_cache(a.cache_dir) if a.action == "clear" else cache_info(a.cache_dir)
     if a.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"feature cache: {info['path']} ({info['bytes'] / 1e6:.1f} MB)")
+    parts = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in info["parts"].items() if size)
+    if a.action == "clear":
+        print(f"cache {info['path']} cleared: {info['bytes'] / 1e6:.1f} MB freed" + (f" ({parts})" if parts else ""))
+        return 0
+    if not info["exists"]:
+        print(f"cache: {info['path']} does not exist yet (nothing cached)")
+        return 0
+    print(f"cache: {info['path']} ({info['bytes'] / 1e6:.1f} MB" + (f": {parts})" if parts else ")"))
     for s in info["namespaces"]:
-        print(f"  {s['namespace']}  {s['backbone']} {s['image_size']}px {s['engine']}/{s['precision']}: "
-              f"{s['shards']} shards, {s['bytes'] / 1e6:.1f} MB")
+        print(f"  features {s['namespace']}  {s['backbone']} {s['image_size']}px {s['engine']}/{s['precision']}: "
+              f"{count(s['shards'], 'shard')}, {s['bytes'] / 1e6:.1f} MB")
+    if info["converted_models"]:
+        print(f"  engines: {count(info['converted_models'], 'converted backbone')}, "
+              f"{info['parts']['engines'] / 1e6:.1f} MB")
     return 0
 
 
