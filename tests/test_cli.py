@@ -316,5 +316,15 @@ def test_a_closed_pipe_exits_141_quietly_and_keeps_the_run(tmp_path):
     for name in ("config.json", "metrics.json", "model/model.json", "model/model.safetensors", "report.md"):
         assert (out / name).is_file(), name
     assert not list(tmp_path.glob("run.partial-*"))
-    code, stderr = _with_reader_gone("cache", "info", "--json", "--cache-dir", tmp_path / "cache")
+    code, stderr = _with_reader_gone("cache", "info", "--json")  # the cache the run above filled
     assert (code, stderr) == (141, "")
+
+
+def test_a_broken_pipe_elsewhere_is_not_mistaken_for_the_reader_leaving(tmp_path):
+    """141 is for stdout's reader going away; another pipe breaking (a worker's) stays an error."""
+    script = ("import sys; from headstart import cli\n"
+              "def broken(a): raise BrokenPipeError(32, 'Broken pipe')\n"
+              "cli.COMMANDS['backbones'] = broken\n"
+              "sys.exit(cli.main(['backbones']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Broken pipe" in proc.stderr

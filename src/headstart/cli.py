@@ -352,6 +352,18 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     logger.propagate = False
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (and not some other pipe that broke)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is not a file: assume the pipe
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     progress.set_quiet(args.quiet)
@@ -360,15 +372,15 @@ def main(argv: list[str] | None = None) -> int:
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
         return code
-    except BrokenPipeError:
-        # Python's docs, "Note on SIGPIPE": point stdout at /dev/null so the flush at exit does not
-        # fail again. Everything the command did (a published run) stays; only the printing stopped.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
     except HeadstartError as exc:
         print(f"headstart: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # a full disk, a permission, a missing file: the environment, not a bug
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            # Python's docs, "Note on SIGPIPE": point stdout at /dev/null so the flush at exit does not
+            # fail again. Everything the command did (a published run) stays; only the printing stopped.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         print(f"headstart: error: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; check "
               "the path named, its permissions and the free space on its disk.", file=sys.stderr)
         return 2
