@@ -91,7 +91,7 @@ def preprocessing_spec(model: Model) -> dict:
              "call": f"im.draft(im.mode, ({s}, {s}))", "size": s,
              "rule": f"libjpeg DCT scaling, on the stored (not yet EXIF-rotated) size: scale = the largest of 8, "
                      f"4, 2, 1 not above min(width // {s}, height // {s}); decoded size = (ceil(width / scale), "
-                     f"ceil(height / scale)), so both sides stay >= {s} (scale 1 when a side is under {s})"},
+                     f"ceil(height / scale)), so both sides stay >= {s}"},
             {"op": "load", "call": "im.load()", "note": "a truncated file is refused, never padded"},
             {"op": "exif_transpose", "call": "im = PIL.ImageOps.exif_transpose(im)"},
             {"op": "to_rgb", "rules": [
