@@ -149,6 +149,38 @@ def one_torch_thread():
     torch.set_num_threads(saved)
 
 
+def fake_cpu_code(native_bf16: bool, missing: tuple[str, ...] = ()) -> str:
+    """Python lines that fake the CPU kind and missing engines in a fresh process, before headstart runs.
+
+    The fake sits where the rule looks: the CPU's flags (engine.cpu_flags) and the import system
+    (a None entry in sys.modules makes both `import openvino` and find_spec treat it as absent).
+    """
+    flags = "{'avx2', 'avx512f', 'avx512_bf16'}" if native_bf16 else "{'avx2'}"
+    return (f"import sys\nfor name in {tuple(missing)!r}: sys.modules[name] = None\n"
+            f"import headstart.engine\nheadstart.engine.cpu_flags = lambda: frozenset({flags})\n")
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """`fake_cpu(native_bf16=True, missing=("openvino",))` makes this process look like that machine.
+
+    Both CPU kinds, with and without each engine, then run the rule and the code after it on any
+    machine (the real flags only decide which kind the rest of the suite runs as).
+    """
+    import sys
+
+    from headstart import engine
+
+    def fake(native_bf16: bool, missing: tuple[str, ...] = ()):
+        flags = {"avx2", "avx512f", "avx512_bf16"} if native_bf16 else {"avx2"}
+        monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset(flags))
+        for name in missing:
+            monkeypatch.setitem(sys.modules, name, None)
+        assert engine.native_bf16() is native_bf16 and not any(engine.installed(m) for m in missing)
+
+    return fake
+
+
 def write_image_folder(root: Path, n_per_class: int = 6, classes=("cat", "dog"), size=(40, 32), seed=0) -> Path:
     """A tiny image folder of distinguishable synthetic classes (different mean colours)."""
     rng = np.random.default_rng(seed)

@@ -3,10 +3,13 @@ real ImageNet MobileNetV2 weights (from the offline weights package)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import os
+import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
@@ -183,8 +186,9 @@ def test_backbones_and_cache_commands(trained, tmp_path):
     code, stdout, _ = run_cli("cache", "info", "--json")
     info = json.loads(stdout)
     assert code == 0 and info["bytes"] > 0 and info["namespaces"][0]["backbone"] == "mobilenet_v2"
+    (tmp_path / "empty-cache").mkdir()
     code, stdout, _ = run_cli("cache", "clear", "--cache-dir", tmp_path / "empty-cache")
-    assert code == 0 and "cleared" in stdout
+    assert code == 0 and "cleared: 0.0 MB freed" in stdout
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path, image_folder):
@@ -252,3 +256,97 @@ def test_corrupt_image_is_skipped_and_strict_stops(tmp_path):
     code, _, stderr = run_cli(*args, "--out", tmp_path / "strict", "--strict")
     assert code == 2 and "--strict" in stderr and "broken.png" in stderr
     assert not (tmp_path / "strict").exists()
+
+
+# --------------------------------------------------------------------------- the command line itself
+
+
+def parse_error(capsys, *args: str) -> str:
+    """argparse's own errors exit 2 before any command runs; return what they printed."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_no_prefix_matching_and_a_mistyped_flag_shows_its_commands_usage(capsys, image_folder):
+    err = parse_error(capsys, "train", image_folder, "--epoch", "3")  # became --epochs before
+    assert err.startswith("usage: headstart train") and "unrecognized arguments: --epoch 3" in err
+    assert "--image-size" in err  # the subcommand's usage, not the top level's
+    err = parse_error(capsys, "cache", "info", "--cache", "x")  # a prefix of --cache-dir
+    assert err.startswith("usage: headstart cache") and "--cache x" in err
+    parser = cli.get_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert parser.allow_abbrev is False and all(sp.allow_abbrev is False for sp in subparsers.values())
+    err = parse_error(capsys, "--quite", "backbones")
+    assert err.startswith("usage: headstart [-h]") and "--quite" in err
+    err = parse_error(capsys, "train", image_folder, "--image-size", "abc")
+    assert "a number of pixels or 'auto'" in err and "'abc'" in err
+
+
+def test_fine_tuning_settings_with_feature_extraction_are_refused_by_the_api_too(image_folder, tmp_path):
+    from headstart.errors import HeadstartError
+
+    with pytest.raises(HeadstartError, match="epochs.*fine-tune"):
+        headstart.train(image_folder, strategy="feature-extraction", finetune={"epochs": 3}, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    code, _, stderr = run_cli("train", image_folder, "--strategy", "feature-extraction", "--lr", "0.1")
+    assert code == 2 and "--lr" in stderr
+
+
+def test_settings_auto_does_not_use_are_warned_about_and_recorded(image_folder, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli("train", image_folder, "--out", out, "--image-size", "32", "--workers", "0",
+                                   "--weights", "none", "--epochs", "3", "--lr", "0.001", "--time-budget", "1h",
+                                   "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["run_dir"] == str(out)  # --json names the run it wrote
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved_strategy"] == "feature-extraction"  # 6 images per class
+    assert config["unused_settings"] == {"epochs": 3, "lr": 0.001}  # the time budget took part in the choice
+    assert "not used: --epochs, --lr" in stderr
+
+
+def test_counts_are_pluralised(tmp_path):
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    write_image_folder(tmp_path / "data", n_per_class=1, classes=("a",))
+    code, _, stderr = run_cli("train", tmp_path / "data", "--out", tmp_path / "run", "--weights", "none")
+    assert code == 2 and "1 image in 1 class " in stderr  # it said "1 images in 1 classes"
+    from headstart.text import count
+
+    assert [count(n, w) for n, w in ((0, "image"), (1, "class"), (2, "class"), (1, "file"))] == \
+        ["0 images", "1 class", "2 classes", "1 file"]
+
+
+def _with_reader_gone(*args: str) -> tuple[int, str]:
+    """Run the command with stdout a pipe whose reader has closed, as `| head` does once it has its lines."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "headstart.cli", *map(str, args)], stdout=write_end,
+                            stderr=subprocess.PIPE)
+    os.close(write_end)
+    os.close(read_end)  # before the command prints anything: its first write meets a closed pipe
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err.decode()
+
+
+def test_a_closed_pipe_exits_141_quietly_and_keeps_the_run(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_per_class=10)  # 20 images: a test split, so no warning
+    out = tmp_path / "run"
+    code, stderr = _with_reader_gone("-q", "train", data, "--out", out, "--image-size", "32",
+                                     "--workers", "0", "--weights", "none")
+    assert (code, stderr) == (141, "")  # was exit 2 with "error: Broken pipe; check the path..."
+    for name in ("config.json", "metrics.json", "model/model.json", "model/model.safetensors", "report.md"):
+        assert (out / name).is_file(), name
+    assert not list(tmp_path.glob("run.partial-*"))
+    code, stderr = _with_reader_gone("cache", "info", "--json")  # the cache the run above filled
+    assert (code, stderr) == (141, "")
+
+
+def test_a_broken_pipe_elsewhere_is_not_mistaken_for_the_reader_leaving(tmp_path):
+    """141 is for stdout's reader going away; another pipe breaking (a worker's) stays an error."""
+    script = ("import sys; from headstart import cli\n"
+              "def broken(a): raise BrokenPipeError(32, 'Broken pipe')\n"
+              "cli.COMMANDS['backbones'] = broken\n"
+              "sys.exit(cli.main(['backbones']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Broken pipe" in proc.stderr

@@ -14,12 +14,12 @@ import torch
 
 from headstart.backbones import get_backbone
 from headstart.data import scan_folder
-from headstart.engine import EngineChoice, make_engine
+from headstart.engine import ENGINES, EngineChoice, choose_engine, make_engine
 from headstart.features import FeatureCache, extract, make_namespace
 from headstart.weights import load_backbone
 
 try:
-    from conftest import MEASURED
+    from conftest import MEASURED, fake_cpu_code
 except ImportError:  # imported by the OpenVINO check's own process
     MEASURED = []
 
@@ -119,3 +119,78 @@ def test_extraction_through_onnxruntime_caches_features(reference, images, tmp_p
     assert result.n_computed == len(images) and engine.n_images == len(images)
     got = cache.get(result.keys)
     assert np.abs(got - want).max() / np.abs(want).max() < FP32_TOLERANCE
+
+
+# --------------------------------------------------------------------------- the rule on both CPU kinds
+# conftest.fake_cpu fakes the CPU's flags and a missing engine, so every machine runs both kinds' decisions.
+
+RULE = [  # (native bf16, engines not installed) -> the default (engine, precision)
+    (True, (), ("openvino", "bf16")),
+    (True, ("openvino",), ("onnxruntime", "fp32")),  # a plain pip install on a bf16 CPU: refused before
+    (True, ("onnxruntime",), ("openvino", "bf16")),
+    (True, ("onnxruntime", "openvino"), ("torch", "bf16")),
+    (False, (), ("onnxruntime", "fp32")),
+    (False, ("openvino",), ("onnxruntime", "fp32")),
+    (False, ("onnxruntime",), ("openvino", "fp32")),
+    (False, ("onnxruntime", "openvino"), ("torch", "fp32")),
+]
+
+
+@pytest.mark.parametrize("native, missing, want", RULE)
+def test_the_rule_never_refuses_its_own_defaults(fake_cpu, native, missing, want):
+    fake_cpu(native, missing)
+    choice = choose_engine("cpu")
+    assert (choice.engine, choice.precision) == want, choice.reason
+    # Any installed engine with the precision left to the rule (or fp32) is a working pair.
+    for engine in ["auto", *(e for e in ENGINES if e not in missing)]:
+        for precision in ("auto", "fp32"):
+            c = choose_engine("cpu", engine, precision)
+            assert c.engine not in missing and not (c.engine == "onnxruntime" and c.precision == "bf16")
+            assert c.precision == ("bf16" if native and precision == "auto" and c.engine != "onnxruntime"
+                                   else "fp32"), c.reason
+    assert choose_engine("cpu", precision="bf16").engine in ("openvino", "torch")
+
+
+def test_default_commands_on_a_native_bf16_cpu_without_openvino(fake_cpu, image_folder, tmp_path):
+    """Today's rule picked ONNX Runtime there, set bf16 and refused its own pair: every default command failed."""
+    from test_cli import run_cli
+
+    fake_cpu(native_bf16=True, missing=("openvino",))
+    run = tmp_path / "run"
+    code, _, stderr = run_cli("train", image_folder, "--image-size", "32", "--workers", "0", "--out", run)
+    assert code == 0, stderr
+    engine = json.loads((run / "config.json").read_text())["engine"]
+    assert (engine["engine"], engine["precision"]) == ("onnxruntime", "fp32")
+    code, stdout, stderr = run_cli("predict", run, image_folder / "cat", "--json")
+    assert code == 0 and len(json.loads(stdout)["predictions"]) == 6, stderr
+    code, stdout, stderr = run_cli("evaluate", run, image_folder, "--json")
+    assert code == 0 and json.loads(stdout)["n_images"] == 12, stderr
+
+
+def test_default_commands_on_a_native_bf16_cpu_with_openvino(image_folder, tmp_path):
+    """The rule's bf16 choice runs OpenVINO with the bf16 hint. In its own process (OpenVINO's teardown, see
+    above). On a CPU without native bf16 OpenVINO quietly computes in f32, so this is fast on both kinds."""
+    run = tmp_path / "run"
+    script = fake_cpu_code(native_bf16=True) + (
+        "import json, openvino\n"
+        "hints = []\n"
+        "real = openvino.Core.compile_model\n"
+        "def compile_model(self, *args, **kwargs):\n"
+        "    config = args[2] if len(args) > 2 else kwargs.get('config')\n"
+        "    hints.append(config['INFERENCE_PRECISION_HINT'])\n"
+        "    return real(self, *args, **kwargs)\n"
+        "openvino.Core.compile_model = compile_model\n"
+        "from headstart.cli import main\n"
+        "codes = [main(argv) for argv in json.loads(sys.argv[1])]\n"
+        "print(json.dumps({'codes': codes, 'hints': hints}))\n"
+    )
+    commands = [["train", str(image_folder), "--image-size", "32", "--workers", "0", "--out", str(run), "-q"],
+                ["predict", str(run), str(image_folder / "cat"), "-q"]]
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [0, 0], proc.stderr[-3000:]
+    assert result["hints"] and set(result["hints"]) == {"bf16"}
+    engine = json.loads((run / "config.json").read_text())["engine"]
+    assert (engine["engine"], engine["precision"]) == ("openvino", "bf16")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import headstart
+from headstart.engine import native_bf16
 from headstart.errors import HeadstartError
 from headstart.export import export_onnx
 from headstart.images import load_image
@@ -32,7 +35,8 @@ def exported(trained, fmnist_small, tmp_path_factory):  # noqa: F811
     model = headstart.load(trained[0])
     paths = _test_images(fmnist_small)
     # The torch engine leaves the backbone channels-last: the export must work on a copy.
-    feats, failures = features_of(model, paths, cache_dir="none", workers=0, engine="torch")
+    # fp32 pinned: the export computes in fp32, and the rule's precision is bf16 on a native-bf16 CPU.
+    feats, failures = features_of(model, paths, cache_dir="none", workers=0, engine="torch", precision="fp32")
     assert not failures
     path = export_onnx(model, tmp_path_factory.mktemp("export") / "onnx")
     return model, paths, model.logits_from_features(feats), path
@@ -54,6 +58,38 @@ def test_onnx_runtime_agrees_with_the_bundle_on_real_images(exported):
     # The export worked on a copy: the caller's backbone keeps the engine's channels-last layout.
     conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# bf16 against fp32, where the CPU computes bf16 natively (on the AVX2 kind it is emulated, about 1 GFLOP/s,
+# and the rule never picks it). NOT MEASURED on native-bf16 hardware: the session that wrote this test had
+# only the AVX2 kind. The bounds come from bf16's format and published behaviour: 8 significant bits, so
+# each rounding is off by up to 2^-9 (0.2%) relative; oneDNN and OpenVINO accumulate in fp32 and report
+# ImageNet top-1 within a few tenths of a percent of fp32 for CNNs such as MobileNetV2 and ResNet-50.
+# Per image, agreement is lower where two classes nearly tie (this small head has many such images:
+# issue 10 saw 18 of 20 agree, torch bf16 against fp32). Replace them with measured numbers once run there.
+BF16_MIN_TOP1_AGREEMENT = 0.85
+BF16_MAX_LOGIT_DIFF = 0.1  # relative to the largest |fp32 logit|
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bf16 is emulated on this CPU (no avx512_bf16/amx_bf16)")
+def test_bf16_agrees_with_fp32_on_real_images(trained, fmnist_small):  # noqa: F811
+    paths = [str(p) for p in _test_images(fmnist_small, per_class=20)]  # 200 real test images
+    # OpenVINO in its own process (its thread pool's teardown crashed this long pytest process; test_engines).
+    script = ("import sys, json, headstart; from headstart.predict import features_of; "
+              "m = headstart.load(sys.argv[1]); paths = json.loads(sys.argv[2]); "
+              "out = {p: m.logits_from_features(features_of(m, paths, cache_dir='none', workers=0, "
+              "engine='openvino', precision=p)[0]).tolist() for p in ('fp32', 'bf16')}; print(json.dumps(out))")
+    proc = subprocess.run([sys.executable, "-c", script, str(trained[0]), json.dumps(paths)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    fp32, bf16 = np.array(out["fp32"]), np.array(out["bf16"])
+    agree = float((fp32.argmax(1) == bf16.argmax(1)).mean())
+    diff = float(np.abs(bf16 - fp32).max() / np.abs(fp32).max())
+    MEASURED.append(f"OpenVINO bf16 vs fp32 (MobileNetV2 + linear head, 64 px, 200 real images): top-1 agrees on "
+                    f"{agree:.3f}; max |logit difference| {diff:.3g} of the largest logit")
+    assert agree >= BF16_MIN_TOP1_AGREEMENT
+    assert diff <= BF16_MAX_LOGIT_DIFF
 
 
 def test_json_states_classes_preprocessing_and_hashes(exported):
@@ -117,3 +153,98 @@ def test_missing_onnx_packages_say_how_to_install(monkeypatch, tmp_path):
     with pytest.raises(HeadstartError, match=r"pip install 'headstart\[export\]'"):
         export_onnx(tmp_path / "no-run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- a client from the JSON alone
+
+CLIENT = Path(__file__).parent / "onnx_client.py"
+
+
+def _client_images(folder: Path) -> list[Path]:
+    """Large photos as JPEG (where draft decoding matters), transparency, greyscale, 16 bits, a palette."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1500, 0:2000] / 1500.0
+    smooth = np.stack([128 + 100 * np.sin(6 * xx + k) * np.cos(4 * yy - k) for k in range(3)], axis=-1)
+    photo = np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)  # (1500, 2000, 3)
+    out = []
+
+    def save(name, im, **kw):
+        im.save(folder / name, **kw)
+        out.append(folder / name)
+
+    save("large.jpg", Image.fromarray(photo), quality=90)
+    save("portrait.jpg", Image.fromarray(photo[:, :1100]).transpose(Image.Transpose.ROTATE_90), quality=85)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees on display
+    save("rotated.jpg", Image.fromarray(photo[:1200, :1600]), quality=92, exif=exif.tobytes())
+    save("grey_large.jpg", Image.fromarray(photo[..., 1]), quality=90)
+    save("small.jpg", Image.fromarray(photo[:50, :70]), quality=90)  # smaller than the resize: no draft
+    rgba = np.dstack([photo[:900, :1200], (np.arange(1200) * 255 // 1199)[None, :].repeat(900, 0).astype(np.uint8)])
+    save("alpha.png", Image.fromarray(rgba, mode="RGBA"))
+    save("grey.png", Image.fromarray(photo[:700, :500, 0], mode="L"))
+    save("grey16.png", Image.fromarray(photo[:300, :400, 2].astype(np.uint16) * 257))  # mode I;16
+    palette = Image.fromarray(photo[:400, :600]).quantize(64)
+    palette.info["transparency"] = 0
+    save("palette.png", palette, transparency=0)
+    return out
+
+
+def _client(export_dir: Path, images: list[Path], *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, str(CLIENT), str(export_dir), *map(str, images), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_a_client_written_from_the_json_alone_matches_predict(exported, trained, tmp_path):  # noqa: F811
+    import ast
+
+    model, _, _, onnx_path = exported
+    imported = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+                for n in ast.walk(ast.parse(CLIENT.read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names}
+    assert imported == {"json", "sys", "numpy", "onnxruntime", "PIL"}
+    images = _client_images(tmp_path / "images")
+    got = _client(onnx_path.parent, images)
+    assert got["modules"] == []  # no torch, torchvision or headstart in the client's process
+    code, stdout, stderr = run_cli("predict", trained[0], *images, "--precision", "fp32", "--json",
+                                   "--top-k", len(model.classes), "--cache-dir", "none")
+    assert code == 0, stderr
+    rows = {r["path"]: {p["class"]: p["probability"] for p in r["predictions"]}
+            for r in json.loads(stdout)["predictions"]}
+    want = np.array([[rows[str(p)][c] for c in got["classes"]] for p in images])
+    diff = np.abs(np.array(got["probabilities"]) - want).max(axis=1)
+    # The control: decoding JPEGs at full size, as the JSON used not to say, misses by far more.
+    full = _client(onnx_path.parent, images, "--no-draft")
+    full_diff = float(np.abs(np.array(full["probabilities"]) - want).max())
+    MEASURED.append(f"ONNX client from the JSON alone vs headstart predict --precision fp32, {len(images)} images "
+                    f"(2000x1500 JPEGs, EXIF-rotated, RGBA, greyscale, 16-bit, palette): max |probability "
+                    f"difference| {diff.max():.2e}; {full_diff:.2e} when JPEGs are decoded at full size")
+    assert diff.max() < 1e-5, dict(zip([p.name for p in images], diff))
+    assert full_diff > 1e-4
+
+
+def test_the_json_holds_no_path_of_the_exporting_machine(exported, trained):  # noqa: F811
+    import os
+    import re
+
+    model, _, _, path = exported
+    meta = json.loads((path.parent / "model.onnx.json").read_text())
+    text = json.dumps(meta)
+    local = [str(path.parent), str(trained[0]), sys.prefix, os.path.expanduser("~"), model.weights.path]
+    assert model.weights.path and not [p for p in local if p and p in text]
+
+    def strings(x):
+        if isinstance(x, dict):
+            yield from (s for v in x.values() for s in strings(v))
+        elif isinstance(x, list):
+            yield from (s for v in x for s in strings(v))
+        elif isinstance(x, str):
+            yield x
+
+    assert not [s for s in strings(meta) if re.search(r"(^|[\s'\"(=])(/[\w.-]+){2,}", s)]  # no absolute path
+    assert meta["weights"]["path"] == os.path.basename(model.weights.path)
+    assert meta["weights"]["sha256"] == model.weights.sha256

@@ -342,7 +342,9 @@ def test_workers_and_batch_size_do_not_change_features(backbone, paths):
 def test_cache_info_and_clear_cache(backbone, paths, tmp_path):
     _, info = backbone
     root = tmp_path / "cache"
-    assert cache_info(root) == {"path": str(root), "bytes": 0, "namespaces": []}
+    root.mkdir()
+    assert cache_info(root) == {"path": str(root), "exists": True, "bytes": 0, "parts": dict.fromkeys(
+        ("features", "engines", "downloads", "other"), 0), "namespaces": [], "converted_models": 0}
     cache = FeatureCache(root, _namespace(info))
     _extract(_engine(backbone), paths, cache)
     report = cache_info(root)
@@ -353,12 +355,57 @@ def test_cache_info_and_clear_cache(backbone, paths, tmp_path):
         "mobilenet_v2", 32, "torch", "fp32")
     assert space["shards"] >= 1
     on_disk = sum(f.stat().st_size for f in (root / "features").rglob("*") if f.is_file())
-    assert report["bytes"] == space["bytes"] == on_disk > 10 * ENTRY.feature_dim * 4
+    assert report["bytes"] == space["bytes"] == report["parts"]["features"] == on_disk > 10 * ENTRY.feature_dim * 4
 
-    assert clear_cache(root) == on_disk
+    assert clear_cache(root)["bytes"] == on_disk
     assert not (root / "features").exists()
     assert cache_info(root)["namespaces"] == []
     assert all(Path(p).is_file() for p in paths)  # the images themselves are untouched
+
+
+def test_cache_commands_see_the_whole_cache_folder(backbone, paths, tmp_path):
+    """features/ was all they saw: `cache info` said 8 MB of 34, and `clear` left the converted backbones."""
+    from test_cli import run_cli
+
+    model, info = backbone
+    root = tmp_path / "cache"
+    choice = EngineChoice("onnxruntime", "fp32", "cpu", "tests")  # converts the backbone into root/engines
+    _extract(make_engine(model, choice, root), paths, FeatureCache(root, _namespace(info, choice=choice)))
+    (root / "downloads").mkdir()
+    (root / "downloads" / "t10k-labels-idx1-ubyte.gz").write_bytes(os.urandom(5000))
+    (root / "notes.txt").write_text("not headstart's")  # reported, never removed
+    on_disk = {part: sum(f.stat().st_size for f in (root / part).rglob("*") if f.is_file())
+               for part in ("features", "engines", "downloads")}
+    assert on_disk["engines"] > on_disk["features"] > 0  # MobileNetV2 converted: megabytes
+    report = cache_info(root)
+    assert report["parts"] == {**on_disk, "other": len("not headstart's")}
+    assert report["bytes"] == sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert report["converted_models"] == 1
+    code, stdout, _ = run_cli("cache", "info", "--cache-dir", root)
+    assert code == 0 and f"{report['bytes'] / 1e6:.1f} MB" in stdout and "1 converted backbone" in stdout
+    code, stdout, _ = run_cli("cache", "clear", "--cache-dir", root)
+    freed = sum(on_disk.values())
+    assert code == 0 and f"{freed / 1e6:.1f} MB freed" in stdout
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+    assert all(Path(p).is_file() for p in paths)
+
+
+@pytest.mark.parametrize("action", ["info", "clear"])
+def test_a_missing_cache_dir_is_named_not_reported_empty(tmp_path, action):
+    from test_cli import run_cli
+
+    code, stdout, stderr = run_cli("cache", action, "--cache-dir", tmp_path / "typo")
+    assert code == 2 and stdout == "" and f"--cache-dir {tmp_path / 'typo'} does not exist" in stderr
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HeadstartError, match="is not a folder"):
+        cache_info(tmp_path / "file")
+    # The default folder may simply not exist yet: that is an empty cache, not an error.
+    os.environ["XDG_CACHE_HOME"], saved = str(tmp_path / "fresh"), os.environ["XDG_CACHE_HOME"]
+    try:
+        code, stdout, _ = run_cli("cache", action)
+    finally:
+        os.environ["XDG_CACHE_HOME"] = saved
+    assert code == 0 and str(tmp_path / "fresh" / "headstart") in stdout
 
 
 # --------------------------------------------------------------------------- the engine choice

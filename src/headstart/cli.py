@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 unexpected internal error (a bug: the traceback is printed);
 2 a problem with the input or environment (bad arguments, data, weights or model files,
-a full disk or a permission: the message says what to do); 130 interrupted with Ctrl-C.
+a full disk or a permission: the message says what to do); 130 interrupted with Ctrl-C;
+141 (128 + SIGPIPE) the reader of the output went away (`headstart train ... | head -3`):
+no message, as Unix tools do, and a run that completed is kept.
 `predict` exits 0 when at least one input was predicted (each unusable input, a missing
 file included, is warned about on stderr and listed under "skipped" with --json), and 2
 when none could be.
@@ -20,12 +22,18 @@ import sys
 from . import progress
 from ._version import __version__
 from .errors import HeadstartError
+from .text import count
 
 log = logging.getLogger("headstart")
 
 
 def _size(value: str):
-    return value if value == "auto" else int(value)
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', not {value!r}") from None
 
 
 def _duration(value: str) -> float:
@@ -42,12 +50,28 @@ FINETUNE_FLAGS = ("unfreeze", "epochs", "lr", "lr_head", "lr_decay", "optimizer"
                   "schedule", "augment", "bn_update", "early_stop_metric", "patience", "time_budget", "sampler")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No prefix matching (`--epoch 3` is an error, not `--epochs`), and an unknown argument is reported
+    by the (sub)command that got it, with that command's usage: argparse's default hands a subcommand's
+    leftovers to the top-level parser, whose usage does not show the subcommand's flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="headstart", description="Transfer learning for image classification.")
+    p = _Parser(prog="headstart", description="Transfer learning for image classification.")
     p.add_argument("--version", action="version", version=f"headstart {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results; no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model on an image folder and write a run directory")
     t.add_argument("data", nargs="?", help="DATA/<class>/..., DATA/train|val|test/<class>/..., or the CSV's folder")
@@ -142,7 +166,7 @@ def get_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backbones", help="list the backbones, their sizes and whether weights are available")
 
-    c = sub.add_parser("cache", help="inspect or clear the feature cache")
+    c = sub.add_parser("cache", help="inspect or clear the cache (features, converted backbones, downloads)")
     c.add_argument("action", choices=["info", "clear"])
     c.add_argument("--cache-dir", default=None)
     c.add_argument("--json", action="store_true")
@@ -214,7 +238,7 @@ def cmd_train(a) -> int:
 
 def _print_run(run, as_json: bool) -> int:
     if as_json:
-        print(json.dumps(run.metrics, indent=2))
+        print(json.dumps({"run_dir": str(run.run_dir), **run.metrics}, indent=2))
         return 0
     from .evaluation import format_report
 
@@ -226,7 +250,7 @@ def _print_run(run, as_json: bool) -> int:
         print(f"\n{cv['k']}-fold cross-validation (train + val, {cv['n_images']} images): accuracy "
               f"{cv['accuracy_mean']:.4f} +- {cv['accuracy_std']:.4f} (folds {', '.join(f'{a:.4f}' for a in cv['folds'])})")
     print(f"\nrun: {run.run_dir}  (wall {m['wall_seconds']:.0f}s; features: {m['extraction']['from_cache']} from "
-          f"cache, {m['extraction']['computed']} computed; skipped {len(run.skipped)})")
+          f"cache, {m['extraction']['computed']} computed; skipped {count(len(run.skipped), 'file')})")
     return 0
 
 
@@ -304,18 +328,24 @@ def _weights_status(b, where: str | None) -> str:
 def cmd_cache(a) -> int:
     from .features import cache_info, clear_cache
 
-    if a.action == "clear":
-        freed = clear_cache(a.cache_dir)
-        print(f"feature cache cleared ({freed / 1e6:.1f} MB freed)")
-        return 0
-    info = cache_info(a.cache_dir)
+    info = clear_cache(a.cache_dir) if a.action == "clear" else cache_info(a.cache_dir)
     if a.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"feature cache: {info['path']} ({info['bytes'] / 1e6:.1f} MB)")
+    parts = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in info["parts"].items() if size)
+    if a.action == "clear":
+        print(f"cache {info['path']} cleared: {info['bytes'] / 1e6:.1f} MB freed" + (f" ({parts})" if parts else ""))
+        return 0
+    if not info["exists"]:
+        print(f"cache: {info['path']} does not exist yet (nothing cached)")
+        return 0
+    print(f"cache: {info['path']} ({info['bytes'] / 1e6:.1f} MB" + (f": {parts})" if parts else ")"))
     for s in info["namespaces"]:
-        print(f"  {s['namespace']}  {s['backbone']} {s['image_size']}px {s['engine']}/{s['precision']}: "
-              f"{s['shards']} shards, {s['bytes'] / 1e6:.1f} MB")
+        print(f"  features {s['namespace']}  {s['backbone']} {s['image_size']}px {s['engine']}/{s['precision']}: "
+              f"{count(s['shards'], 'shard')}, {s['bytes'] / 1e6:.1f} MB")
+    if info["converted_models"]:
+        print(f"  engines: {count(info['converted_models'], 'converted backbone')}, "
+              f"{info['parts']['engines'] / 1e6:.1f} MB")
     return 0
 
 
@@ -357,16 +387,35 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     logger.propagate = False
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (and not some other pipe that broke)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is not a file: assume the pipe
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     progress.set_quiet(args.quiet)
     _setup_logging(args.quiet, args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
     except HeadstartError as exc:
         print(f"headstart: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # a full disk, a permission, a missing file: the environment, not a bug
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            # Python's docs, "Note on SIGPIPE": point stdout at /dev/null so the flush at exit does not
+            # fail again. Everything the command did (a published run) stays; only the printing stopped.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         print(f"headstart: error: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; check "
               "the path named, its permissions and the free space on its disk.", file=sys.stderr)
         return 2

@@ -82,6 +82,11 @@ def choose_engine(device: str = "auto", engine: str = "auto", precision: str = "
     CUDA: torch. CPU: OpenVINO in bf16 where the CPU has native bf16 (fastest measured there),
     else ONNX Runtime fp32 (6.9x plain PyTorch on MobileNetV2 at 224 px on an AVX2 CPU, 2.3x on
     ResNet-50, ahead of OpenVINO fp32), else OpenVINO fp32, else torch, which always works.
+
+    Precision `auto` is bf16 only on a CPU with native bf16 and an engine that runs it (OpenVINO,
+    torch); ONNX Runtime gets fp32. So the rule never refuses a choice of its own: on a native-bf16
+    CPU without OpenVINO (a plain pip install) the default is ONNX Runtime fp32. Only an explicit
+    `--engine onnxruntime --precision bf16` is refused.
     """
     device = resolve_device(device)
     reasons = []
@@ -105,12 +110,14 @@ def choose_engine(device: str = "auto", engine: str = "auto", precision: str = "
     else:
         reasons.append(f"engine {engine}: asked for")
     if precision == "auto":
-        if device == "cpu" and native_bf16():
+        if device == "cpu" and native_bf16() and engine != "onnxruntime":
             precision = "bf16"
             reasons.append("precision bf16: the CPU has native bf16")
         else:
             precision = "fp32"
-            reasons.append("precision fp32: " + ("no native bf16 on this CPU" if device == "cpu" else "CUDA default"))
+            reasons.append("precision fp32: " + ("CUDA default" if device != "cpu" else
+                                                 "ONNX Runtime has no bf16 CPU kernels" if native_bf16()
+                                                 else "no native bf16 on this CPU"))
     elif precision not in PRECISIONS:
         raise HeadstartError(f"--precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}.")
     else:

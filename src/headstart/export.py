@@ -22,12 +22,13 @@ from ._version import __version__
 from .bundle import Model, load
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
+from .images import ALPHA_BACKGROUND, MAX_PIXELS
 from .weights import sha256_file
 
 log = logging.getLogger(__name__)
 
 FORMAT = "headstart-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 'decode' is a list of exact steps (1 had a sentence)
 ONNX_FILE = "model.onnx"
 META_FILE = ONNX_FILE + ".json"
 INPUT, LOGITS, PROBABILITIES = "image", "logits", "probabilities"
@@ -65,28 +66,91 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                              f"--overwrite (overwrite=True) to replace {ONNX_FILE} and {META_FILE} in it.")
 
 
+# torchvision's InterpolationMode -> the Pillow filter its F.resize uses on a PIL image (pil_modes_mapping).
+PIL_FILTERS = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "box": "BOX",
+               "hamming": "HAMMING", "lanczos": "LANCZOS"}
+
+
 def preprocessing_spec(model: Model) -> dict:
-    """The input pipeline in words and numbers: what `Preprocessing.transform()` does to a PIL image."""
+    """Every step from file bytes to the input tensor, exact enough to reproduce headstart's numbers.
+
+    What `images.load_image(path, min_side=resize)` and `Preprocessing.transform()` do, in Pillow calls
+    and formulas. The decoding is part of it: a JPEG is decoded at reduced size (Pillow's draft mode)
+    before the resize, and a client that decodes at full size differs by up to 0.03 in probability
+    on large photos (issue 10). tests/test_export.py implements a client from this JSON alone.
+    """
     p = model.preprocessing
+    s, c = p.resize_size, p.crop_size
+    resample = PIL_FILTERS[p.interpolation]
     return {
-        "decode": "RGB, 8 bits per channel; grayscale and palette images converted to RGB, transparency "
-                  "composited onto white, EXIF orientation applied, first frame of animated files",
+        "library": "Pillow (the steps name its calls; any library that reproduces them bit for bit will do)",
+        "decode": [
+            {"op": "open", "call": "im = PIL.Image.open(path); im.seek(0)",
+             "note": f"first frame of animated or multi-page files; files over {MAX_PIXELS} pixels are refused"},
+            {"op": "jpeg_draft", "applies_to": "files Pillow reads as JPEG (im.format == 'JPEG')",
+             "call": f"im.draft(im.mode, ({s}, {s}))", "size": s,
+             "rule": f"libjpeg DCT scaling, on the stored (not yet EXIF-rotated) size: scale = the largest of 8, "
+                     f"4, 2, 1 not above min(width // {s}, height // {s}); decoded size = (ceil(width / scale), "
+                     f"ceil(height / scale)), so both sides stay >= {s}"},
+            {"op": "load", "call": "im.load()", "note": "a truncated file is refused, never padded"},
+            {"op": "exif_transpose", "call": "im = PIL.ImageOps.exif_transpose(im)"},
+            {"op": "to_rgb", "rules": [
+                {"modes": ["RGB"], "do": "nothing"},
+                {"modes": ["I;16", "I;16L", "I;16B", "I;16N", "I"],
+                 "do": "a = numpy.asarray(im, float64); if mode starts with 'I;16' or a.max() > 255: "
+                       "a = a / 65535 * 255; then uint8(clip(numpy.rint(a), 0, 255)) as mode L, "
+                       "then .convert('RGB')"},
+                {"modes": ["F"],
+                 "do": "a = numpy.asarray(im, float64); top = 1 if nanmax(a) <= 1 else 255; "
+                       "a = nan_to_num(a) / top * 255; then uint8(clip(numpy.rint(a), 0, 255)) as mode L, "
+                       "then .convert('RGB')"},
+                {"modes": ["P"], "do": "im.convert('RGBA') if 'transparency' in im.info else im.convert('RGB'); "
+                                       "an RGBA result continues as RGBA below"},
+                {"modes": ["LA", "La", "PA", "RGBa"], "do": "im.convert('RGBA'), continuing as RGBA below"},
+                {"modes": ["RGBA"], "background": list(ALPHA_BACKGROUND),
+                 "do": f"alpha composited on {list(ALPHA_BACKGROUND)}: "
+                                          f"bg = PIL.Image.new('RGB', im.size, {tuple(ALPHA_BACKGROUND)}); "
+                                          "bg.paste(im, mask=im.getchannel('A')); im = bg"},
+                {"modes": ["any other (L, 1, CMYK, YCbCr, ...)"], "do": "im.convert('RGB')"},
+            ]},
+        ],
         "steps": [
-            {"op": "resize", "shorter_side": p.resize_size, "interpolation": p.interpolation, "antialias": True,
-             "longer_side": f"int({p.resize_size} * longer / shorter), truncated"},
-            {"op": "center_crop", "height": p.crop_size, "width": p.crop_size,
-             "offset": "top = round((height - crop) / 2), left = round((width - crop) / 2)"},
-            {"op": "scale", "divide_by": 255.0, "range": [0.0, 1.0]},
-            {"op": "normalize", "mean": list(p.mean), "std": list(p.std), "formula": "(x - mean) / std per channel"},
+            {"op": "resize", "shorter_side": s, "interpolation": p.interpolation, "antialias": True,
+             "longer_side": f"int({s} * longer / shorter), truncated",
+             "size_rule": f"(w, h) = im.size; if w <= h: new = ({s}, int({s} * h / w)) else new = "
+                          f"(int({s} * w / h), {s}); Python floats (double), int() truncates; "
+                          "skipped when new == (w, h)",
+             "call": f"im = im.resize(new, PIL.Image.Resampling.{resample})",
+             "note": "Pillow's filters are antialiased (the kernel widens with the scale factor); "
+                     "this is what torchvision's F.resize does with a PIL image"},
+            {"op": "center_crop", "height": c, "width": c,
+             "offset": f"top = int(round((height - {c}) / 2)), left = int(round((width - {c}) / 2)), Python's "
+                       "round (halves to even)",
+             "call": f"im = im.crop((left, top, left + {c}, top + {c}))",
+             "note": f"the resized shorter side ({s}) is never below the crop ({c}): no padding"},
+            {"op": "scale", "divide_by": 255.0, "range": [0.0, 1.0],
+             "call": "x = numpy.asarray(im, uint8).transpose(2, 0, 1).astype(float32) / float32(255)"},
+            {"op": "normalize", "mean": list(p.mean), "std": list(p.std), "formula": "(x - mean) / std per channel",
+             "call": "x = (x - float32(mean)[:, None, None]) / float32(std)[:, None, None], in float32"},
         ],
         "layout": "NCHW",
         "channel_order": "RGB",
         "dtype": "float32",
-        "torchvision": f"ImageClassification(crop_size={p.crop_size}, resize_size={p.resize_size}, "
+        "torchvision": f"ImageClassification(crop_size={c}, resize_size={s}, "
                        f"interpolation=InterpolationMode.{p.interpolation.upper()}, mean={tuple(p.mean)}, "
-                       f"std={tuple(p.std)}, antialias=True) applied to a PIL image",
+                       f"std={tuple(p.std)}, antialias=True) applied to the decoded PIL image",
         "parameters": p.to_dict(),
     }
+
+
+def _without_local_paths(weights: dict) -> dict:
+    """The weights record with the exporting machine's folders dropped: file names only."""
+    out = dict(weights)
+    path = out.get("path")
+    if path:
+        out["path"] = os.path.basename(path)
+        out["source"] = str(out.get("source", "")).replace(os.path.dirname(path) + os.sep, "")
+    return out
 
 
 def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
@@ -140,7 +204,7 @@ def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.Path
         "opset": opset,
         "backbone": model.entry.name,
         "weights_sha256": model.weights.sha256,
-        "weights": model.weights.to_dict(),
+        "weights": _without_local_paths(model.weights.to_dict()),
         "backbone_identity": model.backbone_identity or model.weights.identity(),
         "strategy": model.strategy,
         "head": model.head_config,

@@ -39,6 +39,7 @@ from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .fileio import write_json, write_text
 from .heads import cross_validate, make_head
 from .images import load_image
+from .text import count
 from .weights import load_backbone
 from .finetune_run import backbone_identity, resume_settings, run_fine_tune
 from .finetune_run import finish as finish_fine_tune
@@ -180,6 +181,10 @@ def train(data: str | os.PathLike, **settings) -> Run:
     cfg = TrainConfig(data=os.fspath(data), **settings)
     if cfg.strategy not in STRATEGIES:
         raise HeadstartError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {cfg.strategy!r}.")
+    if cfg.strategy == "feature-extraction" and cfg.finetune:
+        raise HeadstartError(f"fine-tuning settings ({', '.join(sorted(cfg.finetune))}) apply to strategy "
+                             "fine-tune, scratch or auto only; drop them, or choose one of those strategies.")
+    given_finetune = sorted(cfg.finetune)  # what the caller set, before defaults fill the rest in
     if cfg.strategy == "scratch":
         if cfg.weights not in (None, "none"):
             raise HeadstartError("--strategy scratch trains from a random initialisation; drop --weights.")
@@ -217,7 +222,7 @@ def train(data: str | os.PathLike, **settings) -> Run:
         if root.getEffectiveLevel() > logging.INFO:  # from Python with logging unset: the log still gets INFO
             root.setLevel(logging.INFO)
         root.addHandler(handler)
-        run = _train(cfg, entry, cache_root, partial, final)
+        run = _train(cfg, entry, cache_root, partial, final, given_finetune)
         _detach(root, handler, level)
         _publish(partial, final)
         finish_fine_tune(final)
@@ -261,14 +266,16 @@ def resume(run_dir: str | os.PathLike) -> Run:
     return train(settings.pop("data"), **settings)
 
 
-def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path) -> Run:
+def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path,
+           given_finetune: list[str] = ()) -> Run:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data, bad_rows = load_data(cfg.data, labels=cfg.labels, val_fraction=cfg.val_fraction,
                                test_fraction=cfg.test_fraction)
     summary = data.summary()
-    log.info("data %s: %d images in %d classes (train %d, val %d, test %d)", data.root, summary["n_images"],
-             len(data.classes), summary["splits"]["train"], summary["splits"]["val"], summary["splits"]["test"])
+    log.info("data %s: %s in %s (train %d, val %d, test %d)", data.root, count(summary["n_images"], "image"),
+             count(len(data.classes), "class"), summary["splits"]["train"], summary["splits"]["val"],
+             summary["splits"]["test"])
     for item in data.ignored:
         log.warning("skipping %s: %s", item["path"], item["reason"])
     if len(data.classes) < 2:
@@ -322,7 +329,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     t_head = time.perf_counter()
     fit_args = (X[tr], y[tr], X[va] if va.any() else None, y[va] if va.any() else None)
     head.fit(*fit_args)
-    strategy, decision = cfg.strategy, None
+    strategy, decision, unused = cfg.strategy, None, {}
     if cfg.strategy == "auto":
         rate = ext.n_computed / ext.seconds if ext.n_computed and ext.seconds else None
         decision = choose_strategy(y[tr], getattr(head, "val_accuracy_", None), len(paths), rate,
@@ -331,6 +338,12 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         log.info("strategy auto -> %s: %s", strategy, "; ".join(decision["reasons"]))
         if strategy == "feature-extraction":  # no phase 2 follows: refit the head on train + validation
             fine_tune = False
+            # The time budget took part in the choice; the other fine-tuning settings go unused.
+            unused = {k: cfg.finetune[k] for k in given_finetune if k != "time_budget"}
+            if unused:
+                log.warning("strategy auto chose feature extraction, so these fine-tuning settings are not used: "
+                            "%s (recorded in config.json as unused_settings; pass --strategy fine-tune to "
+                            "apply them)", ", ".join("--" + k.replace("_", "-") for k in unused))
             head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed).fit(*fit_args)
     head_seconds = time.perf_counter() - t_head
     cv = _cross_validate(cfg, X[tr | va], y[tr | va], strategy) if cfg.cv is not None else None
@@ -396,7 +409,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     resolved = {
         **dataclasses.asdict(cfg),
         "image_size": image_size, "image_size_reason": size_reason,
-        "resolved_strategy": strategy, "strategy_decision": decision,
+        "resolved_strategy": strategy, "strategy_decision": decision, "unused_settings": unused,
         "out": str(final), "cache_dir": str(cache.dir.parent.parent) if cache.dir else None,
         "cache_namespace": cache.key,
         "preprocessing": prep.to_dict(), "weights": winfo.to_dict(), "engine": choice.to_dict(),
