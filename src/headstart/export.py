@@ -68,12 +68,18 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 def preprocessing_spec(model: Model) -> dict:
     """The input pipeline in words and numbers: what `Preprocessing.transform()` does to a PIL image."""
     p = model.preprocessing
+    # crop_mode "squash" (some timm models) resizes both sides to resize_size, ignoring the aspect ratio.
+    resize = ({"op": "resize", "shorter_side": p.resize_size, "interpolation": p.interpolation, "antialias": True,
+               "longer_side": f"int({p.resize_size} * longer / shorter), truncated"} if p.crop_mode == "center" else
+              {"op": "resize", "height": p.resize_size, "width": p.resize_size, "interpolation": p.interpolation,
+               "antialias": True, "aspect_ratio": "not kept"})
     return {
         "decode": "RGB, 8 bits per channel; grayscale and palette images converted to RGB, transparency "
                   "composited onto white, EXIF orientation applied, first frame of animated files",
+        # timm's names for them (pretrained_cfg): crop_pct = crop / resize, so resize = crop / crop_pct
+        "crop_pct": p.crop_pct, "crop_mode": p.crop_mode, "interpolation": p.interpolation,
         "steps": [
-            {"op": "resize", "shorter_side": p.resize_size, "interpolation": p.interpolation, "antialias": True,
-             "longer_side": f"int({p.resize_size} * longer / shorter), truncated"},
+            resize,
             {"op": "center_crop", "height": p.crop_size, "width": p.crop_size,
              "offset": "top = round((height - crop) / 2), left = round((width - crop) / 2)"},
             {"op": "scale", "divide_by": 255.0, "range": [0.0, 1.0]},
@@ -84,7 +90,8 @@ def preprocessing_spec(model: Model) -> dict:
         "dtype": "float32",
         "torchvision": f"ImageClassification(crop_size={p.crop_size}, resize_size={p.resize_size}, "
                        f"interpolation=InterpolationMode.{p.interpolation.upper()}, mean={tuple(p.mean)}, "
-                       f"std={tuple(p.std)}, antialias=True) applied to a PIL image",
+                       f"std={tuple(p.std)}, antialias=True) applied to a PIL image"
+                       + ("" if p.crop_mode == "center" else f", resizing to ({p.resize_size}, {p.resize_size})"),
         "parameters": p.to_dict(),
     }
 
