@@ -101,3 +101,32 @@ def test_entry_shape_blocks_and_gradients(name, one_torch_thread):
     out.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
     assert entry.preprocessing_source != "torchvision"  # no torchvision weights entry to compare with
+
+
+@pytest.mark.slow
+def test_lite_bundle_trains_predicts_and_exports(image_folder, tmp_path, one_torch_thread):
+    """The packaged Lite0 file through the whole pipeline: ONNX engine, bundle, ONNX export at an odd size."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import json
+
+    import headstart
+    from headstart.export import export_onnx
+    from headstart.images import load_image
+
+    _packaged("efficientnet_lite0")
+    run = headstart.train(image_folder, backbone="efficientnet_lite0", strategy="feature-extraction",
+                          image_size=47, workers=0, cache_dir="none", out=str(tmp_path / "run"))
+    assert run.config["weights"]["kind"] == "imagenet"
+    model = headstart.load(run.run_dir)
+    assert model.preprocessing.interpolation == "bicubic" and model.preprocessing.crop_size == 47
+    images = sorted((image_folder / "dog").iterdir())[:3]
+    want = model.predict_proba(images, cache_dir="none", workers=0, engine="torch")
+    path = export_onnx(model, tmp_path / "onnx")
+    spec = json.loads((tmp_path / "onnx" / "model.onnx.json").read_text())["preprocessing"]
+    assert spec["interpolation"] == "bicubic" and spec["crop_mode"] == "center"
+    assert spec["crop_pct"] == pytest.approx(47 / 54)  # 224/256 kept: resize floor(47 / 0.875 + 0.5) = 54
+    x = torch.stack([model.preprocessing.transform()(load_image(p)) for p in images]).numpy()
+    (proba,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probabilities"],
+                                                                                       {"image": x})
+    np.testing.assert_allclose(proba, want, atol=1e-4)

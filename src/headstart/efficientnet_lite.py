@@ -18,6 +18,7 @@ every stride-2 window by a pixel and the ImageNet predictions drift.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -33,20 +34,29 @@ BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TensorFlow's BatchNorm (momentum 0.99 there 
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow's 'SAME' padding: output size ceil(input / stride), extra pixel after."""
+    """Conv2d with TensorFlow's 'SAME' padding: output size ceil(input / stride), extra pixel after.
+
+    At stride 1 (odd kernels) that is PyTorch's symmetric padding. At stride 2 it depends on
+    the input size (even: one pixel less before), so it is computed in `forward`; an ONNX
+    trace records it as a constant of the traced size, which is right: the engine and the
+    export trace at the one crop size they run.
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False):
-        super().__init__(c_in, c_out, kernel, stride, padding=0, groups=groups, bias=bias)
+        super().__init__(c_in, c_out, kernel, stride, padding=(kernel - 1) // 2 if stride == 1 else 0,
+                         groups=groups, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
-        if k > 1:
+        if s == 1 or k == 1:
+            return super().forward(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # constant per traced size, as intended
             pads = []
-            for size in (x.shape[-1], x.shape[-2]):  # F.pad takes the last dimension first
+            for size in (int(x.shape[-1]), int(x.shape[-2])):  # F.pad takes the last dimension first
                 total = max((math.ceil(size / s) - 1) * s + k - size, 0)
                 pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads)
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
