@@ -11,7 +11,7 @@ import torch
 
 import headstart
 from headstart.backbones import Preprocessing, get_backbone, list_backbones, sequence
-from headstart.errors import HeadstartError, WeightsNotFoundError
+from headstart.errors import BundleError, HeadstartError, WeightsNotFoundError
 from headstart.weights import load_backbone
 
 from test_cli import run_cli
@@ -51,12 +51,16 @@ def test_entry_follows_the_model_and_its_pretrained_cfg(name, one_torch_thread):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_unknown_name_and_fixed_sequence_models_say_what_to_do():
+def test_unknown_name_and_fixed_sequence_models_say_what_to_do(one_torch_thread):
     with pytest.raises(HeadstartError, match="timm has no model 'resnet_nope'.*backbones --timm"):
         get_backbone("timm:resnet_nope")
     entry = get_backbone("timm:vit_tiny_patch16_224")
+    model = entry.create().eval()
+    # made for 224 px only: another size is refused with the fix, not with timm's assertion
+    with pytest.raises(HeadstartError, match="224x224 images only.*--image-size 224"):
+        model(torch.randn(1, 3, 48, 48))
     with pytest.raises(HeadstartError, match="feature-extraction"):
-        sequence(entry, entry.create())
+        sequence(entry, model)
 
 
 def test_offline_without_a_file_lists_the_places_tried():
@@ -189,3 +193,7 @@ def test_bundle_saved_before_this_change_still_loads_and_predicts(image_folder, 
     old = headstart.load(out)
     assert old.preprocessing.crop_mode == "center"
     np.testing.assert_allclose(old.predict_proba(images, cache_dir="none", workers=0, engine="torch"), want)
+    meta["preprocessing"]["crop_mode"] = "border"  # a mode headstart cannot apply is refused on load
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="crop_mode 'border'"):
+        headstart.load(out)

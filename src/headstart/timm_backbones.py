@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,8 +46,8 @@ def require_timm():
     try:
         import timm
     except ImportError:
-        raise HeadstartError("--backbone timm:<name> needs timm; install it with pip install 'headstart[timm]'.") \
-            from None
+        raise HeadstartError("timm:<name> backbones need the package timm; install it with "
+                             "pip install 'headstart[timm]'.") from None
     return timm
 
 
@@ -62,12 +63,13 @@ def timm_backbone(name: str) -> Backbone:
         raise HeadstartError(f"--backbone {name}: timm has no model {model_name!r}"
                              + (f"; close names: {', '.join(close)}" if close else "")
                              + ". List them with `headstart backbones --timm PATTERN`.")
-    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    build = partial(_create, timm, model_name)
+    model = build()
     cfg = model.pretrained_cfg
     classifier = cfg.get("classifier") or ""
     entry = Backbone(
         name=key,
-        build=lambda: timm.create_model(model_name, pretrained=False, num_classes=0),
+        build=build,
         strip_head=lambda m: m,  # built with num_classes=0: the pooled features already
         feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
         preprocessing=preprocessing_from_cfg(cfg, name),
@@ -84,6 +86,25 @@ def timm_backbone(name: str) -> Backbone:
     )
     _ENTRIES[key] = entry
     return entry
+
+
+def _create(timm, model_name: str) -> nn.Module:
+    """The pooled-feature model. One made for a single input size (vision transformers: fixed
+    position embeddings) refuses any other with a message, not timm's assertion: asking timm for
+    dynamic_img_size instead resamples the embeddings with an antialiased bicubic that the ONNX
+    engine cannot export."""
+    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    if model.pretrained_cfg.get("fixed_input_size"):
+        size = tuple(model.pretrained_cfg["input_size"][-2:])
+
+        def check_size(module, args):
+            if tuple(args[0].shape[-2:]) != size:
+                raise HeadstartError(f"timm:{model_name} takes {size[0]}x{size[1]} images only (fixed position "
+                                     f"embeddings), not {args[0].shape[-2]}x{args[0].shape[-1]}: pass "
+                                     f"--image-size {size[0]}.")
+
+        model.register_forward_pre_hook(check_size)
+    return model
 
 
 def preprocessing_from_cfg(cfg: dict, name: str = "") -> Preprocessing:
