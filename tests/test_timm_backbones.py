@@ -59,8 +59,11 @@ def test_unknown_name_and_fixed_sequence_models_say_what_to_do(one_torch_thread)
     # made for 224 px only: another size is refused with the fix, not with timm's assertion
     with pytest.raises(HeadstartError, match="224x224 images only.*--image-size 224"):
         model(torch.randn(1, 3, 48, 48))
+    assert entry.blocks == ()
     with pytest.raises(HeadstartError, match="feature-extraction"):
         sequence(entry, model)
+    with pytest.raises(HeadstartError, match="no blocks to fine-tune.*feature-extraction"):
+        headstart.train("nowhere", backbone="timm:vit_tiny_patch16_224", strategy="fine-tune")
 
 
 def test_offline_without_a_file_lists_the_places_tried():

@@ -103,7 +103,8 @@ class SplitClassification(ImageClassification):
     def __init__(self, *, crop_mode: str = "center", **kw):
         super().__init__(**kw)
         if crop_mode not in CROP_MODES:
-            raise HeadstartError(f"crop mode {crop_mode!r} is not supported; headstart crops {' or '.join(CROP_MODES)}.")
+            raise HeadstartError(f"crop mode {crop_mode!r} is not supported; headstart crops "
+                                 f"{' or '.join(CROP_MODES)}.")
         self.crop_mode = crop_mode
 
     def forward(self, img) -> torch.Tensor:  # PIL image -> (3, crop, crop) float32, as ImageClassification

@@ -260,7 +260,8 @@ def cmd_backbones(a) -> int:
         rows = list_timm(a.timm)
         print(f"{'name':<40} {'input':>5}  weights")
         for r in rows:
-            print(f"{r['name']:<40} {r['input'] or '?':>5}  {'found: ' + r['weights'] if r['weights'] else 'not found'}")
+            status = f"found: {r['weights']}" if r["weights"] else "not found"
+            print(f"{r['name']:<40} {r['input'] or '?':>5}  {status}")
         print(f"{len(rows)} timm models match {a.timm!r}")
         return 0
     header = f"{'name':<18} {'params':>8} {'features':>8} {'input':>5} {'GFLOPs':>6}  weights"

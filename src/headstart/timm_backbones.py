@@ -7,9 +7,10 @@ interpolation, mean, std); `feature_info` names the stages, and the blocks for f
 are the model's children in order, with each stage container of `feature_info` opened into
 its own children (ResNet: conv1, bn1, layer1..4; EfficientNet: conv_stem, bn1, blocks.0..6,
 conv_head, bn2). Fine-tuning needs that sequence of children to compute the model's forward;
-it is checked when fine-tuning asks for it, and a model whose forward is not such a sequence
-(vision transformers add a class token and position embeddings between children) is refused
-with a clear message; feature extraction works for every model.
+it is checked on a random batch when the entry is made, and a model whose forward is not such
+a sequence (vision transformers add a class token and position embeddings between children)
+gets no blocks: it trains by feature extraction (`--strategy auto` picks it), and asking it
+to fine-tune is refused with that advice.
 
 Weights, tried in order (a timm file has no hash known here, so none is checked; the
 file's SHA-256 is recorded as its identity): `--weights FILE`, the torch hub cache
@@ -39,7 +40,6 @@ PREFIX = "timm:"
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
 # Made on first use and kept apart from the registry, so list_backbones() stays the fixed list.
 _ENTRIES: dict[str, Backbone] = {}
-_SEQUENCE_CHECKED: set[str] = set()  # entries whose child sequence was checked against the forward
 
 
 def require_timm():
@@ -67,14 +67,15 @@ def timm_backbone(name: str) -> Backbone:
     model = build()
     cfg = model.pretrained_cfg
     classifier = cfg.get("classifier") or ""
+    sequential = _is_sequence_of_children(model, int(cfg.get("input_size", (3, 224, 224))[-1]))
     entry = Backbone(
         name=key,
         build=build,
         strip_head=lambda m: m,  # built with num_classes=0: the pooled features already
         feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
         preprocessing=preprocessing_from_cfg(cfg, name),
-        blocks=tuple(n for n, _ in _children_sequence(model) if n),
-        layers=lambda m: _checked_sequence(key, m),
+        blocks=tuple(n for n, _ in _children_sequence(model) if n) if sequential else (),
+        layers=_children_sequence if sequential else partial(_not_a_sequence, key),
         weights=None,
         weights_name=f"timm {model_name} ({cfg.get('hf_hub_id') or cfg.get('url') or 'no pretrained file known'})",
         num_params=sum(p.numel() for p in model.parameters()),  # without the ImageNet classifier
@@ -147,29 +148,24 @@ def _feature_modules(model: nn.Module) -> list[str]:
     return [f["module"] for f in info if isinstance(f, dict) and f.get("module")]
 
 
-def _checked_sequence(key: str, model: nn.Module) -> list[tuple[str | None, nn.Module]]:
-    """The child sequence, after checking once that it computes the model's forward (a tiny random batch)."""
-    layers = _children_sequence(model)
-    if key not in _SEQUENCE_CHECKED:
-        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                want = model(x)
-                got = x
-                for _, m in layers:
-                    got = m(got)
-            same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-        except Exception:  # a child that cannot take the previous one's output: not a plain sequence
-            same = False
-        finally:
-            model.train(was_training)
-        if not same:
-            raise HeadstartError(f"{key}: its forward is not the sequence of its children, so headstart cannot "
-                                 "cut it into blocks for fine-tuning; use --strategy feature-extraction with it.")
-        _SEQUENCE_CHECKED.add(key)
-    return layers
+def _is_sequence_of_children(model: nn.Module, native_size: int) -> bool:
+    """Whether applying `_children_sequence` in turn gives the model's output (one random image, eval mode)."""
+    size = native_size if model.pretrained_cfg.get("fixed_input_size") else 64
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    try:
+        with torch.no_grad():
+            want, got = model(x), x
+            for _, m in _children_sequence(model):
+                got = m(got)
+        return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    except Exception:  # a child that cannot take the previous one's output: not a plain sequence
+        return False
+
+
+def _not_a_sequence(key: str, model: nn.Module):
+    raise HeadstartError(f"{key}: its forward is not the sequence of its children, so headstart cannot cut it into "
+                         "blocks for fine-tuning; use --strategy feature-extraction with it.")
 
 
 # --- weights ----------------------------------------------------------------------------

