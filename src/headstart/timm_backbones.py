@@ -191,19 +191,23 @@ def local_candidates(model_name: str) -> list[tuple[str, Path | None]]:
     if cfg.get("url"):
         out.append(("torch hub cache", Path(torch.hub.get_dir()) / "checkpoints" / cfg["url"].rsplit("/", 1)[-1]))
     if cfg.get("hf_hub_id"):
-        found = None
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            for filename in HF_FILES:
-                hit = try_to_load_from_cache(cfg["hf_hub_id"], filename, cache_dir=str(hf_cache_dir()))
-                if isinstance(hit, str):
-                    found = Path(hit)
-                    break
-        except ImportError:
-            pass
-        out.append((f"Hugging Face cache {hf_cache_dir()} ({cfg['hf_hub_id']})", found))
+        out.append((f"Hugging Face cache {hf_cache_dir()} ({cfg['hf_hub_id']})", _hf_cached(cfg["hf_hub_id"])))
     return out
+
+
+def _hf_cached(repo_id: str) -> Path | None:
+    # A repository never fetched has no folder; huggingface_hub (an optional import) only for those that do.
+    if not (hf_cache_dir() / f"models--{repo_id.replace('/', '--')}").is_dir():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename in HF_FILES:
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()))
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
 
 
 def weights_available(model_name: str) -> str | None:
