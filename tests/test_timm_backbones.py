@@ -200,3 +200,32 @@ def test_bundle_saved_before_this_change_still_loads_and_predicts(image_folder, 
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="crop_mode 'border'"):
         headstart.load(out)
+
+
+def test_online_the_file_is_fetched_into_the_hugging_face_cache(tmp_path, monkeypatch):
+    """The download step, with huggingface_hub's downloader replaced (tests never use the network)."""
+    hub = pytest.importorskip("huggingface_hub")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    full = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    fetched = []
+
+    def fake_download(repo_id, filename, cache_dir):
+        fetched.append((repo_id, filename, cache_dir))
+        path = tmp_path / "downloaded" / filename
+        path.parent.mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+        return str(path)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    entry = get_backbone("timm:mobilenetv3_small_050")
+    with pytest.raises(WeightsNotFoundError, match="download: disabled"):  # HEADSTART_OFFLINE=1 in tests
+        load_backbone(entry)
+    assert not fetched
+    monkeypatch.setenv("HEADSTART_OFFLINE", "0")
+    model, info = load_backbone(entry)
+    repo = timm.models.get_pretrained_cfg("mobilenetv3_small_050").hf_hub_id
+    assert fetched == [(repo, "model.safetensors", str(tmp_path / "hub"))] and info.source.startswith("download")
+    torch.testing.assert_close(model.state_dict()["conv_stem.weight"], full.state_dict()["conv_stem.weight"])
