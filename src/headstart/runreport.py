@@ -86,7 +86,7 @@ def render_markdown(s: dict) -> str:
         ["why this strategy", s["strategy"]["why"]],
         ["backbone", s["backbone"]["name"]],
         ["weights", s["backbone"]["weights"]],
-        ["image size", f"{s['image_size']['pixels']} px: {s['image_size']['why']}"],
+        ["image size", f"{s['image_size']['pixels']} px ({s['image_size']['why']})"],
         ["engine", f"{s['engine']['engine']}, {s['engine']['precision']} on {s['engine']['device']} "
                    f"({s['engine']['why']})"],
         ["wall time", f"{s['wall_seconds']:.0f} s"],
