@@ -23,9 +23,11 @@ EXAMPLES = 5  # copy groups listed in the log and the run's records; the count c
 
 
 def file_digest(path: str) -> str | None:
+    if not os.path.isfile(path):  # a FIFO named like an image would block the open forever
+        return None
     try:
         with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+            return hashlib.file_digest(f, "sha256").hexdigest()  # in chunks: memory stays flat on a huge file
     except OSError:
         return None
 
