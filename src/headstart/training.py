@@ -370,7 +370,9 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     # through the same feature path and engine settings: metrics.json's numbers are what evaluate gives.
     bundle = load(out / "model")
 
-    test_paths, y_test, proba = _score_test_split(bundle, cfg, samples, te, cols)
+    # A cache that failed has been warned about once; the test split then goes without it too.
+    test_paths, y_test, proba = _score_test_split(bundle, cfg, samples, te, cols,
+                                                  cfg.cache_dir if cache.dir is not None else "none")
     if test_paths:
         metrics["test"] = compute_metrics(y_test, proba, head_classes)
         log.info("test accuracy %.4f (95%% interval %.4f-%.4f, balanced %.4f, macro-F1 %.4f) on %d images",
@@ -415,7 +417,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
 
-def _score_test_split(model: Model, cfg: TrainConfig, samples, te: np.ndarray, cols: np.ndarray):
+def _score_test_split(model: Model, cfg: TrainConfig, samples, te: np.ndarray, cols: np.ndarray, cache_dir):
     """Paths, labels (head columns) and probabilities of the test images whose class the model knows."""
     y_test = cols[te]
     known = y_test >= 0
@@ -426,7 +428,7 @@ def _score_test_split(model: Model, cfg: TrainConfig, samples, te: np.ndarray, c
     paths, y_test = [p for p, k in zip(paths, known) if k], y_test[known]
     if not paths:
         return [], None, None
-    feats, failures = features_of(model, paths, batch_size=cfg.batch_size, cache_dir=cfg.cache_dir,
+    feats, failures = features_of(model, paths, batch_size=cfg.batch_size, cache_dir=cache_dir,
                                   device=cfg.device, engine=cfg.engine, precision=cfg.precision,
                                   workers=cfg.workers, desc="test")
     keep = np.array([p not in failures for p in paths], dtype=bool)
