@@ -67,7 +67,7 @@ def test_ctrl_c_during_compare_keeps_only_finished_runs_and_the_rerun_resumes(fm
     # Ctrl-C right after scratch's first epoch is checkpointed: its cache and checkpoints exist by then.
     code, _, stderr = CliChild(tmp_path, *args, fault="sigint-epoch:1", new_session=True).finish()
     assert code == 130, stderr
-    assert stderr.strip().splitlines()[-1] == (f"headstart: interrupted; the strategies finished before it are kept "
+    assert stderr.strip().splitlines()[-1] == (f"headstart: interrupted; feature-extraction-linear finished and kept "
                                                f"in {out}; run the same compare again to train the rest.")
     assert "Traceback" not in stderr
     assert sorted(p.name for p in out.iterdir()) == ["compare.settings.json", "feature-extraction-linear"]

@@ -53,6 +53,7 @@ def compare(data: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, s
     out = Path(out).expanduser().absolute()
     settings = {"data": os.fspath(Path(data).expanduser().absolute()), "seed": seed,
                 **{k: v for k, v in sorted(common.items()) if k not in ("workers",)}}  # workers change no number
+    settings = json.loads(json.dumps(settings, default=str))  # as compare.settings.json will read back
     resume = _resumable(out, settings)
     if out.exists() and any(out.iterdir()) and not overwrite and not resume:
         raise HeadstartError(f"{out} already exists and does not hold an unfinished compare of {data} with these "
@@ -74,8 +75,9 @@ def compare(data: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, s
             train(data, **run_settings, seed=seed, out=os.fspath(run_dir), overwrite=True,
                   cache_dir=os.fspath(out / f".cache-{name}"))
         except KeyboardInterrupt:
-            raise Interrupted(f"the strategies finished before it are kept in {out}; run the same compare again "
-                              "to train the rest.") from None
+            done = [r["strategy"] for r in rows]
+            kept = f"{', '.join(done)} finished and kept in {out}" if done else "nothing partial was kept"
+            raise Interrupted(f"{kept}; run the same compare again to train the rest.") from None
         finally:
             _clean(out, name)
         rows.append(_row(name, run_dir))
@@ -100,7 +102,7 @@ def _finished(run_dir: Path) -> bool:
 def _resumable(out: Path, settings: dict) -> bool:
     """`out` holds a compare started with the same settings (its finished runs, perhaps its leftovers)."""
     try:
-        return json.loads((out / SETTINGS).read_text(encoding="utf-8")) == json.loads(json.dumps(settings))
+        return json.loads((out / SETTINGS).read_text(encoding="utf-8")) == settings
     except (OSError, ValueError):
         return False
 
