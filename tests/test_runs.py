@@ -49,6 +49,8 @@ def test_fine_tuning_with_a_test_class_missing_from_training(fmnist_tiny, tmp_pa
     assert code == 0, stderr
     assert json.loads(stdout)["accuracy"] == metrics["accuracy"] and json.loads(stdout)["n_images"] == 36
     assert "classes ['Bag'] that had no training images" in stderr
+    assert "| left out of the test scores | 4 test images of classes with no training images" in \
+        (tmp_path / "run" / "report.md").read_text()
     code, stdout, stderr = run_cli("evaluate", tmp_path / "run", data, "--json")
     assert code == 0, stderr
     assert json.loads(stdout)["accuracy"] == metrics["accuracy"]

@@ -93,8 +93,11 @@ def render_markdown(s: dict) -> str:
     ]
     if s["fine_tune"]:
         ft = s["fine_tune"]
-        facts.append(["fine-tuning", f"{ft['epochs_run']} epochs, best epoch {ft['best_epoch']}, stopped by "
-                                     f"{ft['stopped_by']}"])
+        epochs = f"{ft['epochs_run']} epoch{'' if ft['epochs_run'] == 1 else 's'}"
+        facts.append(["fine-tuning", f"{epochs}, best epoch {ft['best_epoch']}, stopped by {ft['stopped_by']}"])
+    if s["test"] and s["test"]["n_images"] < d["used"]["test"]:
+        facts.append(["left out of the test scores", f"{d['used']['test'] - s['test']['n_images']} test images of "
+                                                     "classes with no training images (the model cannot predict them)"])
     if s["val_accuracy"] is not None:
         facts.append(["validation accuracy", f"{s['val_accuracy']:.4f}"])
     parts = [f"# headstart run {s['name']}", "## The run\n\n" + markdown_table(["", ""], facts, ["l", "l"])]
