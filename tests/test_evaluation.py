@@ -281,3 +281,36 @@ def test_plot_worst_errors_without_mistakes(tmp_path):
     chosen = plot_worst_errors(paths, [0, 1], np.eye(2), ["a", "b"], out, never)
     assert chosen == []
     _assert_png(out)
+
+
+def test_worst_errors_titles_name_the_files(tmp_path, monkeypatch):
+    from headstart import evaluation
+
+    paths = _make_images(tmp_path, 3)
+    figures = []
+    monkeypatch.setattr(evaluation, "_save_png", lambda fig, path: figures.append(fig))
+    proba = np.array([[0.2, 0.8], [0.9, 0.1], [0.3, 0.7]])
+    plot_worst_errors(paths, [0, 1, 0], proba, ["a", "b"], tmp_path / "e.png", Image.open)
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert len(titles) == 3
+    assert [t.splitlines()[0] for t in titles] == [Path(paths[i]).name for i in (1, 0, 2)]  # most confident first
+
+
+@pytest.mark.parametrize("correct, n, low, high", [
+    (19, 20, 0.763869, 0.991119),  # the roots of (k/n - p)^2 = z^2 p (1 - p) / n, solved with numpy.roots
+    (0, 10, 0.0, 0.277533),
+    (10, 10, 0.722467, 1.0),
+    (8812, 10000, 0.874712, 0.887396),
+])
+def test_wilson_interval(correct, n, low, high):
+    from headstart.evaluation import wilson_interval
+
+    assert wilson_interval(correct, n) == pytest.approx([low, high], abs=2e-6)
+
+
+def test_metrics_carry_the_accuracy_interval(metrics):
+    from headstart.evaluation import wilson_interval
+
+    correct = round(metrics["accuracy"] * metrics["n_images"])
+    assert metrics["accuracy_ci95"] == wilson_interval(correct, metrics["n_images"])
+    assert "accuracy, 95% interval" in format_report(metrics)

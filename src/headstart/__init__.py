@@ -3,6 +3,7 @@
 from ._version import __version__
 
 from .backbones import get_backbone, list_backbones  # noqa: E402
+from . import timm_backbones  # noqa: E402,F401  registers the "timm:" source (timm itself loads on first use)
 from .bundle import Model, load  # noqa: E402
 from .training import resume, train  # noqa: E402
 from .predict import evaluate  # noqa: E402

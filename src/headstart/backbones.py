@@ -150,6 +150,10 @@ class Backbone:
     preprocessing_source: str = "torchvision"  # where `preprocessing` comes from (module docstring)
     # Turns a weights file's state dict into this model's (None: used as it is); timm drops the classifier.
     adapt_state_dict: Callable[[dict], dict] | None = None
+    # A source with its own places for pretrained files (timm): where one is found offline (None: not),
+    # and the loader weights.load_backbone hands over to when no --weights file is given.
+    find_weights: Callable[[], str | None] | None = None
+    load_pretrained: Callable[[bool], tuple] | None = None
 
     @property
     def input_size(self) -> int:
@@ -161,6 +165,13 @@ class Backbone:
 
 
 _REGISTRY: dict[str, Backbone] = {}
+# Name prefixes whose entries a source makes on first use ("timm:" -> timm_backbones.timm_backbone).
+# Sources register themselves here, so this module never imports them (no import cycle).
+_SOURCES: dict[str, Callable[[str], Backbone]] = {}
+
+
+def register_source(prefix: str, make: Callable[[str], Backbone]) -> None:
+    _SOURCES[prefix] = make
 
 
 def register(entry: Backbone) -> Backbone:
@@ -176,10 +187,9 @@ def list_backbones() -> list[str]:
 
 
 def get_backbone(name: str) -> Backbone:
-    if name.lower().startswith("timm:"):  # any timm model, built on first use (timm_backbones.py)
-        from .timm_backbones import timm_backbone
-
-        return timm_backbone(name)
+    for prefix, make in _SOURCES.items():  # e.g. any timm model, made on first use (timm_backbones.py)
+        if name.lower().startswith(prefix):
+            return make(name)
     key = name.lower().replace("-", "_")
     if key not in _REGISTRY:
         raise HeadstartError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")

@@ -21,7 +21,7 @@ import sys
 
 from . import progress
 from ._version import __version__
-from .errors import HeadstartError
+from .errors import HeadstartError, Interrupted
 from .text import count
 
 log = logging.getLogger("headstart")
@@ -137,7 +137,9 @@ def get_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a folder")
     e.add_argument("run", help="run directory or model bundle")
-    e.add_argument("data", help="folder of class subfolders (a folder with splits is evaluated on test/)")
+    e.add_argument("data", nargs="?", default=None,
+                   help="folder of class subfolders (a folder with splits is evaluated on test/); default: the "
+                        "run's own test split, from its splits.csv")
     e.add_argument("--labels", help="CSV of path,label")
     e.add_argument("--json", action="store_true")
     _engine_args(e)
@@ -432,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"headstart: error: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; check "
               "the path named, its permissions and the free space on its disk.", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("headstart: interrupted; nothing partial was kept.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        kept = exc.kept if isinstance(exc, Interrupted) else "nothing partial was kept."
+        print(f"headstart: interrupted; {kept}", file=sys.stderr)
         return 130
 
 

@@ -21,3 +21,11 @@ class WeightsMismatchError(HeadstartError):
 
 class BundleError(HeadstartError):
     """A saved model bundle is missing, corrupt, or of an unknown format."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what was kept and how to go on (a KeyboardInterrupt still, so nothing swallows it)."""
+
+    def __init__(self, kept: str):
+        super().__init__(kept)
+        self.kept = kept

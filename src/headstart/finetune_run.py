@@ -1,4 +1,4 @@
-"""Phase 2 of `--strategy fine-tune` inside a run: data for the loop, checkpoints, resume, test scores."""
+"""Phase 2 of `--strategy fine-tune` inside a run: data for the loop, checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .features import cache_root_of, default_workers
 from .fileio import write_json
 from .heads import class_weights
 from .finetune import (BOUNDARY_AUGMENTS, AugmentedImages, FineTuneNet, FineTuneSettings, backbone_identity, compute_boundary,
-                       evaluate_boundary, fit, load_checkpoint, predict_boundary, train_transform)
+                       evaluate_boundary, fit, load_checkpoint, train_transform)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ __all__ = ["run_fine_tune", "backbone_identity", "checkpoint_dir"]
 class FineTuneOutcome:
     summary: dict
     history: dict
-    test_proba: np.ndarray | None
 
 
 def checkpoint_dir(final: Path) -> Path:
@@ -40,11 +39,11 @@ def checkpoint_dir(final: Path) -> Path:
 
 
 def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, prep: Preprocessing,
-                  paths: list[str], cols: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray,
+                  paths: list[str], cols: np.ndarray, tr: np.ndarray, va: np.ndarray,
                   final: Path) -> FineTuneOutcome:
     s = FineTuneSettings(**cfg.finetune).validate()
     known = cols >= 0
-    tr, va, te = tr & known, va & known, te & known
+    tr, va = tr & known, va & known
     if not va.any():
         raise HeadstartError("fine-tuning needs a validation split for early stopping: use --val-fraction > 0 "
                              "or a val/ folder.")
@@ -96,10 +95,6 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
     result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt, resume=resume,
                  class_weight=class_weight, sampler_weights=sampler, workers=workers)
     vloss, vacc = evaluate_boundary(net, val)
-    test_proba = None
-    if te.any():
-        test = compute_boundary(net, *pick(te), plain, cfg.batch_size, workers, "test")
-        test_proba = torch.softmax(predict_boundary(net, test).double(), dim=1).numpy()
     summary = {"settings": s.to_dict(), "trainable_blocks": net.trainable_blocks,
                "trainable_parameters": count_parameters(net, trainable_only=True),
                "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped_by": result.stopped_by,
@@ -109,7 +104,8 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
                "history": result.history}
     log.info("fine-tuning: %d epochs in %.0fs (best epoch %d, stopped by %s), val accuracy %.4f",
              result.epochs_run, result.seconds, result.best_epoch, result.stopped_by, vacc)
-    return FineTuneOutcome(summary, {**result.history, "best_epoch": result.best_epoch}, test_proba)
+    # The test split is scored by the run from the saved model, as `evaluate` scores it (training._train).
+    return FineTuneOutcome(summary, {**result.history, "best_epoch": result.best_epoch})
 
 
 def _resumable_config(cfg) -> dict:

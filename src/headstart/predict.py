@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 
 from .bundle import load
 from .data import collect_images, load_data
+from .datachecks import read_splits, seen_in_training
 from .errors import DataError
 from .evaluation import compute_metrics
 from .model import Model
@@ -52,36 +54,107 @@ def predict_files(model: Model, inputs: Sequence, *, top_k: int = 1, **kw) -> tu
     return rows, skipped
 
 
-def evaluation_samples(model: Model, data, labels=None):
+def evaluation_samples(model: Model, data, labels=None, untrained=()):
     """The images of `data` to evaluate on, their label indices in the model's classes, and unusable rows.
 
     A folder with train/val/test splits is evaluated on its test split; any other folder on all of it.
+    Images of `untrained` classes (the run saw them but had no training images) are left out with a
+    warning, as the run left them out of its own test scores; any other class the model lacks is an error.
     """
     d, bad = load_data(data, labels=labels, val_fraction=0.0, test_fraction=0.0)
     samples = d.split("test") if d.layout != "classes" and d.split("test") else d.samples
-    present = sorted({d.classes[s.label] for s in samples})
-    unknown = [c for c in present if c not in model.classes]
+    pairs = _known(model, [(s.path, d.classes[s.label]) for s in samples], untrained, data)
+    index = {c: i for i, c in enumerate(model.classes)}
+    return [p for p, _ in pairs], np.array([index[c] for _, c in pairs], dtype=np.int64), bad
+
+
+def _known(model: Model, pairs: list[tuple[str, str]], untrained, where) -> list[tuple[str, str]]:
+    """(path, class) pairs of classes the model knows; warns about left-out and absent classes."""
+    present = sorted({c for _, c in pairs})
+    unknown = [c for c in present if c not in model.classes and c not in untrained]
     if unknown:
-        raise DataError(f"{data} has classes the model does not know: {unknown}. The model's classes are "
+        raise DataError(f"{where} has classes the model does not know: {unknown}. The model's classes are "
                         f"{model.classes}; evaluate on a folder whose class folders use those names.")
+    left_out = [c for c in present if c not in model.classes]
+    if left_out:
+        n = sum(c in left_out for _, c in pairs)
+        log.warning("%d images of %s belong to classes %s that had no training images; they are left out of the "
+                    "scores, as the run left them out.", n, where, left_out)
+        pairs = [(p, c) for p, c in pairs if c in model.classes]
     missing = [c for c in model.classes if c not in present]
     if missing:
         log.warning("%s has no images of classes %s; per-class scores for them are 0 and not meaningful.",
-                    data, missing)
+                    where, missing)
+    return pairs
+
+
+def run_test_split(model: Model, run_dir: Path, untrained=()):
+    """The test split a run recorded in its splits.csv, as evaluation_samples returns it."""
+    rows = read_splits(run_dir)
+    if rows is None:
+        raise DataError(f"{run_dir} holds no splits.csv, so its test split is unknown (a bundle folder keeps "
+                        "only the model); pass DATA, a folder or --labels CSV to evaluate on.")
+    pairs = _known(model, [(r["path"], r["class"]) for r in rows if r["split"] == "test"], untrained,
+                   f"the test split of {run_dir}")
+    if not pairs:
+        raise DataError(f"the run {run_dir} has no test split; pass DATA to evaluate on.")
     index = {c: i for i, c in enumerate(model.classes)}
-    y = np.array([index[d.classes[s.label]] for s in samples], dtype=np.int64)
-    return [s.path for s in samples], y, bad
+    return [p for p, _ in pairs], np.array([index[c] for _, c in pairs], dtype=np.int64), []
 
 
-def evaluate(model: Model | str | os.PathLike, data, *, labels=None, **kw) -> dict:
-    """Metrics of `model` on a folder (or labels CSV): accuracy, per class, confusion matrix, skipped files."""
+def _run_dir_of(model) -> Path | None:
+    """The run directory a model path names (one holding config.json and splits.csv), else None."""
+    if isinstance(model, Model):
+        return None
+    path = Path(model).expanduser()
+    return path if (path / "config.json").is_file() and (path / "splits.csv").is_file() else None
+
+
+def _run_config(run_dir: Path | None) -> dict:
+    if run_dir is None:
+        return {}
+    try:
+        return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def evaluate(model: Model | str | os.PathLike, data=None, *, labels=None, **kw) -> dict:
+    """Metrics of `model` on a folder (or labels CSV): accuracy, per class, confusion matrix, skipped files.
+
+    Without `data`, a run directory is evaluated on its own test split (from its splits.csv). A run's
+    engine settings are used unless others are given, so the numbers are the run's own. Files the run
+    trained or validated on are counted ("seen_in_training") and warned about.
+    """
+    run_dir = _run_dir_of(model)
+    config = _run_config(run_dir)
     model = model if isinstance(model, Model) else load(model)
-    paths, y, bad = evaluation_samples(model, data, labels)
+    for name, value in config.get("requested_engine", {}).items():
+        if kw.get(name, "auto") == "auto":
+            kw[name] = value
+    untrained = [c for c in config.get("classes", []) if c not in model.classes]
+    if data is None and labels is not None:  # the CSV's paths are relative to its folder
+        data = os.path.dirname(os.path.abspath(labels))
+    if data is None:
+        if run_dir is None:
+            raise DataError("no DATA given and the model is not a run directory with a splits.csv (a bundle "
+                            "keeps no splits); pass DATA, a folder or --labels CSV to evaluate on.")
+        paths, y, bad = run_test_split(model, run_dir, untrained)
+        where = f"the test split of {run_dir}"
+    else:
+        paths, y, bad = evaluation_samples(model, data, labels, untrained)
+        where = os.fspath(data)
+    seen = None  # unknown: a bundle alone does not know what it was trained on
+    if run_dir is not None:
+        seen = 0 if data is None else seen_in_training(paths, read_splits(run_dir) or [])
+        if seen:
+            log.warning("%d of %d images were in this run's training/validation split; these scores are "
+                        "optimistic.", seen, len(paths))
     feats, failures = features_of(model, paths, desc="evaluate", **kw)
     keep = np.array([p not in failures for p in paths], dtype=bool)
     if not keep.any():
-        raise DataError(f"none of the {len(paths)} images in {data} could be read.")
+        raise DataError(f"none of the {len(paths)} images in {where} could be read.")
     skipped = bad + [{"path": p, "reason": r} for p, r in failures.items()]
     metrics = compute_metrics(y[keep], model.proba_from_features(feats), model.classes, skipped=skipped)
+    metrics["seen_in_training"] = seen
     return metrics
-

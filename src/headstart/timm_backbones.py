@@ -22,6 +22,7 @@ every other key and shape must match.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones import CROP_MODES, Backbone, Preprocessing
+from .backbones import CROP_MODES, Backbone, Preprocessing, register_source
 from .errors import HeadstartError, WeightsNotFoundError
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ def timm_backbone(name: str) -> Backbone:
         preprocessing_source=f"timm pretrained_cfg of {cfg.get('architecture', model_name)}"
                              f"{'.' + cfg['tag'] if cfg.get('tag') else ''}",
         adapt_state_dict=lambda sd: _drop_classifier(sd, classifier),
+        find_weights=partial(weights_available, model_name),
     )
+    entry = dataclasses.replace(entry, load_pretrained=partial(load_pretrained, entry))
     _ENTRIES[key] = entry
     return entry
 
@@ -280,3 +283,6 @@ def list_timm(pattern: str) -> list[dict]:
         rows.append({"name": PREFIX + name, "input": cfg.get("input_size", (None,))[-1],
                      "weights": weights_available(name) if cfg else None})
     return rows
+
+
+register_source(PREFIX, timm_backbone)

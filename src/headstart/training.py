@@ -2,7 +2,12 @@
 
 A run is built in `<out>.partial-<pid>` and renamed to `<out>` only when complete, so a
 directory at `<out>` always holds the resolved config, metrics, splits, skipped files,
-model bundle, plots and log of a finished run.
+model bundle, test predictions, plots, report and log of a finished run.
+
+The test split is scored by the saved bundle, loaded back as `evaluate` loads it, through
+the same feature extraction and engine settings: scoring fine-tuned runs through the
+training network on boundary activations instead gave 0.35 where `evaluate` gave 0.325
+on a native-bf16 CPU (issue 10), and a run's number must be the one anyone can reproduce.
 """
 
 from __future__ import annotations
@@ -28,20 +33,23 @@ import torchvision
 
 from ._version import __version__
 from .backbones import get_backbone
-from .bundle import Model
+from .bundle import Model, load
 from .bundle import save as save_bundle
 from .data import ImageData, check_input, load_data
 from .engine import choose_engine, make_engine
-from .errors import DataError, HeadstartError
+from .errors import DataError, HeadstartError, Interrupted
+from .datachecks import content_digests, cross_split_copies, warn_cross_split_copies
 from .evaluation import (compute_metrics, format_report, plot_confusion_matrix, plot_training_curve,
-                         plot_worst_errors, write_report_markdown)
+                         plot_worst_errors)
 from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .fileio import write_json, write_text
 from .heads import cross_validate, make_head
 from .images import load_image
+from .predict import features_of
+from .runreport import run_summary, write_run_report, write_test_predictions
 from .text import count
 from .weights import load_backbone
-from .finetune_run import backbone_identity, resume_settings, run_fine_tune
+from .finetune_run import backbone_identity, checkpoint_dir, resume_settings, run_fine_tune
 from .finetune_run import finish as finish_fine_tune
 from .finetune import FineTuneSettings
 from .auto import choose_strategy
@@ -246,6 +254,10 @@ def train(data: str | os.PathLike, **settings) -> Run:
                 break
         if isinstance(exc, OSError):  # a full disk, a permission, a vanished file: the environment, not a bug
             raise _environment_error(exc, final) from exc
+        ckpt = checkpoint_dir(final) / "last.pt"
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted) and ckpt.is_file():
+            raise Interrupted(f"fine-tuning checkpoints of the last finished epoch are kept in {ckpt.parent}; "
+                              f"continue with: headstart train --resume {final}") from exc
         raise
 
 
@@ -284,6 +296,10 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
              summary["splits"]["test"])
     for item in data.ignored:
         log.warning("skipping %s: %s", item["path"], item["reason"])
+    all_paths = [s.path for s in data.samples]
+    summary["duplicates_across_splits"] = cross_split_copies(all_paths, [s.split for s in data.samples],
+                                                             content_digests(all_paths))
+    warn_cross_split_copies(summary["duplicates_across_splits"])
     if len(data.classes) < 2:
         raise DataError(f"{data.root} has a single class ({data.classes[0]}); a classifier needs at least two "
                         "class folders.")
@@ -370,7 +386,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
     if fine_tune:
-        ft = run_fine_tune(cfg, entry, engine.model, head_module, prep, [s.path for s in samples], cols, tr, va, te,
+        ft = run_fine_tune(cfg, entry, engine.model, head_module, prep, [s.path for s in samples], cols, tr, va,
                            final)
         identity = backbone_identity(engine.model)  # the backbone changed: its own features, its own cache
         metrics["phase1_val_accuracy"] = metrics.pop("val_accuracy")
@@ -383,28 +399,25 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
                                                                    "n_classes": len(head_classes)},
                    strategy=strategy, backbone_identity=identity)
     save_bundle(bundle, out / "model")
+    # From here on the run uses the saved model, loaded as `evaluate` loads it, and scores its test split
+    # through the same feature path and engine settings: metrics.json's numbers are what evaluate gives.
+    bundle = load(out / "model")
 
-    test_paths: list[str] = []
-    if te.any():
-        # Score with the saved modules, so the reported numbers are the bundle's own.
-        proba = ft.test_proba if fine_tune else bundle.proba_from_features(X[te])
-        y_test = cols[te]
-        test_known = y_test >= 0
-        if not test_known.all():
-            log.warning("%d test images belong to classes with no training images and are left out of the "
-                        "test metrics.", int((~test_known).sum()))
-        test_paths = [s.path for s, t in zip(samples, te) if t]
-        test_paths = [p for p, k in zip(test_paths, test_known) if k]
-        metrics["test"] = compute_metrics(y_test[test_known], proba[test_known], head_classes)
-        log.info("test accuracy %.4f (balanced %.4f, macro-F1 %.4f) on %d images",
-                 metrics["test"]["accuracy"], metrics["test"]["balanced_accuracy"], metrics["test"]["macro_f1"],
-                 metrics["test"]["n_images"])
-    else:
+    # A cache that failed has been warned about once; the test split then goes without it too.
+    test_paths, y_test, proba = _score_test_split(bundle, cfg, samples, te, cols,
+                                                  cfg.cache_dir if cache.dir is not None else "none")
+    if test_paths:
+        metrics["test"] = compute_metrics(y_test, proba, head_classes)
+        log.info("test accuracy %.4f (95%% interval %.4f-%.4f, balanced %.4f, macro-F1 %.4f) on %d images",
+                 metrics["test"]["accuracy"], *metrics["test"]["accuracy_ci95"], metrics["test"]["balanced_accuracy"],
+                 metrics["test"]["macro_f1"], metrics["test"]["n_images"])
+    elif not te.any():
         log.warning("no test split: pass --test-fraction > 0 or a test/ folder to measure the model.")
 
     wall = time.perf_counter() - t_start
     metrics.update({
         "wall_seconds": round(wall, 2),
+        "duplicates_across_splits": summary["duplicates_across_splits"],
         "extraction": {"images": len(paths), "from_cache": ext.n_cached, "computed": ext.n_computed,
                        "failed": len(ext.failures), "seconds": round(ext.seconds, 2),
                        "images_per_second": round(ext.n_computed / ext.seconds, 1) if ext.n_computed else None,
@@ -420,17 +433,20 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         "cache_namespace": cache.key,
         "preprocessing": prep.to_dict(), "weights": winfo.to_dict(), "engine": choice.to_dict(),
         "head_settings": head.config(), "classes": data.classes, "data_summary": summary,
+        # what evaluate uses for this run unless told otherwise, so it scores as the run did
+        "requested_engine": {"device": cfg.device, "engine": cfg.engine, "precision": cfg.precision},
         "feature_dim": entry.feature_dim, "versions": _versions(), "command": sys.argv,
     }
     write_json(out / "config.json", resolved)
     write_json(out / "metrics.json", metrics)
     write_json(out / "skipped.json", skipped)
     _write_splits(out / "splits.csv", data, ext)
-    _write_plots(out, ft_history or getattr(head, "history_", None), metrics, test_paths, head_classes,
-                 y_test[test_known] if te.any() else None, proba[test_known] if te.any() else None)
+    _write_plots(out, ft_history or getattr(head, "history_", None), metrics, test_paths, head_classes, y_test, proba)
     if "test" in metrics:
-        write_report_markdown(metrics["test"], out / "report.md", title=f"headstart run {final.name}: test set")
+        write_test_predictions(out / "test_predictions.csv", test_paths, y_test, proba, head_classes)
         write_text(out / "report.txt", format_report(metrics["test"]) + "\n")
+    write_run_report(out / "report.md", run_summary(name=final.name, config=resolved, metrics=metrics,
+                                                    skipped=skipped, files=os.listdir(out)))
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
 
@@ -444,6 +460,26 @@ def _cross_validate(cfg: TrainConfig, X: np.ndarray, y: np.ndarray, strategy: st
         log.warning("--cv: the %d-fold accuracy is of the feature-extraction head; strategy auto chose %s, so "
                     "the saved model is not the one cross-validated.", cv["k"], strategy)
     return cv
+
+
+def _score_test_split(model: Model, cfg: TrainConfig, samples, te: np.ndarray, cols: np.ndarray, cache_dir):
+    """Paths, labels (head columns) and probabilities of the test images whose class the model knows."""
+    y_test = cols[te]
+    known = y_test >= 0
+    if not known.all():
+        log.warning("%d test images belong to classes with no training images and are left out of the "
+                    "test metrics.", int((~known).sum()))
+    paths = [s.path for s, t in zip(samples, te) if t]
+    paths, y_test = [p for p, k in zip(paths, known) if k], y_test[known]
+    if not paths:
+        return [], None, None
+    feats, failures = features_of(model, paths, batch_size=cfg.batch_size, cache_dir=cache_dir,
+                                  device=cfg.device, engine=cfg.engine, precision=cfg.precision,
+                                  workers=cfg.workers, desc="test")
+    keep = np.array([p not in failures for p in paths], dtype=bool)
+    for p, reason in failures.items():  # read once already: it changed during the run
+        log.warning("test image %s became unreadable during the run and is left out: %s", p, reason)
+    return [p for p, k in zip(paths, keep) if k], y_test[keep], model.proba_from_features(feats)
 
 
 def _write_splits(path: Path, data: ImageData, ext) -> None:

@@ -142,10 +142,8 @@ def load_backbone(
     if weights is not None and str(weights).lower() == "none":
         return seeded_init(entry, seed), WeightsInfo("random", f"random init (seed {seed})", None, seed=seed)
 
-    if entry.name.startswith("timm:") and (weights is None or str(weights).lower() == "imagenet"):
-        from .timm_backbones import load_pretrained
-
-        return load_pretrained(entry, allow_download)
+    if entry.load_pretrained is not None and (weights is None or str(weights).lower() == "imagenet"):
+        return entry.load_pretrained(allow_download)  # a source with its own places (timm_backbones.py)
     if entry.weights is None and (weights is None or str(weights).lower() == "imagenet"):
         raise WeightsNotFoundError(f"{entry.name} has no pretrained weights; train it with --weights none "
                                    "(or --strategy scratch), or pass a file of its own with --weights PATH.")
@@ -228,10 +226,8 @@ def _adapted(entry: Backbone, sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def weights_available(entry: Backbone) -> str | None:
     """Where the known file would be found offline, without loading it (for `headstart backbones`)."""
-    if entry.name.startswith("timm:"):
-        from .timm_backbones import weights_available as timm_weights_available
-
-        return timm_weights_available(entry.name[len("timm:"):])
+    if entry.find_weights is not None:
+        return entry.find_weights()
     for path in (hub_cache_path(entry), package_path(entry)):
         if path is not None and path.is_file():
             return str(path)
