@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -31,28 +32,42 @@ class NetworkBlocked(RuntimeError):
     pass
 
 
+def _is_loopback(address) -> bool:
+    host = address[0] if isinstance(address, tuple) and address else None
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
-    """Any attempt to reach the network fails the test that made it.
+    """Any attempt to reach the network fails the test that made it; loopback stays allowed.
 
     Unix-domain sockets stay allowed: DataLoader workers pass tensors back through them.
+    Loopback (127.0.0.0/8, ::1) too: the serving tests talk to a server they started on 127.0.0.1.
     """
     real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_create_connection = socket.create_connection
 
     def guard(real):
         def connect(self, *args, **kwargs):
-            if self.family in (socket.AF_INET, socket.AF_INET6):
+            if self.family in (socket.AF_INET, socket.AF_INET6) and not (args and _is_loopback(args[0])):
                 raise NetworkBlocked(f"tests must not use the network (connect to {args[0] if args else '?'})")
             return real(self, *args, **kwargs)
 
         return connect
 
-    def refuse(*args, **kwargs):
-        raise NetworkBlocked("tests must not use the network")
+    def create_connection(address, *args, **kwargs):
+        if not _is_loopback(address):
+            raise NetworkBlocked(f"tests must not use the network (connect to {address})")
+        return real_create_connection(address, *args, **kwargs)
 
     monkeypatch.setattr(socket.socket, "connect", guard(real_connect))
     monkeypatch.setattr(socket.socket, "connect_ex", guard(real_connect_ex))
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
 
 
 @pytest.fixture(scope="module")

@@ -207,3 +207,27 @@ def test_load_image_accepts_str_paths_and_does_not_keep_the_file_open(tmp_path):
 def test_is_image_name_by_extension_case_insensitive():
     assert is_image_name("a.JPG") and is_image_name("b.jpeg") and is_image_name("c.webp")
     assert not is_image_name("notes.txt") and not is_image_name("jpg") and not is_image_name(".DS_Store")
+
+
+def test_bytes_and_file_objects_decode_by_the_same_rules_as_paths(tmp_path):
+    """An upload (bytes or a file object) gets the path's decoding: JPEG draft, EXIF, alpha, refusals."""
+    big = Image.fromarray(np.random.default_rng(1).integers(0, 256, (400, 300, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    big.save(tmp_path / "photo.jpg", exif=exif, quality=90)
+    rgba = Image.new("RGBA", (8, 8), (*RED, 0))
+    rgba.save(tmp_path / "clear.png")
+    for name, min_side in (("photo.jpg", 64), ("photo.jpg", None), ("clear.png", 64)):
+        p = tmp_path / name
+        want = _pixels(load_image(p, min_side))
+        assert (_pixels(load_image(p.read_bytes(), min_side)) == want).all()
+        with open(p, "rb") as f:
+            assert (_pixels(load_image(f, min_side)) == want).all()
+    assert load_image(tmp_path / "photo.jpg", 64).size == (100, 75)  # 300x400 drafted at 1/4, then turned by EXIF
+    assert (_pixels(load_image((tmp_path / "clear.png").read_bytes())) == WHITE).all()
+    for data, reason in ((b"", "empty file"), (b"hello, not pixels\n" * 20, "not an image"),
+                         (_noise_bytes("PNG")[:500], "truncated file")):
+        with pytest.raises(ImageError, match=reason):
+            load_image(data)
+        with pytest.raises(ImageError, match=reason):
+            load_image(io.BytesIO(data))

@@ -122,6 +122,19 @@ def get_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true")
     _engine_args(pr)
 
+    sv = sub.add_parser("serve", help="serve a trained model over HTTP, with a page to try it in a browser "
+                                      "(needs headstart[serve])")
+    sv.add_argument("run", help="run directory or model bundle")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body, in MB (default 20)")
+    sv.add_argument("--token", default=os.environ.get("HEADSTART_TOKEN"),
+                    help="require `Authorization: Bearer TOKEN` on every request but /healthz and the page "
+                         "(default: $HEADSTART_TOKEN, else none)")
+    sv.add_argument("--top-k", type=int, default=3, help="classes per image when a request does not say (?top_k=)")
+    _engine_args(sv)
+
     sub.add_parser("backbones", help="list the backbones, their sizes and whether weights are available")
 
     c = sub.add_parser("cache", help="inspect or clear the feature cache")
@@ -249,6 +262,13 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .serve import serve
+
+    return serve(a.run, host=a.host, port=a.port, max_upload_mb=a.max_upload_mb, token=a.token, top_k=a.top_k,
+                 log_level="warning" if a.quiet else "info", **_engine_kw(a))
+
+
 def cmd_backbones(a) -> int:
     from .backbones import get_backbone, list_backbones
     from .weights import weights_available
@@ -309,7 +329,8 @@ def cmd_export(a) -> int:
 
 
 COMMANDS = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets, "export": cmd_export}
+            "serve": cmd_serve, "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets,
+            "export": cmd_export}
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:

@@ -12,9 +12,11 @@ Choices (documented in the README):
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,19 +38,29 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike | bytes | BinaryIO, min_side: int | None = None) -> Image.Image:
     """Open `path` and return an RGB image, or raise ImageError saying why it cannot be used.
+
+    `path` may also be the file's bytes or a seekable binary file object (an upload), decoded
+    by the same rules.
 
     With `min_side`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
     draft mode) as long as both sides stay at least `min_side`: a 2000x1500 photo headed for a
     128 px network decodes about 10x faster. The resize that follows sees slightly different
     pixels than from a full decode, so the option is part of the feature cache's key.
     """
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        path = io.BytesIO(path)
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device named like an image: opening it could block
-            raise ImageError("not a regular file")
-        if st.st_size == 0:
+        if isinstance(path, (str, os.PathLike)):
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device named like an image: opening it could block
+                raise ImageError("not a regular file")
+            size = st.st_size
+        else:
+            size = path.seek(0, os.SEEK_END)
+            path.seek(0)
+        if size == 0:
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
             # Pillow's notes on damaged metadata ("Corrupt EXIF data") name no file and change no

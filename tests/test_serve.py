@@ -1,0 +1,648 @@
+"""`headstart serve` end to end: a real server process on a free 127.0.0.1 port, a real browser.
+
+The server runs a tiny feature-extraction run (Fashion-MNIST, 64 px, real MobileNetV2 weights)
+and is asked what `headstart predict` answers for the same files. The page is driven in Debian's
+headless Chromium through Playwright; a missing browser fails the test, it does not skip.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import MEASURED, NetworkBlocked
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # git-ignored
+CHROMIUM = "/usr/bin/chromium"
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_UPLOAD_MB = 2  # over the form parser's 1 MB in-memory spool, so a part can reach the disk
+
+
+# --- a real server ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`headstart serve` in a subprocess, with its own temp folder (to prove nothing is left in it)."""
+
+    def __init__(self, run: Path, workdir: Path, *args: str):
+        self.port = free_port()
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.tmp = workdir / f"tmp-{self.port}"
+        self.tmp.mkdir(parents=True)
+        self.log = workdir / f"server-{self.port}.log"
+        env = {**os.environ, "TMPDIR": str(self.tmp), "PYTHONPATH": os.pathsep.join(
+            [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        env.pop("HEADSTART_TOKEN", None)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "headstart.cli", "serve", str(run), "--port", str(self.port),
+                 "--cache-dir", str(workdir / "cache"), "--max-upload-mb", str(MAX_UPLOAD_MB), *args],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.tmp_at_start: list[str] = []
+
+    def wait_ready(self, timeout: float = 180) -> "Server":
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.tmp_at_start = sorted(os.listdir(self.tmp))  # torch's own start-up files
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"headstart serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if request(self, "GET", "/healthz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"headstart serve was not ready after {timeout}s:\n{self.log.read_text()}")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def deleted_open_files(self) -> list[str]:
+        """Open files of the server that were deleted: where a spooled upload left open would show."""
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        targets = []
+        for fd in fd_dir.iterdir():
+            try:
+                targets.append(os.readlink(fd))
+            except OSError:
+                pass  # closed meanwhile
+        return sorted(t for t in targets if t.endswith("(deleted)"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+def request(server: Server, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+            conn: http.client.HTTPConnection | None = None) -> tuple[int, dict | str]:
+    c = conn or http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        data = r.read()
+        is_json = r.getheader("content-type", "").startswith("application/json")
+        return r.status, json.loads(data) if is_json else data.decode()
+    finally:
+        if conn is None:
+            c.close()
+
+
+def multipart(*files: tuple[str, bytes], field: str = "file") -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, data in files:
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                  f"Content-Type: application/octet-stream\r\n\r\n".encode())
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), {"Content-Type": f"multipart/form-data; boundary={boundary}", **AUTH}
+
+
+def upload(server: Server, *files: tuple[str, bytes], query: str = "", conn=None):
+    body, headers = multipart(*files)
+    return request(server, "POST", "/predict" + query, body, headers, conn)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve")
+
+
+@pytest.fixture(scope="module")
+def run_dir(fmnist_tiny, workdir, one_torch_thread) -> Path:
+    import headstart
+
+    return headstart.train(fmnist_tiny, strategy="feature-extraction", image_size=64, out=str(workdir / "run"),
+                           cache_dir=str(workdir / "cache")).run_dir
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, workdir, request):
+    s = Server(run_dir, workdir, "--token", TOKEN)
+    try:
+        request.getfixturevalue("expected")  # while the server starts
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def test_images(fmnist_tiny) -> list[Path]:
+    return [sorted((fmnist_tiny / "test" / c).glob("*.png"))[0] for c in ("Sneaker", "Trouser", "Bag", "Shirt")]
+
+
+@pytest.fixture(scope="module")
+def expected(run_dir, test_images, workdir, one_torch_thread):
+    """What `headstart predict --top-k 3` answers for each file, computed one file at a time."""
+    from headstart import load
+    from headstart.predict import predict_files
+
+    model = load(run_dir)
+    out = {}
+    for p in test_images:
+        rows, _ = predict_files(model, [p], top_k=3, cache_dir=workdir / "predict-cache")
+        out[p.name] = rows[0]["predictions"]
+    return out
+
+
+def assert_same(got: list[dict], want: list[dict]) -> None:
+    assert [g["class"] for g in got] == [w["class"] for w in want]
+    assert np.allclose([g["probability"] for g in got], [w["probability"] for w in want], rtol=0, atol=1e-5)
+
+
+# --- the API ------------------------------------------------------------------------------------------------------
+
+
+def test_predict_answers_what_headstart_predict_answers(server, test_images, expected):
+    for p in test_images:
+        status, body = upload(server, (p.name, p.read_bytes()), query="?top_k=3")
+        assert status == 200, body
+        assert body["results"][0]["name"] == p.name
+        assert_same(body["results"][0]["predictions"], expected[p.name])
+    # several files in one request, in order; one image as the raw body
+    status, body = upload(server, *[(p.name, p.read_bytes()) for p in test_images[:2]], query="?top_k=3")
+    assert status == 200 and [r["name"] for r in body["results"]] == [p.name for p in test_images[:2]]
+    for r in body["results"]:
+        assert_same(r["predictions"], expected[r["name"]])
+    p = test_images[2]
+    status, body = request(server, "POST", f"/predict?top_k=3&name={p.name}", p.read_bytes(), AUTH)
+    assert status == 200 and body["results"][0]["name"] == p.name
+    assert_same(body["results"][0]["predictions"], expected[p.name])
+    status, body = upload(server, (p.name, p.read_bytes()))  # the server's --top-k default
+    assert len(body["results"][0]["predictions"]) == 3
+
+
+def test_a_photo_is_decoded_as_predict_decodes_it(server, run_dir, test_images, workdir, one_torch_thread):
+    """A large EXIF-rotated JPEG: predict decodes it in draft mode and turns it; so must the server."""
+    from headstart import load
+    from headstart.predict import predict_files
+
+    im = Image.open(test_images[0]).convert("RGB").resize((600, 450), Image.BILINEAR)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = workdir / "photo.jpg"
+    im.save(photo, quality=92, exif=exif)
+    rows, _ = predict_files(load(run_dir), [photo], top_k=5, cache_dir=workdir / "predict-cache")
+    status, body = upload(server, ("photo.jpg", photo.read_bytes()), query="?top_k=5")
+    assert status == 200, body
+    assert_same(body["results"][0]["predictions"], rows[0]["predictions"])
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with no pixel data (as in test_reliability)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_bad_requests_get_a_4xx_json_that_says_what_is_wrong(server, test_images):
+    fds_before = server.open_fds()
+    png = test_images[0].read_bytes()
+    cases = [
+        (upload(server, ("notes.txt", b"these are not pixels\n" * 50)), 415, "notes.txt: not an image"),
+        (upload(server, ("cut.png", png[: len(png) // 2])), 422, "cut.png: truncated file"),
+        (upload(server, ("huge.png", _png_header_only(20_000, 20_000))), 422, "huge.png: too many pixels"),
+        (upload(server, ("empty.png", b"")), 400, "empty.png: empty file"),
+        (upload(server), 400, "no file"),
+        (request(server, "POST", "/predict", b"", AUTH), 400, "no file"),
+        (upload(server, ("a.png", png), query="?top_k=many"), 400, "top_k"),
+        (request(server, "GET", "/nowhere", headers=AUTH), 404, "Not Found"),
+        (request(server, "POST", "/predict", b"--nope\r\ngarbage", {**AUTH, "Content-Type":
+                 "multipart/form-data; boundary=other"}), 400, "multipart"),
+        (upload(server, *[(f"{i}.png", png) for i in range(65)]), 400, "Too many files"),
+    ]
+    for (status, body), want_status, want in cases:
+        assert status == want_status and isinstance(body, dict) and want in body["error"], (status, body)
+    # one bad file among good ones: the request fails and names it
+    status, body = upload(server, ("good.png", png), ("bad.png", b"GIF89a nonsense"))
+    assert status == 415 and [f["name"] for f in body["files"]] == ["bad.png"], body
+    # damaged files of every kind: each gets an answer, never a 500, and the server stays up
+    rng = np.random.default_rng(0)
+    jpg = io.BytesIO()
+    Image.open(test_images[1]).convert("RGB").resize((90, 90)).save(jpg, "JPEG")
+    for i in range(40):
+        data = bytearray((png, jpg.getvalue())[i % 2])
+        for j in rng.integers(0, len(data), size=1 + i % 8):
+            data[j] = rng.integers(0, 256)
+        status, body = upload(server, (f"flipped-{i}", bytes(data)))
+        assert status == 200 or (status in (400, 415, 422) and body["error"].startswith(f"flipped-{i}: ")), body
+    deadline = time.monotonic() + 5  # the server closes its side of each connection just after the client
+    while server.open_fds() > fds_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.open_fds() <= fds_before  # no file or socket left open
+    assert request(server, "GET", "/healthz")[0] == 200
+
+
+def _send_big(server: Server, body_size: int, chunked: bool, as_form_part: bool = False) -> tuple[int, dict]:
+    """POST about body_size bytes, with Content-Length or chunked; the server may answer before the end."""
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        c.putrequest("POST", "/predict")
+        c.putheader("Authorization", AUTH["Authorization"])
+        c.putheader("Content-Type", "multipart/form-data; boundary=xyz" if as_form_part else "application/octet-stream")
+        c.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(body_size))))
+        c.endheaders()
+        block = os.urandom(64 * 1024)
+        try:
+            if as_form_part:  # a file part that never ends
+                head = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+                c.send(b"%x\r\n%s\r\n" % (len(head), head) if chunked else head)
+            for _ in range(body_size // len(block)):
+                c.send(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+            if chunked:
+                c.send(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed: read its answer
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+def test_a_body_over_the_limit_gets_413_without_being_buffered(server, test_images):
+    rss_before = server.rss_mb()
+    for chunked in (False, True):  # refused by Content-Length, and by counting a streamed body
+        status, body = _send_big(server, 3 * 2**20, chunked)
+        assert status == 413 and f"limit of {MAX_UPLOAD_MB} MB" in body["error"], body
+    status, body = _send_big(server, 40 * 2**20, chunked=True)  # 40x the limit
+    assert status == 413
+    assert server.rss_mb() < rss_before + 20
+    big = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)  # ~3 MB as PNG
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, "PNG")
+    status, body = upload(server, ("big.png", buf.getvalue()))
+    assert status == 413, body
+    assert upload(server, (test_images[0].name, test_images[0].read_bytes()))[0] == 200
+
+
+def test_no_temporary_file_is_left_behind(server, test_images):
+    """Parts over 1 MB are spooled to disk by the form parser: even those are gone after the request."""
+    deleted_before = server.deleted_open_files()
+    png = test_images[0].read_bytes()
+    padding = os.urandom(1_500_000)
+    status, _ = upload(server, ("a.png", png), ("pad.png", padding))  # 1.5 MB part: spooled to disk
+    assert status == 415
+    status, _ = upload(server, ("a.png", png), ("b.png", png))
+    assert status == 200
+    status, _ = _send_big(server, 3 * 2**20, chunked=True, as_form_part=True)  # cut off in mid-part, on disk
+    assert status == 413
+    body, headers = multipart(("a.png", png), ("pad.png", padding))
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)  # a client that goes away
+    c.putrequest("POST", "/predict")
+    for k, v in {**headers, "Content-Length": str(len(body))}.items():
+        c.putheader(k, v)
+    c.endheaders()
+    c.send(body[: len(body) * 3 // 4])
+    time.sleep(0.3)
+    c.close()
+    time.sleep(0.5)
+    assert request(server, "GET", "/healthz")[0] == 200
+    assert sorted(os.listdir(server.tmp)) == server.tmp_at_start
+    assert server.deleted_open_files() == deleted_before
+
+
+def test_token_is_required_except_for_healthz_and_the_page(server, test_images):
+    png = test_images[0].read_bytes()
+    body, headers = multipart(("a.png", png))
+    for h in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        status, answer = request(server, "POST", "/predict", body, {"Content-Type": headers["Content-Type"], **h})
+        assert status == 401 and "token" in answer["error"]
+        assert request(server, "GET", "/model", headers=h)[0] == 401
+    assert request(server, "GET", "/healthz")[0] == 200
+    status, page = request(server, "GET", "/")
+    assert status == 200 and "<input id=\"files\" type=\"file\"" in page
+    assert request(server, "POST", "/predict", body, headers)[0] == 200
+
+
+def test_model_describes_the_model_and_the_run(server, run_dir):
+    status, info = request(server, "GET", "/model", headers=AUTH)
+    assert status == 200
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert info["backbone"] == "mobilenet_v2" and info["image_size"] == 64 and len(info["classes"]) == 10
+    assert info["engine"]["engine"] == config["engine"]["engine"] and info["engine"]["precision"] in ("fp32", "bf16")
+    assert info["metrics"]["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert request(server, "GET", "/docs")[0] in (401, 404)  # no Swagger UI from a CDN
+    assert request(server, "GET", "/docs", headers=AUTH)[0] == 404
+    assert request(server, "GET", "/redoc", headers=AUTH)[0] == 404
+
+
+def test_concurrent_requests_all_succeed_and_memory_stays_flat(server, test_images, expected):
+    images = [(p.name, p.read_bytes()) for p in test_images]
+    local = threading.local()
+
+    def one(i: int) -> tuple[int, str, list | dict]:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        name, data = images[i % len(images)]
+        status, body = upload(server, (name, data), query="?top_k=3", conn=local.conn)
+        return status, name, body["results"][0]["predictions"] if status == 200 else body
+
+    def burst(n: int) -> float:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(n)))
+        seconds = time.perf_counter() - t0
+        assert all(s == 200 for s, _, _ in results), [r for r in results if r[0] != 200][:3]
+        for _, name, predictions in results:  # batched with other requests or not, the same answer
+            assert_same(predictions, expected[name])
+        return seconds
+
+    served_before = request(server, "GET", "/model", headers=AUTH)[1]["served"]
+    burst(100)
+    rss_100 = server.rss_mb()
+    seconds = burst(200)
+    burst(100)
+    rss_400 = server.rss_mb()
+    served = request(server, "GET", "/model", headers=AUTH)[1]["served"]
+    images_run = served["images"] - served_before["images"]
+    batches = served["batches"] - served_before["batches"]
+    MEASURED.append(f"serve: 200 requests from 8 threads in {seconds:.1f}s ({200 / seconds:.0f}/s); "
+                    f"400 images in {batches} batches; RSS {rss_100:.0f} MB after 100, {rss_400:.0f} MB after 400")
+    assert images_run == 400
+    assert batches < images_run  # waiting requests were batched together
+    assert rss_400 - rss_100 < 25, (rss_100, rss_400)
+
+
+# --- start-up, shutdown and the network --------------------------------------------------------------------------
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(run_dir, workdir, test_images, expected):
+    server = Server(run_dir, workdir)  # no token
+    try:
+        server.wait_ready()
+        p = test_images[0]
+        body, headers = multipart((p.name, p.read_bytes()))
+        c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        c.putrequest("POST", "/predict?top_k=3")
+        c.putheader("Content-Type", headers["Content-Type"])
+        c.putheader("Content-Length", str(len(body)))
+        c.endheaders()
+        c.send(body[:100])  # the request is in flight: headers in, body half sent
+        time.sleep(1.5)  # for the server to read the headers, even on busy cores
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert server.proc.poll() is None, "the server exited with a request in flight"
+        c.send(body[100:])
+        r = c.getresponse()
+        answer = json.loads(r.read())
+        assert r.status == 200
+        assert_same(answer["results"][0]["predictions"], expected[p.name])
+        c.close()
+        t0 = time.monotonic()
+        assert server.proc.wait(timeout=20) == 0
+        MEASURED.append(f"serve: exited {time.monotonic() - t0:.2f}s after its last request was answered")
+        with pytest.raises(OSError):
+            request(server, "GET", "/healthz")  # no longer listening
+    finally:
+        server.stop()
+
+
+def test_a_port_in_use_is_exit_2_naming_it(run_dir, workdir, capsys, one_torch_thread):
+    from headstart import cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code = cli.main(["serve", str(run_dir), "--cache-dir", str(workdir / "cache"), "--port", str(port)])
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_host_0000_says_it_is_reachable_from_the_network(run_dir, workdir, monkeypatch, capsys, one_torch_thread):
+    """The CLI path with uvicorn replaced: nothing but 127.0.0.1 is ever bound by this suite."""
+    from headstart import cli, serve
+
+    calls = []
+    monkeypatch.setattr(serve, "run_server", lambda app, **kw: calls.append(kw))
+    common = ["serve", str(run_dir), "--cache-dir", str(workdir / "cache"), "--port", "8123"]
+    assert cli.main(common) == 0
+    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8123
+    assert "reachable from the network" not in capsys.readouterr().err
+    assert cli.main(common + ["--host", "0.0.0.0"]) == 0
+    assert calls[-1]["host"] == "0.0.0.0"
+    err = capsys.readouterr().err
+    assert "0.0.0.0:8123, reachable from the network" in err and "add --token" in err
+    assert "add --token" not in serve.exposure_note("0.0.0.0", 8123, "t")
+    assert serve.exposure_note("::1", 8000, None) is None and serve.exposure_note("localhost", 8000, None) is None
+    from headstart import load
+    from headstart.engine import choose_engine
+
+    bundle = run_dir / "model"  # a bare bundle has no run metrics; a run directory has them
+    assert serve.model_info(load(bundle), choose_engine(), bundle)["metrics"] is None
+    assert serve.model_info(load(run_dir), choose_engine(), run_dir)["metrics"]["test"]["n_images"] == 40
+
+
+def test_the_network_guard_lets_loopback_through_and_refuses_the_rest():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        socket.create_connection(s.getsockname(), timeout=5).close()
+    for address in (("10.1.2.3", 80), ("8.8.8.8", 53), ("192.168.0.1", 443)):
+        with pytest.raises(NetworkBlocked):
+            socket.create_connection(address, timeout=1)
+        with socket.socket() as c, pytest.raises(NetworkBlocked):
+            c.connect(address)
+
+
+# --- the page, in a real browser ----------------------------------------------------------------------------------
+
+
+def test_the_page_has_no_external_url():
+    from importlib import resources
+
+    page = resources.files("headstart").joinpath("static/index.html").read_text()
+    assert "http:" not in page and "https:" not in page and "//cdn" not in page and "src=\"//" not in page
+
+
+def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium).")
+    from playwright.sync_api import expect, sync_playwright
+
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image at all\n")
+    shoe = test_images[0]
+    want = expected[shoe.name][0]["class"]
+    requests: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"])
+        expect.set_options(timeout=30_000)  # two cores shared with other tests
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 400})
+            page.on("request", lambda r: requests.append(r.url))
+            # Listening from the start turns on Playwright's file-chooser interception before any key is
+            # pressed; enabled only by expect_file_chooser, the first Enter raced it (2 in 20 missed here).
+            page.on("filechooser", lambda chooser: None)
+            page.goto(server.origin + "/")
+            # The token form shows up (this server needs one); then the model is described.
+            page.get_by_label("This server needs a token").fill(TOKEN)
+            page.get_by_role("button", name="Use token").click()
+            expect(page.locator("#about")).to_contain_text("mobilenet_v2, 64 px, 10 classes")
+            # Keyboard: the first Tab stop is the real file input, which has a label.
+            page.evaluate("document.activeElement && document.activeElement.blur()")
+            page.keyboard.press("Tab")
+            assert page.evaluate("document.activeElement.id") == "files"
+            assert page.get_by_label("Choose images").get_attribute("type") == "file"
+            with page.expect_file_chooser() as chooser:
+                page.keyboard.press("Enter")  # the keyboard opens the file picker
+            assert chooser.value.is_multiple()
+            chooser.value.set_files([str(shoe), str(notes)])
+            card = page.locator(".card", has_text=shoe.name)
+            expect(card.locator(".row").first).to_contain_text(want)
+            expect(card.locator(".row")).to_have_count(3)
+            expect(page.locator(".card", has_text="notes.png").locator(".error")).to_contain_text("not an image")
+            # Drag and drop: a Trouser image dropped on the zone gets its own card.
+            trouser = test_images[1]
+            dropped = page.evaluate_handle(
+                """([name, bytes]) => { const dt = new DataTransfer();
+                     dt.items.add(new File([new Uint8Array(bytes)], name, {type: "image/png"})); return dt; }""",
+                [trouser.name, list(trouser.read_bytes())])
+            page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+            expect(page.locator(".card", has_text=trouser.name).locator(".row").first).to_contain_text(
+                expected[trouser.name][0]["class"])
+            expect(page.locator(".card")).to_have_count(3)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "serve-page.png"))
+        finally:
+            expect.set_options(timeout=5_000)  # Playwright's default, for any later test
+            browser.close()
+    assert any(u.endswith("/predict?top_k=3") for u in requests), requests
+    outside = [u for u in requests if not (u.startswith(server.origin + "/") or u.startswith("blob:" + server.origin))]
+    assert outside == [], outside
+
+
+def test_serve_errors_before_binding_exit_2_with_the_fix(tmp_path, monkeypatch, capsys):
+    from headstart import cli
+
+    assert cli.main(["serve", str(tmp_path / "no-such-run")]) == 2
+    assert "no model found at" in capsys.readouterr().err
+    assert cli.main(["serve", str(tmp_path), "--max-upload-mb", "0"]) == 2
+    assert "--max-upload-mb must be a positive" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
+    assert cli.main(["serve", str(tmp_path)]) == 2
+    assert "pip install 'headstart[serve]'" in capsys.readouterr().err
+
+
+def _asgi_post(app, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
+    """One request straight into an ASGI app (for a fault no real client can cause)."""
+    import asyncio
+
+    sent = []
+
+    async def go():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path.split("?")[0], "raw_path": path.split("?")[0].encode(),
+                 "query_string": path.partition("?")[2].encode(), "root_path": "",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        try:
+            await app(scope, receive, send)
+        except Exception:
+            pass  # Starlette re-raises after answering, for the server's log
+    asyncio.run(go())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_a_failure_inside_inference_is_a_json_500_and_the_next_request_works(test_images):
+    from concurrent.futures import Future
+
+    import torch
+
+    from headstart import serve
+
+    class Flaky:
+        """Decodes for real; its network fails once, as a broken engine would."""
+
+        model = type("M", (), {"classes": ["a", "b"]})()
+        calls = 0
+
+        def decode(self, data):
+            serve.load_image(data)  # an ImageError for a bad file, as the real one
+            return torch.zeros(3, 4, 4, dtype=torch.uint8)
+
+        def submit(self, images):
+            Flaky.calls += 1
+            f = Future()
+            if Flaky.calls == 1:
+                f.set_exception(RuntimeError("engine fell over"))
+            else:
+                f.set_result(np.tile([[0.25, 0.75]], (len(images), 1)))
+            return f
+
+        def stats(self):
+            return {}
+
+    app = serve.Guard(serve.create_app(Flaky(), {}), max_bytes=2**20)
+    png = test_images[0].read_bytes()
+    status, body = _asgi_post(app, "/predict?name=x.png", png, {"content-type": "image/png"})
+    assert status == 500 and "internal error (RuntimeError)" in body["error"]
+    status, body = _asgi_post(app, "/predict?name=x.png", png, {"content-type": "image/png"})
+    assert status == 200 and body["results"][0]["predictions"][0] == {"class": "b", "probability": 0.75}
+
+
+def test_the_token_can_come_from_the_environment(monkeypatch):
+    """$HEADSTART_TOKEN keeps the token out of the process list; --token still wins."""
+    from headstart import cli
+
+    monkeypatch.setenv("HEADSTART_TOKEN", "from-env")
+    assert cli.get_parser().parse_args(["serve", "run"]).token == "from-env"
+    assert cli.get_parser().parse_args(["serve", "run", "--token", "flag"]).token == "flag"
+    monkeypatch.delenv("HEADSTART_TOKEN")
+    assert cli.get_parser().parse_args(["serve", "run"]).token is None
