@@ -135,6 +135,10 @@ def get_parser() -> argparse.ArgumentParser:
     sv.add_argument("--top-k", type=int, default=3, help="classes per image when a request does not say (?top_k=)")
     _engine_args(sv)
 
+    rp = sub.add_parser("report", help="rebuild report.md and report.html of a run (compare.html of a compare "
+                                       "folder) from its files")
+    rp.add_argument("run", help="run directory, or the --out folder of a compare")
+
     sub.add_parser("backbones", help="list the backbones, their sizes and whether weights are available")
 
     c = sub.add_parser("cache", help="inspect or clear the feature cache")
@@ -269,6 +273,19 @@ def cmd_serve(a) -> int:
                  log_level="warning" if a.quiet else "info", **_engine_kw(a))
 
 
+def cmd_report(a) -> int:
+    from pathlib import Path
+
+    from .report_html import write_compare_html, write_reports
+
+    if (Path(a.run) / "compare.json").is_file() and not (Path(a.run) / "config.json").is_file():
+        print(write_compare_html(a.run))
+        return 0
+    for path in write_reports(a.run):
+        print(path)
+    return 0
+
+
 def cmd_backbones(a) -> int:
     from .backbones import get_backbone, list_backbones
     from .weights import weights_available
@@ -329,7 +346,7 @@ def cmd_export(a) -> int:
 
 
 COMMANDS = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "serve": cmd_serve, "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets,
+            "serve": cmd_serve, "report": cmd_report, "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets,
             "export": cmd_export}
 
 
