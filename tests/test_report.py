@@ -124,6 +124,23 @@ def test_an_image_gone_since_the_run_is_still_listed(run, tmp_path):
     assert "not readable now" in figure and "<b>moved-away.png</b>" in figure
 
 
+def test_a_run_without_a_test_split_says_so(run, tmp_path):
+    from headstart.report_html import write_reports
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    del metrics["test"]
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    for f in ("test_predictions.csv", "confusion_matrix.png", "worst_errors.png"):
+        (copy / f).unlink()
+    write_reports(copy)
+    page = (copy / "report.html").read_text(encoding="utf-8")
+    assert "No test split: pass --test-fraction &gt; 0" in page
+    assert "<figure>" not in page and "Confusion matrix" not in page and "test_predictions.csv" not in page
+    assert "No test split" in (copy / "report.md").read_text(encoding="utf-8", errors="surrogateescape")
+
+
 @pytest.fixture(scope="module")
 def compare_dir(fmnist_tiny, tmp_path_factory, one_torch_thread) -> Path:
     from headstart.compare import compare

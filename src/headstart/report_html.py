@@ -188,8 +188,9 @@ def render_html(s: dict, run_dir: Path) -> str:
             body.append(f"<h2>{esc(title)}</h2>"
                         f'<img class="plot" alt="{esc(title)}" src="{_data_uri((run_dir / f).read_bytes())}">')
     if "training_curve.png" not in [f for f, _ in s["plots"]]:
-        body.append('<h2>Training curve</h2><p class="muted">None: this head was fitted in one solve (L-BFGS), '
-                    "without epochs.</p>")
+        body.append('<h2>Training curve</h2><p class="muted">None: this run recorded no epochs against a validation '
+                    "split (a linear head is fitted in one L-BFGS solve; an MLP head without a validation split "
+                    "keeps no history).</p>")
     body.append("<h2>Skipped files</h2>")
     if s["skipped"]:
         body.append(f"<p>{len(s['skipped'])} files were not used:</p>"
