@@ -125,8 +125,6 @@ def test_an_image_gone_since_the_run_is_still_listed(run, tmp_path):
 
 
 def test_a_run_without_a_test_split_says_so(run, tmp_path):
-    from headstart.report_html import write_reports
-
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     metrics = json.loads((copy / "metrics.json").read_text())
@@ -134,7 +132,7 @@ def test_a_run_without_a_test_split_says_so(run, tmp_path):
     (copy / "metrics.json").write_text(json.dumps(metrics))
     for f in ("test_predictions.csv", "confusion_matrix.png", "worst_errors.png"):
         (copy / f).unlink()
-    write_reports(copy)
+    assert headstart.report(copy) == [copy / "report.md", copy / "report.html"]  # the Python API of the command
     page = (copy / "report.html").read_text(encoding="utf-8")
     assert "No test split: pass --test-fraction &gt; 0" in page
     assert "<figure>" not in page and "Confusion matrix" not in page and "test_predictions.csv" not in page

@@ -274,14 +274,9 @@ def cmd_serve(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from pathlib import Path
+    from .report_html import report
 
-    from .report_html import write_compare_html, write_reports
-
-    if (Path(a.run) / "compare.json").is_file() and not (Path(a.run) / "config.json").is_file():
-        print(write_compare_html(a.run))
-        return 0
-    for path in write_reports(a.run):
+    for path in report(a.run):
         print(path)
     return 0
 

@@ -118,6 +118,14 @@ def write_reports(run_dir: str | os.PathLike, name: str | None = None) -> list[P
     return [run_dir / "report.md", run_dir / "report.html"]
 
 
+def report(path: str | os.PathLike) -> list[Path]:
+    """Rebuild the reports of a run directory (report.md, report.html) or a compare folder (compare.html)."""
+    path = Path(path)
+    if (path / "compare.json").is_file() and not (path / "config.json").is_file():
+        return [write_compare_html(path)]
+    return write_reports(path)
+
+
 # --------------------------------------------------------------------------- HTML
 
 
