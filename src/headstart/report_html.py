@@ -284,7 +284,7 @@ def _thumbnail(path: str) -> str:
     from .images import ImageError, load_image  # decoded by the same rules as training
 
     try:
-        image = load_image(path)
+        image = load_image(path, min_side=THUMB)  # a large JPEG decodes at a fraction of its size
     except (ImageError, OSError) as exc:  # moved or changed since the run: the page still lists the file
         return f'<div class="missing">not readable now: {esc(exc)}</div>'
     image.thumbnail((THUMB, THUMB))
