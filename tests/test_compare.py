@@ -76,8 +76,8 @@ def test_ctrl_c_during_compare_keeps_only_finished_runs_and_the_rerun_resumes(fm
     code, stdout, stderr = run_cli(*args)  # the same command, no --overwrite
     assert code == 0, stderr
     assert "feature-extraction-linear already finished" in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.png", "compare.settings.json",
-                                                     "feature-extraction-linear", "scratch"]
+    assert sorted(p.name for p in out.iterdir()) == ["compare.html", "compare.json", "compare.png",
+                                                     "compare.settings.json", "feature-extraction-linear", "scratch"]
     assert (out / "feature-extraction-linear" / "metrics.json").read_text() == kept
     result = json.loads((out / "compare.json").read_text())
     assert [r["strategy"] for r in result["runs"]] == ["feature-extraction-linear", "scratch"]

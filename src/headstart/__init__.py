@@ -7,5 +7,6 @@ from . import timm_backbones  # noqa: E402,F401  registers the "timm:" source (t
 from .bundle import Model, load  # noqa: E402
 from .training import resume, train  # noqa: E402
 from .predict import evaluate  # noqa: E402
+from .report_html import report  # noqa: E402
 
-__all__ = ["__version__", "train", "resume", "load", "evaluate", "Model", "get_backbone", "list_backbones"]
+__all__ = ["__version__", "train", "resume", "load", "evaluate", "report", "Model", "get_backbone", "list_backbones"]

@@ -166,6 +166,10 @@ def get_parser() -> argparse.ArgumentParser:
     sv.add_argument("--top-k", type=int, default=3, help="classes per image when a request does not say (?top_k=)")
     _engine_args(sv)
 
+    rp = sub.add_parser("report", help="rebuild report.md and report.html of a run (compare.html of a compare "
+                                       "folder) from its files")
+    rp.add_argument("run", help="run directory, or the --out folder of a compare")
+
     bb = sub.add_parser("backbones", help="list the backbones, their sizes and whether weights are available")
     bb.add_argument("--timm", metavar="PATTERN", default=None,
                     help="list timm's models matching PATTERN instead (wildcards, e.g. 'resnet*'); "
@@ -310,6 +314,14 @@ def cmd_serve(a) -> int:
                  log_level="warning" if a.quiet else "info", **_engine_kw(a))
 
 
+def cmd_report(a) -> int:
+    from .report_html import report
+
+    for path in report(a.run):
+        print(path)
+    return 0
+
+
 def cmd_backbones(a) -> int:
     from .backbones import get_backbone, list_backbones
     from .weights import weights_available
@@ -386,7 +398,7 @@ def cmd_export(a) -> int:
 
 
 COMMANDS = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "serve": cmd_serve, "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets,
+            "serve": cmd_serve, "report": cmd_report, "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets,
             "export": cmd_export}
 
 

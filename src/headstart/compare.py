@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import HeadstartError, Interrupted
 from .fileio import atomic_path, write_json
+from .report_html import write_compare_html
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def compare(data: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, s
     result = {"data": os.fspath(data), "seed": seed, "runs": rows}
     write_json(out / "compare.json", result)
     plot_compare(rows, out / "compare.png")
+    write_compare_html(out, result)
     return result
 
 

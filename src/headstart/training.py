@@ -46,7 +46,8 @@ from .fileio import write_json, write_text
 from .heads import cross_validate, make_head
 from .images import load_image
 from .predict import features_of
-from .runreport import run_summary, write_run_report, write_test_predictions
+from .report_html import write_reports
+from .runreport import write_test_predictions
 from .text import count
 from .weights import load_backbone
 from .finetune_run import backbone_identity, checkpoint_dir, resume_settings, run_fine_tune
@@ -445,8 +446,8 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     if "test" in metrics:
         write_test_predictions(out / "test_predictions.csv", test_paths, y_test, proba, head_classes)
         write_text(out / "report.txt", format_report(metrics["test"]) + "\n")
-    write_run_report(out / "report.md", run_summary(name=final.name, config=resolved, metrics=metrics,
-                                                    skipped=skipped, files=os.listdir(out)))
+    # report.md and report.html from the files just written, as `headstart report` rebuilds them
+    write_reports(out, name=final.name)
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
 
