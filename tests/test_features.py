@@ -298,7 +298,7 @@ def test_namespace_key_covers_what_changes_the_features(monkeypatch):
         "device": ns(choice=EngineChoice("torch", "fp32", "cuda", "tests")),
         "torch version": _key_with(monkeypatch, lambda m: _version(m, "torch", "0.0.1")),
         "torchvision version": _key_with(monkeypatch, lambda m: _version(m, "torchvision", "0.0.1")),
-        "headstart version": _key_with(monkeypatch, lambda m: _version(m, "headstart", "0.0.1")),
+        "headstart version": _key_with(monkeypatch, lambda m: _version(m, "headstart._version", "0.0.1")),
         "Pillow version": _key_with(monkeypatch, lambda m: _version(m, "PIL", "0.0.1")),
         "onnxruntime version": _key_with(monkeypatch, lambda m: _dist_version(m, "onnxruntime", "0.0.1")),
         "openvino version": _key_with(monkeypatch, lambda m: _dist_version(m, "openvino", "0.0.1")),
