@@ -249,8 +249,9 @@ def serving(headstart_cmd: list, data: Path, run: Path, work: Path, *, smoke: bo
     datas = [f.read_bytes() for f in files]
     bodies = [multipart(f.name, d) for f, d in zip(files, datas)]
     out: dict = {"generator": "Python: threads with keep-alive http.client connections, one PNG per multipart "
-                              "POST /predict; its own CPU time measured", "server": "headstart -q serve (no access log)",
-                 "images": len(files), "load_average_before": [round(x, 2) for x in os.getloadavg()]}
+                              "POST /predict; its own CPU time measured",
+                 "server": "headstart -q serve (no access log)", "images": len(files),
+                 "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     out["train_seconds"], t0 = round(time.perf_counter() - t0, 1), time.perf_counter()
     out["in_process"] = in_process(run, datas, counts["singles"], counts["batch"], 64, cache)
     out["in_process"]["seconds"], t0 = round(time.perf_counter() - t0, 1), time.perf_counter()
