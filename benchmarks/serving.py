@@ -173,7 +173,8 @@ def _in_process(model, datas: list[bytes], singles: int, batch_images: int, batc
         rates.append(batch_images / (time.perf_counter() - t0))
     return {"torch_threads": torch.get_num_threads(), "single_requests": singles,
             "single_p50_ms": percentile_ms(single, 50), "single_p99_ms": percentile_ms(single, 99),
-            "batch_size": batch_size, "batch_images": batch_images, "batch_images_per_second": round(statistics.median(rates), 1)}
+            "batch_size": batch_size, "batch_images": batch_images,
+            "batch_images_per_second": round(statistics.median(rates), 1)}
 
 
 def naive(headstart_cmd: list, run: Path, files: list[Path], cache: Path, work: Path) -> dict:
