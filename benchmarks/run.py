@@ -8,6 +8,7 @@ Markdown table in benchmarks/results.md, and the README's performance section.
 
     python benchmarks/run.py                 # the full suite (about 40 min on 2 cores)
     python benchmarks/run.py --smoke         # a few images, tiny sizes, results in a temp folder
+    python benchmarks/run.py --only serve    # some sections: their results replace theirs in results.json
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import serving  # noqa: E402
 from benchmarks.baselines import plain  # noqa: E402
 from headstart.backbones import get_backbone  # noqa: E402
 from headstart.engine import EngineChoice, installed, make_engine, native_bf16  # noqa: E402
 from headstart.weights import load_backbone  # noqa: E402
 
 HEADSTART = [Path(sys.executable).with_name("headstart")]
+SECTIONS = ["peak", "extraction", "decoding", "end_to_end", "finetune_epoch", "memory", "serve"]
+SECTION_KEYS = {"peak": ["peak_gflops"], "extraction": ["extraction"], "decoding": ["decoding"],
+                "end_to_end": ["end_to_end", "e2e_repeats"], "finetune_epoch": ["finetune_epoch"],
+                "memory": ["memory"], "serve": ["serve"]}
 ENGINES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 
 
@@ -288,11 +294,11 @@ def peak_memory(folder: Path, counts, size: int, work: Path) -> list[dict]:
 # --- report --------------------------------------------------------------------------------------
 
 def markdown(r: dict) -> str:
-    m = r["machine"]
+    m, peak = r["machine"], r.get("peak_gflops")
     lines = [f"Measured by `make bench` on {r['date']}: {m['cpu']}, {m['cores']} cores, "
-             f"AVX-512 {'yes' if m['avx512'] else 'no'}, native bf16 {'yes' if m['native_bf16'] else 'no'}; "
-             f"torch.mm peak {r['peak_gflops']['fp32']:.0f} GFLOP/s fp32, {r['peak_gflops']['bf16']:.0f} bf16. "
-             f"Median of {r['repeats']} runs in alternating order."
+             f"AVX-512 {'yes' if m['avx512'] else 'no'}, native bf16 {'yes' if m['native_bf16'] else 'no'}"
+             + (f"; torch.mm peak {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16" if peak else "")
+             + f". Median of {r['repeats']} runs in alternating order."
              + ("" if m["native_bf16"] else " bf16 engines are not timed: this CPU has no native bf16, and "
                 "headstart's rule never picks bf16 here.")]
     if r.get("extraction"):
@@ -328,6 +334,8 @@ def markdown(r: dict) -> str:
         lines += ["", "| peak RSS, feature extraction in a fresh process | images | MiB | s |", "|---|---|---|---|"]
         lines += [f"| {m.get('what', 'extract, %d px' % m.get('image_size', 0))} | {m['images']} | "
                   f"{m['peak_rss_mib']:.0f} | {m.get('seconds', '')} |" for m in r["memory"]]
+    if r.get("serve"):
+        lines += serving.markdown(r["serve"])
     return "\n".join(lines) + "\n"
 
 
@@ -372,11 +380,13 @@ def main(argv=None) -> int:
                    help="runs of the end-to-end comparison (default: --repeats; each pair takes minutes)")
     p.add_argument("--data", type=Path, default=ROOT / "benchmarks" / "data", help="where data sets are prepared")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: peak extraction decoding end_to_end finetune_epoch memory")
+                   help=f"sections: {' '.join(SECTIONS)}")
     a = p.parse_args(argv)
     smoke = a.smoke
     repeats = a.repeats or (1 if smoke else 3)
-    sections = set(a.only or ["peak", "extraction", "decoding", "end_to_end", "finetune_epoch", "memory"])
+    sections = set(a.only or SECTIONS)
+    if not sections <= set(SECTIONS):
+        p.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {' '.join(SECTIONS)}")
     work = Path(tempfile.mkdtemp(prefix="headstart-bench-"))
     out_dir = work if smoke else ROOT / "benchmarks"
     data_dir = work / "data" if smoke else a.data
@@ -385,14 +395,17 @@ def main(argv=None) -> int:
     torch_home_with_weights(work)
 
     seconds = 0.05 if smoke else 4.0
-    # bf16 at 1024: without native bf16 a 2048 product takes half a minute here.
-    result["peak_gflops"] = {"fp32": matmul_peak(torch.float32, 256 if smoke else 2048, seconds),
-                             "bf16": matmul_peak(torch.bfloat16, 256 if smoke else 1024, seconds)}
-    log(f"torch.mm peak: {result['peak_gflops']}")
+    if sections & {"peak", "extraction"}:  # extraction reports fractions of the peak
+        # bf16 at 1024: without native bf16 a 2048 product takes half a minute here.
+        result["peak_gflops"] = {"fp32": matmul_peak(torch.float32, 256 if smoke else 2048, seconds),
+                                 "bf16": matmul_peak(torch.bfloat16, 256 if smoke else 1024, seconds)}
+        log(f"torch.mm peak: {result['peak_gflops']}")
     if "extraction" in sections:
         result["extraction"] = extraction(["mobilenet_v2"] if smoke else ["mobilenet_v2", "resnet50"],
                                           [32] if smoke else [96, 224], seconds, repeats, result["peak_gflops"], work)
-    tl = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-tl"), 4 if smoke else 1000, 2 if smoke else None)
+    if sections & {"decoding", "end_to_end", "finetune_epoch", "memory"} or smoke:
+        tl = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-tl"), 4 if smoke else 1000,
+                     2 if smoke else None)
     if "decoding" in sections:
         result["decoding"] = decoding(tl, [32] if smoke else [96, 224], 0.05 if smoke else 3.0, work)
     if "end_to_end" in sections:
@@ -408,6 +421,17 @@ def main(argv=None) -> int:
         full = tl if smoke else prepare(data_dir / "fmnist-full", None)
         result["memory"] = peak_memory(full, [20, 40] if smoke else [7000, 70000], 32 if smoke else 128, work)
 
+    if "serve" in sections:
+        # The model's quality does not matter here: a small training set keeps the section short.
+        data = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-serve"), 4 if smoke else 100,
+                       2 if smoke else 20)
+        result["serve"] = serving.serving(HEADSTART, data, work / "serve-run", work, smoke=smoke)
+        result["serve"]["date"] = time.strftime("%Y-%m-%d %H:%M")
+        log(f"serving: {result['serve']}")
+    if a.only is not None and not smoke and (out_dir / "results.json").exists():
+        # Some sections only: the others keep their previous numbers (and the header its date).
+        previous = json.loads((out_dir / "results.json").read_text())
+        result = {**previous, **{k: result[k] for s in sections for k in SECTION_KEYS[s] if k in result}}
     table = markdown(result)
     (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "results.md").write_text(table)
