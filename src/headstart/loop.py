@@ -92,6 +92,13 @@ class EarlyStopping:
         self.best_state, self.bad = state["best_state"], state["bad"]
 
 
+class OnEpochEnd:
+    """A function `fn(epoch, logs)` as a callback."""
+
+    def __init__(self, fn: Callable[[int, dict], str | None]):
+        self.on_epoch_end = fn
+
+
 class TimeBudget:
     """Stop once `seconds` have passed since `t0` (checked after each epoch, so an epoch is never cut)."""
 
