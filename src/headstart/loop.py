@@ -18,6 +18,7 @@ import csv
 import io
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -147,17 +148,22 @@ class TensorBoard:
     under "<phase>/<name>" (the phases of one run have their own epoch numbering)."""
 
     def __init__(self, log_dir: str | Path, phase: str = ""):
-        self.writer = make_summary_writer(log_dir)
-        self.phase = phase
+        check_tensorboard()
+        self.log_dir, self.phase, self.writer = Path(log_dir), phase, None
 
     def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        if self.writer is None:  # opened at the first epoch: a run without epochs gets no empty folder
+            self.writer = make_summary_writer(self.log_dir)
+            # Closed by close() at the end of the run, or when collected after a failed one (its thread).
+            weakref.finalize(self, self.writer.close)
         for k, v in logs.items():
             if k != "epoch" and isinstance(v, (int, float)) and not math.isnan(v):
                 self.writer.add_scalar(f"{self.phase or 'train'}/{k}", v, epoch)
         self.writer.flush()  # each epoch visible at once, and kept if the run is killed later
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def check_tensorboard() -> None:
