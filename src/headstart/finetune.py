@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from .backbones import Backbone, Preprocessing, sequence
 from .engine import model_digest
 from .errors import HeadstartError
 from .fileio import atomic_path
-from .features import decode_side
+from .features import decode_side, iter_batches
 from .images import ImageError, load_image
 from .loop import EarlyStopping, History, OnEpochEnd, TimeBudget, run_epochs
 
@@ -184,13 +184,30 @@ class AugmentedImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        """(image tensor or None, label, None or (path, reason)): `collate_readable` drops the failures."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_item_seed(self.seed, self.epoch, i))
             try:
-                x = self.transform(load_image(self.paths[i], self.min_side))
-            except ImageError:  # became unreadable since extraction: a black image keeps batches aligned
-                x = torch.zeros(3, 1, 1)
-        return x, int(self.labels[i])
+                return self.transform(load_image(self.paths[i], self.min_side)), int(self.labels[i]), None
+            except ImageError as exc:  # became unreadable since extraction
+                return None, int(self.labels[i]), (self.paths[i], str(exc))
+
+
+def collate_readable(items) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
+    """AugmentedImages items as (images, labels, failures): an image that could not be read is left out of
+    the batch (a placeholder of another size could not be stacked with the crops) and reported."""
+    ok = [(x, y) for x, y, err in items if err is None]
+    xs = torch.stack([x for x, _ in ok]) if ok else None
+    return xs, torch.as_tensor([y for _, y in ok], dtype=torch.long), [err for _, _, err in items if err]
+
+
+def _readable(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of a `collate_readable` loader, each unreadable image logged, empty batches skipped."""
+    for xs, ys, failed in loader:
+        for path, reason in failed:
+            log.warning("skipping %s in this epoch: %s", path, reason)
+        if xs is not None:
+            yield xs, ys
 
 
 @dataclass
@@ -204,22 +221,16 @@ class Boundary:
 
 def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray, transform: Callable,
                      batch_size: int, workers: int, desc: str, flip: bool = False) -> Boundary:
-    from .features import _Images, _collate, split_transform
-
-    _, finish = split_transform(transform)
-
-    loader = torch.utils.data.DataLoader(_Images(paths, transform), batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, collate_fn=_collate)
+    """The frozen bottom's outputs for the readable images of `paths` (the unreadable ones are left out)."""
     outs, flips, keep = [], [], []
     with progress.bar(len(paths), desc) as pbar:
-        for idx, xs, bad in loader:
-            if xs is not None:
-                xs = finish(xs) if finish else xs
-                outs.append(net.boundary(xs))
+        for batch in iter_batches(paths, transform, batch_size, workers):
+            if batch.x is not None:
+                outs.append(net.boundary(batch.x))
                 if flip:
-                    flips.append(net.boundary(xs.flip(-1)))
-                keep.extend(idx)
-            pbar.update(len(idx) + len(bad))
+                    flips.append(net.boundary(batch.x.flip(-1)))
+                keep.extend(batch.indices)
+            pbar.update(batch.size)
     return Boundary(torch.cat(outs), torch.as_tensor(np.asarray(labels)[keep], dtype=torch.long),
                     torch.cat(flips) if flip else None)
 
@@ -325,8 +336,9 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
             forward = net.from_boundary
         else:
             train_data.epoch = epoch - 1
-            batches = iter(torch.utils.data.DataLoader(
-                train_data, batch_size=s.batch_size, sampler=order.tolist(), num_workers=workers))
+            batches = _readable(torch.utils.data.DataLoader(
+                train_data, batch_size=s.batch_size, sampler=order.tolist(), num_workers=workers,
+                collate_fn=collate_readable))
             forward = net
         with progress.bar(n, f"fine-tune epoch {epoch}/{s.epochs}") as pbar:
             for xb, yb in batches:
