@@ -41,23 +41,24 @@ class Progress:
             total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True, leave=False, smoothing=0.1)
         self.log_lines = not disable and self.bar is None
         self.done = self.logged = 0
-        self.t0 = self.t_logged = time.perf_counter()
+        self.t0 = self.t_logged = time.monotonic()
 
-    def update(self, n: int) -> None:
+    # The clock is time.monotonic, not perf_counter, which the loops time their epochs and budgets with.
+    def update(self, n: int = 1) -> None:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
             return
         if not self.log_lines:
             return
-        now = time.perf_counter()
+        now = time.monotonic()
         since = now - self.t_logged
         if (since >= LOG_SECONDS and self.done - self.logged >= self.total / 10) or since >= LONG_SECONDS:
             log.info("%s", self.line(now))
             self.logged, self.t_logged = self.done, now
 
     def line(self, now: float | None = None) -> str:
-        elapsed = (time.perf_counter() if now is None else now) - self.t0
+        elapsed = (time.monotonic() if now is None else now) - self.t0
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = f", ETA {(self.total - self.done) / rate:,.0f} s" if rate > 0 and self.done < self.total else ""
         return f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s{eta}"
