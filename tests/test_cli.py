@@ -183,6 +183,7 @@ def test_bundle_round_trip_gives_identical_predictions(trained, fmnist_small):
     assert len(top) == 8 and all(len(t.top) == 2 and t.top[0][0] in again.classes for t in top)
 
 
+@pytest.mark.slow
 def test_backbones_and_cache_commands(trained, tmp_path):
     code, stdout, _ = run_cli("backbones")
     assert code == 0
@@ -214,6 +215,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, image_folder):
     assert image_folder.stat().st_mtime_ns == folder_mtime  # no entry was even created and removed
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_without_flag(trained, image_folder):
     before = tree_digest(trained[0])
     code, _, stderr = run_cli("train", image_folder, "--out", trained[0], "--weights", "none")

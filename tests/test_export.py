@@ -72,6 +72,7 @@ BF16_MIN_TOP1_AGREEMENT = 0.85
 BF16_MAX_LOGIT_DIFF = 0.1  # relative to the largest |fp32 logit|
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not native_bf16(), reason="bf16 is emulated on this CPU (no avx512_bf16/amx_bf16)")
 def test_bf16_agrees_with_fp32_on_real_images(trained, fmnist_small):  # noqa: F811
     paths = [str(p) for p in _test_images(fmnist_small, per_class=20)]  # 200 real test images
@@ -93,6 +94,7 @@ def test_bf16_agrees_with_fp32_on_real_images(trained, fmnist_small):  # noqa: F
     assert diff <= BF16_MAX_LOGIT_DIFF
 
 
+@pytest.mark.slow
 def test_json_states_classes_preprocessing_and_hashes(exported):
     model, _, _, path = exported
     meta = json.loads((path.parent / "model.onnx.json").read_text())
@@ -231,6 +233,7 @@ def test_a_client_written_from_the_json_alone_matches_predict(exported, trained,
     assert full_diff > 1e-4
 
 
+@pytest.mark.slow
 def test_the_json_holds_no_path_of_the_exporting_machine(exported, trained):  # noqa: F811
     import os
     import re
