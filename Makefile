@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_DATA := data/fmnist
 DEMO_RUN  := runs/demo
 
-.PHONY: install demo test fmnist chromium bench bench-smoke clean
+.PHONY: install demo test test-fast fmnist chromium bench bench-smoke clean
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ demo: install fmnist
 test: install fmnist chromium
 	$(BIN)/python -m pytest
 	$(MAKE) bench-smoke
+
+# The inner loop: everything but the tests marked slow (real weights and data, servers, long training).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 # The benchmark suite (about 40 min here; run it alone): benchmarks/results.{json,md} and the
 # README's performance table. bench-smoke only checks that the suite runs, on a few images.

@@ -60,6 +60,7 @@ def trained(fmnist_small, tmp_path_factory):
     return out, stdout, stderr, before
 
 
+@pytest.mark.slow
 def test_train_reaches_accuracy_and_writes_a_complete_run(trained, fmnist_small):
     out, stdout, _, before = trained
     metrics = json.loads((out / "metrics.json").read_text())
@@ -84,6 +85,7 @@ def test_train_reaches_accuracy_and_writes_a_complete_run(trained, fmnist_small)
     assert tree_digest(fmnist_small) == before  # nothing written into the data folder
 
 
+@pytest.mark.slow
 def test_second_identical_train_runs_no_forward_pass(trained, fmnist_small, tmp_path, monkeypatch):
     calls = count_network_batches(monkeypatch)
     code, stdout, stderr = run_cli("train", fmnist_small, "--out", tmp_path / "again", "--image-size", "64",
@@ -96,6 +98,7 @@ def test_second_identical_train_runs_no_forward_pass(trained, fmnist_small, tmp_
     assert second == first  # same inputs and seed, same numbers
 
 
+@pytest.mark.slow
 def test_one_changed_image_is_the_only_one_recomputed(fmnist_small, tmp_path, monkeypatch):
     data = tmp_path / "data"
     write_image_folder(data, n_per_class=5, classes=("a", "b", "c"))
@@ -110,6 +113,7 @@ def test_one_changed_image_is_the_only_one_recomputed(fmnist_small, tmp_path, mo
     assert "14/15 features from cache" in stderr
 
 
+@pytest.mark.slow
 def test_evaluate_json(trained, fmnist_small):
     out = trained[0]
     code, stdout, stderr = run_cli("evaluate", out, fmnist_small / "test", "--json")
@@ -124,6 +128,7 @@ def test_evaluate_json(trained, fmnist_small):
     assert code == 0 and "confusion" in text.lower() and "Ankle_boot" in text
 
 
+@pytest.mark.slow
 def test_evaluate_subset_warns_and_unknown_class_is_refused(trained, fmnist_small, tmp_path):
     out = trained[0]
     subset = tmp_path / "subset"
@@ -140,6 +145,7 @@ def test_evaluate_subset_warns_and_unknown_class_is_refused(trained, fmnist_smal
     assert code == 2 and "Zebra" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_predict_json_and_csv(trained, fmnist_small, tmp_path):
     out = trained[0]
     one = sorted((fmnist_small / "test" / "Trouser").iterdir())[0]
@@ -160,6 +166,7 @@ def test_predict_json_and_csv(trained, fmnist_small, tmp_path):
     assert rows[0] == ["path", "class1", "probability1", "class2", "probability2"] and rows[1][0] == str(one)
 
 
+@pytest.mark.slow
 def test_bundle_round_trip_gives_identical_predictions(trained, fmnist_small):
     out = trained[0]
     run_model = headstart.load(out)
@@ -176,6 +183,7 @@ def test_bundle_round_trip_gives_identical_predictions(trained, fmnist_small):
     assert len(top) == 8 and all(len(t.top) == 2 and t.top[0][0] in again.classes for t in top)
 
 
+@pytest.mark.slow
 def test_backbones_and_cache_commands(trained, tmp_path):
     code, stdout, _ = run_cli("backbones")
     assert code == 0
@@ -210,6 +218,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, image_folder):
     assert image_folder.stat().st_mtime_ns == folder_mtime  # no entry was even created and removed
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_without_flag(trained, image_folder):
     before = tree_digest(trained[0])
     code, _, stderr = run_cli("train", image_folder, "--out", trained[0], "--weights", "none")
@@ -218,6 +227,7 @@ def test_existing_run_is_not_overwritten_without_flag(trained, image_folder):
     assert not list(trained[0].parent.glob(f"{trained[0].name}.partial-*"))
 
 
+@pytest.mark.slow
 def test_train_overwrite_replaces_the_run(image_folder, tmp_path):
     args = ("train", image_folder, "--backbone", "small_cnn", "--weights", "none", "--image-size", "32",
             "--workers", "0", "--test-fraction", "0", "--out", tmp_path / "run")
@@ -233,6 +243,7 @@ def test_train_overwrite_replaces_the_run(image_folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]  # no partial or backup folder left
 
 
+@pytest.mark.slow
 def test_mlp_head_run_has_training_curve(fmnist_small, tmp_path):
     code, _, stderr = run_cli("--quiet", "train", fmnist_small, "--out", tmp_path / "mlp", "--head", "mlp",
                               "--image-size", "64", "--workers", "0")
@@ -246,6 +257,7 @@ def test_mlp_head_run_has_training_curve(fmnist_small, tmp_path):
     assert model.head_config["kind"] == "mlp"
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_skipped_and_strict_stops(tmp_path):
     data = write_image_folder(tmp_path / "data", n_per_class=6, classes=("a", "b"))
     bad = data / "a" / "broken.png"
@@ -297,6 +309,7 @@ def test_fine_tuning_settings_with_feature_extraction_are_refused_by_the_api_too
     assert code == 2 and "--lr" in stderr
 
 
+@pytest.mark.slow
 def test_settings_auto_does_not_use_are_warned_about_and_recorded(image_folder, tmp_path):
     out = tmp_path / "run"
     code, stdout, stderr = run_cli("train", image_folder, "--out", out, "--image-size", "32", "--workers", "0",
@@ -332,6 +345,7 @@ def _with_reader_gone(*args: str) -> tuple[int, str]:
     return proc.returncode, err.decode()
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_exits_141_quietly_and_keeps_the_run(tmp_path):
     data = write_image_folder(tmp_path / "data", n_per_class=10)  # 20 images: a test split, so no warning
     out = tmp_path / "run"
@@ -345,6 +359,7 @@ def test_a_closed_pipe_exits_141_quietly_and_keeps_the_run(tmp_path):
     assert (code, stderr) == (141, "")
 
 
+@pytest.mark.slow
 def test_a_broken_pipe_elsewhere_is_not_mistaken_for_the_reader_leaving(tmp_path):
     """141 is for stdout's reader going away; another pipe breaking (a worker's) stays an error."""
     script = ("import sys; from headstart import cli\n"

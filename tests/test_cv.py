@@ -17,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAST = ("--strategy", "feature-extraction", "--image-size", "32", "--workers", "0")
 
 
+@pytest.mark.slow
 def test_cv_reports_k_fold_accuracy_on_a_real_folder(fmnist_tiny, tmp_path):
     out = tmp_path / "run"
     code, stdout, stderr = run_cli("train", fmnist_tiny, *FAST, "--cv", "3", "--out", out,

@@ -48,6 +48,7 @@ def _rgb(path):
     return load_image(path)
 
 
+@pytest.mark.slow
 def test_openvino_matches_torch_fp32(images, tmp_path):
     """The same check for OpenVINO, in its own process: tearing its thread pool down inside this long
     pytest process, which also runs torch and forks, crashed a later test (SIGSEGV outside Python)."""
@@ -95,6 +96,7 @@ def check_engine(name, reference, tmp_path) -> float:
     return rel
 
 
+@pytest.mark.slow
 def test_converted_model_follows_the_weights(reference, tmp_path):
     """A changed backbone (fine-tuned) converts anew instead of reusing a stale export."""
     model, _, x, want = reference
@@ -151,6 +153,7 @@ def test_the_rule_never_refuses_its_own_defaults(fake_cpu, native, missing, want
     assert choose_engine("cpu", precision="bf16").engine in ("openvino", "torch")
 
 
+@pytest.mark.slow
 def test_default_commands_on_a_native_bf16_cpu_without_openvino(fake_cpu, image_folder, tmp_path):
     """Today's rule picked ONNX Runtime there, set bf16 and refused its own pair: every default command failed."""
     from test_cli import run_cli
@@ -167,6 +170,7 @@ def test_default_commands_on_a_native_bf16_cpu_without_openvino(fake_cpu, image_
     assert code == 0 and json.loads(stdout)["n_images"] == 12, stderr
 
 
+@pytest.mark.slow
 def test_default_commands_on_a_native_bf16_cpu_with_openvino(image_folder, tmp_path):
     """The rule's bf16 choice runs OpenVINO with the bf16 hint. In its own process (OpenVINO's teardown, see
     above). On a CPU without native bf16 OpenVINO quietly computes in f32, so this is fast on both kinds."""

@@ -42,6 +42,7 @@ def exported(trained, fmnist_small, tmp_path_factory):  # noqa: F811
     return model, paths, model.logits_from_features(feats), path
 
 
+@pytest.mark.slow
 def test_onnx_runtime_agrees_with_the_bundle_on_real_images(exported):
     model, paths, want, path = exported
     transform = model.preprocessing.transform()
@@ -71,6 +72,7 @@ BF16_MIN_TOP1_AGREEMENT = 0.85
 BF16_MAX_LOGIT_DIFF = 0.1  # relative to the largest |fp32 logit|
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not native_bf16(), reason="bf16 is emulated on this CPU (no avx512_bf16/amx_bf16)")
 def test_bf16_agrees_with_fp32_on_real_images(trained, fmnist_small):  # noqa: F811
     paths = [str(p) for p in _test_images(fmnist_small, per_class=20)]  # 200 real test images
@@ -92,6 +94,7 @@ def test_bf16_agrees_with_fp32_on_real_images(trained, fmnist_small):  # noqa: F
     assert diff <= BF16_MAX_LOGIT_DIFF
 
 
+@pytest.mark.slow
 def test_json_states_classes_preprocessing_and_hashes(exported):
     model, _, _, path = exported
     meta = json.loads((path.parent / "model.onnx.json").read_text())
@@ -115,6 +118,7 @@ def test_json_states_classes_preprocessing_and_hashes(exported):
     assert meta["check"]["max_abs_logit_diff_vs_torch"] < 1e-3
 
 
+@pytest.mark.slow
 def test_dynamic_batch_takes_any_size_and_static_batch_only_one(exported, tmp_path):
     model, _, _, path = exported
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -130,6 +134,7 @@ def test_dynamic_batch_takes_any_size_and_static_batch_only_one(exported, tmp_pa
         session.run(["logits"], {"image": np.zeros((2, 3, 64, 64), np.float32)})
 
 
+@pytest.mark.slow
 def test_cli_export_and_refusal_to_overwrite(trained, tmp_path):  # noqa: F811
     out = tmp_path / "onnx"
     code, stdout, stderr = run_cli("export", trained[0], "--format", "onnx", "--out", out)
@@ -199,6 +204,7 @@ def _client(export_dir: Path, images: list[Path], *extra: str) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_a_client_written_from_the_json_alone_matches_predict(exported, trained, tmp_path):  # noqa: F811
     import ast
 
@@ -227,6 +233,7 @@ def test_a_client_written_from_the_json_alone_matches_predict(exported, trained,
     assert full_diff > 1e-4
 
 
+@pytest.mark.slow
 def test_the_json_holds_no_path_of_the_exporting_machine(exported, trained):  # noqa: F811
     import os
     import re

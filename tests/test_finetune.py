@@ -40,6 +40,7 @@ def imagenet_state():
     return split_state(model, UNFREEZE)
 
 
+@pytest.mark.slow
 def test_frozen_means_frozen_through_training_with_augmentation(fmnist_tiny, tmp_path, imagenet_state):
     # engine torch: the frozen modules themselves run every batch (the other engines run a converted copy).
     run = headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "ft", **COMMON, engine="torch",
@@ -57,6 +58,7 @@ def test_frozen_means_frozen_through_training_with_augmentation(fmnist_tiny, tmp
     assert not (tmp_path / "ft.checkpoints").exists()  # removed once the run is complete
 
 
+@pytest.mark.slow
 def test_control_frozen_check_catches_a_frozen_part_in_train_mode(fmnist_tiny, tmp_path, imagenet_state,
                                                                  monkeypatch):
     # What a per-epoch plain `model.train()` does: the frozen BatchNorm layers collect batch statistics.
@@ -68,6 +70,7 @@ def test_control_frozen_check_catches_a_frozen_part_in_train_mode(fmnist_tiny, t
     assert moved and all("running_" in k or "num_batches" in k for k in moved)
 
 
+@pytest.mark.slow
 def test_fine_tuning_lowers_training_loss_and_bn_update_moves_statistics(fmnist_tiny, tmp_path, imagenet_state):
     run = headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "bn", **COMMON,
                           finetune=dict(unfreeze=UNFREEZE, epochs=3, bn_update=True, patience=5))
@@ -82,6 +85,7 @@ def test_fine_tuning_lowers_training_loss_and_bn_update_moves_statistics(fmnist_
     assert "epoch 3/3: train loss" in (tmp_path / "bn" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_fine_tuned_bundle_loads_and_predicts_like_the_run(fmnist_tiny, tmp_path):
     # fp32 pinned: with the rule's bf16 (native-bf16 CPUs) the run and this check round differently.
     run = headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "ft", **COMMON, precision="fp32",
@@ -97,6 +101,7 @@ def _cli(*args, env=None) -> subprocess.CompletedProcess:
                           env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(fmnist_tiny, tmp_path):
     args = ("train", fmnist_tiny, "--strategy", "fine-tune", "--image-size", "32", "--workers", "0",
             "--unfreeze", "2", "--epochs", "3", "--patience", "5", "--json")
@@ -114,6 +119,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(fmnist_tiny, tmp_path):
     assert b["fine_tune"]["best_val_loss"] == a["fine_tune"]["best_val_loss"]
 
 
+@pytest.mark.slow
 def test_bad_unfreeze_is_a_clear_error(fmnist_tiny, tmp_path):
     from headstart.errors import HeadstartError
 
@@ -122,6 +128,7 @@ def test_bad_unfreeze_is_a_clear_error(fmnist_tiny, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_scratch_trains_every_layer_of_the_small_cnn(fmnist_tiny, tmp_path):
     from headstart.backbones import seeded_init
 
@@ -142,6 +149,7 @@ def test_scratch_trains_every_layer_of_the_small_cnn(fmnist_tiny, tmp_path):
     assert again.predict(sorted((fmnist_tiny / "test" / "Bag").iterdir())[:2], top_k=1)
 
 
+@pytest.mark.slow
 def test_scratch_refuses_pretrained_weights(fmnist_tiny, tmp_path):
     from headstart.errors import HeadstartError
 
@@ -149,6 +157,7 @@ def test_scratch_refuses_pretrained_weights(fmnist_tiny, tmp_path):
         headstart.train(fmnist_tiny, strategy="scratch", weights="imagenet", out=tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_compare_runs_every_strategy_on_one_split(fmnist_tiny, tmp_path):
     from test_cli import run_cli
 
@@ -166,6 +175,7 @@ def test_compare_runs_every_strategy_on_one_split(fmnist_tiny, tmp_path):
     assert (tmp_path / "cmp" / "compare.png").is_file() and not list((tmp_path / "cmp").glob(".cache-*"))
 
 
+@pytest.mark.slow
 def test_auto_explains_its_choice(fmnist_tiny, tmp_path):
     run = headstart.train(fmnist_tiny, strategy="auto", out=tmp_path / "auto", image_size=32, workers=0)
     config = json.loads((tmp_path / "auto" / "config.json").read_text())
@@ -191,6 +201,7 @@ def test_auto_rule_on_measurements():
     assert choose_strategy(np.repeat(np.arange(3), 50), 0.87, 200, None, 5, None)["strategy"] == "feature-extraction"
 
 
+@pytest.mark.slow
 def test_flip_augmentation_keeps_the_boundary_cache(fmnist_tiny):
     """--augment flip: boundary activations of each image and of its mirror, computed once; each epoch
     mixes them by (seed, epoch, index), so the same seed gives the same batches."""

@@ -138,6 +138,7 @@ def _build(root: Path, entries) -> None:
             continue  # an impossible tree (a file where a folder is due): leave that entry out
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=60)
 @given(st.lists(ENTRY, max_size=14), st.sampled_from([(0.1, 0.1), (0.0, 0.0), (0.5, 0.3)]))
 def test_random_trees(workdir, entries, fractions):
@@ -187,6 +188,7 @@ CSV_CELLS = st.one_of(st.sampled_from(["x.png", "sub/y.png", "./x.png", "sub/../
         lambda rows: "\n".join(",".join(r) for r in rows).encode("utf-8", "surrogatepass")),
     st.binary(max_size=300),
 ))
+@pytest.mark.slow
 def test_random_labels_files(workdir, raw):
     base = Path(tempfile.mkdtemp(dir=workdir))
     try:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHECKED = [LinearHead(), MLPHead(hidden=16, max_epochs=10, patience=3, batch_size=16, lr=1e-2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", CHECKED, ids=lambda h: type(h).__name__)
 def test_check_estimator_passes(head):
     results = check_estimator(head, on_fail=None)  # every check's outcome, so a failure names them all
@@ -35,6 +36,7 @@ def digits():
     return X.astype(np.float32), y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", [LinearHead(), MLPHead(max_epochs=15, lr=3e-3)], ids=lambda h: type(h).__name__)
 def test_five_fold_cross_val_score_on_digits(head, digits):
     X, y = digits
@@ -43,6 +45,7 @@ def test_five_fold_cross_val_score_on_digits(head, digits):
     assert scores.mean() >= 0.95 and scores.min() >= 0.9  # scikit-learn's LogisticRegression: about 0.97
 
 
+@pytest.mark.slow
 def test_clone_pipeline_and_grid_search(digits):
     X, y = digits
     head = LinearHead(Cs=(0.01, 0.1, 1.0), class_weight="balanced", random_state=3)

@@ -322,6 +322,7 @@ def test_odd_file_names_are_scanned_with_stable_splits(tmp_path):
         assert load_image(s.path).size == (4, 3)
 
 
+@pytest.mark.slow
 def test_odd_names_train_and_predict_end_to_end(tmp_path):
     root = tmp_path / "d"
     for c, colour in (("-dash class", RED), (os.fsdecode(b"caf\xe9 class"), BLUE)):
@@ -482,6 +483,7 @@ def test_a_class_without_usable_images_warns_and_goes_on(tmp_path):
     assert headstart.load(tmp_path / "run").classes == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_train_and_test_folders_with_different_classes(tmp_path):
     data = tmp_path / "data"
     write_image_folder(data / "train", n_per_class=6, classes=("a", "b", "c"), size=(8, 8))
@@ -639,6 +641,7 @@ def reencode_same_pixels(path: Path, kind: str) -> None:
 ODD_ENCODINGS = ["png16", "palette", "la", "rgba", "tiff-pages", "gif-animated", "webp", "bmp", "exif-rotated"]
 
 
+@pytest.mark.slow
 def test_messy_folder_trains_like_the_clean_one_names_every_bad_file_and_is_not_touched(
         fmnist_small, tmp_path, one_torch_thread):
     import shutil
@@ -820,6 +823,7 @@ def reference_run(many_images, tmp_path_factory, one_torch_thread):
     return cache_contents(base / "cache"), json.loads((base / "run" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_extraction_killed_after_the_third_chunk_resumes_to_identical_features(many_images, reference_run,
                                                                                tmp_path, one_torch_thread):
     features, metrics = reference_run
@@ -844,6 +848,7 @@ def test_extraction_killed_after_the_third_chunk_resumes_to_identical_features(m
     assert again["val_accuracy"] == metrics["val_accuracy"]
 
 
+@pytest.mark.slow
 def test_two_processes_sharing_one_cache_at_once(many_images, reference_run, tmp_path):
     features, metrics = reference_run
     procs = [CliChild(tmp_path, "train", many_images, *TINY, "--test-fraction", "0", "--cache-dir",
@@ -880,6 +885,7 @@ def test_ctrl_c_stops_cleanly_with_a_message(tmp_path):
     assert len(cache_contents(tmp_path / "cache")) == 256  # the finished chunk stays for the next run
 
 
+@pytest.mark.slow
 def test_fine_tuning_killed_mid_epoch_resumes_to_the_same_final_metrics(tmp_path, one_torch_thread):
     data = write_image_folder(tmp_path / "data", n_per_class=70, classes=("a", "b"), size=(12, 12))
     args = ("train", data, "--strategy", "scratch", "--epochs", "3", "--patience", "5", "--workers", "0",

@@ -191,6 +191,7 @@ def assert_same(got: list[dict], want: list[dict]) -> None:
 # --- the API ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_predict_answers_what_headstart_predict_answers(server, test_images, expected):
     for p in test_images:
         status, body = upload(server, (p.name, p.read_bytes()), query="?top_k=3")
@@ -210,6 +211,7 @@ def test_predict_answers_what_headstart_predict_answers(server, test_images, exp
     assert len(body["results"][0]["predictions"]) == 3
 
 
+@pytest.mark.slow
 def test_a_photo_is_decoded_as_predict_decodes_it(server, run_dir, test_images, workdir, one_torch_thread):
     """A large EXIF-rotated JPEG: predict decodes it in draft mode and turns it; so must the server."""
     from headstart import load
@@ -238,6 +240,7 @@ def _png_header_only(width: int, height: int) -> bytes:
         chunk(b"IEND", b"")
 
 
+@pytest.mark.slow
 def test_bad_requests_get_a_4xx_json_that_says_what_is_wrong(server, test_images):
     fds_before = server.open_fds()
     png = test_images[0].read_bytes()
@@ -302,6 +305,7 @@ def _send_big(server: Server, body_size: int, chunked: bool, as_form_part: bool 
         c.close()
 
 
+@pytest.mark.slow
 def test_a_body_over_the_limit_gets_413_without_being_buffered(server, test_images):
     rss_before = server.rss_mb()
     for chunked in (False, True):  # refused by Content-Length, and by counting a streamed body
@@ -318,6 +322,7 @@ def test_a_body_over_the_limit_gets_413_without_being_buffered(server, test_imag
     assert upload(server, (test_images[0].name, test_images[0].read_bytes()))[0] == 200
 
 
+@pytest.mark.slow
 def test_no_temporary_file_is_left_behind(server, test_images):
     """Parts over 1 MB are spooled to disk by the form parser: even those are gone after the request."""
     deleted_before = server.deleted_open_files()
@@ -344,6 +349,7 @@ def test_no_temporary_file_is_left_behind(server, test_images):
     assert server.deleted_open_files() == deleted_before
 
 
+@pytest.mark.slow
 def test_token_is_required_except_for_healthz_and_the_page(server, test_images):
     png = test_images[0].read_bytes()
     body, headers = multipart(("a.png", png))
@@ -357,6 +363,7 @@ def test_token_is_required_except_for_healthz_and_the_page(server, test_images):
     assert request(server, "POST", "/predict", body, headers)[0] == 200
 
 
+@pytest.mark.slow
 def test_model_describes_the_model_and_the_run(server, run_dir):
     status, info = request(server, "GET", "/model", headers=AUTH)
     assert status == 200
@@ -370,6 +377,7 @@ def test_model_describes_the_model_and_the_run(server, run_dir):
     assert request(server, "GET", "/redoc", headers=AUTH)[0] == 404
 
 
+@pytest.mark.slow
 def test_concurrent_requests_all_succeed_and_memory_stays_flat(server, test_images, expected):
     images = [(p.name, p.read_bytes()) for p in test_images]
     local = threading.local()
@@ -410,6 +418,7 @@ def test_concurrent_requests_all_succeed_and_memory_stays_flat(server, test_imag
 # --- start-up, shutdown and the network --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(run_dir, workdir, test_images, expected):
     server = Server(run_dir, workdir)  # no token
     try:
@@ -441,6 +450,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(run_dir, workdir
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_exit_2_naming_it(run_dir, workdir, capsys, one_torch_thread):
     from headstart import cli
 
@@ -453,6 +463,7 @@ def test_a_port_in_use_is_exit_2_naming_it(run_dir, workdir, capsys, one_torch_t
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_host_0000_says_it_is_reachable_from_the_network(run_dir, workdir, monkeypatch, capsys, one_torch_thread):
     """The CLI path with uvicorn replaced: nothing but 127.0.0.1 is ever bound by this suite."""
     from headstart import cli, serve
@@ -487,6 +498,7 @@ def test_the_page_has_no_external_url():
     assert "http:" not in page and "https:" not in page and "//cdn" not in page and "src=\"//" not in page
 
 
+@pytest.mark.slow
 def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium).")
@@ -588,6 +600,7 @@ def _asgi_post(app, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
     return start["status"], json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
 
 
+@pytest.mark.slow
 def test_a_failure_inside_inference_is_a_json_500_and_the_next_request_works(test_images):
     from concurrent.futures import Future
 

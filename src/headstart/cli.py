@@ -104,6 +104,8 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--cv", type=int, default=None, metavar="K",
                    help="feature extraction: also report K-fold accuracy (mean and spread) of the head on the "
                         "cached train + val features")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files into RUN/tensorboard (pip install 'headstart[tensorboard]')")
     f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
     f.add_argument("--unfreeze", default=None, help="top blocks to train, a number or 'all'")
     f.add_argument("--epochs", type=int, default=None)
@@ -241,7 +243,7 @@ def cmd_train(a) -> int:
     settings = {k: getattr(a, k) for k in ("labels", "backbone", "strategy", "head", "weights", "image_size",
                                             "val_fraction", "test_fraction", "class_weight", "seed", "batch_size",
                                             "workers", "device", "engine", "precision", "cache_dir", "out",
-                                            "strict", "overwrite", "cv")}
+                                            "strict", "overwrite", "cv", "tensorboard")}
     return _print_run(train(data, finetune=finetune, **settings), a.json)
 
 

@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -232,6 +232,33 @@ def _collate(items):
     return [i for i, _ in ok], xs, failed
 
 
+@dataclass
+class Batch:
+    """One batch of decoded images: what `iter_batches` yields."""
+
+    indices: list[int]  # positions in `paths` of the images in `x`, in order
+    x: torch.Tensor | None  # (len(indices), 3, H, W), fully transformed; None when none was readable
+    failed: list[tuple[int, str]]  # (position in `paths`, reason) of the images that could not be read
+
+    @property
+    def size(self) -> int:
+        """Images this batch accounts for, readable or not (for progress)."""
+        return len(self.indices) + len(self.failed)
+
+
+def iter_batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int = 0) -> Iterator[Batch]:
+    """`paths` in order, in batches of `batch_size`, decoded by `workers` processes; an unreadable image is
+    reported in its batch's `failed`, never raised. The per-image part of `transform` runs in the workers,
+    its per-batch part (normalisation, see `split_transform`) here, on the whole batch."""
+    _, finish = split_transform(transform)
+    loader = torch.utils.data.DataLoader(
+        _Images(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    for idx, xs, bad in loader:
+        yield Batch(idx, finish(xs) if finish is not None and xs is not None else xs, bad)
+
+
 def default_workers() -> int:
     # One decoding worker overlaps decoding with the network; more would take cores the
     # network's own threads use (measured on 2 cores: see benchmarks/).
@@ -292,23 +319,18 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
 def _compute(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
              workers: int, desc: str) -> dict[int, str]:
     chunk = max(batch_size, CHUNK // batch_size * batch_size)
-    _, finish = split_transform(transform)
-    loader = torch.utils.data.DataLoader(
-        _Images(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
-    )
     failed: dict[int, str] = {}
     pending_keys: list[str] = []
     pending: list[np.ndarray] = []
     done = 0
     with progress.bar(len(paths), desc) as pbar:
-        for idx, xs, bad in loader:
-            failed.update(bad)
-            if xs is not None:
-                pending.append(engine(finish(xs) if finish else xs).numpy())
-                pending_keys.extend(keys[i] for i in idx)
-            done += len(idx) + len(bad)
-            pbar.update(len(idx) + len(bad))
+        for batch in iter_batches(paths, transform, batch_size, workers):
+            failed.update(batch.failed)
+            if batch.x is not None:
+                pending.append(engine(batch.x).numpy())
+                pending_keys.extend(keys[i] for i in batch.indices)
+            done += batch.size
+            pbar.update(batch.size)
             # Chunk boundaries are positions in the sorted to-do list, independent of failures.
             if done % chunk == 0 or done == len(paths):
                 cache.put(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0), np.float32))

@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +37,9 @@ from .backbones import Backbone, Preprocessing, sequence
 from .engine import model_digest
 from .errors import HeadstartError
 from .fileio import atomic_path
-from .features import decode_side
+from .features import decode_side, iter_batches
 from .images import ImageError, load_image
+from .loop import EarlyStopping, History, OnEpochEnd, TimeBudget, run_epochs
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +184,30 @@ class AugmentedImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        """(image tensor or None, label, None or (path, reason)): `collate_readable` drops the failures."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_item_seed(self.seed, self.epoch, i))
             try:
-                x = self.transform(load_image(self.paths[i], self.min_side))
-            except ImageError:  # became unreadable since extraction: a black image keeps batches aligned
-                x = torch.zeros(3, 1, 1)
-        return x, int(self.labels[i])
+                return self.transform(load_image(self.paths[i], self.min_side)), int(self.labels[i]), None
+            except ImageError as exc:  # became unreadable since extraction
+                return None, int(self.labels[i]), (self.paths[i], str(exc))
+
+
+def collate_readable(items) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
+    """AugmentedImages items as (images, labels, failures): an image that could not be read is left out of
+    the batch (a placeholder of another size could not be stacked with the crops) and reported."""
+    ok = [(x, y) for x, y, err in items if err is None]
+    xs = torch.stack([x for x, _ in ok]) if ok else None
+    return xs, torch.as_tensor([y for _, y in ok], dtype=torch.long), [err for _, _, err in items if err]
+
+
+def _readable(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of a `collate_readable` loader, each unreadable image logged, empty batches skipped."""
+    for xs, ys, failed in loader:
+        for path, reason in failed:
+            log.warning("skipping %s in this epoch: %s", path, reason)
+        if xs is not None:
+            yield xs, ys
 
 
 @dataclass
@@ -203,22 +221,16 @@ class Boundary:
 
 def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray, transform: Callable,
                      batch_size: int, workers: int, desc: str, flip: bool = False) -> Boundary:
-    from .features import _Images, _collate, split_transform
-
-    _, finish = split_transform(transform)
-
-    loader = torch.utils.data.DataLoader(_Images(paths, transform), batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, collate_fn=_collate)
+    """The frozen bottom's outputs for the readable images of `paths` (the unreadable ones are left out)."""
     outs, flips, keep = [], [], []
     with progress.bar(len(paths), desc) as pbar:
-        for idx, xs, bad in loader:
-            if xs is not None:
-                xs = finish(xs) if finish else xs
-                outs.append(net.boundary(xs))
+        for batch in iter_batches(paths, transform, batch_size, workers):
+            if batch.x is not None:
+                outs.append(net.boundary(batch.x))
                 if flip:
-                    flips.append(net.boundary(xs.flip(-1)))
-                keep.extend(idx)
-            pbar.update(len(idx) + len(bad))
+                    flips.append(net.boundary(batch.x.flip(-1)))
+                keep.extend(batch.indices)
+            pbar.update(batch.size)
     return Boundary(torch.cat(outs), torch.as_tensor(np.asarray(labels)[keep], dtype=torch.long),
                     torch.cat(flips) if flip else None)
 
@@ -277,11 +289,12 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
         checkpoint: Path | None = None, resume: dict | None = None,
         val_fn: Callable[[FineTuneNet], tuple[float, float]] | None = None,
         class_weight: torch.Tensor | None = None, sampler_weights: torch.Tensor | None = None,
-        workers: int = 0) -> FineTuneResult:
+        workers: int = 0, callbacks: Sequence = ()) -> FineTuneResult:
     """Train the top and head for `s.epochs` (or until early stopping or the time budget).
 
     `train_data` is a Boundary (augmentation off) or an AugmentedImages data set. Returns the
     history; the best weights (by `s.early_stop_metric`) are loaded into `net` at the end.
+    `callbacks` (loop.py: history.csv, TensorBoard) see every epoch, those before a resume too.
     """
     t0 = time.perf_counter()
     n = len(train_data.y) if isinstance(train_data, Boundary) else len(train_data)
@@ -291,33 +304,43 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
     opt = opt_cls(groups, weight_decay=s.weight_decay if s.optimizer == "adamw" else 0.0)
     sched = _scheduler(opt, s, steps)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=s.label_smoothing)
-    history = {"epoch": [], "train_loss": [], "val_loss": [], "val_accuracy": [], "seconds": []}
-    best = {"score": -math.inf, "epoch": 0, "state": trainable_state(net), "bad": 0}
+    history = History(("epoch", "train_loss", "val_loss", "val_accuracy", "seconds", "lr"))
+    # No validation score (NaN): the last epoch counts as the best.
+    stopper = EarlyStopping("val_loss" if s.early_stop_metric == "val_loss" else "val_accuracy",
+                            "min" if s.early_stop_metric == "val_loss" else "max", s.patience,
+                            lambda: trainable_state(net), nan_is_best=True, best_state=trainable_state(net))
     start = 0
     if resume is not None:
         net.load_state_dict({**net.state_dict(), **resume["model"]})
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
-        history, start = resume["history"], int(resume["epoch"])
-        best = {"score": resume["best_score"], "epoch": resume["best_epoch"], "state": resume["best_state"],
-                "bad": resume["bad"]}
+        history.history, start = resume["history"], int(resume["epoch"])
+        history.history.setdefault("lr", [])
+        stopper.load_state(resume)
         _set_rng_state(resume["rng"])
         log.info("resumed fine-tuning after epoch %d", start)
-    stopped_by, images = "epochs", 0
-    for epoch in range(start, s.epochs):
+        for i, epoch in enumerate(history.history["epoch"]):  # the epochs before: into history.csv, TensorBoard
+            logs = {k: v[i] for k, v in history.history.items() if i < len(v)}
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, logs)
+    images = 0
+
+    def train_one_epoch(epoch: int) -> dict:
+        nonlocal images
         t_epoch = time.perf_counter()
         net.train()
-        order = _epoch_order(n, seed, epoch, sampler_weights)
+        order = _epoch_order(n, seed, epoch - 1, sampler_weights)
         total = 0.0
         if isinstance(train_data, Boundary):
-            batches = (_boundary_batch(train_data, idx, seed, epoch) for idx in order.split(s.batch_size))
+            batches = (_boundary_batch(train_data, idx, seed, epoch - 1) for idx in order.split(s.batch_size))
             forward = net.from_boundary
         else:
-            train_data.epoch = epoch
-            batches = iter(torch.utils.data.DataLoader(
-                train_data, batch_size=s.batch_size, sampler=order.tolist(), num_workers=workers))
+            train_data.epoch = epoch - 1
+            batches = _readable(torch.utils.data.DataLoader(
+                train_data, batch_size=s.batch_size, sampler=order.tolist(), num_workers=workers,
+                collate_fn=collate_readable))
             forward = net
-        with progress.bar(n, f"fine-tune epoch {epoch + 1}/{s.epochs}") as pbar:
+        with progress.bar(n, f"fine-tune epoch {epoch}/{s.epochs}") as pbar:
             for xb, yb in batches:
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(forward(xb), yb)
@@ -330,31 +353,26 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
                 pbar.update(len(yb))
         vloss, vacc = val_fn(net) if val_fn else evaluate_boundary(net, val) if val is not None else (math.nan,
                                                                                                        math.nan)
-        history["epoch"].append(epoch + 1)
-        history["train_loss"].append(total / n)
-        history["val_loss"].append(vloss)
-        history["val_accuracy"].append(vacc)
-        history["seconds"].append(round(time.perf_counter() - t_epoch, 2))
-        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f (%.0fs)", epoch + 1, s.epochs,
-                 total / n, vloss, vacc, history["seconds"][-1])
-        score = -vloss if s.early_stop_metric == "val_loss" else vacc
-        if math.isnan(score) or score > best["score"]:
-            best = {"score": score, "epoch": epoch + 1, "state": trainable_state(net), "bad": 0}
-        else:
-            best["bad"] += 1
+        logs = {"epoch": epoch, "train_loss": total / n, "val_loss": vloss, "val_accuracy": vacc,
+                "seconds": round(time.perf_counter() - t_epoch, 2), "lr": opt.param_groups[0]["lr"]}
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f (%.0fs)", epoch, s.epochs,
+                 total / n, vloss, vacc, logs["seconds"])
+        return logs
+
+    def save(epoch: int, logs: dict) -> None:
         if checkpoint is not None:
             save_checkpoint(checkpoint, {
                 "model": trainable_state(net), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "history": history, "epoch": epoch + 1, "best_score": best["score"], "best_epoch": best["epoch"],
-                "best_state": best["state"], "bad": best["bad"], "rng": _rng_state()})
-        faults.point("epoch", epoch + 1)
-        if best["bad"] >= s.patience:
-            stopped_by = "early stopping"
-            break
-        if s.time_budget and time.perf_counter() - t0 > s.time_budget:
-            stopped_by = "time budget"
-            log.warning("time budget of %.0fs reached after epoch %d", s.time_budget, epoch + 1)
-            break
+                "history": history.history, "epoch": epoch, **stopper.state(), "rng": _rng_state()})
+        faults.point("epoch", epoch)
+
+    # The checkpoint comes after early stopping's update (it holds that state) and before any stop.
+    stopped_by = run_epochs(range(start + 1, s.epochs + 1), train_one_epoch,
+                            [history, stopper, OnEpochEnd(save), *callbacks, TimeBudget(s.time_budget, t0)])
+    if stopped_by == "time budget":
+        log.warning("time budget of %.0fs reached after epoch %d", s.time_budget, history.history["epoch"][-1])
+    history = history.history
+    best = {"epoch": stopper.best_epoch, "state": stopper.best_state}
     net.load_state_dict({**net.state_dict(), **best["state"]})
     net.train(False)
     seconds = time.perf_counter() - t0

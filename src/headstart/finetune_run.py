@@ -40,7 +40,7 @@ def checkpoint_dir(final: Path) -> Path:
 
 def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, prep: Preprocessing,
                   paths: list[str], cols: np.ndarray, tr: np.ndarray, va: np.ndarray,
-                  final: Path) -> FineTuneOutcome:
+                  final: Path, callbacks=()) -> FineTuneOutcome:
     s = FineTuneSettings(**cfg.finetune).validate()
     known = cols >= 0
     tr, va = tr & known, va & known
@@ -93,7 +93,8 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
     write_json(ckpt_dir / "config.json", _resumable_config(cfg))
 
     result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt, resume=resume,
-                 class_weight=class_weight, sampler_weights=sampler, workers=workers)
+                 class_weight=class_weight, sampler_weights=sampler, workers=workers,
+                 callbacks=callbacks)
     vloss, vacc = evaluate_boundary(net, val)
     summary = {"settings": s.to_dict(), "trainable_blocks": net.trainable_blocks,
                "trainable_parameters": count_parameters(net, trainable_only=True),

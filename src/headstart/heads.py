@@ -33,6 +33,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
+from .loop import EarlyStopping, History, run_epochs, snapshot_state
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
@@ -336,7 +338,7 @@ class MLPHead(_Head):
         self.validation_fraction = validation_fraction  # held out of X when fit gets no validation data
         self.random_state = random_state
 
-    def _train(self, Xs: np.ndarray, yi: np.ndarray, epochs: int, seed: int, Xv=None, yv=None):
+    def _train(self, Xs: np.ndarray, yi: np.ndarray, epochs: int, seed: int, Xv=None, yv=None, callbacks=()):
         """Train a fresh MLP for up to `epochs`; with validation data, stop early and keep the best weights.
 
         Initial weights, dropout masks and batch order come from generators seeded by `seed`, never
@@ -355,9 +357,13 @@ class MLPHead(_Head):
         loss_fn = nn.CrossEntropyLoss(weight=class_weights(self.class_weight, yi, n_classes, self.classes_))
         opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         X_t, y_t = torch.as_tensor(Xs), torch.as_tensor(yi)
-        history = {"epoch": [], "train_loss": [], "val_loss": [], "val_accuracy": []}
-        best_state, best_loss, best_epoch, bad = None, float("inf"), epochs, 0
-        for epoch in range(1, epochs + 1):
+        history = History(("epoch", "train_loss", "val_loss", "val_accuracy"))
+        # Improvement means validation loss down by more than 1e-4; with no validation data, all epochs run.
+        stopper = None if Xv is None else EarlyStopping("val_loss", "min", self.patience, snapshot_state(net),
+                                                        min_delta=1e-4)
+
+        def train_one_epoch(epoch: int) -> dict:
+            t0 = time.perf_counter()
             net.train()
             order = torch.randperm(len(X_t), generator=gen)
             total = 0.0
@@ -368,39 +374,36 @@ class MLPHead(_Head):
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
-            history["epoch"].append(epoch)
-            history["train_loss"].append(total / len(order))
-            if Xv is None:
-                continue
-            net.eval()
-            with torch.no_grad():
-                logits = net(torch.as_tensor(Xv))
-                # Weighted as the training loss is: unweighted, it stopped a {0: 1000, 1: 1e-4}-weighted
-                # fit (scikit-learn's check_class_weight_classifiers) after its first epoch.
-                vloss = float(loss_fn(logits, torch.as_tensor(yv)))
-                vacc = float((logits.argmax(1).numpy() == yv).mean())
-            history["val_loss"].append(vloss)
-            history["val_accuracy"].append(vacc)
-            if vloss < best_loss - 1e-4:
-                best_loss, best_epoch, bad = vloss, epoch, 0
-                best_state = copy.deepcopy(net.state_dict())
-            else:
-                bad += 1
-                if bad >= self.patience:
-                    break
-        if best_state is not None:
-            net.load_state_dict(best_state)
+            logs = {"epoch": epoch, "train_loss": total / len(order), "lr": self.lr}
+            if Xv is not None:
+                net.eval()
+                with torch.no_grad():
+                    logits = net(torch.as_tensor(Xv))
+                    # Weighted as the training loss is: unweighted, it stopped a {0: 1000, 1: 1e-4}-weighted
+                    # fit (scikit-learn's check_class_weight_classifiers) after its first epoch.
+                    logs["val_loss"] = float(loss_fn(logits, torch.as_tensor(yv)))
+                    logs["val_accuracy"] = float((logits.argmax(1).numpy() == yv).mean())
+            logs["seconds"] = round(time.perf_counter() - t0, 4)
+            return logs
+
+        run_epochs(range(1, epochs + 1), train_one_epoch, [history, stopper, *callbacks])
+        best_epoch = epochs
+        if stopper is not None and stopper.best_state is not None:
+            net.load_state_dict(stopper.best_state)
+            best_epoch = stopper.best_epoch
+        history = history.history
         history["best_epoch"] = best_epoch
         return net.eval(), history
 
-    def fit(self, X, y, X_val=None, y_val=None) -> "MLPHead":
+    def fit(self, X, y, X_val=None, y_val=None, callbacks=()) -> "MLPHead":
+        """`callbacks` (loop.py) see the epochs of the validated training, the one `history_` records."""
         t0 = time.perf_counter()
         X, yi, Xv, yv, X_all, yi_all = self._check_fit_input(X, y, X_val, y_val)
         seed = _seed(self.random_state)
         if Xv is not None and len(yv):
             scaler = StandardScaler().fit(X)
             _, self.history_ = self._train(scaler.transform(X).astype(np.float32), yi, self.max_epochs, seed,
-                                           scaler.transform(Xv).astype(np.float32), yv)
+                                           scaler.transform(Xv).astype(np.float32), yv, callbacks)
             self.best_epoch_ = int(self.history_["best_epoch"])
             self.val_accuracy_ = float(self.history_["val_accuracy"][self.best_epoch_ - 1])
             if self.validation_ == "held out":

@@ -1,12 +1,25 @@
-"""Progress bars (images/s and ETA) that stay silent under --quiet and when stderr is not a terminal."""
+"""Progress of long phases (extraction, boundary activations, epochs), with images/s and ETA.
+
+On a terminal: a tqdm bar on stderr, silent under --quiet. Elsewhere (a log file, CI, a pipe):
+plain INFO lines through logging, so they reach train.log, e.g.
+"extracting: 2,560/10,000 images, 312 images/s, ETA 24 s": one once LOG_SECONDS have passed
+and a tenth more of the work is done since the last line, or LONG_SECONDS have passed. A phase
+shorter than LOG_SECONDS writes none (the phase's own summary line follows anyway).
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 
 from tqdm.auto import tqdm
 
+log = logging.getLogger(__name__)
+
 _QUIET = False
+LOG_SECONDS = 10.0
+LONG_SECONDS = 60.0
 
 
 def set_quiet(quiet: bool) -> None:
@@ -18,6 +31,48 @@ def enabled() -> bool:
     return not _QUIET and sys.stderr.isatty()
 
 
-def bar(total: int, desc: str, unit: str = "img", disable: bool = False) -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True, leave=False,
-                disable=disable or not enabled(), smoothing=0.1)
+class Progress:
+    """`update(n)` as images are done; a bar on a terminal, periodic log lines otherwise."""
+
+    def __init__(self, total: int, desc: str, unit: str = "img", disable: bool = False):
+        self.total, self.desc = total, desc
+        self.unit = "images" if unit == "img" else unit
+        self.bar = None if disable or not enabled() else tqdm(
+            total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True, leave=False, smoothing=0.1)
+        self.log_lines = not disable and self.bar is None
+        self.done = self.logged = 0
+        self.t0 = self.t_logged = time.monotonic()
+
+    # The clock is time.monotonic, not perf_counter, which the loops time their epochs and budgets with.
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        if not self.log_lines:
+            return
+        now = time.monotonic()
+        since = now - self.t_logged
+        if (since >= LOG_SECONDS and self.done - self.logged >= self.total / 10) or since >= LONG_SECONDS:
+            log.info("%s", self.line(now))
+            self.logged, self.t_logged = self.done, now
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (time.monotonic() if now is None else now) - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {(self.total - self.done) / rate:,.0f} s" if rate > 0 and self.done < self.total else ""
+        return f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s{eta}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def bar(total: int, desc: str, unit: str = "img", disable: bool = False) -> Progress:
+    return Progress(total, desc, unit, disable)

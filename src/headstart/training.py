@@ -48,6 +48,7 @@ from .images import load_image
 from .predict import features_of
 from .report_html import write_reports
 from .runreport import write_test_predictions
+from .loop import HistoryCSV, TensorBoard, check_tensorboard
 from .text import count
 from .weights import load_backbone
 from .finetune_run import backbone_identity, checkpoint_dir, resume_settings, run_fine_tune
@@ -89,6 +90,7 @@ class TrainConfig:
     finetune: dict = field(default_factory=dict)  # FineTuneSettings fields, for --strategy fine-tune
     resume: bool = False  # continue an interrupted fine-tuning run at `out` from its last checkpoint
     cv: int | None = None  # K: also report K-fold accuracy of the feature-extraction head on train + val
+    tensorboard: bool = False  # also write TensorBoard event files into <run>/tensorboard (needs tensorboard)
 
 
 @dataclass
@@ -221,6 +223,8 @@ def train(data: str | os.PathLike, **settings) -> Run:
         raise HeadstartError(f"--cv cross-validates the head on cached features; it does not apply to --strategy "
                              f"{cfg.strategy} (each fold would train the network again). Drop --cv, or use "
                              "--strategy feature-extraction.")
+    if cfg.tensorboard:
+        check_tensorboard()  # before anything is written
     check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
     cache_root = cache_root_of(cfg.cache_dir)
     final = _run_dir(cfg.out, cfg.overwrite)
@@ -351,7 +355,8 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed, refit=not fine_tune)
     t_head = time.perf_counter()
     fit_args = (X[tr], y[tr], X[va] if va.any() else None, y[va] if va.any() else None)
-    head.fit(*fit_args)
+    epoch_logs = _epoch_logs(cfg, out, "head")
+    head.fit(*fit_args, **({"callbacks": epoch_logs} if cfg.head == "mlp" else {}))  # the linear head has no epochs
     strategy, decision, unused = cfg.strategy, None, {}
     if cfg.strategy == "auto":
         rate = ext.n_computed / ext.seconds if ext.n_computed and ext.seconds else None
@@ -387,14 +392,18 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
     if fine_tune:
+        for cb in epoch_logs:
+            cb.phase = strategy
         ft = run_fine_tune(cfg, entry, engine.model, head_module, prep, [s.path for s in samples], cols, tr, va,
-                           final)
+                           final, callbacks=epoch_logs)
         identity = backbone_identity(engine.model)  # the backbone changed: its own features, its own cache
         metrics["phase1_val_accuracy"] = metrics.pop("val_accuracy")
         metrics["fine_tune"] = ft.summary
         metrics["val_accuracy"] = ft.summary["best_val_accuracy"]
         ft_history = ft.history
 
+    for cb in epoch_logs:
+        getattr(cb, "close", lambda: None)()  # TensorBoard's writer, before the run directory is renamed
     bundle = Model(entry=entry, backbone=engine.model, head=head_module, classes=head_classes,
                    preprocessing=prep, weights=winfo, head_config={**head.config(), "in_features": entry.feature_dim,
                                                                    "n_classes": len(head_classes)},
@@ -449,6 +458,12 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     # report.md and report.html from the files just written, as `headstart report` rebuilds them
     write_reports(out, name=final.name)
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
+
+
+def _epoch_logs(cfg: TrainConfig, out: Path, phase: str) -> list:
+    """The per-epoch logs of the run: history.csv, and TensorBoard event files with --tensorboard."""
+    return [HistoryCSV(out / "history.csv", phase)] + ([TensorBoard(out / "tensorboard", phase)]
+                                                       if cfg.tensorboard else [])
 
 
 def _cross_validate(cfg: TrainConfig, X: np.ndarray, y: np.ndarray, strategy: str) -> dict:
