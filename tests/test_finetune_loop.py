@@ -175,6 +175,18 @@ def test_augment_standard_applies_to_training_images_only(fmnist_tiny, tmp_path,
         return out
 
     monkeypatch.setattr(ftr, "compute_boundary", compute_boundary)
+    # The test split is scored through the saved model's feature path (as `evaluate` scores it).
+    import headstart.training as training
+
+    real_features_of = training.features_of
+
+    def features_of(model, paths, **kwargs):
+        before = jitters[0]
+        out = real_features_of(model, paths, **kwargs)
+        during_boundaries.append((kwargs.get("desc"), jitters[0] - before))
+        return out
+
+    monkeypatch.setattr(training, "features_of", features_of)
     run = headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "ft", image_size=32, workers=0, seed=0,
                           cache_dir="none", finetune=dict(unfreeze=1, epochs=2, augment="standard", patience=5))
     ft = run.metrics["fine_tune"]
