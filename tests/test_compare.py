@@ -96,3 +96,19 @@ def test_ctrl_c_while_fine_tuning_says_how_to_resume(fmnist_tiny, tmp_path, one_
     assert "nothing partial was kept" not in stderr
     code, _, stderr = run_cli("train", "--resume", tmp_path / "run")
     assert code == 0 and "resumed fine-tuning after epoch 1" in stderr
+
+
+def test_compare_plot_goes_through_the_shared_png_writer(tmp_path):
+    # plots.save_png writes at the figure's own dpi; a user's savefig.dpi setting must not resize the plot.
+    import matplotlib
+    from PIL import Image
+
+    from headstart.compare import compare_figure
+
+    with matplotlib.rc_context({"savefig.dpi": 50}):
+        plot_compare(ROWS, tmp_path / "compare.png")
+    fig = compare_figure(ROWS)
+    width, height = fig.get_size_inches() * fig.dpi
+    with Image.open(tmp_path / "compare.png") as image:
+        assert image.size == (round(width), round(height)) == (770, 495)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -965,7 +965,7 @@ FAULTS = {
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_write_failure_gives_a_clear_message_and_keeps_the_earlier_run(tmp_path, monkeypatch, fault):
     import headstart.bundle
-    import headstart.evaluation
+    import headstart.plots
     import headstart.training
 
     data = write_image_folder(tmp_path / "data", n_per_class=6, size=(8, 8))
@@ -985,7 +985,7 @@ def test_write_failure_gives_a_clear_message_and_keeps_the_earlier_run(tmp_path,
         monkeypatch.setattr(headstart.training.os, "replace", replace)
     else:
         exc.filename = str(tmp_path / "somewhere" / target)
-        for module in (fileio, headstart.bundle, headstart.evaluation):
+        for module in (fileio, headstart.bundle, headstart.plots):
             monkeypatch.setattr(module, "atomic_path", _failing(module.atomic_path, target, exc))
     code, _, stderr = run_cli("train", data, *TINY, "--out", out, "--test-fraction", "0.3", "--overwrite",
                               "--seed", "1")

@@ -251,7 +251,7 @@ def _print_run(run, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"run_dir": str(run.run_dir), **run.metrics}, indent=2))
         return 0
-    from .evaluation import format_report
+    from .reporting import format_report
 
     if "test" in run.metrics:
         print(format_report(run.metrics["test"]))
@@ -276,7 +276,7 @@ def cmd_compare(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluation import format_report
+    from .reporting import format_report
     from .predict import evaluate
 
     metrics = evaluate(a.run, a.data, labels=a.labels, **_engine_kw(a))

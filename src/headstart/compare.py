@@ -20,7 +20,8 @@ import shutil
 from pathlib import Path
 
 from .errors import HeadstartError, Interrupted
-from .fileio import atomic_path, write_json
+from .fileio import write_json
+from .plots import new_figure, save_png
 from .report_html import write_compare_html
 
 log = logging.getLogger(__name__)
@@ -174,9 +175,7 @@ def _speed(value) -> str:
 
 
 def plot_compare(rows: list[dict], path: Path) -> None:
-    fig = compare_figure(rows)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    save_png(compare_figure(rows), path)
 
 
 def compare_figure(rows: list[dict]):
@@ -186,11 +185,7 @@ def compare_figure(rows: list[dict]):
     accuracies), so each label is placed at the first of a few offsets where its box overlaps no
     label already placed and no other point.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure(7, 4.5, dpi=110, layout=None)  # tight_layout below, before the labels are measured
     ax = fig.add_subplot(111)
     shown = [r for r in rows if r["test_accuracy"] is not None]
     for r in shown:

@@ -14,7 +14,7 @@ from .bundle import load
 from .data import collect_images, load_data
 from .datachecks import read_splits, seen_in_training
 from .errors import DataError
-from .evaluation import compute_metrics
+from .metrics import compute_metrics
 from .model import Model
 
 log = logging.getLogger(__name__)

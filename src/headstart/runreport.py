@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .evaluation import markdown_sections, markdown_skipped, markdown_table
+from .reporting import markdown_sections, markdown_skipped, markdown_table
 from .fileio import write_text
 
 PLOTS = {"training_curve.png": "Training curve", "confusion_matrix.png": "Confusion matrix (test split)",

@@ -39,14 +39,15 @@ from .data import ImageData, check_input, load_data
 from .engine import choose_engine, make_engine
 from .errors import DataError, HeadstartError, Interrupted
 from .datachecks import content_digests, cross_split_copies, warn_cross_split_copies
-from .evaluation import (compute_metrics, format_report, plot_confusion_matrix, plot_training_curve,
-                         plot_worst_errors)
 from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .fileio import write_json, write_text
 from .heads import cross_validate, make_head
 from .images import load_image
+from .metrics import compute_metrics
+from .plots import plot_confusion_matrix, plot_training_curve, plot_worst_errors
 from .predict import features_of
 from .report_html import write_reports
+from .reporting import format_report
 from .runreport import write_test_predictions
 from .loop import HistoryCSV, TensorBoard, check_tensorboard
 from .text import count
