@@ -1,4 +1,5 @@
-"""ONNX export of a real trained run (MobileNetV2 features + linear head on real Fashion-MNIST images)."""
+"""ONNX export of real trained runs (MobileNetV2, and EfficientNet-Lite0 for the JSON-only client; features + linear
+head on real Fashion-MNIST images)."""
 
 from __future__ import annotations
 
@@ -265,8 +266,9 @@ def test_a_client_written_from_the_json_alone_matches_predict(client_case, tmp_p
     full_diff = float(np.abs(np.array(full["probabilities"]) - want).max())
     MEASURED.append(f"ONNX client from the JSON alone vs headstart predict --precision fp32, {model.entry.name} "
                     f"({prep.interpolation}, crop_mode {prep.crop_mode}, crop_pct {prep.crop_pct:.3f}), "
-                    f"{len(images)} images (2000x1500 JPEGs, EXIF-rotated, RGBA, greyscale, 16-bit, palette): max |probability "
-                    f"difference| {diff.max():.2e}; {full_diff:.2e} when JPEGs are decoded at full size")
+                    f"{len(images)} images (2000x1500 JPEGs, EXIF-rotated, RGBA, greyscale, 16-bit, palette): "
+                    f"max |probability difference| {diff.max():.2e}; {full_diff:.2e} when JPEGs are decoded at full "
+                    "size")
     assert diff.max() < 1e-5, dict(zip([p.name for p in images], diff))
     assert full_diff > 1e-4
 
