@@ -2,7 +2,8 @@
 
 It imports Pillow, NumPy and ONNX Runtime, nothing of headstart, torch or torchvision
 (tests/test_export.py checks both the source and the running process), and follows the
-JSON's "preprocessing" steps, taking every number from the JSON.
+JSON's "preprocessing" steps, taking every number from the JSON (sizes, crop mode, interpolation,
+mean and std).
 
     python onnx_client.py EXPORT_DIR IMAGE... [--no-draft]
 prints {"classes": [...], "probabilities": [[...], ...], "modules": [...]} as JSON; "modules"
@@ -64,9 +65,14 @@ def decode(path: str, spec: dict, draft: bool = True) -> Image.Image:
 def preprocess(im: Image.Image, spec: dict) -> np.ndarray:
     steps = spec["steps"]
     resize = step(steps, "resize")
-    s = resize["shorter_side"]
     w, h = im.size
-    new = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    if spec["crop_mode"] == "squash":  # both sides to the resize size, the aspect ratio not kept
+        new = (resize["width"], resize["height"])
+    elif spec["crop_mode"] == "center":  # the shorter side to the resize size, the aspect ratio kept
+        s = resize["shorter_side"]
+        new = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    else:
+        sys.exit(f"model.onnx.json: crop_mode {spec['crop_mode']!r} is unknown to this client (center, squash)")
     if new != (w, h):
         im = im.resize(new, getattr(Image.Resampling, resize["interpolation"].upper()))
     crop = step(steps, "center_crop")
