@@ -9,8 +9,8 @@ from itertools import combinations
 from matplotlib.figure import Figure
 
 from headstart.compare import format_table, plot_compare
+from reliability_helpers import CliChild
 from test_cli import run_cli
-from test_reliability import CliChild
 
 
 def _row(name, wall, acc, ci, size=64, extract=None, train=None, n_test=40):
