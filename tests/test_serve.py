@@ -229,7 +229,7 @@ def test_a_photo_is_decoded_as_predict_decodes_it(server, run_dir, test_images, 
 
 
 def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with no pixel data (as in test_interruptions)."""
+    """A PNG whose header claims width x height, with no pixel data (as in tests/reliability_helpers.py)."""
     import struct
     import zlib
 
