@@ -196,7 +196,8 @@ def test_backbones_and_cache_commands(trained, tmp_path):
     assert "found" in lines["mobilenet_v2"] and "not found" in lines["resnet50"]
     code, stdout, _ = run_cli("cache", "info", "--json")
     info = json.loads(stdout)
-    assert code == 0 and info["bytes"] > 0 and info["namespaces"][0]["backbone"] == "mobilenet_v2"
+    # The session's default cache holds every test's features; the run above put MobileNetV2's there.
+    assert code == 0 and info["bytes"] > 0 and "mobilenet_v2" in {s["backbone"] for s in info["namespaces"]}
     (tmp_path / "empty-cache").mkdir()
     code, stdout, _ = run_cli("cache", "clear", "--cache-dir", tmp_path / "empty-cache")
     assert code == 0 and "cleared: 0.0 MB freed" in stdout
