@@ -31,6 +31,7 @@ import sklearn
 import torch
 import torchvision
 
+from . import distributed
 from ._version import __version__
 from .backbones import get_backbone
 from .bundle import Model, load
@@ -185,11 +186,18 @@ def _check_data_outside(data: str, labels: str | None, out: Path, cache: Path | 
                                  "your data. Choose a folder outside it.")
 
 
-def train(data: str | os.PathLike, **settings) -> Run:
+def train(data: str | os.PathLike, **settings) -> Run | None:
     """Train a model on an image folder (or labels CSV) and write its run directory.
 
     Settings are the fields of TrainConfig (backbone, head, image_size, seed, out, ...).
+    Under torchrun (distributed.py) every rank calls it: the ranks share extraction and fine-tuning,
+    rank 0 writes the run and returns it, the other ranks write nothing into it and return None.
     """
+    with distributed.session(settings.get("device", "auto")):
+        return _train_run(data, **settings)
+
+
+def _train_run(data: str | os.PathLike, **settings) -> Run | None:
     cfg = TrainConfig(data=os.fspath(data), **settings)
     if cfg.strategy not in STRATEGIES:
         raise HeadstartError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {cfg.strategy!r}.")
@@ -229,7 +237,10 @@ def train(data: str | os.PathLike, **settings) -> Run:
     check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
     cache_root = cache_root_of(cfg.cache_dir)
     final = _run_dir(cfg.out, cfg.overwrite)
+    final = distributed.broadcast_object(final, "agreeing on the run directory")  # runs/<time> is rank 0's
     _check_data_outside(cfg.data, cfg.labels, final, cache_root)  # before anything is written
+    if not distributed.is_main():  # a helper rank: its share of the work, nothing written into the run
+        return _train(cfg, entry, cache_root, None, final, given_finetune)
     root = logging.getLogger("headstart")
     level = root.level
     partial = handler = None
@@ -327,7 +338,9 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
 
     paths = [s.path for s in data.samples]
     ext = extract(engine, prep.transform(), paths, cache, batch_size=cfg.batch_size, workers=cfg.workers,
-                  desc="extracting")
+                  desc="extracting", sharded=True)
+    if out is None and cfg.strategy == "feature-extraction":  # a helper rank under torchrun: its share is done
+        return None
     # Every file not used, with why: unusable CSV rows, non-image files and links the scan passed over
     # (hidden files are not data and are not listed), and images that could not be decoded.
     skipped = bad_rows + data.ignored + [{"path": p, "reason": r} for p, r in ext.failures.items()]
@@ -363,6 +376,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         rate = ext.n_computed / ext.seconds if ext.n_computed and ext.seconds else None
         decision = choose_strategy(y[tr], getattr(head, "val_accuracy_", None), len(paths), rate,
                                    cfg.finetune["epochs"], cfg.finetune["time_budget"])
+        decision = distributed.broadcast_object(decision, "the auto strategy")  # every rank follows rank 0
         strategy = decision["strategy"]
         log.info("strategy auto -> %s: %s", strategy, "; ".join(decision["reasons"]))
         if strategy == "feature-extraction":  # no phase 2 follows: refit the head on train + validation
@@ -402,6 +416,8 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         metrics["fine_tune"] = ft.summary
         metrics["val_accuracy"] = ft.summary["best_val_accuracy"]
         ft_history = ft.history
+    if out is None:  # a helper rank under torchrun: rank 0 saves, scores and writes the run
+        return None
 
     for cb in epoch_logs:
         getattr(cb, "close", lambda: None)()  # TensorBoard's writer, before the run directory is renamed
@@ -463,6 +479,8 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
 
 def _epoch_logs(cfg: TrainConfig, out: Path, phase: str) -> list:
     """The per-epoch logs of the run: history.csv, and TensorBoard event files with --tensorboard."""
+    if out is None:  # a helper rank under torchrun writes no logs
+        return []
     return [HistoryCSV(out / "history.csv", phase)] + ([TensorBoard(out / "tensorboard", phase)]
                                                        if cfg.tensorboard else [])
 
