@@ -141,7 +141,7 @@ def is_main() -> bool:
 
 
 @contextlib.contextmanager
-def collective(what: str) -> Iterator[None]:
+def collective(what: str, again: str | None = None) -> Iterator[None]:
     """Turn a failed collective (a rank died, the network dropped, the timeout passed) into a clear error."""
     try:
         yield
@@ -150,8 +150,8 @@ def collective(what: str) -> Iterator[None]:
             raise
         raise HeadstartError(
             f"rank {rank()} of {world_size()}: another rank stopped or could not be reached during {what} "
-            f"({_first_line(exc)}); the job stops. Look at the other ranks' output for the cause, then start "
-            "the same command again: finished feature chunks and fine-tuning checkpoints are reused.") from None
+            f"({_first_line(exc)}); the job stops. Look at the other ranks' output for the cause, then "
+            f"{again or 'start the same command again: the feature chunks finished are reused'}.") from None
 
 
 def _is_distributed_failure(exc: BaseException) -> bool:

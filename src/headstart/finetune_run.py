@@ -100,7 +100,8 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
     if main:
         write_json(ckpt_dir / "config.json", _resumable_config(cfg))
 
-    with distributed.collective("fine-tuning"):  # a rank lost mid-step: DDP's all-reduce fails on the others
+    again = f"continue from the last checkpoint with the same torchrun command and: train --resume {final}"
+    with distributed.collective("fine-tuning", again):  # a rank lost mid-step: DDP's all-reduce fails on the others
         result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt if main else None,
                      resume=resume, class_weight=class_weight, sampler_weights=sampler, workers=workers,
                      callbacks=callbacks)
