@@ -175,11 +175,13 @@ def two_nodes(args: list[str], cwd: Path, **env) -> tuple[list, list[float]]:
     return procs, times
 
 
-def cached_features(cache: Path) -> dict[str, np.ndarray]:
+def cached_features(cache: Path, run: Path) -> dict[str, np.ndarray]:
+    """The features `run` extracted into `cache` (its namespace: a fine-tuned backbone adds its own)."""
     from safetensors import safe_open
 
+    namespace = json.loads((run / "config.json").read_text())["cache_namespace"]
     feats = {}
-    for shard in sorted(cache.glob("features/*/*.safetensors")):
+    for shard in sorted(cache.glob(f"features/{namespace}/*.safetensors")):
         with safe_open(str(shard), framework="numpy") as f:
             for k, row in zip(json.loads(f.metadata()["keys"]), f.get_tensor("features")):
                 feats[k] = row
@@ -209,10 +211,10 @@ def feature_extraction_runs(fmnist_with_bad_images):
 
 def test_two_nodes_extract_bitwise_the_one_process_features_and_metrics(feature_extraction_runs):
     work, one, two = feature_extraction_runs
-    a, b = cached_features(work / "cache1"), cached_features(work / "cache2")
+    a, b = cached_features(work / "cache1", work / "fe1"), cached_features(work / "cache2", work / "fe2")
     assert len(a) == 500 and set(a) == set(b)
     assert all(np.array_equal(a[k], b[k]) for k in a), "features differ from the one-process run's"
-    shards = list((work / "cache2").glob("features/*/*.safetensors"))
+    shards = list((work / "cache2").glob(f"features/{json.loads((work / 'fe2' / 'config.json').read_text())['cache_namespace']}/*.safetensors"))
     assert len({s.name.split("-")[1] for s in shards}) == 2  # written by two processes (pid in the shard name)
     for key in ("accuracy", "confusion_matrix", "macro_f1"):
         assert one["test"][key] == two["test"][key]
@@ -275,5 +277,5 @@ def test_a_dead_rank_stops_extraction_with_a_clear_message_and_its_chunks_are_re
     namespace.pop("format")
     stored = FeatureCache(cache, namespace)
     stored.refresh()
-    complete = cached_features(work / "cache2")
+    complete = cached_features(work / "cache2", work / "fe2")
     assert sum(stored.contains(k) for k in complete) == 498  # both ranks' chunks, every readable image
