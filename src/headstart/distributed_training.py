@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,13 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .errors import HeadstartError
-from .finetune import Boundary, FineTuneNet, FineTuneSettings, _boundary_batch, collate_readable
+
+# finetune.py calls this module; what it needs from there comes in as arguments (no import cycle).
 
 log = logging.getLogger(__name__)
 
 
-def check_supported(s: FineTuneSettings) -> None:
-    """Refuse what cannot run on this process group, before any work is done."""
+def check_supported(s) -> None:
+    """(`s`: FineTuneSettings) Refuse what cannot run on this process group, before any work is done."""
     if distributed.active() and s.bn_update and torch.distributed.get_backend() != "nccl":
         raise HeadstartError("--bn-update under torchrun syncs BatchNorm statistics with SyncBatchNorm, which "
                              "PyTorch runs on CUDA only; on CPU drop --bn-update (BatchNorm then keeps its "
@@ -40,7 +41,7 @@ def check_supported(s: FineTuneSettings) -> None:
 class _FromBoundary(nn.Module):
     """The trainable part as a module of its own, for DDP: boundary activations -> logits."""
 
-    def __init__(self, net: FineTuneNet):
+    def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
@@ -49,15 +50,20 @@ class _FromBoundary(nn.Module):
 
 
 class DataParallel:
-    """`batches()` yields this rank's part of each global batch; `loss()` runs it through DDP."""
+    """`batches()` yields this rank's part of each global batch; `loss()` runs it through DDP.
 
-    def __init__(self, net: FineTuneNet, s: FineTuneSettings, class_weight: torch.Tensor | None, from_boundary: bool):
+    `net` is a FineTuneNet and `s` its FineTuneSettings; with `boundary_batch` (finetune._boundary_batch)
+    the training data are boundary activations, else images read with `collate` (finetune.collate_readable).
+    """
+
+    def __init__(self, net: nn.Module, s, class_weight: torch.Tensor | None, boundary_batch: Callable | None,
+                 collate: Callable):
         self.world, self.batch_size, self.class_weight = distributed.world_size(), s.batch_size, class_weight
         self.loss_sum = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=s.label_smoothing, reduction="sum")
-        self.net = net
+        self.net, self.boundary_batch, self.collate = net, boundary_batch, collate
         if s.bn_update:  # CUDA only (check_supported): BatchNorm statistics over the global batch
             net.top = nn.SyncBatchNorm.convert_sync_batchnorm(net.top)
-        module = _FromBoundary(net) if from_boundary else net
+        module = _FromBoundary(net) if boundary_batch is not None else net
         with distributed.collective("setting up DistributedDataParallel"), warnings.catch_warnings():
             # broadcast_buffers=False: BatchNorm buffers do not change in eval mode (SyncBatchNorm syncs its own).
             # torch 2.14 calls it deprecated, but its replacement cannot yet say the same (its own warning).
@@ -67,21 +73,21 @@ class DataParallel:
         self._shape: tuple[int, ...] | None = None
 
     def batches(self, train_data, order: torch.Tensor, seed: int, epoch: int, workers: int) -> Iterator:
-        labels = train_data.y if isinstance(train_data, Boundary) else torch.as_tensor(train_data.labels)
+        labels = train_data.y if self.boundary_batch is not None else torch.as_tensor(train_data.labels)
         parts = []
         for idx in order.split(self.batch_size):
             mine = distributed.share(len(idx), 1)
             y = labels[idx]
             denominator = float(self.class_weight[y].sum()) if self.class_weight is not None else float(len(idx))
             parts.append((idx[mine.start:mine.stop], len(idx), denominator))
-        if isinstance(train_data, Boundary):
+        if self.boundary_batch is not None:
             for part, size, denominator in parts:
                 self.last_size, self._denominator = size, denominator
-                yield _boundary_batch(train_data, part, seed, epoch)
+                yield self.boundary_batch(train_data, part, seed, epoch)
             return
         train_data.epoch = epoch
         loader = torch.utils.data.DataLoader(train_data, batch_sampler=[p.tolist() for p, _, _ in parts],
-                                             num_workers=workers, collate_fn=collate_readable)
+                                             num_workers=workers, collate_fn=self.collate)
         for (part, size, denominator), (xs, ys, failed) in zip(parts, loader):
             for path, reason in failed:
                 log.warning("skipping %s in this epoch: %s", path, reason)

@@ -342,7 +342,8 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
     if world > 1:  # after a resume's weights are loaded: DDP starts every rank from rank 0's
         from .distributed_training import DataParallel
 
-        parallel = DataParallel(net, s, class_weight, from_boundary=isinstance(train_data, Boundary))
+        parallel = DataParallel(net, s, class_weight, _boundary_batch if isinstance(train_data, Boundary) else None,
+                                collate_readable)
 
     def train_one_epoch(epoch: int) -> dict:
         nonlocal images
