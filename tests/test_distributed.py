@@ -279,3 +279,27 @@ def test_a_dead_rank_stops_extraction_with_a_clear_message_and_its_chunks_are_re
     stored.refresh()
     complete = cached_features(work / "cache2", work / "fe2")
     assert sum(stored.contains(k) for k in complete) == 498  # both ranks' chunks, every readable image
+    # Started again (as `headstart extract`, under torchrun too), the job computes nothing.
+    procs, _ = two_nodes(["extract", str(work / "fmnist"), "--cache-dir", str(cache)], work / "again")
+    assert [p.returncode for p in procs] == [0, 0], (work / "again" / "err0.txt").read_text()[-3000:]
+    again = json.loads((work / "again" / "out0.txt").read_text())
+    assert (again["from_cache"], again["computed"], again["failed"], again["world_size"]) == (498, 0, 2, 2)
+    assert (work / "again" / "out1.txt").read_text().strip() == ""  # rank 0 reports for every rank
+
+
+def test_extract_fills_the_cache_only_and_reports_throughput(image_folder, tmp_path, capsys, one_torch_thread):
+    from headstart import cli
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    assert cli.main(["extract", str(image_folder), "--image-size", "32", "--cache-dir", str(cache), "--workers", "0",
+                     "--engine", "torch", "--weights", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 0: 12 images computed in" in out and "images/s" in out
+    assert "in all: 12 images, 0 from cache, 12 computed" in out and "world size 1" in out
+    assert sorted(p.name for p in cache.iterdir()) == ["features"]  # the cache, and nothing else anywhere
+    assert len(list(cache.glob("features/*/*.safetensors"))) == 1
+    assert cli.main(["extract", str(image_folder), "--image-size", "32", "--cache-dir", str(cache), "--workers", "0",
+                     "--engine", "torch", "--weights", "none", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["from_cache"], again["computed"], again["world_size"]) == (12, 0, 1)
