@@ -88,6 +88,7 @@ def markdown(s: dict) -> list[str]:
              f"{f['1x2']['load']} / {f['2x1']['load']} |", "",
              f"Per rank in extraction: " + ", ".join(f"rank {r['rank']} {r['computed']} images in {r['seconds']} s"
                                                     for r in x["2x1"]["ranks"])
-             + f" (barrier wait {x['barrier_wait_seconds']} s); fine-tuning step overhead "
-             f"{f['step_overhead_ms']} ms over {f['2x1']['steps']} steps."]
+             + f" (barrier wait {x['barrier_wait_seconds']} s); fine-tuning: "
+             + (f"{f['step_overhead_ms']} ms more per step with 2 processes ({f['2x1']['steps']} steps)"
+                if f["step_overhead_ms"] > 0 else "no cost per step seen (the 2-process epoch was the faster)") + "."]
     return lines
