@@ -209,7 +209,8 @@ def all_gather_tensors(part: torch.Tensor, what: str) -> torch.Tensor:
     if not active():
         return part
     parts = all_gather_object(part.cpu(), what)  # pickled as it is: a 16-bit tensor stays 16-bit
-    return torch.cat([p.to(part.device) for p in parts])
+    # A rank with nothing to contribute sends an empty tensor: left out, so it cannot change the dtype.
+    return torch.cat([p.to(part.device) for p in parts if p.numel()] or [part])
 
 
 def share(n: int, unit: int, rank_: int | None = None, world: int | None = None) -> range:
