@@ -25,6 +25,9 @@ def test_the_cli_offers_the_modules_choices():
     assert tuple(actions["augment"].choices) == finetune.AUGMENTS
     assert tuple(actions["schedule"].choices) == finetune.SCHEDULES
     assert engine.ENGINES is settings.ENGINES and finetune.FineTuneSettings is FineTuneSettings
+    from headstart import heads
+
+    assert tuple(heads.HEADS) == settings.HEADS == tuple(actions["head"].choices)  # settings.py stays torch-free
 
 
 def test_every_fine_tuning_field_is_a_train_flag_and_reaches_train(monkeypatch, tmp_path):
