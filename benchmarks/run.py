@@ -9,6 +9,7 @@ Markdown table in benchmarks/results.md, and the README's performance section.
     python benchmarks/run.py                 # the full suite (about 40 min on 2 cores)
     python benchmarks/run.py --smoke         # a few images, tiny sizes, results in a temp folder
     python benchmarks/run.py --only serve    # some sections: their results replace theirs in results.json
+    python benchmarks/run.py --only scaling  # 1 process x 2 threads against 2 torchrun processes x 1 thread
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import scaling as scale_out  # noqa: E402
 from benchmarks import serving  # noqa: E402
 from benchmarks.baselines import plain  # noqa: E402
 from headstart.backbones import get_backbone  # noqa: E402
@@ -38,10 +40,10 @@ from headstart.engine import EngineChoice, installed, make_engine, native_bf16  
 from headstart.weights import load_backbone  # noqa: E402
 
 HEADSTART = [Path(sys.executable).with_name("headstart")]
-SECTIONS = ["peak", "extraction", "decoding", "end_to_end", "finetune_epoch", "memory", "serve"]
+SECTIONS = ["peak", "extraction", "decoding", "end_to_end", "finetune_epoch", "memory", "serve", "scaling"]
 SECTION_KEYS = {"peak": ["peak_gflops"], "extraction": ["extraction"], "decoding": ["decoding"],
                 "end_to_end": ["end_to_end", "e2e_repeats"], "finetune_epoch": ["finetune_epoch"],
-                "memory": ["memory"], "serve": ["serve"]}
+                "memory": ["memory"], "serve": ["serve"], "scaling": ["scaling"]}
 ENGINES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 
 
@@ -336,6 +338,8 @@ def markdown(r: dict) -> str:
                   f"{m['peak_rss_mib']:.0f} | {m.get('seconds', '')} |" for m in r["memory"]]
     if r.get("serve"):
         lines += serving.markdown(r["serve"])
+    if r.get("scaling"):
+        lines += scale_out.markdown(r["scaling"])
     return "\n".join(lines) + "\n"
 
 
@@ -428,6 +432,11 @@ def main(argv=None) -> int:
         result["serve"] = serving.serving(HEADSTART, data, work / "serve-run", work, smoke=smoke)
         result["serve"]["date"] = time.strftime("%Y-%m-%d %H:%M")
         log(f"serving: {result['serve']}")
+    if "scaling" in sections:
+        data = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-scaling"), 4 if smoke else 200,
+                       2 if smoke else 20)
+        result["scaling"] = scale_out.scaling(data, work, 32 if smoke else 96, 8)
+        log(f"scaling: {result['scaling']}")
     if a.only is not None and not smoke and (out_dir / "results.json").exists():
         # Some sections only: the others keep their previous numbers (and the header its date).
         previous = json.loads((out_dir / "results.json").read_text())
