@@ -106,6 +106,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "cached train + val features")
     t.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files into RUN/tensorboard (pip install 'headstart[tensorboard]')")
+    t.add_argument("--tta", choices=("auto", "none", "flip"), default="auto",
+                   help="test-time views: 'flip' averages each image's probabilities with its mirror image's "
+                        "(2 backbone passes per image); 'auto' (default) keeps flips when they pay on validation")
     f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
     f.add_argument("--unfreeze", default=None, help="top blocks to train, a number or 'all'")
     f.add_argument("--epochs", type=int, default=None)
@@ -243,7 +246,7 @@ def cmd_train(a) -> int:
     settings = {k: getattr(a, k) for k in ("labels", "backbone", "strategy", "head", "weights", "image_size",
                                             "val_fraction", "test_fraction", "class_weight", "seed", "batch_size",
                                             "workers", "device", "engine", "precision", "cache_dir", "out",
-                                            "strict", "overwrite", "cv", "tensorboard")}
+                                            "strict", "overwrite", "cv", "tensorboard", "tta")}
     return _print_run(train(data, finetune=finetune, **settings), a.json)
 
 

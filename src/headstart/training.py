@@ -41,7 +41,7 @@ from .errors import DataError, HeadstartError, Interrupted
 from .datachecks import content_digests, cross_split_copies, warn_cross_split_copies
 from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .fileio import write_json, write_text
-from .heads import cross_validate, make_head
+from .heads import cross_validate, make_head, softmax
 from .images import load_image
 from .metrics import compute_metrics
 from .plots import plot_confusion_matrix, plot_training_curve, plot_worst_errors
@@ -55,7 +55,8 @@ from .weights import load_backbone
 from .finetune_run import backbone_identity, checkpoint_dir, resume_settings, run_fine_tune
 from .finetune_run import finish as finish_fine_tune
 from .finetune import FineTuneSettings
-from .auto import choose_strategy
+from .auto import choose_strategy, choose_tta
+from .model import TTA
 
 log = logging.getLogger("headstart")
 
@@ -92,6 +93,7 @@ class TrainConfig:
     resume: bool = False  # continue an interrupted fine-tuning run at `out` from its last checkpoint
     cv: int | None = None  # K: also report K-fold accuracy of the feature-extraction head on train + val
     tensorboard: bool = False  # also write TensorBoard event files into <run>/tensorboard (needs tensorboard)
+    tta: str = "auto"  # test-time views: none, flip, or auto (flip when it pays on validation; auto.choose_tta)
 
 
 @dataclass
@@ -224,6 +226,8 @@ def train(data: str | os.PathLike, **settings) -> Run:
         raise HeadstartError(f"--cv cross-validates the head on cached features; it does not apply to --strategy "
                              f"{cfg.strategy} (each fold would train the network again). Drop --cv, or use "
                              "--strategy feature-extraction.")
+    if cfg.tta not in ("auto",) + TTA:
+        raise HeadstartError(f"--tta must be one of auto, {', '.join(TTA)}; got {cfg.tta!r}.")
     if cfg.tensorboard:
         check_tensorboard()  # before anything is written
     check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
@@ -413,6 +417,9 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     # From here on the run uses the saved model, loaded as `evaluate` loads it, and scores its test split
     # through the same feature path and engine settings: metrics.json's numbers are what evaluate gives.
     bundle = load(out / "model")
+    tta_decision = _choose_tta(cfg, strategy, bundle, samples, va, cols, cfg.cache_dir if cache.dir is not None else "none")
+    if bundle.tta != "none":
+        save_bundle(bundle, out / "model")  # the same tensors, and model.json now says which views to average
 
     # A cache that failed has been warned about once; the test split then goes without it too.
     test_paths, y_test, proba = _score_test_split(bundle, cfg, samples, te, cols,
@@ -440,6 +447,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         **dataclasses.asdict(cfg),
         "image_size": image_size, "image_size_reason": size_reason,
         "resolved_strategy": strategy, "strategy_decision": decision, "unused_settings": unused,
+        "resolved_tta": bundle.tta, "tta_decision": tta_decision,
         "out": str(final), "cache_dir": str(cache.dir.parent.parent) if cache.dir else None,
         "cache_namespace": cache.key,
         "preprocessing": prep.to_dict(), "weights": winfo.to_dict(), "engine": choice.to_dict(),
@@ -477,6 +485,38 @@ def _cross_validate(cfg: TrainConfig, X: np.ndarray, y: np.ndarray, strategy: st
         log.warning("--cv: the %d-fold accuracy is of the feature-extraction head; strategy auto chose %s, so "
                     "the saved model is not the one cross-validated.", cv["k"], strategy)
     return cv
+
+
+def _choose_tta(cfg: TrainConfig, strategy: str, model: Model, samples, va: np.ndarray, cols: np.ndarray,
+                cache_dir) -> dict | None:
+    """Set `model.tta` as asked, or for "auto" as the validation split says (auto.choose_tta); the decision.
+
+    "auto" considers flips only for a network trained on mirror images (--augment flip, the fine-tuning
+    default): only there did the user say that a mirrored image keeps its class.
+    """
+    if cfg.tta != "auto":
+        model.tta = cfg.tta
+        return None
+    model.tta = "none"
+    known = va & (cols >= 0)
+    reason = None
+    if strategy == "feature-extraction" or cfg.finetune.get("augment") != "flip":
+        reason = "the network was not trained on mirror images (--augment flip); pass --tta flip to average them"
+    elif not known.any():
+        reason = "no validation images to measure flips on"
+    if reason:
+        log.info("tta auto -> none: %s", reason)
+        return {"tta": "none", "reasons": [reason], "measurements": {}}
+    model.tta = "flip"  # both views, from which each choice's probabilities follow
+    paths = [s.path for s, k in zip(samples, known) if k]
+    feats, failures = features_of(model, paths, batch_size=cfg.batch_size, cache_dir=cache_dir, device=cfg.device,
+                                  engine=cfg.engine, precision=cfg.precision, workers=cfg.workers, desc="val views")
+    y_val = cols[known][[p not in failures for p in paths]]
+    image_only = softmax(model.logits_from_features(feats[:, :model.entry.feature_dim]))
+    decision = choose_tta(y_val, image_only, model.proba_from_features(feats))
+    model.tta = decision["tta"]
+    log.info("tta auto -> %s: %s", model.tta, "; ".join(decision["reasons"]))
+    return decision
 
 
 def _score_test_split(model: Model, cfg: TrainConfig, samples, te: np.ndarray, cols: np.ndarray, cache_dir):
