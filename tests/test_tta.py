@@ -15,7 +15,7 @@ import headstart
 from headstart.auto import choose_tta
 from headstart.bundle import META
 from headstart.bundle import save as save_bundle
-from headstart.errors import BundleError
+from headstart.errors import BundleError, HeadstartError
 from headstart.heads import softmax
 from headstart.images import load_image
 
@@ -164,5 +164,5 @@ def test_cli_and_api_refuse_an_unknown_tta(fmnist_tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["train", str(fmnist_tiny), "--tta", "rotate", "--out", str(tmp_path / "run")])
     assert exit_.value.code == 2 and "argument --tta: invalid choice: 'rotate'" in capsys.readouterr().err
-    with pytest.raises(headstart.HeadstartError, match="--tta must be one of"):
+    with pytest.raises(HeadstartError, match="--tta must be one of"):
         headstart.train(fmnist_tiny, tta="rotate", out=tmp_path / "run")
