@@ -61,7 +61,8 @@ def run_summary(*, name: str, config: dict, metrics: dict, skipped: list[dict], 
                      "weights_kind": config["weights"]["kind"]},
         "image_size": {"pixels": config["image_size"], "why": config["image_size_reason"]},
         "tta": {"used": config.get("resolved_tta", "none"),  # runs from before test-time flips had none
-                "why": "; ".join((config.get("tta_decision") or {}).get("reasons", [])) or "asked for (--tta)"},
+                "why": "; ".join((config.get("tta_decision") or {}).get("reasons", []))
+                or ("asked for (--tta)" if "resolved_tta" in config else "a run from before --tta")},
         "engine": {"engine": engine["engine"], "precision": engine["precision"], "device": engine["device"],
                    "why": engine.get("reason", "")},
         "fine_tune": {k: metrics["fine_tune"][k] for k in ("epochs_run", "best_epoch", "stopped_by")}
