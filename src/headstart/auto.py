@@ -10,6 +10,12 @@ The rule, applied after phase 1 (the head on frozen features, which both strateg
 Behind the thresholds (README, "--strategy auto"): on FMNIST-TL (1,000 images per class,
 probe validation accuracy 0.874) fine-tuning the top 4 / 8 blocks raised test accuracy
 from 0.872 to 0.888 / 0.903; on 30 images per class it moved nothing reliably.
+
+`--tta auto` (choose_tta), applied to the saved model after training: a network trained on
+mirror images (--augment flip, the fine-tuning default) keeps test-time flips when they
+lower the validation log loss without lowering validation accuracy; feature extraction and
+networks trained without flips keep one view unless `--tta flip` asks (README, "Test-time
+flips", has the FMNIST-TL numbers behind this).
 """
 
 from __future__ import annotations
