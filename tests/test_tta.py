@@ -151,6 +151,7 @@ def test_auto_measures_flips_after_fine_tuning_with_flips_and_not_after_feature_
     assert decision["tta"] == ft.model.tta == ft.config["resolved_tta"]
     assert set(decision["measurements"]) >= {"val_image", "val_flip"}
     assert decision["measurements"]["n_val"] == ft.metrics["n_val"]
+    assert decision["measurements"]["flip_seconds_per_1000_images"] > 0  # the cost auto weighs, measured
     assert headstart.evaluate(tmp_path / "ft", cache_dir=tmp_path / "cache")["accuracy"] == \
         ft.metrics["test"]["accuracy"]
     fe = headstart.train(fmnist_tiny, out=tmp_path / "fe", cache_dir=tmp_path / "cache",

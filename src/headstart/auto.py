@@ -57,7 +57,8 @@ def _choice(strategy: str, reason: str, measured: dict) -> dict:
     return {"strategy": strategy, "reasons": [reason], "measurements": measured}
 
 
-def choose_tta(y_val: np.ndarray, proba_image: np.ndarray, proba_flip: np.ndarray) -> dict:
+def choose_tta(y_val: np.ndarray, proba_image: np.ndarray, proba_flip: np.ndarray,
+               seconds_per_view: float | None = None) -> dict:
     """`--tta auto`: flips at test time only where they pay, measured on the validation split.
 
     A flip costs one more backbone pass per predicted image (twice the prediction time); it is
@@ -73,11 +74,14 @@ def choose_tta(y_val: np.ndarray, proba_image: np.ndarray, proba_flip: np.ndarra
     plain, flipped = scores(proba_image), scores(proba_flip)
     measured = {"val_image": plain, "val_flip": flipped, "n_val": int(len(y_val)),
                 "cost": "flip: 2 backbone passes per predicted image instead of 1"}
+    cost = "a second backbone pass per predicted image"
+    if seconds_per_view is not None:  # as measured on the validation views, on this machine now
+        measured["flip_seconds_per_1000_images"] = round(1000 * seconds_per_view, 2)
+        cost += f" (+{1000 * seconds_per_view:.0f} s per 1,000 images here)"
     if flipped["log_loss"] < plain["log_loss"] and flipped["accuracy"] >= plain["accuracy"]:
         return {"tta": "flip", "measurements": measured,
                 "reasons": [f"flips lower the validation log loss {plain['log_loss']:.4f} -> {flipped['log_loss']:.4f} "
-                            f"(accuracy {plain['accuracy']:.4f} -> {flipped['accuracy']:.4f}), worth a second "
-                            "backbone pass per predicted image"]}
+                            f"(accuracy {plain['accuracy']:.4f} -> {flipped['accuracy']:.4f}), worth {cost}"]}
     return {"tta": "none", "measurements": measured,
             "reasons": [f"flips do not pay on validation (log loss {plain['log_loss']:.4f} -> "
                         f"{flipped['log_loss']:.4f}, accuracy {plain['accuracy']:.4f} -> {flipped['accuracy']:.4f})"]}

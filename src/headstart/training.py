@@ -509,11 +509,15 @@ def _choose_tta(cfg: TrainConfig, strategy: str, model: Model, samples, va: np.n
         return {"tta": "none", "reasons": [reason], "measurements": {}}
     model.tta = "flip"  # both views, from which each choice's probabilities follow
     paths = [s.path for s, k in zip(samples, known) if k]
+    t0 = time.perf_counter()
     feats, failures = features_of(model, paths, batch_size=cfg.batch_size, cache_dir=cache_dir, device=cfg.device,
                                   engine=cfg.engine, precision=cfg.precision, workers=cfg.workers, desc="val views")
+    # Both views of every validation image went through the network (the trained backbone's features are new):
+    # half of that is what a flip adds to each predicted image.
+    seconds_per_view = (time.perf_counter() - t0) / max(1, 2 * len(paths))
     y_val = cols[known][[p not in failures for p in paths]]
     image_only = softmax(model.logits_from_features(feats[:, :model.entry.feature_dim]))
-    decision = choose_tta(y_val, image_only, model.proba_from_features(feats))
+    decision = choose_tta(y_val, image_only, model.proba_from_features(feats), seconds_per_view)
     model.tta = decision["tta"]
     log.info("tta auto -> %s: %s", model.tta, "; ".join(decision["reasons"]))
     return decision
