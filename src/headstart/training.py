@@ -182,6 +182,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     metrics = run_metrics(fitted, feats, engine, summary, y_test, proba, time.perf_counter() - t_start)
     resolved = resolved_config(cfg, entry, (image_size, size_reason), prep, winfo, choice, feats, fitted, data,
                                summary, final)
+    resolved.update(resolved_tta=bundle.tta, tta_decision=tta_decision)  # what --tta became, and why
     write_outputs(out, final, resolved, metrics, skipped, data, feats, fitted, test_paths, y_test, proba)
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
@@ -217,7 +218,6 @@ def resolved_config(cfg: TrainConfig, entry, size: tuple[int, str], prep, winfo,
         **cfg.to_dict(),
         "image_size": size[0], "image_size_reason": size[1],
         "resolved_strategy": fitted.strategy, "strategy_decision": fitted.decision, "unused_settings": fitted.unused,
-        "resolved_tta": bundle.tta, "tta_decision": tta_decision,
         "out": str(final), "cache_dir": str(feats.cache.dir.parent.parent) if feats.cache.dir else None,
         "cache_namespace": feats.cache.key,
         "preprocessing": prep.to_dict(), "weights": winfo.to_dict(), "engine": choice.to_dict(),
