@@ -22,7 +22,7 @@ import sys
 from . import progress
 from ._version import __version__
 from .errors import HeadstartError, Interrupted
-from .settings import (CLASS_WEIGHTS, DEVICES, ENGINES, HEADS, PRECISIONS, STRATEGIES, FineTuneSettings, Runtime,
+from .settings import (CLASS_WEIGHTS, DEVICES, ENGINES, HEADS, PRECISIONS, STRATEGIES, TTAS, FineTuneSettings, Runtime,
                        TrainConfig, parse_duration)
 from .text import count
 
@@ -95,6 +95,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "cached train + val features")
     t.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files into RUN/tensorboard (pip install 'headstart[tensorboard]')")
+    t.add_argument("--tta", choices=TTAS, default="auto",
+                   help="test-time views: 'flip' averages each image's probabilities with its mirror image's "
+                        "(2 backbone passes per image); 'auto' (default) keeps flips when they pay on validation")
     f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
     _finetune_args(f)
     f.add_argument("--resume", metavar="RUN", default=None,

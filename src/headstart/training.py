@@ -46,7 +46,7 @@ from .errors import DataError, HeadstartError
 from .datachecks import content_digests, cross_split_copies, warn_cross_split_copies
 from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .fileio import write_json, write_text
-from .heads import cross_validate, make_head
+from .heads import cross_validate, make_head, softmax
 from .images import load_image
 from .metrics import compute_metrics
 from .plots import plot_confusion_matrix, plot_training_curve, plot_worst_errors
@@ -58,7 +58,7 @@ from .loop import HistoryCSV, TensorBoard, check_tensorboard
 from .text import count
 from .weights import load_backbone
 from .finetune_run import backbone_identity, run_fine_tune
-from .auto import choose_strategy
+from .auto import choose_strategy, choose_tta
 from .settings import SCRATCH_DEFAULTS, STRATEGIES, Runtime, TrainConfig  # noqa: F401 (public here too)
 
 log = logging.getLogger("headstart")
@@ -194,12 +194,14 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
 
     fitted = fit_strategy(cfg, entry, engine, prep, feats, out, final)
     bundle = save_model(cfg, entry, engine, prep, winfo, fitted, out)
+    tta_decision = choose_test_views(cfg, fitted, feats, bundle, out)
     # From here on the run uses the saved model, loaded as `evaluate` loads it, and scores its test split
     # through the same feature path and engine settings: metrics.json's numbers are what evaluate gives.
     test_paths, y_test, proba = score_test_split(bundle, cfg, feats, fitted.cols)
     metrics = run_metrics(fitted, feats, engine, summary, y_test, proba, time.perf_counter() - t_start)
     resolved = resolved_config(cfg, entry, (image_size, size_reason), prep, winfo, choice, feats, fitted, data,
                                summary, final)
+    resolved.update(resolved_tta=bundle.tta, tta_decision=tta_decision)  # what --tta became, and why
     write_outputs(out, final, resolved, metrics, skipped, data, feats, fitted, test_paths, y_test, proba)
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
@@ -476,6 +478,47 @@ def save_model(cfg: TrainConfig, entry, engine, prep, winfo, fitted: Fitted, out
                    strategy=fitted.strategy, backbone_identity=fitted.identity or winfo.identity())
     save_bundle(bundle, out / "model")
     return load(out / "model")
+
+
+def choose_test_views(cfg: TrainConfig, fitted: Fitted, feats: Features, model: Model, out: Path) -> dict | None:
+    """Set the saved model's test-time views (`--tta`) and return auto's decision (None when asked for).
+
+    "auto" measures flips on the validation split (auto.choose_tta), and only for a network trained on
+    mirror images (--augment flip, the fine-tuning default): only there did the user say that a mirrored
+    image keeps its class. A model with flips is saved again: model.json says which views to average.
+    """
+    decision = None
+    if cfg.tta != "auto":
+        model.tta = cfg.tta
+    else:
+        decision = _measure_flips(cfg, fitted, feats, model)
+        model.tta = decision["tta"]
+        log.info("tta auto -> %s: %s", model.tta, "; ".join(decision["reasons"]))
+    if model.tta != "none":
+        save_bundle(model, out / "model")  # the same tensors, and the views in model.json
+    return decision
+
+
+def _measure_flips(cfg: TrainConfig, fitted: Fitted, feats: Features, model: Model) -> dict:
+    known = feats.va & (fitted.cols >= 0)
+    reason = None
+    if fitted.strategy == "feature-extraction" or cfg.finetune is None or cfg.finetune.augment != "flip":
+        reason = "the network was not trained on mirror images (--augment flip); pass --tta flip to average them"
+    elif not known.any():
+        reason = "no validation images to measure flips on"
+    if reason:
+        return {"tta": "none", "reasons": [reason], "measurements": {}}
+    model.tta = "flip"  # both views, from which each choice's probabilities follow
+    paths = [s.path for s, k in zip(feats.samples, known) if k]
+    runtime = Runtime.of(cfg.runtime, cache_dir=cfg.cache_dir if feats.cache.dir is not None else "none")
+    t0 = time.perf_counter()
+    both, failures = features_of(model, paths, runtime, desc="val views")
+    # Both views of every validation image went through the network (a trained backbone's features are new):
+    # half of that is what a flip adds to each predicted image.
+    seconds_per_view = (time.perf_counter() - t0) / max(1, 2 * len(paths))
+    y_val = fitted.cols[known][[p not in failures for p in paths]]
+    image_only = softmax(model.logits_from_features(both[:, :model.entry.feature_dim]))
+    return choose_tta(y_val, image_only, model.proba_from_features(both), seconds_per_view)
 
 
 def write_outputs(out: Path, final: Path, resolved: dict, metrics: dict, skipped: list[dict], data: ImageData,
