@@ -95,7 +95,9 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=None, help="image decoding processes (default: fits the cores)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--engine", default="auto", help="inference engine for the frozen backbone: auto, onnxruntime, openvino or torch")
-    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                   help="int8: the frozen backbone quantised after training, calibrated on 256 training images "
+                        "(feature extraction only; README \"int8\")")
     t.add_argument("--cache-dir", default=None, help="feature cache folder ('none' to disable)")
     t.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -213,7 +215,7 @@ def get_parser() -> argparse.ArgumentParser:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "openvino", "torch"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=None)
 

@@ -39,13 +39,14 @@ from .data import ImageData, check_input, load_data
 from .engine import choose_engine, make_engine
 from .errors import DataError, HeadstartError, Interrupted
 from .datachecks import content_digests, cross_split_copies, warn_cross_split_copies
-from .features import FeatureCache, cache_root_of, extract, make_namespace
+from .features import FeatureCache, cache_root_of, extract, image_key, make_namespace
 from .fileio import write_json, write_text
 from .heads import cross_validate, make_head
 from .images import load_image
 from .metrics import compute_metrics
 from .plots import plot_confusion_matrix, plot_training_curve, plot_worst_errors
 from .predict import features_of
+from .quantize import Int8Source, calibration_from
 from .report_html import write_reports
 from .reporting import format_report
 from .runreport import write_test_predictions
@@ -321,11 +322,12 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     log.info("backbone %s, weights: %s", entry.name, winfo.source)
     choice = choose_engine(cfg.device, cfg.engine, cfg.precision)
     log.info("engine %s, precision %s on %s (%s)", choice.engine, choice.precision, choice.device, choice.reason)
-    engine = make_engine(model, choice, cache_root)
-    namespace = make_namespace(entry.name, winfo.identity(), prep, choice)
+    paths = [s.path for s in data.samples]
+    int8 = _int8_calibration(cfg, choice, data, prep)
+    engine = make_engine(model, choice, cache_root, int8)
+    namespace = make_namespace(entry.name, winfo.identity(), prep, choice, int8)
     cache = FeatureCache(cache_root, namespace)
 
-    paths = [s.path for s in data.samples]
     ext = extract(engine, prep.transform(), paths, cache, batch_size=cfg.batch_size, workers=cfg.workers,
                   desc="extracting")
     # Every file not used, with why: unusable CSV rows, non-image files and links the scan passed over
@@ -405,7 +407,9 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
 
     for cb in epoch_logs:
         getattr(cb, "close", lambda: None)()  # TensorBoard's writer, before the run directory is renamed
-    bundle = Model(entry=entry, backbone=engine.model, head=head_module, classes=head_classes,
+    if int8 is not None:  # the bundle carries the quantised backbone its head was fitted on
+        int8 = Int8Source(int8.digest, onnx=engine.int8_onnx((prep.crop_size, prep.crop_size)))
+    bundle = Model(entry=entry, backbone=engine.model, head=head_module, classes=head_classes, int8=int8,
                    preprocessing=prep, weights=winfo, head_config={**head.config(), "in_features": entry.feature_dim,
                                                                    "n_classes": len(head_classes)},
                    strategy=strategy, backbone_identity=identity)
@@ -465,6 +469,17 @@ def _epoch_logs(cfg: TrainConfig, out: Path, phase: str) -> list:
     """The per-epoch logs of the run: history.csv, and TensorBoard event files with --tensorboard."""
     return [HistoryCSV(out / "history.csv", phase)] + ([TensorBoard(out / "tensorboard", phase)]
                                                        if cfg.tensorboard else [])
+
+
+def _int8_calibration(cfg: TrainConfig, choice, data: ImageData, prep) -> Int8Source | None:
+    """The calibration images of an int8 run: CALIBRATION_IMAGES of the training split (quantize.py)."""
+    if choice.precision != "int8":
+        return None
+    if cfg.strategy != "feature-extraction":
+        raise HeadstartError(f"--precision int8 quantises the frozen backbone, so it is for --strategy "
+                             f"feature-extraction; --strategy {cfg.strategy} trains the backbone in fp32. Pass "
+                             "--strategy feature-extraction, or another --precision.")
+    return calibration_from([s.path for s in data.split("train")], prep.transform(), image_key)
 
 
 def _cross_validate(cfg: TrainConfig, X: np.ndarray, y: np.ndarray, strategy: str) -> dict:
