@@ -118,3 +118,17 @@ def test_int8_is_for_feature_extraction_only(image_folder, tmp_path):
         headstart.train(image_folder, strategy="fine-tune", precision="int8", image_size=32, workers=0,
                         out=tmp_path / "run", cache_dir="none")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_weight_type_follows_the_cpu_and_names_the_calibration(monkeypatch, images):
+    """Without VNNI, u8 x s8 products saturate (quantize.py): weights are uint8 there, int8 with VNNI, and the
+    two quantisations are different features, so different calibration digests."""
+    from headstart import engine
+    from headstart.quantize import options
+
+    digests = {}
+    for flags, weights in (({"avx2"}, "uint8"), ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, "int8")):
+        monkeypatch.setattr(engine, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert options()["weights"] == weights
+        digests[weights] = calibration_from(images, PRE.transform(), image_key, n=4).digest
+    assert digests["uint8"] != digests["int8"]
