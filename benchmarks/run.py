@@ -179,14 +179,15 @@ def _auto_size_setup(data: Path):
     the rule's engine, batch and workers."""
     from headstart.data import load_data
     from headstart.engine import choose_engine
-    from headstart.training import TrainConfig, auto_image_size
+    from headstart.settings import Runtime
+    from headstart.training import auto_image_size
 
     entry = get_backbone("mobilenet_v2")
     images, _ = load_data(data)
     size, _ = auto_image_size(images, entry.input_size)
     prep = entry.preprocessing.scaled(size)
     model, info = load_backbone(entry, None)
-    return entry, prep, model, info, choose_engine("cpu"), [s.path for s in images.samples], TrainConfig.batch_size
+    return entry, prep, model, info, choose_engine("cpu"), [s.path for s in images.samples], Runtime().batch_size
 
 
 def pipeline(data: Path, n_images: int, repeats: int, work: Path) -> dict:
