@@ -40,7 +40,8 @@ from headstart.weights import load_backbone  # noqa: E402
 HEADSTART = [Path(sys.executable).with_name("headstart")]
 SECTIONS = ["peak", "extraction", "decoding", "pipeline", "int8", "end_to_end", "finetune_epoch", "memory", "serve"]
 SECTION_KEYS = {"peak": ["peak_gflops"], "extraction": ["extraction"], "decoding": ["decoding"],
-                "pipeline": ["pipeline"], "int8": ["int8"], "end_to_end": ["end_to_end", "e2e_repeats"], "finetune_epoch": ["finetune_epoch"],
+                "pipeline": ["pipeline"], "int8": ["int8"],
+                "end_to_end": ["end_to_end", "e2e_repeats"], "finetune_epoch": ["finetune_epoch"],
                 "memory": ["memory"], "serve": ["serve"]}
 ENGINES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 
@@ -231,8 +232,10 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path) -> dict:
         decoded = [load_image(p) for p in sample]
         stages = {"read + decode file": cpu_us(lambda: [load_image(p) for p in sample], len(sample)),
                   "resize + crop (worker)": cpu_us(lambda: [transform.decode(im) for im in decoded], len(sample))}
-        stages["loader (worker, collate, transfer)"] = cpu_us(
-            lambda: [None for _ in iter_batches(sample, transform.decode, batch, 0)], len(sample)) - sum(stages.values())
+        # The data loader in this process: the two stages above plus batching (the transfer from a worker is
+        # shared memory, not measured here).
+        loader = cpu_us(lambda: [None for _ in iter_batches(sample, transform.decode, batch, 0)], len(sample))
+        stages["collate"] = round(loader - sum(stages.values()), 1)
         u8 = torch.stack([transform.decode(im) for im in decoded[:batch]])
         stages["normalise (main)"] = cpu_us(lambda: [transform.normalize(u8) for _ in range(8)], 8 * batch)
     finally:
@@ -286,7 +289,8 @@ def int8(data: Path, repeats: int, seconds: float, work: Path) -> dict:
             "calibration_images": len(source.images), "conversion_seconds": round(conversion, 1),
             "fp32_images_per_second": round(rates["fp32"], 1), "int8_images_per_second": round(rates["int8"], 1),
             "speedup": round(rates["int8"] / rates["fp32"], 2), "fp32_accuracy": accuracy["fp32"],
-            "int8_accuracy": accuracy["int8"], "accuracy_change_points": round(100 * (accuracy["int8"] - accuracy["fp32"]), 2),
+            "int8_accuracy": accuracy["int8"],
+            "accuracy_change_points": round(100 * (accuracy["int8"] - accuracy["fp32"]), 2),
             "load_average": round(os.getloadavg()[0], 2)}
 
 

@@ -277,7 +277,8 @@ class Features:
 def extract_features(cfg: TrainConfig, entry, winfo, prep, choice, engine, data: ImageData,
                      cache_root: Path | None) -> Features:
     """Features of every image through the feature cache (computed only where missing)."""
-    cache = FeatureCache(cache_root, make_namespace(entry.name, winfo.identity(), prep, choice, getattr(engine, "int8", None)))
+    int8 = getattr(engine, "int8", None)  # the calibration decides int8 features
+    cache = FeatureCache(cache_root, make_namespace(entry.name, winfo.identity(), prep, choice, int8))
     paths = [s.path for s in data.samples]
     ext = extract(engine, prep.transform(), paths, cache, batch_size=cfg.batch_size, workers=cfg.workers,
                   desc="extracting")
