@@ -90,9 +90,9 @@ def choose_engine(device: str = "auto", engine: str = "auto", precision: str = "
 
     Precision `auto` is bf16 only on a CPU with native bf16 and an engine that runs it (OpenVINO,
     torch); ONNX Runtime gets fp32. It is never int8: int8 is adopted by default only where it is
-    faster and keeps FMNIST-TL test accuracy within 0.3 points of fp32, and on the AVX2 kind it
-    lost more (README "int8": 0.8668 against 0.8720 with 7-bit weights); the AVX-512 kind has not
-    been measured. `--precision int8` asks for it (ONNX Runtime or OpenVINO, calibrated on the
+    faster and keeps FMNIST-TL test accuracy within 0.3 points of fp32; on the AVX2 kind it kept
+    accuracy (README "int8": 0.8690 against 0.8717) but was not shown faster (0.9x at load 17),
+    and the AVX-512 kind has not been measured. `--precision int8` asks for it (ONNX Runtime or OpenVINO, calibrated on the
     training images, quantize.py). So the rule never refuses a choice of its own: on a native-bf16
     CPU without OpenVINO (a plain pip install) the default is ONNX Runtime fp32. Only an explicit
     `--engine onnxruntime --precision bf16` is refused.
