@@ -40,8 +40,9 @@ from headstart.engine import EngineChoice, installed, make_engine, native_bf16  
 from headstart.weights import load_backbone  # noqa: E402
 
 HEADSTART = [Path(sys.executable).with_name("headstart")]
-SECTIONS = ["peak", "extraction", "decoding", "end_to_end", "finetune_epoch", "memory", "serve", "scaling"]
+SECTIONS = ["peak", "extraction", "decoding", "pipeline", "int8", "end_to_end", "finetune_epoch", "memory", "serve", "scaling"]
 SECTION_KEYS = {"peak": ["peak_gflops"], "extraction": ["extraction"], "decoding": ["decoding"],
+                "pipeline": ["pipeline"], "int8": ["int8"],
                 "end_to_end": ["end_to_end", "e2e_repeats"], "finetune_epoch": ["finetune_epoch"],
                 "memory": ["memory"], "serve": ["serve"], "scaling": ["scaling"]}
 ENGINES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
@@ -172,6 +173,127 @@ def decoding(fmnist_dir: Path, sizes, seconds: float, work: Path) -> list[dict]:
             rows.append({"format": kind, "size": size, "draft": draft,
                          "images_per_second": round(k / (time.perf_counter() - t0), 1)})
     return rows
+
+
+# --- the extraction pipeline against the engine alone (issue 15 item 2) ---------------------------
+
+def _auto_size_setup(data: Path):
+    """What `headstart train DATA` extracts with by default: the training images, the automatic image size,
+    the rule's engine, batch and workers."""
+    from headstart.data import load_data
+    from headstart.engine import choose_engine
+    from headstart.settings import Runtime
+    from headstart.training import auto_image_size
+
+    entry = get_backbone("mobilenet_v2")
+    images, _ = load_data(data)
+    size, _ = auto_image_size(images, entry.input_size)
+    prep = entry.preprocessing.scaled(size)
+    model, info = load_backbone(entry, None)
+    return entry, prep, model, info, choose_engine("cpu"), [s.path for s in images.samples], Runtime().batch_size
+
+
+def pipeline(data: Path, n_images: int, repeats: int, work: Path) -> dict:
+    """Whole extraction (decode workers, transfer, normalise, engine; `features.extract` as `train` runs it)
+    against the engine alone on random tensors of the same size and batch, alternating in this process.
+    The breakdown is CPU time per image of each stage on one thread: with 2 cores, the share cannot pass
+    engine core time / (engine core time + everything else)."""
+    from headstart.features import FeatureCache, default_workers, extract, iter_batches, make_namespace
+    from headstart.images import load_image
+
+    entry, prep, model, info, choice, paths, batch = _auto_size_setup(data)
+    paths = paths[:n_images]
+    engine = make_engine(model, choice, work / "engines")
+    transform = prep.transform()
+    x = torch.randn(batch, 3, prep.crop_size, prep.crop_size)
+    engine(x)
+
+    def alone():
+        k, t0 = 0, time.perf_counter()
+        while k * batch < n_images:
+            engine(x)
+            k += 1
+        return k * batch / (time.perf_counter() - t0)
+
+    def whole():
+        cache = FeatureCache(None, make_namespace(entry.name, info.identity(), prep, choice))
+        result = extract(engine, transform, paths, cache, batch_size=batch)
+        return result.n_computed / result.seconds
+
+    rates = median_alternating({"engine_alone": alone, "whole_extraction": whole}, repeats)
+
+    def cpu_us(fn, n):
+        t0 = time.process_time()
+        fn()
+        return round((time.process_time() - t0) / n * 1e6, 1)
+
+    sample = paths[:512]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decoded = [load_image(p) for p in sample]
+        stages = {"read + decode file": cpu_us(lambda: [load_image(p) for p in sample], len(sample)),
+                  "resize + crop (worker)": cpu_us(lambda: [transform.decode(im) for im in decoded], len(sample))}
+        # The data loader in this process: the two stages above plus batching (the transfer from a worker is
+        # shared memory, not measured here).
+        loader = cpu_us(lambda: [None for _ in iter_batches(sample, transform.decode, batch, 0)], len(sample))
+        stages["collate"] = round(loader - sum(stages.values()), 1)
+        u8 = torch.stack([transform.decode(im) for im in decoded[:batch]])
+        stages["normalise (main)"] = cpu_us(lambda: [transform.normalize(u8) for _ in range(8)], 8 * batch)
+    finally:
+        torch.set_num_threads(saved)
+    engine_cpu = round(torch.get_num_threads() / rates["engine_alone"] * 1e6, 1)  # its threads, all busy
+    bound = engine_cpu / (engine_cpu + sum(stages.values()))
+    return {"image_size": prep.crop_size, "batch": batch, "workers": default_workers(), "images": len(paths),
+            "engine": f"{choice.engine} {choice.precision}", "cores": os.cpu_count(),
+            "engine_alone_images_per_second": round(rates["engine_alone"], 1),
+            "whole_extraction_images_per_second": round(rates["whole_extraction"], 1),
+            "share": round(rates["whole_extraction"] / rates["engine_alone"], 3),
+            "cpu_us_per_image": {"engine (all its threads)": engine_cpu, **stages},
+            "bound_on_cores": round(min(1.0, bound * (os.cpu_count() or 1) / torch.get_num_threads()), 3),
+            "load_average": round(os.getloadavg()[0], 2)}
+
+
+# --- int8 against fp32 (issue 15 item 8) -----------------------------------------------------------
+
+def int8(data: Path, repeats: int, seconds: float, work: Path) -> dict:
+    """int8 (quantize.py) against fp32 on the rule's engine at the automatic size: engine speed alternating in
+    this process, and FMNIST-TL test accuracy of feature extraction + linear head with each."""
+    from headstart.features import image_key
+    from headstart.quantize import calibration_from, options
+
+    entry, prep, model, info, choice, paths, batch = _auto_size_setup(data)
+    source = calibration_from([p for p in paths if "/train/" in p], prep.transform(), image_key)
+    engines = {p: make_engine(copy.deepcopy(model), EngineChoice(choice.engine, p, "cpu", "bench"),
+                              work / "engines", source if p == "int8" else None) for p in ("fp32", "int8")}
+    x = torch.randn(batch, 3, prep.crop_size, prep.crop_size)
+    t0 = time.perf_counter()
+    for e in engines.values():
+        e(x)
+    conversion = time.perf_counter() - t0
+
+    def rate(e):
+        k, t0 = 0, time.perf_counter()
+        while k < 2 or time.perf_counter() - t0 < seconds:
+            e(x)
+            k += 1
+        return k * batch / (time.perf_counter() - t0)
+
+    rates = median_alternating({p: (lambda e=e: rate(e)) for p, e in engines.items()}, repeats)
+    accuracy = {}
+    for precision in ("fp32", "int8"):
+        out, cache = work / f"int8-run-{precision}", work / f"int8-cache-{precision}"
+        run([*HEADSTART, "-q", "train", data, "--strategy", "feature-extraction", "--precision", precision,
+             "--out", out, "--cache-dir", cache])
+        _, proc = run([*HEADSTART, "-q", "evaluate", out, data / "test", "--cache-dir", cache, "--json"])
+        accuracy[precision] = json.loads(proc.stdout)["accuracy"]
+    return {"engine": choice.engine, "image_size": prep.crop_size, "batch": batch, "quantisation": options(),
+            "calibration_images": len(source.images), "conversion_seconds": round(conversion, 1),
+            "fp32_images_per_second": round(rates["fp32"], 1), "int8_images_per_second": round(rates["int8"], 1),
+            "speedup": round(rates["int8"] / rates["fp32"], 2), "fp32_accuracy": accuracy["fp32"],
+            "int8_accuracy": accuracy["int8"],
+            "accuracy_change_points": round(100 * (accuracy["int8"] - accuracy["fp32"]), 2),
+            "load_average": round(os.getloadavg()[0], 2)}
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -328,6 +450,7 @@ def markdown(r: dict) -> str:
                   f"headstart {f['headstart_epoch_seconds']:.1f} s with the boundary cache (built once in "
                   f"{f['headstart_boundary_seconds']:.0f} s), plain PyTorch {f['baseline_epoch_seconds']:.1f} s: "
                   f"**{f['speedup']:.1f}x**."]
+    lines += pipeline_markdown(r)
     if r.get("decoding"):
         lines += ["", "| decode + resize + normalise | px | JPEG draft | images/s (1 core) |", "|---|---|---|---|"]
         lines += [f"| {d['format']} | {d['size']} | {'yes' if d['draft'] else 'no'} | {d['images_per_second']:.0f} |"
@@ -341,6 +464,26 @@ def markdown(r: dict) -> str:
     if r.get("scaling"):
         lines += scale_out.markdown(r["scaling"])
     return "\n".join(lines) + "\n"
+
+
+def pipeline_markdown(r: dict) -> list[str]:
+    lines = []
+    if r.get("pipeline"):
+        p = r["pipeline"]
+        stages = "; ".join(f"{k} {v:.0f}" for k, v in p["cpu_us_per_image"].items())
+        lines += ["", f"Extraction pipeline ({p['engine']}, {p['image_size']} px, batch {p['batch']}, {p['workers']} "
+                  f"decoding worker, {p['images']} FMNIST-TL images, load average {p['load_average']}): whole "
+                  f"extraction {p['whole_extraction_images_per_second']:.0f} images/s against the engine alone "
+                  f"{p['engine_alone_images_per_second']:.0f}: **{p['share']:.0%}** (goal 85%). CPU time per image "
+                  f"(us): {stages}; on {p['cores']} cores these bound the share at {p['bound_on_cores']:.0%}."]
+    if r.get("int8"):
+        q = r["int8"]
+        lines += ["", f"int8 ({q['engine']}, {q['image_size']} px, weights {q['quantisation']['weights']}, "
+                  f"{q['calibration_images']} calibration images, load average {q['load_average']}): "
+                  f"{q['int8_images_per_second']:.0f} images/s against fp32 {q['fp32_images_per_second']:.0f} "
+                  f"(**{q['speedup']:.2f}x**); FMNIST-TL test accuracy {q['int8_accuracy']:.4f} against "
+                  f"{q['fp32_accuracy']:.4f} ({q['accuracy_change_points']:+.2f} points)."]
+    return lines
 
 
 def update_readme(table: str) -> None:
@@ -412,6 +555,16 @@ def main(argv=None) -> int:
                      2 if smoke else None)
     if "decoding" in sections:
         result["decoding"] = decoding(tl, [32] if smoke else [96, 224], 0.05 if smoke else 3.0, work)
+    if "pipeline" in sections:
+        result["pipeline"] = pipeline(tl, 64 if smoke else 3000, repeats, work)
+        pl = result["pipeline"]
+        log(f"pipeline: whole extraction {pl['whole_extraction_images_per_second']} images/s against the engine "
+            f"alone {pl['engine_alone_images_per_second']}: share {pl['share']:.0%} (goal 85%); CPU us per image "
+            f"{pl['cpu_us_per_image']} bound on {pl['cores']} cores {pl['bound_on_cores']:.0%}; "
+            f"load {pl['load_average']}")
+    if "int8" in sections:
+        result["int8"] = int8(tl, repeats, seconds, work)
+        log(f"int8: {result['int8']}")
     if "end_to_end" in sections:
         result["e2e_repeats"] = a.e2e_repeats or repeats
         result["end_to_end"] = end_to_end(tl, result["e2e_repeats"], work, 32 if smoke else 96)

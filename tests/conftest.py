@@ -152,12 +152,12 @@ def one_torch_thread():
 def fake_cpu_code(native_bf16: bool, missing: tuple[str, ...] = ()) -> str:
     """Python lines that fake the CPU kind and missing engines in a fresh process, before headstart runs.
 
-    The fake sits where the rule looks: the CPU's flags (engine.cpu_flags) and the import system
+    The fake sits where the rule looks: the CPU's flags (cpu.cpu_flags) and the import system
     (a None entry in sys.modules makes both `import openvino` and find_spec treat it as absent).
     """
     flags = "{'avx2', 'avx512f', 'avx512_bf16'}" if native_bf16 else "{'avx2'}"
     return (f"import sys\nfor name in {tuple(missing)!r}: sys.modules[name] = None\n"
-            f"import headstart.engine\nheadstart.engine.cpu_flags = lambda: frozenset({flags})\n")
+            f"import headstart.cpu\nheadstart.cpu.cpu_flags = lambda: frozenset({flags})\n")
 
 
 @pytest.fixture
@@ -169,11 +169,11 @@ def fake_cpu(monkeypatch):
     """
     import sys
 
-    from headstart import engine
+    from headstart import cpu, engine
 
     def fake(native_bf16: bool, missing: tuple[str, ...] = ()):
         flags = {"avx2", "avx512f", "avx512_bf16"} if native_bf16 else {"avx2"}
-        monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
         for name in missing:
             monkeypatch.setitem(sys.modules, name, None)
         assert engine.native_bf16() is native_bf16 and not any(engine.installed(m) for m in missing)

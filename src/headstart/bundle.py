@@ -24,6 +24,7 @@ from .errors import BundleError, HeadstartError
 from .fileio import atomic_path, write_json
 from .heads import head_module
 from .model import TTA, Model
+from .quantize import Int8Source
 from .weights import WeightsInfo, mismatches
 
 __all__ = ["Model", "load", "save"]
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 FORMAT = "headstart-bundle"
 FORMAT_VERSION = 1
 TENSORS, META = "model.safetensors", "model.json"
+INT8_TENSOR = "int8.onnx"  # the int8 backbone's ONNX file (protobuf, never unpickled), when trained with it
 
 
 def save(model: Model, directory: str | os.PathLike) -> Path:
@@ -43,6 +45,8 @@ def save(model: Model, directory: str | os.PathLike) -> Path:
     tensors.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     # safetensors wants contiguous tensors; the engine may have made them channels-last.
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if model.int8 is not None:  # the quantised backbone, as bytes: predicting needs no calibration images
+        tensors[INT8_TENSOR] = torch.frombuffer(bytearray(model.int8.onnx), dtype=torch.uint8)
     with atomic_path(directory / TENSORS) as tmp:
         save_file(tensors, str(tmp))
     write_json(directory / META, {
@@ -59,6 +63,7 @@ def save(model: Model, directory: str | os.PathLike) -> Path:
         "classes": list(model.classes),
         "head": model.head_config,
         "tta": model.tta,
+        **({"int8": {"calibration": model.int8.digest}} if model.int8 is not None else {}),
     })
     return directory
 
@@ -126,6 +131,13 @@ def load(path: str | os.PathLike) -> Model:
     except Exception as exc:  # truncated or foreign file
         raise BundleError(f"{d / TENSORS} cannot be read ({type(exc).__name__}: {exc}); the bundle is damaged.") \
             from None
+    int8 = None
+    if INT8_TENSOR in tensors:
+        digest = (meta.get("int8") or {}).get("calibration")
+        if not isinstance(digest, str) or not digest:
+            raise BundleError(f"{d / TENSORS} holds an int8 backbone but {META} names no calibration for it; "
+                              "the bundle was edited or mixed with another model's files.")
+        int8 = Int8Source(digest, onnx=tensors.pop(INT8_TENSOR).numpy().tobytes())
     stray = [k for k in tensors if not k.startswith(("backbone.", "head."))]
     if stray:
         raise BundleError(f"{d / TENSORS} holds unexpected tensors ({', '.join(stray[:3])}).")
@@ -141,4 +153,4 @@ def load(path: str | os.PathLike) -> Model:
     head.load_state_dict(parts["head"])
     return Model(entry=entry, backbone=backbone.eval(), head=head.eval(), classes=classes, preprocessing=prep,
                  weights=weights, head_config=head_cfg, strategy=str(meta.get("strategy", "feature-extraction")),
-                 backbone_identity=meta.get("backbone_identity"), tta=tta)
+                 backbone_identity=meta.get("backbone_identity"), tta=tta, int8=int8)

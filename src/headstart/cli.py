@@ -202,7 +202,9 @@ def _engine_args(p: argparse.ArgumentParser, workers: bool = False) -> None:
     p.add_argument("--device", default=d.device, choices=DEVICES)
     p.add_argument("--engine", default=d.engine, choices=("auto", *ENGINES),
                    help="inference engine for the frozen backbone (default auto: engine.choose_engine's rule)")
-    p.add_argument("--precision", default=d.precision, choices=("auto", *PRECISIONS))
+    p.add_argument("--precision", default=d.precision, choices=("auto", *PRECISIONS),
+                   help="int8: the frozen backbone quantised, calibrated on 256 training images (feature "
+                        "extraction; README \"int8\")")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     if workers:
         p.add_argument("--workers", type=int, default=d.workers,

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from . import distributed, faults, progress
+from .backbones import PIPELINE
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
 from .images import DECODER_OPTIONS, ImageError, load_image
@@ -60,17 +61,19 @@ def image_key(path: str) -> str:
     return hashlib.sha256(key).hexdigest()[:32]
 
 
-def make_namespace(backbone: str, weights_identity: str, preprocessing, choice) -> dict:
-    """Everything that changes a feature vector, apart from the image itself."""
+def make_namespace(backbone: str, weights_identity: str, preprocessing, choice, int8=None) -> dict:
+    """Everything that changes a feature vector, apart from the image itself; with int8, the calibration
+    (quantize.Int8Source), since other calibration images give other features."""
     import PIL
     import torchvision
 
     from ._version import __version__
 
-    return {
+    namespace = {
         "backbone": backbone,
         "weights": weights_identity,
         "preprocessing": preprocessing.to_dict(),
+        "pipeline": PIPELINE,
         "engine": choice.engine,
         "precision": choice.precision,
         "device": choice.device,
@@ -79,6 +82,11 @@ def make_namespace(backbone: str, weights_identity: str, preprocessing, choice) 
                      **engine_versions()},
         "pool": "global-average",
     }
+    if choice.precision == "int8":
+        if int8 is None:
+            raise ValueError("an int8 namespace needs the calibration it was quantised with")
+        namespace["int8"] = int8.identity()
+    return namespace
 
 
 def engine_versions() -> dict[str, str]:

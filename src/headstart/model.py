@@ -33,10 +33,12 @@ from PIL import Image
 from torch import nn
 
 from .backbones import Backbone, Preprocessing
-from .engine import EngineChoice, choose_engine, make_engine
+from .engine import EngineChoice, choose_engine, make_engine, resolve_device
+from .errors import HeadstartError
 from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .heads import softmax
 from .images import ImageError, to_rgb
+from .quantize import Int8Source
 from .settings import Runtime
 from .weights import WeightsInfo
 
@@ -100,6 +102,7 @@ class Model:
     strategy: str = "feature-extraction"
     backbone_identity: str | None = None  # what the feature cache keys on; the weights hash when frozen
     tta: str = "none"  # "flip": probabilities averaged with the mirror image's (module docstring)
+    int8: Int8Source | None = None  # the quantised backbone when the head was trained on int8 features
     _engines: dict = field(default_factory=dict, init=False, repr=False)
     _engines_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -108,17 +111,25 @@ class Model:
         return np.array(self.classes)
 
     def engine(self, device: str = "auto", engine: str = "auto", precision: str = "auto", cache_root=None):
-        """The backbone's engine for this choice, built on first use and then reused (by every thread)."""
+        """The backbone's engine for this choice, built on first use and then reused (by every thread).
+
+        A model whose head learnt int8 features keeps int8 unless another precision is asked for:
+        its head would otherwise see features a little unlike those it was fitted to."""
+        if precision == "auto" and self.int8 is not None and resolve_device(device) == "cpu":
+            precision = "int8"
         choice = choose_engine(device, engine, precision)
+        if choice.precision == "int8" and self.int8 is None:
+            raise HeadstartError("this model has no int8 backbone (it was not trained with --precision int8); "
+                                 "use --precision fp32 or auto.")
         key = (choice.engine, choice.precision, choice.device, None if cache_root is None else os.fspath(cache_root))
         with self._engines_lock:  # held while building: two first calls build one engine, not two
             if key not in self._engines:
-                self._engines[key] = make_engine(self.backbone, choice, cache_root)
+                self._engines[key] = make_engine(self.backbone, choice, cache_root, self.int8)
             return self._engines[key]
 
     def namespace(self, choice: EngineChoice, view: str = "image") -> dict:
         ns = make_namespace(self.entry.name, self.backbone_identity or self.weights.identity(), self.preprocessing,
-                            choice)
+                            choice, self.int8)
         return ns if view == "image" else {**ns, "view": view}  # plain views keep the keys they always had
 
     @property

@@ -44,13 +44,14 @@ from .engine import choose_engine, make_engine
 from . import rundir
 from .errors import DataError, HeadstartError
 from .datachecks import content_digests, cross_split_copies, warn_cross_split_copies
-from .features import FeatureCache, cache_root_of, extract, make_namespace
+from .features import FeatureCache, cache_root_of, extract, image_key, make_namespace
 from .fileio import write_json, write_text
 from .heads import cross_validate, make_head, softmax
 from .images import load_image
 from .metrics import compute_metrics
 from .plots import plot_confusion_matrix, plot_training_curve, plot_worst_errors
 from .predict import features_of
+from .quantize import Int8Source, calibration_from
 from .report_html import write_reports
 from .reporting import format_report
 from .runreport import write_test_predictions
@@ -187,7 +188,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     prep = entry.preprocessing.scaled(image_size)
     log.info("image size %d (%s); resize %d, crop %d", image_size, size_reason, prep.resize_size, prep.crop_size)
     backbone, winfo = load_weights(cfg, entry)
-    choice, engine = build_engine(cfg, backbone, cache_root)
+    choice, engine = build_engine(cfg, backbone, cache_root, data, prep)
     feats = extract_features(cfg, entry, winfo, prep, choice, engine, data, cache_root)
     skipped = check_skipped(cfg, bad_rows, data, feats.ext)
     check_training_classes(data, feats)
@@ -297,12 +298,13 @@ def load_weights(cfg: TrainConfig, entry):
     return backbone, winfo
 
 
-def build_engine(cfg: TrainConfig, backbone, cache_root: Path | None):
-    """The engine choice (engine.choose_engine's rule, or what was asked for) and the engine running `backbone`."""
+def build_engine(cfg: TrainConfig, backbone, cache_root: Path | None, data: ImageData, prep):
+    """The engine choice (engine.choose_engine's rule, or what was asked for) and the engine running `backbone`;
+    int8 is calibrated on the training split (`_int8_calibration`)."""
     rt = cfg.runtime
     choice = choose_engine(rt.device, rt.engine, rt.precision)
     log.info("engine %s, precision %s on %s (%s)", choice.engine, choice.precision, choice.device, choice.reason)
-    return choice, make_engine(backbone, choice, cache_root)
+    return choice, make_engine(backbone, choice, cache_root, _int8_calibration(cfg, choice, data, prep))
 
 
 @dataclass
@@ -324,7 +326,8 @@ class Features:
 def extract_features(cfg: TrainConfig, entry, winfo, prep, choice, engine, data: ImageData,
                      cache_root: Path | None) -> Features:
     """Features of every image through the feature cache (computed only where missing)."""
-    cache = FeatureCache(cache_root, make_namespace(entry.name, winfo.identity(), prep, choice))
+    int8 = getattr(engine, "int8", None)  # the calibration decides int8 features
+    cache = FeatureCache(cache_root, make_namespace(entry.name, winfo.identity(), prep, choice, int8))
     paths = [s.path for s in data.samples]
     ext = extract(engine, prep.transform(), paths, cache, batch_size=cfg.batch_size, workers=cfg.workers,
                   desc="extracting", sharded=True)  # under torchrun each rank computes its share
@@ -471,9 +474,11 @@ def fine_tune_step(cfg: TrainConfig, entry, engine, prep, feats: Features, fitte
 
 def save_model(cfg: TrainConfig, entry, engine, prep, winfo, fitted: Fitted, out: Path) -> Model:
     """Save the bundle into the run and load it back, as `evaluate` will load it."""
-    head = fitted.head
+    head, int8 = fitted.head, getattr(engine, "int8", None)
+    if int8 is not None:  # the bundle carries the quantised backbone its head was fitted on
+        int8 = Int8Source(int8.digest, onnx=engine.int8_onnx((prep.crop_size, prep.crop_size)))
     bundle = Model(entry=entry, backbone=engine.model, head=fitted.head_module, classes=fitted.classes,
-                   preprocessing=prep, weights=winfo,
+                   preprocessing=prep, weights=winfo, int8=int8,
                    head_config={**head.config(), "in_features": entry.feature_dim, "n_classes": len(fitted.classes)},
                    strategy=fitted.strategy, backbone_identity=fitted.identity or winfo.identity())
     save_bundle(bundle, out / "model")
@@ -542,6 +547,17 @@ def _epoch_logs(cfg: TrainConfig, out: Path | None, phase: str) -> list:
         return []
     return [HistoryCSV(out / "history.csv", phase)] + ([TensorBoard(out / "tensorboard", phase)]
                                                        if cfg.tensorboard else [])
+
+
+def _int8_calibration(cfg: TrainConfig, choice, data: ImageData, prep) -> Int8Source | None:
+    """The calibration images of an int8 run: CALIBRATION_IMAGES of the training split (quantize.py)."""
+    if choice.precision != "int8":
+        return None
+    if cfg.strategy != "feature-extraction":
+        raise HeadstartError(f"--precision int8 quantises the frozen backbone, so it is for --strategy "
+                             f"feature-extraction; --strategy {cfg.strategy} trains the backbone in fp32. Pass "
+                             "--strategy feature-extraction, or another --precision.")
+    return calibration_from([s.path for s in data.split("train")], prep.transform(), image_key)
 
 
 def _cross_validate(cfg: TrainConfig, X: np.ndarray, y: np.ndarray, strategy: str) -> dict:
