@@ -304,7 +304,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         log.warning("skipping %s: %s", item["path"], item["reason"])
     all_paths = [s.path for s in data.samples]
     summary["duplicates_across_splits"] = cross_split_copies(all_paths, [s.split for s in data.samples],
-                                                             content_digests(all_paths))
+                                                             content_digests(all_paths, cache_root=cache_root))
     warn_cross_split_copies(summary["duplicates_across_splits"])
     if len(data.classes) < 2:
         raise DataError(f"{data.root} has a single class ({data.classes[0]}); a classifier needs at least two "
