@@ -408,6 +408,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=ROOT / "benchmarks" / "data", help="where data sets are prepared")
     p.add_argument("--only", nargs="*", default=None,
                    help=f"sections: {' '.join(SECTIONS)}")
+    p.add_argument("--scale-images", type=int, default=None,
+                   help="images in the scale section's folder (default 200,000; smoke 2,000)")
     a = p.parse_args(argv)
     smoke = a.smoke
     repeats = a.repeats or (1 if smoke else 3)
@@ -452,7 +454,8 @@ def main(argv=None) -> int:
         result["memory"].append(finetune_memory(tl, work, smoke))
         log(f"fine-tune peak memory: {result['memory'][-1]}")
     if "scale" in sections:
-        result["scale"] = scale.scale(HEADSTART, work, 2_000 if smoke else 200_000, max_rss, smoke=smoke)
+        result["scale"] = scale.scale(HEADSTART, work, a.scale_images or (2_000 if smoke else 200_000), max_rss,
+                                      smoke=smoke)
         log(f"scale: {result['scale']}")
 
     if "serve" in sections:
