@@ -22,6 +22,8 @@ import sys
 from . import progress
 from ._version import __version__
 from .errors import HeadstartError, Interrupted
+from .settings import (CLASS_WEIGHTS, DEVICES, ENGINES, HEADS, PRECISIONS, STRATEGIES, FineTuneSettings, Runtime,
+                       TrainConfig, parse_duration)
 from .text import count
 
 log = logging.getLogger("headstart")
@@ -37,17 +39,10 @@ def _size(value: str):
 
 
 def _duration(value: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600}
     try:
-        if value[-1:] in units:
-            return float(value[:-1]) * units[value[-1]]
-        return float(value)
+        return parse_duration(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration: {value!r} (use e.g. 90s, 10m, 1h)") from None
-
-
-FINETUNE_FLAGS = ("unfreeze", "epochs", "lr", "lr_head", "lr_decay", "optimizer", "weight_decay", "label_smoothing",
-                  "schedule", "augment", "bn_update", "early_stop_metric", "patience", "time_budget", "sampler")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,25 +73,19 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV)")
     t.add_argument("--backbone", default=None,
                    help="see `headstart backbones` (default mobilenet_v2; small_cnn for scratch)")
-    t.add_argument("--strategy", default="auto",
-                   choices=["auto", "feature-extraction", "fine-tune", "scratch"],
+    t.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="default auto: feature extraction or fine-tuning, chosen from the data, with its reasons "
                         "in the log and config.json")
-    t.add_argument("--head", default="linear", choices=["linear", "mlp"])
+    t.add_argument("--head", default="linear", choices=HEADS)
     t.add_argument("--weights", default=None,
                    help="'imagenet' (default: search the usual places), 'none' (random init), or a file")
     t.add_argument("--image-size", type=_size, default="auto",
                    help="crop size in pixels; 'auto' (default) keeps the backbone's unless images are small")
     t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--test-fraction", type=float, default=0.1)
-    t.add_argument("--class-weight", choices=["balanced"], default=None, help="weight classes by inverse frequency")
+    t.add_argument("--class-weight", choices=CLASS_WEIGHTS, default=None, help="weight classes by inverse frequency")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--workers", type=int, default=None, help="image decoding processes (default: fits the cores)")
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--engine", default="auto", help="inference engine for the frozen backbone: auto, onnxruntime, openvino or torch")
-    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    t.add_argument("--cache-dir", default=None, help="feature cache folder ('none' to disable)")
+    _engine_args(t, workers=True)
     t.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--strict", action="store_true", help="stop if any image is unusable instead of skipping it")
@@ -107,22 +96,7 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files into RUN/tensorboard (pip install 'headstart[tensorboard]')")
     f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
-    f.add_argument("--unfreeze", default=None, help="top blocks to train, a number or 'all'")
-    f.add_argument("--epochs", type=int, default=None)
-    f.add_argument("--lr", type=float, default=None, help="rate of the unfrozen blocks (textbook: 1e-5)")
-    f.add_argument("--lr-head", type=float, default=None)
-    f.add_argument("--lr-decay", type=float, default=None, help="discriminative rates: x per block further down")
-    f.add_argument("--optimizer", choices=["adam", "adamw"], default=None)
-    f.add_argument("--weight-decay", type=float, default=None)
-    f.add_argument("--label-smoothing", type=float, default=None)
-    f.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=None)
-    f.add_argument("--augment", choices=["none", "flip", "light", "standard"], default=None)
-    f.add_argument("--bn-update", action="store_true", default=None,
-                   help="let BatchNorm statistics in the unfrozen blocks adapt (default: keep ImageNet's)")
-    f.add_argument("--early-stop-metric", choices=["val_loss", "val_accuracy"], default=None)
-    f.add_argument("--patience", type=int, default=None)
-    f.add_argument("--time-budget", type=_duration, default=None, help="e.g. 90s, 10m, 1h")
-    f.add_argument("--sampler", choices=["balanced"], default=None, help="draw classes equally often")
+    _finetune_args(f)
     f.add_argument("--resume", metavar="RUN", default=None,
                    help="continue the interrupted fine-tuning run RUN from its last checkpoint")
 
@@ -210,17 +184,43 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "openvino", "torch"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cache-dir", default=None)
+def _engine_args(p: argparse.ArgumentParser, workers: bool = False) -> None:
+    """The Runtime settings as flags, defaults and choices from settings.Runtime."""
+    d = Runtime()
+    p.add_argument("--device", default=d.device, choices=DEVICES)
+    p.add_argument("--engine", default=d.engine, choices=("auto", *ENGINES),
+                   help="inference engine for the frozen backbone (default auto: engine.choose_engine's rule)")
+    p.add_argument("--precision", default=d.precision, choices=("auto", *PRECISIONS))
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    if workers:
+        p.add_argument("--workers", type=int, default=d.workers,
+                       help="image decoding processes (default: fits the cores)")
+    p.add_argument("--cache-dir", default=d.cache_dir, help="feature cache folder ('none' to disable)")
 
 
-def _engine_kw(a) -> dict:
-    return {"device": a.device, "engine": a.engine, "precision": a.precision, "batch_size": a.batch_size,
-            "cache_dir": a.cache_dir}
+def _runtime(a) -> Runtime:
+    return Runtime(device=a.device, engine=a.engine, precision=a.precision, batch_size=a.batch_size,
+                   workers=getattr(a, "workers", None), cache_dir=a.cache_dir)
+
+
+def _finetune_args(group) -> None:
+    """One flag per FineTuneSettings field (settings.py): its type, choices and help come from the field.
+    Every default is None, so that only what was given reaches train(), which fills in the rest."""
+    import typing
+
+    hints = typing.get_type_hints(FineTuneSettings)
+    for f in FineTuneSettings.cli_fields():
+        kw = {"default": None, "help": f.metadata.get("help")}
+        if hints[f.name] is bool:
+            kw["action"] = "store_true"
+        elif "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        elif "parse" in f.metadata:
+            kw["type"] = _duration if f.metadata["parse"] is parse_duration else f.metadata["parse"]
+        elif hints[f.name] in (int, float):
+            kw["type"] = hints[f.name]
+        # anything else (unfreeze: a number or "all") stays a string; FineTuneSettings.validate parses it
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def cmd_train(a) -> int:
@@ -231,19 +231,9 @@ def cmd_train(a) -> int:
     if not a.data and not a.labels:
         raise HeadstartError("train needs a DATA folder (or --labels FILE.csv, or --resume RUN).")
     data = a.data or os.path.dirname(os.path.abspath(a.labels))  # with --labels, paths are relative to the CSV
-    finetune = {k: getattr(a, k) for k in FINETUNE_FLAGS if getattr(a, k) is not None}
-    if "unfreeze" in finetune and finetune["unfreeze"] != "all":
-        try:
-            finetune["unfreeze"] = int(finetune["unfreeze"])
-        except ValueError:
-            raise HeadstartError(f"--unfreeze takes a number of blocks or 'all', not {a.unfreeze!r}.") from None
-    if finetune and a.strategy == "feature-extraction":
-        raise HeadstartError(f"--{next(iter(finetune)).replace('_', '-')} applies to --strategy fine-tune or "
-                             "scratch only.")
-    settings = {k: getattr(a, k) for k in ("labels", "backbone", "strategy", "head", "weights", "image_size",
-                                            "val_fraction", "test_fraction", "class_weight", "seed", "batch_size",
-                                            "workers", "device", "engine", "precision", "cache_dir", "out",
-                                            "strict", "overwrite", "cv", "tensorboard")}
+    finetune = {f.name: getattr(a, f.name) for f in FineTuneSettings.cli_fields() if getattr(a, f.name) is not None}
+    settings = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__
+                if k not in ("data", "finetune", "finetune_given", "resume")}
     return _print_run(train(data, finetune=finetune, **settings), a.json)
 
 
@@ -279,7 +269,7 @@ def cmd_evaluate(a) -> int:
     from .reporting import format_report
     from .predict import evaluate
 
-    metrics = evaluate(a.run, a.data, labels=a.labels, **_engine_kw(a))
+    metrics = evaluate(a.run, a.data, labels=a.labels, runtime=_runtime(a))
     print(json.dumps(metrics, indent=2) if a.json else format_report(metrics))
     return 0
 
@@ -288,7 +278,7 @@ def cmd_predict(a) -> int:
     from .bundle import load
     from .predict import predict_files
 
-    rows, skipped = predict_files(load(a.run), a.inputs, top_k=a.top_k, **_engine_kw(a))
+    rows, skipped = predict_files(load(a.run), a.inputs, top_k=a.top_k, runtime=_runtime(a))
     if a.json:
         print(json.dumps({"predictions": rows, "skipped": skipped}, indent=2))
     elif a.csv:
@@ -313,7 +303,7 @@ def cmd_serve(a) -> int:
     from .serve import serve
 
     return serve(a.run, host=a.host, port=a.port, max_upload_mb=a.max_upload_mb, token=a.token, top_k=a.top_k,
-                 log_level="warning" if a.quiet else "info", **_engine_kw(a))
+                 log_level="warning" if a.quiet else "info", runtime=_runtime(a))
 
 
 def cmd_report(a) -> int:

@@ -23,6 +23,7 @@ from .errors import HeadstartError, Interrupted
 from .fileio import write_json
 from .plots import new_figure, save_png
 from .report_html import write_compare_html
+from .rundir import checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,6 @@ def compare(data: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, s
 
 def _clean(out: Path, name: str) -> None:
     """Remove what an unfinished run of `name` leaves: its feature cache, checkpoints and partial folders."""
-    from .finetune_run import checkpoint_dir
-
     for path in (out / f".cache-{name}", checkpoint_dir(out / name), *out.glob(f"{name}.partial-*")):
         shutil.rmtree(path, ignore_errors=True)
 

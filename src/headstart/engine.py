@@ -23,11 +23,14 @@ import torch
 from torch import nn
 
 from .errors import HeadstartError
+from .settings import ENGINES, PRECISIONS
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("onnxruntime", "openvino", "torch")
-PRECISIONS = ("fp32", "bf16")
+# torch.onnx.export keeps global state ("GLOBALS.in_onnx_export"): two exports at once, from two runs
+# or models in two threads of one process, fail. One export at a time (export.py takes it too).
+ONNX_EXPORT_LOCK = threading.Lock()
+
 
 
 @functools.lru_cache(maxsize=1)
@@ -219,7 +222,7 @@ class _ConvertedEngine:
 
         net = copy.deepcopy(self.model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
         example = torch.zeros(2, 3, *shape)
-        with atomic_path(path) as tmp, warnings.catch_warnings():
+        with ONNX_EXPORT_LOCK, atomic_path(path) as tmp, warnings.catch_warnings():
             # The TorchScript exporter: ~1 s for MobileNetV2 against ~15 s for the dynamo one (export.py).
             warnings.simplefilter("ignore")
             torch.onnx.export(net, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,

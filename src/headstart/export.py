@@ -20,6 +20,7 @@ from torch import nn
 
 from ._version import __version__
 from .bundle import Model, load
+from .engine import ONNX_EXPORT_LOCK
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
 from .images import ALPHA_BACKGROUND, MAX_PIXELS
@@ -188,7 +189,7 @@ def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.Path
     example = torch.randn(2 if dynamic_batch else 1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
 
     path = out_dir / ONNX_FILE
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with ONNX_EXPORT_LOCK, atomic_path(path) as tmp, warnings.catch_warnings():
         # The TorchScript exporter (dynamo=False), not the default torch.export one: for these plain CNNs
         # (no data-dependent control flow, which is what tracing gets wrong) both give the same graph
         # numerically, but here the dynamo exporter takes ~15 s for MobileNetV2 and ~6 s for ResNet18

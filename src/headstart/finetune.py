@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -44,51 +44,9 @@ from .fileio import atomic_path
 from .features import decode_side, iter_batches
 from .images import ImageError, load_image
 from .loop import EarlyStopping, History, OnEpochEnd, TimeBudget, run_epochs
+from .settings import AUGMENTS, BOUNDARY_AUGMENTS, SCHEDULES, FineTuneSettings  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-AUGMENTS = ("none", "flip", "light", "standard")
-BOUNDARY_AUGMENTS = ("none", "flip")  # these keep the boundary cache: flips are computed once, too
-SCHEDULES = ("cosine", "onecycle", "constant")
-
-
-@dataclass
-class FineTuneSettings:
-    # Defaults from FMNIST-TL measurements (README, "Fine-tuning"): 8 MobileNetV2 blocks, up to 14
-    # epochs, flips (which keep the boundary cache), label smoothing 0.1 and early stopping on
-    # validation accuracy gave 0.9117 test accuracy in 12 min 24 s from a cold cache.
-    unfreeze: int | str | None = None  # number of top blocks, or "all"; None: the backbone's default
-    epochs: int = 14
-    lr: float = 1e-4  # top blocks (the textbook's Adam rate is 1e-5)
-    lr_head: float = 1e-3
-    lr_decay: float = 1.0  # discriminative rates: each block further down gets lr * lr_decay^depth
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    schedule: str = "cosine"
-    augment: str = "flip"  # mirror images: right for photos and clothes; use "none" for text or digits
-    bn_update: bool = False
-    early_stop_metric: str = "val_accuracy"
-    patience: int = 4
-    batch_size: int = 64
-    time_budget: float | None = None  # seconds
-    sampler: str | None = None  # "balanced": draw training images with inverse class frequency
-
-    def validate(self) -> "FineTuneSettings":
-        if self.augment not in AUGMENTS:
-            raise HeadstartError(f"--augment must be one of {', '.join(AUGMENTS)}, not {self.augment!r}.")
-        if self.schedule not in SCHEDULES:
-            raise HeadstartError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}.")
-        if self.optimizer not in ("adam", "adamw"):
-            raise HeadstartError(f"--optimizer must be adam or adamw, not {self.optimizer!r}.")
-        if self.early_stop_metric not in ("val_loss", "val_accuracy"):
-            raise HeadstartError("--early-stop-metric must be val_loss or val_accuracy.")
-        if self.epochs < 1:
-            raise HeadstartError("--epochs must be at least 1.")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class FineTuneNet(nn.Module):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +15,15 @@ from .backbones import Backbone, Preprocessing, count_parameters
 from .errors import HeadstartError
 from .engine import choose_engine, make_engine
 from .features import cache_root_of, default_workers
-from .fileio import write_json
 from .heads import class_weights
-from .finetune import (BOUNDARY_AUGMENTS, AugmentedImages, FineTuneNet, FineTuneSettings, backbone_identity, compute_boundary,
-                       evaluate_boundary, fit, load_checkpoint, train_transform)
+from .finetune import (AugmentedImages, FineTuneNet, backbone_identity, compute_boundary, evaluate_boundary, fit,
+                       load_checkpoint, train_transform)
+from .rundir import checkpoint_dir, start_checkpoints
+from .settings import BOUNDARY_AUGMENTS, TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_fine_tune", "backbone_identity", "checkpoint_dir"]
+__all__ = ["run_fine_tune", "backbone_identity"]
 
 
 @dataclass
@@ -33,15 +32,10 @@ class FineTuneOutcome:
     history: dict
 
 
-def checkpoint_dir(final: Path) -> Path:
-    """Beside the run, not inside it: the run directory appears only when complete, checkpoints survive a kill."""
-    return final.with_name(final.name + ".checkpoints")
-
-
-def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, prep: Preprocessing,
+def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: nn.Module, prep: Preprocessing,
                   paths: list[str], cols: np.ndarray, tr: np.ndarray, va: np.ndarray,
                   final: Path, callbacks=()) -> FineTuneOutcome:
-    s = FineTuneSettings(**cfg.finetune).validate()
+    s, rt = cfg.finetune, cfg.runtime  # validated by TrainConfig.validate
     known = cols >= 0
     tr, va = tr & known, va & known
     if not va.any():
@@ -52,20 +46,20 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
     log.info("fine-tuning %s (%d of %d blocks: %s), %d trainable parameters; frozen part in eval mode",
              entry.name, len(net.trainable_blocks), len(entry.blocks), ", ".join(net.trainable_blocks) or "none",
              count_parameters(net, trainable_only=True))
-    choice = choose_engine(cfg.device, cfg.engine, cfg.precision)
+    choice = choose_engine(rt.device, rt.engine, rt.precision)
     if choice.engine != "torch" and len(net.frozen):
         # The frozen bottom never changes: run it on the extraction engine (2-3x torch on CPU).
-        net.frozen_engine = make_engine(net.frozen, choice, cache_root_of(cfg.cache_dir))
+        net.frozen_engine = make_engine(net.frozen, choice, cache_root_of(rt.cache_dir))
         log.info("frozen part runs on %s %s", choice.engine, choice.precision)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = default_workers() if rt.workers is None else rt.workers
     pick = lambda mask: ([p for p, m in zip(paths, mask) if m], cols[mask])  # noqa: E731
     plain = prep.transform()
     t_boundary = time.perf_counter()
-    val = compute_boundary(net, *pick(va), plain, cfg.batch_size, workers, "boundary (val)")
+    val = compute_boundary(net, *pick(va), plain, rt.batch_size, workers, "boundary (val)")
     if s.augment in BOUNDARY_AUGMENTS:
         # Frozen work done once: every epoch runs only the top blocks and the head on these activations
         # (with --augment flip, on those of each image or of its mirror image, chosen per epoch).
-        train_data = compute_boundary(net, *pick(tr), plain, cfg.batch_size, workers, "boundary (train)",
+        train_data = compute_boundary(net, *pick(tr), plain, rt.batch_size, workers, "boundary (train)",
                                       flip=s.augment == "flip")
     else:
         train_data = AugmentedImages(*pick(tr), train_transform(prep, s.augment), cfg.seed)
@@ -74,23 +68,18 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
     y_train = cols[tr]
     n_classes = int(cols.max()) + 1
     class_weight, sampler = class_weights(cfg.class_weight, y_train, n_classes), None
-    if cfg.finetune.get("sampler") == "balanced":
+    if s.sampler == "balanced":
         counts = np.bincount(y_train, minlength=n_classes)
         sampler = torch.as_tensor(1.0 / counts[y_train], dtype=torch.double)
 
-    ckpt_dir = checkpoint_dir(final)
-    ckpt = ckpt_dir / "last.pt"
+    ckpt = checkpoint_dir(final) / "last.pt"
     resume = None
     if cfg.resume:
         if not ckpt.is_file():
             raise HeadstartError(f"--resume: no checkpoint at {ckpt}; the run either finished or never reached "
                                  "its first epoch. Start it again without --resume.")
         resume = load_checkpoint(ckpt)
-    else:
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        ckpt_dir.mkdir(parents=True)
-    write_json(ckpt_dir / "config.json", _resumable_config(cfg))
+    start_checkpoints(final, _resumable_config(cfg), cfg.resume)
 
     result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt, resume=resume,
                  class_weight=class_weight, sampler_weights=sampler, workers=workers,
@@ -109,22 +98,7 @@ def run_fine_tune(cfg, entry: Backbone, backbone: nn.Module, head: nn.Module, pr
     return FineTuneOutcome(summary, {**result.history, "best_epoch": result.best_epoch})
 
 
-def _resumable_config(cfg) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(cfg)
+def _resumable_config(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
     d.pop("resume", None)
     return d
-
-
-def resume_settings(run: str | Path) -> dict:
-    """The settings an interrupted run was started with, for `--resume RUN`."""
-    path = checkpoint_dir(Path(run).expanduser().absolute()) / "config.json"
-    if not path.is_file():
-        raise HeadstartError(f"--resume {run}: no checkpoint folder {path.parent}; nothing to resume.")
-    return json.loads(path.read_text())
-
-
-def finish(final: Path) -> None:
-    """The run is published: its checkpoints are no longer needed."""
-    shutil.rmtree(checkpoint_dir(final), ignore_errors=True)

@@ -29,6 +29,7 @@ from .engine import EngineChoice, choose_engine, make_engine
 from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .heads import softmax
 from .images import ImageError, to_rgb
+from .settings import Runtime
 from .weights import WeightsInfo
 
 log = logging.getLogger(__name__)
@@ -107,14 +108,19 @@ class Model:
     def proba_from_features(self, feats: np.ndarray) -> np.ndarray:
         return softmax(self.logits_from_features(feats))
 
-    def features(self, images, *, batch_size: int = 64, cache_dir=None, device: str = "auto",
-                 engine: str = "auto", precision: str = "auto", workers: int | None = None,
-                 desc: str = "features") -> tuple[np.ndarray, list[str | None]]:
+    def features(self, images, runtime: Runtime | None = None, *, desc: str = "features",
+                 **kw) -> tuple[np.ndarray, list[str | None]]:
         """Features (n_inputs, feature_dim) of image paths (through the cache) and PIL images, in input
-        order, and per input None or why it could not be used (its row is then NaN)."""
+        order, and per input None or why it could not be used (its row is then NaN).
+
+        `runtime` runs the backbone; its fields may also be given as keywords (batch_size, cache_dir,
+        device, engine, precision, workers), which replace the runtime's.
+        """
+        rt = Runtime.of(runtime, **kw)
+        batch_size = rt.batch_size
         items = as_inputs(images)
-        cache_root = cache_root_of(cache_dir)
-        eng = self.engine(device, engine, precision, cache_root)
+        cache_root = cache_root_of(rt.cache_dir)
+        eng = self.engine(rt.device, rt.engine, rt.precision, cache_root)
         transform = self.preprocessing.transform()
         feats = np.full((len(items), self.entry.feature_dim), np.nan, np.float32)
         errors: list[str | None] = [None] * len(items)
@@ -123,7 +129,7 @@ class Model:
             paths = [os.fspath(items[i]) for i in at_paths]
             cache = FeatureCache(cache_root, self.namespace(eng.choice))
             # extract warns once about each unusable file; nothing here warns again.
-            result = extract(eng, transform, paths, cache, batch_size=batch_size, workers=workers, desc=desc)
+            result = extract(eng, transform, paths, cache, batch_size=batch_size, workers=rt.workers, desc=desc)
             ok = [i for i, k in zip(at_paths, result.keys) if k is not None]
             if ok:
                 feats[ok] = cache.get([k for k in result.keys if k is not None])
@@ -146,16 +152,17 @@ class Model:
             feats[in_memory[s:s + batch_size]] = eng(torch.stack(batch[s:s + batch_size])).numpy()
         return feats, errors
 
-    def predict_proba(self, images, *, errors: str = "raise", **kw) -> np.ndarray:
+    def predict_proba(self, images, runtime: Runtime | None = None, *, errors: str = "raise", **kw) -> np.ndarray:
         """Probabilities (n_inputs, n_classes) for image paths or PIL images, rows in input order.
 
         An unusable input raises ImageError naming it (errors="raise"), or gets a row of NaN
-        (errors="nan"). Keywords: batch_size, cache_dir, device, engine, precision, workers.
+        (errors="nan"). `runtime` runs the backbone; keywords batch_size, cache_dir, device, engine,
+        precision, workers replace its fields.
         """
         if errors not in ERRORS:
             raise ValueError(f"errors must be one of {', '.join(ERRORS)}, not {errors!r}")
         items = as_inputs(images)
-        feats, reasons = self.features(items, **kw)
+        feats, reasons = self.features(items, runtime, **kw)
         bad = [(i, r) for i, r in enumerate(reasons) if r is not None]
         if bad and errors == "raise":
             listing = "; ".join(f"{_name(items[i], i)}: {r}" for i, r in bad[:5])
@@ -168,13 +175,14 @@ class Model:
             proba[ok] = self.proba_from_features(feats[ok])
         return proba
 
-    def predict(self, images, top_k: int = 1, **kw) -> list[Prediction]:
+    def predict(self, images, top_k: int = 1, runtime: Runtime | None = None, **kw) -> list[Prediction]:
         """One Prediction per input, in input order: its top-k (class, probability) pairs, or its error.
 
-        `images` is one path or PIL image, or a sequence of them; nothing is dropped.
+        `images` is one path or PIL image, or a sequence of them; nothing is dropped. `runtime` and
+        keywords as for `predict_proba`.
         """
         items = as_inputs(images)
-        feats, reasons = self.features(items, **kw)
+        feats, reasons = self.features(items, runtime, **kw)
         ok = [r is None for r in reasons]
         proba = self.proba_from_features(feats[ok]) if any(ok) else np.zeros((0, len(self.classes)))
         rows = iter(proba)

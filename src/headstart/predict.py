@@ -13,17 +13,19 @@ import numpy as np
 from .bundle import load
 from .data import collect_images, load_data
 from .datachecks import read_splits, seen_in_training
-from .errors import DataError
+from .errors import DataError, HeadstartError
 from .metrics import compute_metrics
 from .model import Model
+from .settings import Runtime
 
 log = logging.getLogger(__name__)
 
 
-def features_of(model: Model, images: Sequence, **kw) -> tuple[np.ndarray, dict[str, str]]:
+def features_of(model: Model, images: Sequence, runtime: Runtime | None = None,
+                **kw) -> tuple[np.ndarray, dict[str, str]]:
     """Features of the usable inputs (rows in input order, unusable ones left out) and, for each
     unusable one, why: `Model.features` in the shape evaluation wants."""
-    feats, reasons = model.features(images, **kw)
+    feats, reasons = model.features(images, runtime, **kw)
     ok = np.array([r is None for r in reasons], dtype=bool)
     names = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else f"<image {i}>" for i, im in enumerate(images)]
     return feats[ok], {n: r for n, r in zip(names, reasons) if r is not None}
@@ -39,14 +41,18 @@ def expand_inputs(inputs: Sequence) -> list[str]:
     return paths
 
 
-def predict_files(model: Model, inputs: Sequence, *, top_k: int = 1, **kw) -> tuple[list[dict], list[dict]]:
+def predict_files(model: Model, inputs: Sequence, *, top_k: int = 1, runtime: Runtime | None = None,
+                  **kw) -> tuple[list[dict], list[dict]]:
     """Top-k predictions for files and folders: rows of {path, predictions:[{class, probability}]} in
-    input order, and the unusable inputs as {path, reason} (each warned about once, by extraction)."""
+    input order, and the unusable inputs as {path, reason} (each warned about once, by extraction).
+
+    `runtime` runs the backbone; its fields may also be given as keywords (device, engine, ...)."""
+    runtime = Runtime.of(runtime, **kw)
     paths = expand_inputs(list(inputs))
     if not paths:
         raise DataError(f"no images found in {', '.join(map(str, inputs))}.")
     rows, skipped = [], []
-    for pred in model.predict(paths, top_k=top_k, desc="predict", **kw):
+    for pred in model.predict(paths, top_k=top_k, runtime=runtime, desc="predict"):
         if pred.ok:
             rows.append({"path": pred.input, "predictions": [{"class": c, "probability": p} for c, p in pred.top]})
         else:
@@ -111,27 +117,54 @@ def _run_dir_of(model) -> Path | None:
 
 
 def _run_config(run_dir: Path | None) -> dict:
+    """What evaluate reads of a run's config.json: the engine it asked for and its classes, checked.
+
+    An unreadable file is as good as none (the model bundle is what is scored); a readable one that
+    does not match gives a HeadstartError naming the run, the key and what to do.
+    """
     if run_dir is None:
         return {}
+    source = run_dir / "config.json"
     try:
-        return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    if not isinstance(config, dict):
+        return {}
+    what = (f"; fix it in {source}, or evaluate the run's model folder {run_dir / 'model'} with DATA, which "
+            "does not read config.json.")
+    requested = config.get("requested_engine", {})
+    if not isinstance(requested, dict):
+        raise DataError(f"{source}: key 'requested_engine' should be an object, not {requested!r}{what}")
+    for key, value in requested.items():
+        if key not in ("device", "engine", "precision"):
+            raise DataError(f"{source}: key 'requested_engine.{key}' is not an engine setting (device, engine, "
+                            f"precision){what}")
+        try:
+            Runtime(**{key: value})
+        except HeadstartError as exc:
+            raise DataError(f"{source}: key 'requested_engine.{key}': {exc}{what}") from None
+    classes = config.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{source}: key 'classes' should be a list of class names, not {classes!r}{what}")
+    return config
 
 
-def evaluate(model: Model | str | os.PathLike, data=None, *, labels=None, **kw) -> dict:
+def evaluate(model: Model | str | os.PathLike, data=None, *, labels=None, runtime: Runtime | None = None,
+             **kw) -> dict:
     """Metrics of `model` on a folder (or labels CSV): accuracy, per class, confusion matrix, skipped files.
 
     Without `data`, a run directory is evaluated on its own test split (from its splits.csv). A run's
     engine settings are used unless others are given, so the numbers are the run's own. Files the run
-    trained or validated on are counted ("seen_in_training") and warned about.
+    trained or validated on are counted ("seen_in_training") and warned about. `runtime` runs the
+    backbone; its fields may also be given as keywords (device, engine, precision, batch_size, ...).
     """
+    runtime = Runtime.of(runtime, **kw)
     run_dir = _run_dir_of(model)
     config = _run_config(run_dir)
     model = model if isinstance(model, Model) else load(model)
-    for name, value in config.get("requested_engine", {}).items():
-        if kw.get(name, "auto") == "auto":
-            kw[name] = value
+    runtime = Runtime.of(runtime, **{name: value for name, value in config.get("requested_engine", {}).items()
+                                     if getattr(runtime, name) == "auto"})
     untrained = [c for c in config.get("classes", []) if c not in model.classes]
     if data is None and labels is not None:  # the CSV's paths are relative to its folder
         data = os.path.dirname(os.path.abspath(labels))
@@ -150,7 +183,7 @@ def evaluate(model: Model | str | os.PathLike, data=None, *, labels=None, **kw) 
         if seen:
             log.warning("%d of %d images were in this run's training/validation split; these scores are "
                         "optimistic.", seen, len(paths))
-    feats, failures = features_of(model, paths, desc="evaluate", **kw)
+    feats, failures = features_of(model, paths, runtime, desc="evaluate")
     keep = np.array([p not in failures for p in paths], dtype=bool)
     if not keep.any():
         raise DataError(f"none of the {len(paths)} images in {where} could be read.")

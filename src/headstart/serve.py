@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from .errors import HeadstartError
+from .settings import Runtime
 from .features import cache_root_of, decode_side
 from .images import ImageError, load_image
 
@@ -56,13 +57,13 @@ class Predictor:
     wait; under load, requests that arrive while a batch runs go together in the next one.
     """
 
-    def __init__(self, model, *, device: str = "auto", engine: str = "auto", precision: str = "auto",
-                 cache_dir=None, batch_size: int = 64):
+    def __init__(self, model, runtime: Runtime | None = None, **kw):
+        rt = Runtime.of(runtime, **kw)  # kw: device, engine, precision, cache_dir, batch_size (older signature)
         self.model = model
         self.transform = model.preprocessing.transform()
         self.min_side = decode_side(self.transform)
-        self.batch_size = max(1, batch_size)
-        self.engine = model.engine(device, engine, precision, cache_root_of(cache_dir))
+        self.batch_size = rt.batch_size
+        self.engine = model.engine(rt.device, rt.engine, rt.precision, cache_root_of(rt.cache_dir))
         self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         size = model.preprocessing.crop_size
@@ -299,9 +300,12 @@ def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3):
 
 
 def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20.0, token: str | None = None,
-          top_k: int = 3, device: str = "auto", engine: str = "auto", precision: str = "auto", cache_dir=None,
-          batch_size: int = 64, log_level: str = "info") -> int:
-    """Load the model and its engine, then serve until SIGTERM or Ctrl-C (in-flight requests finish first)."""
+          top_k: int = 3, runtime: Runtime | None = None, log_level: str = "info", **kw) -> int:
+    """Load the model and its engine, then serve until SIGTERM or Ctrl-C (in-flight requests finish first).
+
+    `runtime` (or its fields as keywords: device, engine, precision, cache_dir, batch_size) runs the backbone.
+    """
+    runtime = Runtime.of(runtime, **kw)
     try:
         import fastapi, python_multipart, uvicorn  # noqa: F401,E401 - the serve extra
     except ImportError:
@@ -312,8 +316,7 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: flo
         raise HeadstartError(f"--max-upload-mb must be a positive number of MB, not {max_upload_mb}.")
     source = Path(path).expanduser()
     model = load(source)
-    predictor = Predictor(model, device=device, engine=engine, precision=precision, cache_dir=cache_dir,
-                          batch_size=batch_size)
+    predictor = Predictor(model, runtime)
     app = create_app(predictor, model_info(model, predictor.engine.choice, source), default_top_k=top_k)
     note = exposure_note(host, port, token)
     if note:

@@ -1,8 +1,10 @@
-"""Training a head on frozen features, and the run directory that explains the result.
+"""Training a run: `train` and its steps, each a named function (data, image size, weights, engine,
+features, skipped files, strategy, model, test scores, outputs).
 
-A run is built in `<out>.partial-<pid>` and renamed to `<out>` only when complete, so a
-directory at `<out>` always holds the resolved config, metrics, splits, skipped files,
-model bundle, test predictions, plots, report and log of a finished run.
+The run directory's life (built aside and published, its log, checkpoints, resume) is
+rundir.py's; the settings and their rules are settings.py's. A published run directory
+holds the resolved config, metrics, splits, skipped files, model bundle, test predictions,
+plots, report and log of a finished run.
 
 The test split is scored by the saved bundle, loaded back as `evaluate` loads it, through
 the same feature extraction and engine settings: scoring fine-tuned runs through the
@@ -12,13 +14,10 @@ on a native-bf16 CPU (issue 10), and a run's number must be the one anyone can r
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import logging
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 import warnings
@@ -37,7 +36,8 @@ from .bundle import Model, load
 from .bundle import save as save_bundle
 from .data import ImageData, check_input, load_data
 from .engine import choose_engine, make_engine
-from .errors import DataError, HeadstartError, Interrupted
+from . import rundir
+from .errors import DataError, HeadstartError
 from .datachecks import content_digests, cross_split_copies, warn_cross_split_copies
 from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .fileio import write_json, write_text
@@ -52,46 +52,13 @@ from .runreport import write_test_predictions
 from .loop import HistoryCSV, TensorBoard, check_tensorboard
 from .text import count
 from .weights import load_backbone
-from .finetune_run import backbone_identity, checkpoint_dir, resume_settings, run_fine_tune
-from .finetune_run import finish as finish_fine_tune
-from .finetune import FineTuneSettings
+from .finetune_run import backbone_identity, run_fine_tune
 from .auto import choose_strategy
+from .settings import SCRATCH_DEFAULTS, STRATEGIES, Runtime, TrainConfig  # noqa: F401 (public here too)
 
 log = logging.getLogger("headstart")
 
-STRATEGIES = ("feature-extraction", "fine-tune", "scratch", "auto")
-# From scratch every block trains, at a from-scratch rate, and BatchNorm must learn its statistics.
-SCRATCH_DEFAULTS = {"unfreeze": "all", "bn_update": True, "lr": 1e-3, "epochs": 15, "augment": "none"}
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; config.json records them with what each "auto" became."""
-
-    data: str
-    labels: str | None = None
-    backbone: str | None = None  # mobilenet_v2, or small_cnn for --strategy scratch
-    strategy: str = "auto"
-    head: str = "linear"
-    weights: str | None = None  # None/"imagenet": search the sources; "none": random init; else a file
-    image_size: int | str = "auto"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    class_weight: str | None = None
-    seed: int = 0
-    batch_size: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    engine: str = "auto"
-    precision: str = "auto"
-    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/headstart; "none": no disk cache
-    out: str | None = None
-    strict: bool = False
-    overwrite: bool = False
-    finetune: dict = field(default_factory=dict)  # FineTuneSettings fields, for --strategy fine-tune
-    resume: bool = False  # continue an interrupted fine-tuning run at `out` from its last checkpoint
-    cv: int | None = None  # K: also report K-fold accuracy of the feature-extraction head on train + val
-    tensorboard: bool = False  # also write TensorBoard event files into <run>/tensorboard (needs tensorboard)
+__all__ = ["train", "resume", "Run", "TrainConfig", "STRATEGIES", "auto_image_size"]
 
 
 @dataclass
@@ -144,156 +111,111 @@ def _versions() -> dict:
             "pillow": PIL.__version__, "platform": platform.platform()}
 
 
-def _run_dir(out: str | None, overwrite: bool) -> Path:
-    final = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    final = final.expanduser().absolute()
-    if final.exists() and any(final.iterdir()) and not overwrite:
-        raise HeadstartError(f"run directory {final} already exists; pass another --out or --overwrite.")
-    return final
-
-
-def _make_partial(final: Path) -> Path:
-    partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def _publish(partial: Path, final: Path) -> None:
-    """Rename the finished run into place; an overwritten run is moved aside first, then removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    try:
-        os.replace(partial, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)  # the earlier run goes back where it was
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _check_data_outside(data: str, labels: str | None, out: Path, cache: Path | None) -> None:
-    given = Path(labels or data).resolve()  # checked to exist by check_input
-    root = given.parent if labels else given  # a labels CSV: its folder holds the data
-    for what, p in (("--out", out), ("--cache-dir", cache)):
-        if p is not None and (p.resolve() == root or root in p.resolve().parents):
-            raise HeadstartError(f"{what} {p} is inside the data folder {root}; headstart never writes into "
-                                 "your data. Choose a folder outside it.")
-
-
 def train(data: str | os.PathLike, **settings) -> Run:
     """Train a model on an image folder (or labels CSV) and write its run directory.
 
-    Settings are the fields of TrainConfig (backbone, head, image_size, seed, out, ...).
+    Settings are the fields of TrainConfig (backbone, head, image_size, seed, out, ...);
+    `finetune` takes a FineTuneSettings or a dict of its fields.
     """
-    cfg = TrainConfig(data=os.fspath(data), **settings)
-    if cfg.strategy not in STRATEGIES:
-        raise HeadstartError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {cfg.strategy!r}.")
-    if cfg.strategy == "feature-extraction" and cfg.finetune:
-        raise HeadstartError(f"fine-tuning settings ({', '.join(sorted(cfg.finetune))}) apply to strategy "
-                             "fine-tune, scratch or auto only; drop them, or choose one of those strategies.")
-    given_finetune = sorted(cfg.finetune)  # what the caller set, before defaults fill the rest in
-    if cfg.strategy == "scratch":
-        if cfg.weights not in (None, "none"):
-            raise HeadstartError("--strategy scratch trains from a random initialisation; drop --weights.")
-        cfg.weights = "none"
-        cfg.backbone = cfg.backbone or "small_cnn"
-        cfg.finetune = {**SCRATCH_DEFAULTS, **cfg.finetune}
-    cfg.backbone = cfg.backbone or "mobilenet_v2"
+    cfg = TrainConfig(data=os.fspath(data), **settings).validate()
+    entry = resolve_backbone(cfg)
+    if cfg.tensorboard:
+        check_tensorboard()  # before anything is written
+    check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
+    cache_root = cache_root_of(cfg.cache_dir)
+    final = rundir.choose(cfg.out, cfg.overwrite)
+    rundir.check_outside(cfg.data, cfg.labels, final, cache_root)  # before anything is written
+    with rundir.building(final) as out:
+        run = _train(cfg, entry, cache_root, out, final)
+    log.info("run written to %s", final)
+    return run
+
+
+def resume(run_dir: str | os.PathLike) -> Run:
+    """Continue an interrupted fine-tuning run from its last checkpoint, with the settings it was started with."""
+    saved, source = rundir.resume_settings(run_dir)
+    cfg = TrainConfig.from_saved(saved, source)  # a clear message if this version cannot read them
+    settings = cfg.to_dict()
+    settings.update(out=os.fspath(Path(run_dir).expanduser().absolute()), resume=True)
+    return train(settings.pop("data"), **settings)
+
+
+def resolve_backbone(cfg: TrainConfig):
+    """The backbone entry, with the rules that depend on it: blocks to fine-tune, the default unfreeze."""
     entry = get_backbone(cfg.backbone)
     if not entry.blocks:  # a timm model that cannot be cut into blocks (timm_backbones.py)
         if cfg.strategy != "auto" and cfg.strategy != "feature-extraction":
             raise HeadstartError(f"{entry.name} has no blocks to fine-tune; use --strategy feature-extraction.")
         if cfg.strategy == "auto":
             log.info("strategy auto -> feature-extraction: %s has no blocks to fine-tune", entry.name)
-        cfg.strategy = "feature-extraction"
-    if cfg.strategy != "feature-extraction":
-        ft = FineTuneSettings(**cfg.finetune).validate()
+        cfg.strategy, cfg.finetune = "feature-extraction", None
+    ft = cfg.finetune
+    if ft is not None:
         if ft.unfreeze is None:
             ft.unfreeze = min(entry.default_unfreeze, len(entry.blocks))
-        cfg.finetune = ft.to_dict()
-    unfreeze = cfg.finetune.get("unfreeze", "all")
-    if unfreeze != "all" and not 0 <= int(unfreeze) <= len(entry.blocks):
-        raise HeadstartError(f"--unfreeze {unfreeze}: {entry.name} has {len(entry.blocks)} blocks "
-                             f"({', '.join(entry.blocks)}); use 0..{len(entry.blocks)} or 'all'.")
-    if cfg.cv is not None and cfg.strategy in ("fine-tune", "scratch"):
-        raise HeadstartError(f"--cv cross-validates the head on cached features; it does not apply to --strategy "
-                             f"{cfg.strategy} (each fold would train the network again). Drop --cv, or use "
-                             "--strategy feature-extraction.")
-    if cfg.tensorboard:
-        check_tensorboard()  # before anything is written
-    check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
-    cache_root = cache_root_of(cfg.cache_dir)
-    final = _run_dir(cfg.out, cfg.overwrite)
-    _check_data_outside(cfg.data, cfg.labels, final, cache_root)  # before anything is written
-    root = logging.getLogger("headstart")
-    level = root.level
-    partial = handler = None
-    created = [p for p in final.parents if not p.exists()]  # folders that creating the run adds, deepest first
-    try:
-        partial = _make_partial(final)
-        handler = logging.FileHandler(partial / "train.log", encoding="utf-8", errors="surrogateescape")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.setLevel(logging.INFO)
-        if root.getEffectiveLevel() > logging.INFO:  # from Python with logging unset: the log still gets INFO
-            root.setLevel(logging.INFO)
-        root.addHandler(handler)
-        run = _train(cfg, entry, cache_root, partial, final, given_finetune)
-        _detach(root, handler, level)
-        _publish(partial, final)
-        finish_fine_tune(final)
-        log.info("run written to %s", final)
-        return run
-    except BaseException as exc:
-        if handler is not None:
-            _detach(root, handler, level)
-        if partial is not None:
-            shutil.rmtree(partial, ignore_errors=True)
-        for folder in created:  # a failed first run leaves no empty runs/ behind
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        if isinstance(exc, OSError):  # a full disk, a permission, a vanished file: the environment, not a bug
-            raise _environment_error(exc, final) from exc
-        ckpt = checkpoint_dir(final) / "last.pt"
-        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted) and ckpt.is_file():
-            raise Interrupted(f"fine-tuning checkpoints of the last finished epoch are kept in {ckpt.parent}; "
-                              f"continue with: headstart train --resume {final}") from exc
-        raise
+        if ft.unfreeze != "all" and not 0 <= int(ft.unfreeze) <= len(entry.blocks):
+            raise HeadstartError(f"--unfreeze {ft.unfreeze}: {entry.name} has {len(entry.blocks)} blocks "
+                                 f"({', '.join(entry.blocks)}); use 0..{len(entry.blocks)} or 'all'.")
+    return entry
 
 
-def _detach(root: logging.Logger, handler: logging.Handler, level: int) -> None:
-    root.removeHandler(handler)
-    root.setLevel(level)
-    handler.close()
-
-
-def _environment_error(exc: OSError, final: Path) -> HeadstartError:
-    full = "free some space, or pass --out and --cache-dir on another disk"
-    allowed = "check that you may read the data and write --out and --cache-dir"
-    hint = {errno.ENOSPC: full, errno.EDQUOT: full, errno.EACCES: allowed, errno.EPERM: allowed,
-            errno.EROFS: "pass --out and --cache-dir on a writable disk"}.get(exc.errno, "check the path named")
-    where = f" ({exc.filename})" if exc.filename else ""
-    kept = "The earlier run there is untouched." if final.exists() else "Nothing was left there."
-    return HeadstartError(f"run {final} was not completed: {exc.strerror or exc}{where}; {hint}. {kept}")
-
-
-def resume(run_dir: str | os.PathLike) -> Run:
-    """Continue an interrupted fine-tuning run from its last checkpoint, with the settings it was started with."""
-    settings = resume_settings(run_dir)
-    settings.update(out=os.fspath(Path(run_dir).expanduser().absolute()), resume=True)
-    return train(settings.pop("data"), **settings)
-
-
-def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path,
-           given_finetune: list[str] = ()) -> Run:
+def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path) -> Run:
+    """The run's steps, writing into `out` (the partial directory that becomes `final`)."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    data, bad_rows, summary = load_run_data(cfg)
+    image_size, size_reason = choose_image_size(cfg, entry, data)
+    prep = entry.preprocessing.scaled(image_size)
+    log.info("image size %d (%s); resize %d, crop %d", image_size, size_reason, prep.resize_size, prep.crop_size)
+    backbone, winfo = load_weights(cfg, entry)
+    choice, engine = build_engine(cfg, backbone, cache_root)
+    feats = extract_features(cfg, entry, winfo, prep, choice, engine, data, cache_root)
+    skipped = check_skipped(cfg, bad_rows, data, feats.ext)
+    check_training_classes(data, feats)
+
+    fitted = fit_strategy(cfg, entry, engine, prep, feats, out, final)
+    bundle = save_model(cfg, entry, engine, prep, winfo, fitted, out)
+    # From here on the run uses the saved model, loaded as `evaluate` loads it, and scores its test split
+    # through the same feature path and engine settings: metrics.json's numbers are what evaluate gives.
+    test_paths, y_test, proba = score_test_split(bundle, cfg, feats, fitted.cols)
+    metrics = fitted.metrics
+    if test_paths:
+        metrics["test"] = compute_metrics(y_test, proba, fitted.classes)
+        log.info("test accuracy %.4f (95%% interval %.4f-%.4f, balanced %.4f, macro-F1 %.4f) on %d images",
+                 metrics["test"]["accuracy"], *metrics["test"]["accuracy_ci95"], metrics["test"]["balanced_accuracy"],
+                 metrics["test"]["macro_f1"], metrics["test"]["n_images"])
+    elif not feats.te.any():
+        log.warning("no test split: pass --test-fraction > 0 or a test/ folder to measure the model.")
+
+    ext = feats.ext
+    metrics.update({
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "duplicates_across_splits": summary["duplicates_across_splits"],
+        "extraction": {"images": len(feats.paths), "from_cache": ext.n_cached, "computed": ext.n_computed,
+                       "failed": len(ext.failures), "seconds": round(ext.seconds, 2),
+                       "images_per_second": round(ext.n_computed / ext.seconds, 1) if ext.n_computed else None,
+                       "network_images": engine.n_images},
+        "head_seconds": round(fitted.head_seconds, 2),
+        "n_train": int(feats.tr.sum()), "n_val": int(feats.va.sum()), "n_test": int(feats.te.sum()),
+    })
+    resolved = {
+        **cfg.to_dict(),
+        "image_size": image_size, "image_size_reason": size_reason,
+        "resolved_strategy": fitted.strategy, "strategy_decision": fitted.decision, "unused_settings": fitted.unused,
+        "out": str(final), "cache_dir": str(feats.cache.dir.parent.parent) if feats.cache.dir else None,
+        "cache_namespace": feats.cache.key,
+        "preprocessing": prep.to_dict(), "weights": winfo.to_dict(), "engine": choice.to_dict(),
+        "head_settings": fitted.head.config(), "classes": data.classes, "data_summary": summary,
+        # what evaluate uses for this run unless told otherwise, so it scores as the run did
+        "requested_engine": {"device": cfg.device, "engine": cfg.engine, "precision": cfg.precision},
+        "feature_dim": entry.feature_dim, "versions": _versions(), "command": sys.argv,
+    }
+    write_outputs(out, final, resolved, metrics, skipped, data, feats, fitted, test_paths, y_test, proba)
+    return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
+
+
+def load_run_data(cfg: TrainConfig) -> tuple[ImageData, list[dict], dict]:
+    """The images, their classes and splits; unusable CSV rows; the summary config.json records."""
     data, bad_rows = load_data(cfg.data, labels=cfg.labels, val_fraction=cfg.val_fraction,
                                test_fraction=cfg.test_fraction)
     summary = data.summary()
@@ -309,40 +231,76 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     if len(data.classes) < 2:
         raise DataError(f"{data.root} has a single class ({data.classes[0]}); a classifier needs at least two "
                         "class folders.")
+    return data, bad_rows, summary
 
+
+def choose_image_size(cfg: TrainConfig, entry, data: ImageData) -> tuple[int, str]:
+    """The crop size of the run and why: asked for, or `auto_image_size` of the data."""
     if cfg.image_size == "auto":
-        image_size, size_reason = auto_image_size(data, entry.input_size)
-    else:
-        image_size, size_reason = int(cfg.image_size), "asked for"
-    prep = entry.preprocessing.scaled(image_size)
-    log.info("image size %d (%s); resize %d, crop %d", image_size, size_reason, prep.resize_size, prep.crop_size)
+        return auto_image_size(data, entry.input_size)
+    return int(cfg.image_size), "asked for"
 
-    model, winfo = load_backbone(entry, cfg.weights, seed=cfg.seed)
+
+def load_weights(cfg: TrainConfig, entry):
+    """The backbone network with its weights (ImageNet's, a file, or a seeded random init) and where they came from."""
+    backbone, winfo = load_backbone(entry, cfg.weights, seed=cfg.seed)
     log.info("backbone %s, weights: %s", entry.name, winfo.source)
-    choice = choose_engine(cfg.device, cfg.engine, cfg.precision)
-    log.info("engine %s, precision %s on %s (%s)", choice.engine, choice.precision, choice.device, choice.reason)
-    engine = make_engine(model, choice, cache_root)
-    namespace = make_namespace(entry.name, winfo.identity(), prep, choice)
-    cache = FeatureCache(cache_root, namespace)
+    return backbone, winfo
 
+
+def build_engine(cfg: TrainConfig, backbone, cache_root: Path | None):
+    """The engine choice (engine.choose_engine's rule, or what was asked for) and the engine running `backbone`."""
+    rt = cfg.runtime
+    choice = choose_engine(rt.device, rt.engine, rt.precision)
+    log.info("engine %s, precision %s on %s (%s)", choice.engine, choice.precision, choice.device, choice.reason)
+    return choice, make_engine(backbone, choice, cache_root)
+
+
+@dataclass
+class Features:
+    """The run's images through the frozen backbone: features and labels of the readable ones, by split."""
+
+    ext: object  # features.Extraction: keys, failures, counts and timing
+    cache: FeatureCache
+    classes: list[str]  # the data's classes; `y` indexes them
+    paths: list[str]  # every image of the data, readable or not
+    samples: list  # the readable images (data.Sample), in data order
+    X: np.ndarray  # (n_readable, feature_dim)
+    y: np.ndarray  # class index in data.classes
+    tr: np.ndarray  # split masks over `samples`
+    va: np.ndarray
+    te: np.ndarray
+
+
+def extract_features(cfg: TrainConfig, entry, winfo, prep, choice, engine, data: ImageData,
+                     cache_root: Path | None) -> Features:
+    """Features of every image through the feature cache (computed only where missing)."""
+    cache = FeatureCache(cache_root, make_namespace(entry.name, winfo.identity(), prep, choice))
     paths = [s.path for s in data.samples]
     ext = extract(engine, prep.transform(), paths, cache, batch_size=cfg.batch_size, workers=cfg.workers,
                   desc="extracting")
-    # Every file not used, with why: unusable CSV rows, non-image files and links the scan passed over
-    # (hidden files are not data and are not listed), and images that could not be decoded.
+    samples = [s for s, good in zip(data.samples, ext.ok) if good]
+    X = cache.get([k for k in ext.keys if k is not None])
+    y = np.array([s.label for s in samples], dtype=np.int64)
+    split = np.array([s.split for s in samples])
+    return Features(ext, cache, data.classes, paths, samples, X, y, split == "train", split == "val", split == "test")
+
+
+def check_skipped(cfg: TrainConfig, bad_rows: list[dict], data: ImageData, ext) -> list[dict]:
+    """Every file not used, with why; with --strict, any of them stops the run."""
+    # Unusable CSV rows, non-image files and links the scan passed over (hidden files are not data
+    # and are not listed), and images that could not be decoded.
     skipped = bad_rows + data.ignored + [{"path": p, "reason": r} for p, r in ext.failures.items()]
     if skipped and cfg.strict:
         listing = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
         raise DataError(f"--strict: {len(skipped)} unusable files, nothing trained (drop --strict to skip them "
                         f"and go on):\n{listing}")
+    return skipped
 
-    ok = ext.ok
-    samples = [s for s, good in zip(data.samples, ok) if good]
-    keys = [k for k in ext.keys if k is not None]
-    X = cache.get(keys)
-    y = np.array([s.label for s in samples], dtype=np.int64)
-    split = np.array([s.split for s in samples])
-    tr, va, te = (split == "train"), (split == "val"), (split == "test")
+
+def check_training_classes(data: ImageData, feats: Features) -> None:
+    """Warn about classes that lost every training image; refuse fewer than two classes to train on."""
+    y, tr = feats.y, feats.tr
     lost = sorted({data.classes[s.label] for s in data.split("train")} - {data.classes[i] for i in y[tr]})
     if lost:
         log.warning("classes %s have no readable training image left (see the skipped files); the model "
@@ -351,114 +309,140 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         raise DataError("the training split has fewer than two classes with readable images; add images or "
                         "lower --val-fraction/--test-fraction.")
 
-    fine_tune = cfg.strategy != "feature-extraction"  # scratch trains with the same loop; auto may
-    # Fine-tuning validates on the validation split next, so its phase-1 head must not have seen it.
-    head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed, refit=not fine_tune)
-    t_head = time.perf_counter()
-    fit_args = (X[tr], y[tr], X[va] if va.any() else None, y[va] if va.any() else None)
+
+@dataclass
+class Fitted:
+    """What the strategy step trained: the head (and, fine-tuned, the backbone changed in place)."""
+
+    head: object  # the scikit-learn-style head of phase 1
+    head_module: torch.nn.Module  # the head as torch, possibly fine-tuned
+    classes: list[str]  # the head's classes (columns)
+    cols: np.ndarray  # head output column of each readable image; -1 for a class the head lacks
+    strategy: str  # the strategy used ("auto" resolved)
+    decision: dict | None  # auto's choice and reasons
+    unused: dict  # fine-tuning settings given but not used (auto chose feature extraction)
+    metrics: dict
+    identity: str | None  # what the feature cache keys a fine-tuned backbone on; None: the weights' identity
+    history: dict | None  # epoch history for the training curve
+    head_seconds: float
+
+
+def fit_strategy(cfg: TrainConfig, entry, engine, prep, feats: Features, out: Path, final: Path) -> Fitted:
+    """Phase 1 (a head on the frozen features), auto's choice, --cv, then phase 2 if the strategy has one."""
     epoch_logs = _epoch_logs(cfg, out, "head")
-    head.fit(*fit_args, **({"callbacks": epoch_logs} if cfg.head == "mlp" else {}))  # the linear head has no epochs
+    t_head = time.perf_counter()
+    head = fit_head(cfg, feats, epoch_logs)
     strategy, decision, unused = cfg.strategy, None, {}
     if cfg.strategy == "auto":
-        rate = ext.n_computed / ext.seconds if ext.n_computed and ext.seconds else None
-        decision = choose_strategy(y[tr], getattr(head, "val_accuracy_", None), len(paths), rate,
-                                   cfg.finetune["epochs"], cfg.finetune["time_budget"])
-        strategy = decision["strategy"]
-        log.info("strategy auto -> %s: %s", strategy, "; ".join(decision["reasons"]))
-        if strategy == "feature-extraction":  # no phase 2 follows: refit the head on train + validation
-            fine_tune = False
-            # The time budget took part in the choice; the other fine-tuning settings go unused.
-            unused = {k: cfg.finetune[k] for k in given_finetune if k != "time_budget"}
-            if unused:
-                log.warning("strategy auto chose feature extraction, so these fine-tuning settings are not used: "
-                            "%s (recorded in config.json as unused_settings; pass --strategy fine-tune to "
-                            "apply them)", ", ".join("--" + k.replace("_", "-") for k in unused))
-            head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed).fit(*fit_args)
+        strategy, decision, unused, head = choose_auto(cfg, feats, head)
     head_seconds = time.perf_counter() - t_head
-    cv = _cross_validate(cfg, X[tr | va], y[tr | va], strategy) if cfg.cv is not None else None
-    head_classes = [data.classes[i] for i in head.classes_]
-    label_to_col = {c: i for i, c in enumerate(head_classes)}
-    cols = np.array([label_to_col.get(data.classes[i], -1) for i in y])  # head output column of each image
-
-    metrics: dict = {"val_accuracy": getattr(head, "val_accuracy_", None)}
-    if cv is not None:
-        metrics["cv"] = cv
-    head_module, identity, ft_history = head.to_torch(), winfo.identity(), None
+    X, y, tr, va = feats.X, feats.y, feats.tr, feats.va
+    classes = [feats.classes[i] for i in head.classes_]
+    label_to_col = {c: i for i, c in enumerate(classes)}
+    fitted = Fitted(head=head, head_module=head.to_torch(), classes=classes,
+                    cols=np.array([label_to_col.get(feats.classes[i], -1) for i in y]), strategy=strategy,
+                    decision=decision, unused=unused, metrics={"val_accuracy": getattr(head, "val_accuracy_", None)},
+                    identity=None, history=getattr(head, "history_", None), head_seconds=head_seconds)
+    if cfg.cv is not None:
+        fitted.metrics["cv"] = _cross_validate(cfg, X[tr | va], y[tr | va], strategy)
     if strategy == "scratch":
-        # Phase 1's head was fitted to a random network's features, with its scaler folded in: weights
-        # sized for features that training is about to change completely (the first epoch's loss was
-        # in the thousands on FMNIST-TL). From scratch, the head starts from PyTorch's own init too.
-        torch.manual_seed(cfg.seed)
-        for m in head_module.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-    if fine_tune:
-        for cb in epoch_logs:
-            cb.phase = strategy
-        ft = run_fine_tune(cfg, entry, engine.model, head_module, prep, [s.path for s in samples], cols, tr, va,
-                           final, callbacks=epoch_logs)
-        identity = backbone_identity(engine.model)  # the backbone changed: its own features, its own cache
-        metrics["phase1_val_accuracy"] = metrics.pop("val_accuracy")
-        metrics["fine_tune"] = ft.summary
-        metrics["val_accuracy"] = ft.summary["best_val_accuracy"]
-        ft_history = ft.history
-
+        reset_head(cfg, fitted.head_module)
+    if strategy != "feature-extraction":  # scratch trains with the same loop as fine-tuning
+        fine_tune_step(cfg, entry, engine, prep, feats, fitted, epoch_logs, final)
     for cb in epoch_logs:
         getattr(cb, "close", lambda: None)()  # TensorBoard's writer, before the run directory is renamed
-    bundle = Model(entry=entry, backbone=engine.model, head=head_module, classes=head_classes,
-                   preprocessing=prep, weights=winfo, head_config={**head.config(), "in_features": entry.feature_dim,
-                                                                   "n_classes": len(head_classes)},
-                   strategy=strategy, backbone_identity=identity)
+    return fitted
+
+
+def _fit_args(feats: Features) -> tuple:
+    X, y, tr, va = feats.X, feats.y, feats.tr, feats.va
+    return X[tr], y[tr], X[va] if va.any() else None, y[va] if va.any() else None
+
+
+def fit_head(cfg: TrainConfig, feats: Features, epoch_logs: list):
+    """Phase 1: the head on the frozen features of the training split, validated on the validation split."""
+    # Fine-tuning validates on the validation split next, so its phase-1 head must not have seen it.
+    head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed,
+                     refit=cfg.strategy == "feature-extraction")
+    head.fit(*_fit_args(feats), **({"callbacks": epoch_logs} if cfg.head == "mlp" else {}))  # linear: no epochs
+    return head
+
+
+def choose_auto(cfg: TrainConfig, feats: Features, head):
+    """Strategy auto: fine-tune or keep feature extraction (auto.choose_strategy), with its reasons.
+
+    Returns (strategy, decision, unused settings, head): feature extraction refits the head on
+    train + validation, as `--strategy feature-extraction` does, and lists the fine-tuning
+    settings the caller gave that it does not use.
+    """
+    ext, ft = feats.ext, cfg.finetune
+    rate = ext.n_computed / ext.seconds if ext.n_computed and ext.seconds else None
+    decision = choose_strategy(feats.y[feats.tr], getattr(head, "val_accuracy_", None), len(feats.paths), rate,
+                               ft.epochs, ft.time_budget)
+    strategy, unused = decision["strategy"], {}
+    log.info("strategy auto -> %s: %s", strategy, "; ".join(decision["reasons"]))
+    if strategy == "feature-extraction":  # no phase 2 follows: refit the head on train + validation
+        # The time budget took part in the choice; the other fine-tuning settings go unused.
+        unused = {k: getattr(ft, k) for k in cfg.finetune_given if k != "time_budget"}
+        if unused:
+            log.warning("strategy auto chose feature extraction, so these fine-tuning settings are not used: "
+                        "%s (recorded in config.json as unused_settings; pass --strategy fine-tune to "
+                        "apply them)", ", ".join("--" + k.replace("_", "-") for k in unused))
+        head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed).fit(*_fit_args(feats))
+    return strategy, decision, unused, head
+
+
+def reset_head(cfg: TrainConfig, head_module: torch.nn.Module) -> None:
+    """From scratch, the head starts from PyTorch's own init, seeded.
+
+    Phase 1's head was fitted to a random network's features, with its scaler folded in: weights
+    sized for features that training is about to change completely (the first epoch's loss was
+    in the thousands on FMNIST-TL).
+    """
+    torch.manual_seed(cfg.seed)
+    for m in head_module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def fine_tune_step(cfg: TrainConfig, entry, engine, prep, feats: Features, fitted: Fitted, epoch_logs: list,
+                   final: Path) -> None:
+    """Phase 2: the top blocks and the head trained together (finetune_run.py); the backbone changes in place."""
+    for cb in epoch_logs:
+        cb.phase = fitted.strategy
+    ft = run_fine_tune(cfg, entry, engine.model, fitted.head_module, prep, [s.path for s in feats.samples],
+                       fitted.cols, feats.tr, feats.va, final, callbacks=epoch_logs)
+    fitted.identity = backbone_identity(engine.model)  # the backbone changed: its own features, its own cache
+    fitted.metrics["phase1_val_accuracy"] = fitted.metrics.pop("val_accuracy")
+    fitted.metrics["fine_tune"] = ft.summary
+    fitted.metrics["val_accuracy"] = ft.summary["best_val_accuracy"]
+    fitted.history = ft.history
+
+
+def save_model(cfg: TrainConfig, entry, engine, prep, winfo, fitted: Fitted, out: Path) -> Model:
+    """Save the bundle into the run and load it back, as `evaluate` will load it."""
+    head = fitted.head
+    bundle = Model(entry=entry, backbone=engine.model, head=fitted.head_module, classes=fitted.classes,
+                   preprocessing=prep, weights=winfo,
+                   head_config={**head.config(), "in_features": entry.feature_dim, "n_classes": len(fitted.classes)},
+                   strategy=fitted.strategy, backbone_identity=fitted.identity or winfo.identity())
     save_bundle(bundle, out / "model")
-    # From here on the run uses the saved model, loaded as `evaluate` loads it, and scores its test split
-    # through the same feature path and engine settings: metrics.json's numbers are what evaluate gives.
-    bundle = load(out / "model")
+    return load(out / "model")
 
-    # A cache that failed has been warned about once; the test split then goes without it too.
-    test_paths, y_test, proba = _score_test_split(bundle, cfg, samples, te, cols,
-                                                  cfg.cache_dir if cache.dir is not None else "none")
-    if test_paths:
-        metrics["test"] = compute_metrics(y_test, proba, head_classes)
-        log.info("test accuracy %.4f (95%% interval %.4f-%.4f, balanced %.4f, macro-F1 %.4f) on %d images",
-                 metrics["test"]["accuracy"], *metrics["test"]["accuracy_ci95"], metrics["test"]["balanced_accuracy"],
-                 metrics["test"]["macro_f1"], metrics["test"]["n_images"])
-    elif not te.any():
-        log.warning("no test split: pass --test-fraction > 0 or a test/ folder to measure the model.")
 
-    wall = time.perf_counter() - t_start
-    metrics.update({
-        "wall_seconds": round(wall, 2),
-        "duplicates_across_splits": summary["duplicates_across_splits"],
-        "extraction": {"images": len(paths), "from_cache": ext.n_cached, "computed": ext.n_computed,
-                       "failed": len(ext.failures), "seconds": round(ext.seconds, 2),
-                       "images_per_second": round(ext.n_computed / ext.seconds, 1) if ext.n_computed else None,
-                       "network_images": engine.n_images},
-        "head_seconds": round(head_seconds, 2),
-        "n_train": int(tr.sum()), "n_val": int(va.sum()), "n_test": int(te.sum()),
-    })
-    resolved = {
-        **dataclasses.asdict(cfg),
-        "image_size": image_size, "image_size_reason": size_reason,
-        "resolved_strategy": strategy, "strategy_decision": decision, "unused_settings": unused,
-        "out": str(final), "cache_dir": str(cache.dir.parent.parent) if cache.dir else None,
-        "cache_namespace": cache.key,
-        "preprocessing": prep.to_dict(), "weights": winfo.to_dict(), "engine": choice.to_dict(),
-        "head_settings": head.config(), "classes": data.classes, "data_summary": summary,
-        # what evaluate uses for this run unless told otherwise, so it scores as the run did
-        "requested_engine": {"device": cfg.device, "engine": cfg.engine, "precision": cfg.precision},
-        "feature_dim": entry.feature_dim, "versions": _versions(), "command": sys.argv,
-    }
+def write_outputs(out: Path, final: Path, resolved: dict, metrics: dict, skipped: list[dict], data: ImageData,
+                  feats: Features, fitted: Fitted, test_paths, y_test, proba) -> None:
+    """config.json, metrics.json, skipped.json, splits.csv, the plots, test predictions and the reports."""
     write_json(out / "config.json", resolved)
     write_json(out / "metrics.json", metrics)
     write_json(out / "skipped.json", skipped)
-    _write_splits(out / "splits.csv", data, ext)
-    _write_plots(out, ft_history or getattr(head, "history_", None), metrics, test_paths, head_classes, y_test, proba)
+    write_splits(out / "splits.csv", data, feats.ext)
+    _write_plots(out, fitted.history, metrics, test_paths, fitted.classes, y_test, proba)
     if "test" in metrics:
-        write_test_predictions(out / "test_predictions.csv", test_paths, y_test, proba, head_classes)
+        write_test_predictions(out / "test_predictions.csv", test_paths, y_test, proba, fitted.classes)
         write_text(out / "report.txt", format_report(metrics["test"]) + "\n")
     # report.md and report.html from the files just written, as `headstart report` rebuilds them
     write_reports(out, name=final.name)
-    return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
 
 def _epoch_logs(cfg: TrainConfig, out: Path, phase: str) -> list:
@@ -479,27 +463,28 @@ def _cross_validate(cfg: TrainConfig, X: np.ndarray, y: np.ndarray, strategy: st
     return cv
 
 
-def _score_test_split(model: Model, cfg: TrainConfig, samples, te: np.ndarray, cols: np.ndarray, cache_dir):
+def score_test_split(model: Model, cfg: TrainConfig, feats: Features, cols: np.ndarray):
     """Paths, labels (head columns) and probabilities of the test images whose class the model knows."""
+    te = feats.te
     y_test = cols[te]
     known = y_test >= 0
     if not known.all():
         log.warning("%d test images belong to classes with no training images and are left out of the "
                     "test metrics.", int((~known).sum()))
-    paths = [s.path for s, t in zip(samples, te) if t]
+    paths = [s.path for s, t in zip(feats.samples, te) if t]
     paths, y_test = [p for p, k in zip(paths, known) if k], y_test[known]
     if not paths:
         return [], None, None
-    feats, failures = features_of(model, paths, batch_size=cfg.batch_size, cache_dir=cache_dir,
-                                  device=cfg.device, engine=cfg.engine, precision=cfg.precision,
-                                  workers=cfg.workers, desc="test")
+    # A cache that failed has been warned about once; the test split then goes without it too.
+    runtime = Runtime.of(cfg.runtime, cache_dir=cfg.cache_dir if feats.cache.dir is not None else "none")
+    feats_test, failures = features_of(model, paths, runtime, desc="test")
     keep = np.array([p not in failures for p in paths], dtype=bool)
     for p, reason in failures.items():  # read once already: it changed during the run
         log.warning("test image %s became unreadable during the run and is left out: %s", p, reason)
-    return [p for p, k in zip(paths, keep) if k], y_test[keep], model.proba_from_features(feats)
+    return [p for p, k in zip(paths, keep) if k], y_test[keep], model.proba_from_features(feats_test)
 
 
-def _write_splits(path: Path, data: ImageData, ext) -> None:
+def write_splits(path: Path, data: ImageData, ext) -> None:
     import csv
     import io
 
