@@ -61,3 +61,19 @@ def test_a_read_only_cache_still_gives_digests(tmp_path):
     cache.mkdir()
     (cache / "digests").write_text("a file where the folder would go")
     assert content_digests(paths, cache_root=cache) == content_digests(paths)
+
+
+def test_a_second_train_reads_the_digests_instead_of_hashing(image_folder, tmp_path, monkeypatch, one_torch_thread):
+    import headstart
+
+    cache = tmp_path / "cache"
+    common = dict(strategy="feature-extraction", head="linear", image_size=32, workers=0, seed=0, weights="none",
+                  cache_dir=cache)
+    headstart.train(image_folder, out=tmp_path / "run1", **common)
+    assert len(list((cache / "digests").glob("*.json"))) == 1
+    hashed = []
+    real = datachecks.file_digest
+    monkeypatch.setattr(datachecks, "file_digest", lambda p: hashed.append(p) or real(p))
+    run = headstart.train(image_folder, out=tmp_path / "run2", **common)
+    assert hashed == []
+    assert run.metrics["duplicates_across_splits"]["groups"] == 0

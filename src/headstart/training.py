@@ -163,7 +163,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     """The run's steps, writing into `out` (the partial directory that becomes `final`)."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    data, bad_rows, summary = load_run_data(cfg)
+    data, bad_rows, summary = load_run_data(cfg, cache_root)
     image_size, size_reason = choose_image_size(cfg, entry, data)
     prep = entry.preprocessing.scaled(image_size)
     log.info("image size %d (%s); resize %d, crop %d", image_size, size_reason, prep.resize_size, prep.crop_size)
@@ -214,8 +214,9 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
 
-def load_run_data(cfg: TrainConfig) -> tuple[ImageData, list[dict], dict]:
-    """The images, their classes and splits; unusable CSV rows; the summary config.json records."""
+def load_run_data(cfg: TrainConfig, cache_root: Path | None = None) -> tuple[ImageData, list[dict], dict]:
+    """The images, their classes and splits; unusable CSV rows; the summary config.json records.
+    File digests (copies across splits) are kept in `cache_root` for the next run."""
     data, bad_rows = load_data(cfg.data, labels=cfg.labels, val_fraction=cfg.val_fraction,
                                test_fraction=cfg.test_fraction)
     summary = data.summary()
