@@ -302,7 +302,7 @@ def finetune_memory(data: Path, work: Path, smoke: bool) -> dict:
                      "--out", out, "--cache-dir", work / "ft-mem-cache")
     m = json.loads((out / "metrics.json").read_text())
     return {"what": f"fine-tune, defaults ({epochs} epochs, boundary activations in 16 bits)",
-            "images": m["n_train"] + m["n_val"] + m["n_test"], "image_size": m.get("image_size"),
+            "images": m["n_train"] + m["n_val"] + m["n_test"],
             "peak_rss_mib": round(mib, 1), "seconds": round(time.perf_counter() - t0, 1),
             "test_accuracy": m.get("test", {}).get("accuracy"), "load_average": os.getloadavg()[0]}
 
