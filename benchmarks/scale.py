@@ -6,7 +6,7 @@ first `train` is the filling, and is timed too). Then, in this process, per imag
 the folder, assigning splits, file digests (cached since the first run) and the feature-cache
 look-up; and in a fresh process the wall time and peak RSS of a second `train`, set against
 the time its head took. Growth per image comes from the same steps on a quarter of the
-folder, growth per class from that quarter spread over 1,000 classes (hard links: no copies).
+folder, growth per class from that quarter spread over up to 1,000 classes (hard links: no copies).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def scale(headstart: list, work: Path, n: int, max_rss, smoke: bool = False) -> 
                                                    capture_output=True))
         quarter = paths[: n // 4]
         _link_subset(quarter, root / "quarter", CLASSES)
-        _link_subset(quarter, root / "quarter-1000", 1000 if not smoke else 100)
+        _link_subset(quarter, root / "quarter-1000", min(1000, len(quarter)))  # one image a class at most
         full, part, spread = steps(folder, cache), steps(root / "quarter", cache), steps(root / "quarter-1000", cache)
         t0 = time.perf_counter()
         mib, _ = max_rss(*first, "--out", root / "run2")
@@ -108,14 +108,18 @@ def scale(headstart: list, work: Path, n: int, max_rss, smoke: bool = False) -> 
     growth_image = {k: round((full[f"{k}_s"] - part[f"{k}_s"]) / (full["images"] - part["images"]) * 1e6, 1)
                     for k in ("scan", "split", "digest", "lookup")}
     extra_classes = spread["classes"] - part["classes"]
-    growth_class = {k: round((spread[f"{k}_s"] - part[f"{k}_s"]) / extra_classes * 1e6, 1)
-                    for k in ("scan", "split", "digest", "lookup")}
-    return {"images": n, "classes": CLASSES, "write_seconds": round(t_write, 1),
+    growth_class = {k: round((spread[f"{k}_s"] - part[f"{k}_s"]) / extra_classes * 1e6, 1) if extra_classes > 0
+                    else None for k in ("scan", "split", "digest", "lookup")}
+    return {"images": n, "classes": CLASSES, "classes_spread": spread["classes"], "write_seconds": round(t_write, 1),
             "first_train_seconds": round(t_first, 1), "second_train_seconds": round(t_second, 1),
             "second_train_peak_rss_mib": round(mib, 1), "second_train_head_seconds": metrics.get("head_seconds"),
             "second_train_from_cache": metrics["extraction"]["from_cache"],
             "us_per_image": per_image, "us_per_extra_image": growth_image, "us_per_extra_class": growth_class,
             "cache_hits": full["cache_hits"], "load_average": os.getloadavg()[0]}
+
+
+def _number(x) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
 
 
 def markdown(s: dict) -> list[str]:
@@ -125,7 +129,7 @@ def markdown(s: dict) -> list[str]:
              f"`train` at 32 px ({s['first_train_seconds']:.0f} s); load average {s['load_average']:.1f}:", "",
              "| step | µs per image | µs per extra image | µs per extra class |", "|---|---|---|---|"]
     lines += [f"| {label} | {s['us_per_image'][k]:.1f} | {s['us_per_extra_image'][k]:.1f} | "
-              f"{s['us_per_extra_class'][k]:.1f} |" for k, label in step_names.items()]
+              f"{_number(s['us_per_extra_class'][k])} |" for k, label in step_names.items()]
     head = s.get("second_train_head_seconds")
     lines += ["", f"Second `train` on the same folder: {s['second_train_seconds']:.0f} s wall "
               f"({s['second_train_from_cache']:,} images from the cache), of which the head "
