@@ -236,3 +236,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured")
         for line in MEASURED:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """A small trained run (small_cnn, random weights, 32 px, feature extraction, linear head) on three
+    synthetic classes, with a test split: for the bundle and predict tests, which only read it."""
+    import headstart
+
+    base = tmp_path_factory.mktemp("small-run")
+    data = write_image_folder(base / "data", n_per_class=8, classes=("ant", "bee", "cow"), size=(12, 10))
+    headstart.train(data, out=base / "run", strategy="feature-extraction", backbone="small_cnn", weights="none",
+                    image_size=32, workers=0, cache_dir="none", test_fraction=0.25)
+    return base / "run"

@@ -25,6 +25,9 @@ def test_the_cli_offers_the_modules_choices():
     assert tuple(actions["augment"].choices) == finetune.AUGMENTS
     assert tuple(actions["schedule"].choices) == finetune.SCHEDULES
     assert engine.ENGINES is settings.ENGINES and finetune.FineTuneSettings is FineTuneSettings
+    from headstart import heads
+
+    assert tuple(heads.HEADS) == settings.HEADS == tuple(actions["head"].choices)  # settings.py stays torch-free
 
 
 def test_every_fine_tuning_field_is_a_train_flag_and_reaches_train(monkeypatch, tmp_path):
@@ -156,28 +159,17 @@ def test_a_saved_config_missing_an_optional_key_takes_its_default(tmp_path):
     assert cfg.tensorboard is False and cfg.finetune.sampler is None and cfg.finetune.epochs == 15
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from conftest import write_image_folder
-
-    root = tmp_path_factory.mktemp("settings")
-    data = write_image_folder(root / "data", n_per_class=6, size=(16, 16))
-    headstart.train(data, out=root / "run", strategy="feature-extraction", image_size=32, workers=0,
-                    weights="none", cache_dir="none", test_fraction=0.3)
-    return root / "run"
-
-
 @pytest.mark.parametrize("change, words", [
     (lambda c: c["requested_engine"].update(device=3), "key 'requested_engine.device': --device must be"),
     (lambda c: c["requested_engine"].update(speed="fast"), "key 'requested_engine.speed' is not an engine setting"),
     (lambda c: c.update(requested_engine="torch"), "key 'requested_engine' should be an object"),
     (lambda c: c.update(classes="a,b"), "key 'classes' should be a list of class names"),
 ])
-def test_evaluate_with_an_edited_config_says_which_key(change, words, tiny_run, tmp_path):
+def test_evaluate_with_an_edited_config_says_which_key(change, words, small_run, tmp_path):
     import shutil
 
     run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(small_run, run)
     config = json.loads((run / "config.json").read_text())
     change(config)
     (run / "config.json").write_text(json.dumps(config))
@@ -188,12 +180,12 @@ def test_evaluate_with_an_edited_config_says_which_key(change, words, tiny_run, 
     assert code == 2 and words in stderr and "Traceback" not in stderr
 
 
-def test_evaluate_takes_a_runtime_and_the_loose_keywords_alike(tiny_run):
-    a = headstart.evaluate(tiny_run, runtime=Runtime(engine="torch", batch_size=4, cache_dir="none"))
-    b = headstart.evaluate(tiny_run, engine="torch", batch_size=4, cache_dir="none")
+def test_evaluate_takes_a_runtime_and_the_loose_keywords_alike(small_run):
+    a = headstart.evaluate(small_run, runtime=Runtime(engine="torch", batch_size=4, cache_dir="none"))
+    b = headstart.evaluate(small_run, engine="torch", batch_size=4, cache_dir="none")
     assert a["accuracy"] == b["accuracy"] and a["n_images"] == b["n_images"] > 0
-    model = headstart.load(tiny_run)
-    paths = sorted(str(p) for p in (tiny_run.parent / "data").rglob("*.png"))[:3]
+    model = headstart.load(small_run)
+    paths = sorted(str(p) for p in (small_run.parent / "data").rglob("*.png"))[:3]
     p1 = model.predict_proba(paths, Runtime(engine="torch", cache_dir="none"))
     p2 = model.predict_proba(paths, engine="torch", cache_dir="none")
     assert np.array_equal(p1, p2)

@@ -178,18 +178,26 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     # From here on the run uses the saved model, loaded as `evaluate` loads it, and scores its test split
     # through the same feature path and engine settings: metrics.json's numbers are what evaluate gives.
     test_paths, y_test, proba = score_test_split(bundle, cfg, feats, fitted.cols)
+    metrics = run_metrics(fitted, feats, engine, summary, y_test, proba, time.perf_counter() - t_start)
+    resolved = resolved_config(cfg, entry, (image_size, size_reason), prep, winfo, choice, feats, fitted, data,
+                               summary, final)
+    write_outputs(out, final, resolved, metrics, skipped, data, feats, fitted, test_paths, y_test, proba)
+    return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
+
+
+def run_metrics(fitted: Fitted, feats: Features, engine, summary: dict, y_test, proba, wall: float) -> dict:
+    """metrics.json: the strategy's own numbers, the test split's scores, counts and timings."""
     metrics = fitted.metrics
-    if test_paths:
+    if y_test is not None and len(y_test):  # some test image scored
         metrics["test"] = compute_metrics(y_test, proba, fitted.classes)
         log.info("test accuracy %.4f (95%% interval %.4f-%.4f, balanced %.4f, macro-F1 %.4f) on %d images",
                  metrics["test"]["accuracy"], *metrics["test"]["accuracy_ci95"], metrics["test"]["balanced_accuracy"],
                  metrics["test"]["macro_f1"], metrics["test"]["n_images"])
     elif not feats.te.any():
         log.warning("no test split: pass --test-fraction > 0 or a test/ folder to measure the model.")
-
     ext = feats.ext
     metrics.update({
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "wall_seconds": round(wall, 2),
         "duplicates_across_splits": summary["duplicates_across_splits"],
         "extraction": {"images": len(feats.paths), "from_cache": ext.n_cached, "computed": ext.n_computed,
                        "failed": len(ext.failures), "seconds": round(ext.seconds, 2),
@@ -198,9 +206,15 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         "head_seconds": round(fitted.head_seconds, 2),
         "n_train": int(feats.tr.sum()), "n_val": int(feats.va.sum()), "n_test": int(feats.te.sum()),
     })
-    resolved = {
+    return metrics
+
+
+def resolved_config(cfg: TrainConfig, entry, size: tuple[int, str], prep, winfo, choice, feats: Features,
+                    fitted: Fitted, data: ImageData, summary: dict, final: Path) -> dict:
+    """config.json: the settings as given, and what each "auto" became."""
+    return {
         **cfg.to_dict(),
-        "image_size": image_size, "image_size_reason": size_reason,
+        "image_size": size[0], "image_size_reason": size[1],
         "resolved_strategy": fitted.strategy, "strategy_decision": fitted.decision, "unused_settings": fitted.unused,
         "out": str(final), "cache_dir": str(feats.cache.dir.parent.parent) if feats.cache.dir else None,
         "cache_namespace": feats.cache.key,
@@ -210,8 +224,6 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         "requested_engine": {"device": cfg.device, "engine": cfg.engine, "precision": cfg.precision},
         "feature_dim": entry.feature_dim, "versions": _versions(), "command": sys.argv,
     }
-    write_outputs(out, final, resolved, metrics, skipped, data, feats, fitted, test_paths, y_test, proba)
-    return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
 
 def load_run_data(cfg: TrainConfig, cache_root: Path | None = None) -> tuple[ImageData, list[dict], dict]:
