@@ -10,6 +10,7 @@ avx512_bf16), and the README's performance section shows every kind side by side
     python benchmarks/run.py                 # the full suite (under 60 min on 2 cores)
     python benchmarks/run.py --smoke         # a few images, tiny sizes, results in a temp folder
     python benchmarks/run.py --only serve    # some sections: their results replace theirs in this kind's file
+    python benchmarks/run.py --only scaling  # 1 process x 2 threads against 2 torchrun processes x 1 thread
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import kinds, scale, serving  # noqa: E402
+from benchmarks import scaling as scale_out  # noqa: E402
 from benchmarks.peak import Peaks  # noqa: E402
 from benchmarks.baselines import plain  # noqa: E402
 from headstart.backbones import get_backbone  # noqa: E402
@@ -40,10 +42,10 @@ from headstart.engine import EngineChoice, installed, make_engine, native_bf16  
 from headstart.weights import load_backbone  # noqa: E402
 
 HEADSTART = [Path(sys.executable).with_name("headstart")]
-SECTIONS = ["peak", "extraction", "decoding", "end_to_end", "finetune_epoch", "memory", "scale", "serve"]
+SECTIONS = ["peak", "extraction", "decoding", "end_to_end", "finetune_epoch", "memory", "scale", "serve", "scaling"]
 SECTION_KEYS = {"peak": ["peak_gflops"], "extraction": ["extraction", "peak_gflops"], "decoding": ["decoding"],
                 "end_to_end": ["end_to_end", "e2e_repeats"], "finetune_epoch": ["finetune_epoch"],
-                "memory": ["memory"], "scale": ["scale"], "serve": ["serve"]}
+                "memory": ["memory"], "scale": ["scale"], "serve": ["serve"], "scaling": ["scaling"]}
 ENGINES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 
 
@@ -355,6 +357,8 @@ def markdown(r: dict) -> str:
         lines += scale.markdown(r["scale"])
     if r.get("serve"):
         lines += serving.markdown(r["serve"])
+    if r.get("scaling"):
+        lines += scale_out.markdown(r["scaling"])
     return "\n".join(lines) + "\n"
 
 
@@ -465,6 +469,11 @@ def main(argv=None) -> int:
         result["serve"] = serving.serving(HEADSTART, data, work / "serve-run", work, smoke=smoke)
         result["serve"]["date"] = time.strftime("%Y-%m-%d %H:%M")
         log(f"serving: {result['serve']}")
+    if "scaling" in sections:
+        data = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-scaling"), 4 if smoke else 200,
+                       2 if smoke else 20)
+        result["scaling"] = scale_out.scaling(data, work, 32 if smoke else 96, 8)
+        log(f"scaling: {result['scaling']}")
     total = time.perf_counter() - t_start
     json_path, md_path = kinds.results_paths(out_dir, result["machine"]["cpu_kind"])
     if a.only is None:

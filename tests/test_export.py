@@ -224,6 +224,11 @@ def client_case(request, tmp_path):
     """(bundle folder, its ONNX export) for the backbone named by the test's parameter."""
     if request.param == "mobilenet_v2":
         return request.getfixturevalue("trained")[0], request.getfixturevalue("exported")[3].parent
+    if request.param == "mobilenet_v2-flip":
+        # Test-time flips are computed inside the graph: the client feeds the images alone, unchanged.
+        model = headstart.load(request.getfixturevalue("trained")[0])
+        bundle = save_bundle(dataclasses.replace(model, tta="flip"), tmp_path / "flip")
+        return bundle, export_onnx(headstart.load(bundle), tmp_path / "onnx").parent
     bundle = request.getfixturevalue("lite_run") / "model"
     if request.param == "efficientnet_lite0-squash":
         # No registered backbone squashes yet (timm's crop_mode="squash" models will); the same bundle with
@@ -236,8 +241,8 @@ def client_case(request, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("client_case", ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite0-squash"],
-                         indirect=True)
+@pytest.mark.parametrize("client_case", ["mobilenet_v2", "mobilenet_v2-flip", "efficientnet_lite0",
+                                         "efficientnet_lite0-squash"], indirect=True)
 def test_a_client_written_from_the_json_alone_matches_predict(client_case, tmp_path):
     import ast
 

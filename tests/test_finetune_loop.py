@@ -180,9 +180,9 @@ def test_augment_standard_applies_to_training_images_only(fmnist_tiny, tmp_path,
 
     real_features_of = training.features_of
 
-    def features_of(model, paths, **kwargs):
+    def features_of(model, paths, *args, **kwargs):
         before = jitters[0]
-        out = real_features_of(model, paths, **kwargs)
+        out = real_features_of(model, paths, *args, **kwargs)
         during_boundaries.append((kwargs.get("desc"), jitters[0] - before))
         return out
 

@@ -9,6 +9,7 @@ from .training import resume, train  # noqa: E402
 from .predict import evaluate  # noqa: E402
 from .report_html import report  # noqa: E402
 from .settings import FineTuneSettings, Runtime, TrainConfig  # noqa: E402
+from .extraction import extract_features  # noqa: E402
 
-__all__ = ["__version__", "train", "resume", "load", "evaluate", "report", "Model", "get_backbone", "list_backbones",
+__all__ = ["__version__", "train", "resume", "load", "evaluate", "report", "extract_features", "Model", "get_backbone", "list_backbones",
            "Runtime", "FineTuneSettings", "TrainConfig"]

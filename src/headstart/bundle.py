@@ -23,7 +23,7 @@ from .backbones import CROP_MODES, Preprocessing, get_backbone
 from .errors import BundleError, HeadstartError
 from .fileio import atomic_path, write_json
 from .heads import head_module
-from .model import Model
+from .model import TTA, Model
 from .weights import WeightsInfo, mismatches
 
 __all__ = ["Model", "load", "save"]
@@ -58,6 +58,7 @@ def save(model: Model, directory: str | os.PathLike) -> Path:
         "feature_dim": model.entry.feature_dim,
         "classes": list(model.classes),
         "head": model.head_config,
+        "tta": model.tta,
     })
     return directory
 
@@ -108,6 +109,9 @@ def load(path: str | os.PathLike) -> Model:
         prep = _checked_preprocessing(Preprocessing.from_dict(meta["preprocessing"]))
         head_cfg = dict(meta["head"])
         weights = WeightsInfo(**meta["weights"])
+        tta = str(meta.get("tta", "none"))  # bundles saved before test-time flips existed have none
+        if tta not in TTA:
+            raise BundleError(f"{d / META}: 'tta' is {tta!r}; this headstart knows {', '.join(TTA)}.")
         # On the meta device a module has shapes but no storage, so sizes edited into model.json
         # (a billion classes, a huge hidden layer) allocate nothing before they are checked.
         with torch.device("meta"):
@@ -137,4 +141,4 @@ def load(path: str | os.PathLike) -> Model:
     head.load_state_dict(parts["head"])
     return Model(entry=entry, backbone=backbone.eval(), head=head.eval(), classes=classes, preprocessing=prep,
                  weights=weights, head_config=head_cfg, strategy=str(meta.get("strategy", "feature-extraction")),
-                 backbone_identity=meta.get("backbone_identity"))
+                 backbone_identity=meta.get("backbone_identity"), tta=tta)

@@ -22,7 +22,7 @@ import sys
 from . import progress
 from ._version import __version__
 from .errors import HeadstartError, Interrupted
-from .settings import (CLASS_WEIGHTS, DEVICES, ENGINES, HEADS, PRECISIONS, STRATEGIES, FineTuneSettings, Runtime,
+from .settings import (CLASS_WEIGHTS, DEVICES, ENGINES, HEADS, PRECISIONS, STRATEGIES, TTAS, FineTuneSettings, Runtime,
                        TrainConfig, parse_duration)
 from .text import count
 
@@ -95,10 +95,22 @@ def get_parser() -> argparse.ArgumentParser:
                         "cached train + val features")
     t.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files into RUN/tensorboard (pip install 'headstart[tensorboard]')")
+    t.add_argument("--tta", choices=TTAS, default="auto",
+                   help="test-time views: 'flip' averages each image's probabilities with its mirror image's "
+                        "(2 backbone passes per image); 'auto' (default) keeps flips when they pay on validation")
     f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
     _finetune_args(f)
     f.add_argument("--resume", metavar="RUN", default=None,
                    help="continue the interrupted fine-tuning run RUN from its last checkpoint")
+
+    xt = sub.add_parser("extract", help="only fill the feature cache (for large jobs; runs under torchrun too)")
+    xt.add_argument("data", help="an image folder as for train, or the CSV's folder with --labels")
+    xt.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV)")
+    xt.add_argument("--backbone", default="mobilenet_v2")
+    xt.add_argument("--weights", default=None)
+    xt.add_argument("--image-size", type=_size, default="auto")
+    xt.add_argument("--json", action="store_true", help="print the counts and throughput as JSON")
+    _engine_args(xt, workers=True)
 
     cp = sub.add_parser("compare", help="train scratch, feature extraction (linear, mlp) and fine-tuning side by side")
     cp.add_argument("data")
@@ -237,7 +249,32 @@ def cmd_train(a) -> int:
     return _print_run(train(data, finetune=finetune, **settings), a.json)
 
 
+def cmd_extract(a) -> int:
+    from .extraction import extract_features
+
+    rt = _runtime(a)
+    r = extract_features(a.data, labels=a.labels, backbone=a.backbone, weights=a.weights, image_size=a.image_size,
+                         device=rt.device, engine=rt.engine, precision=rt.precision, batch_size=rt.batch_size,
+                         workers=rt.workers, cache_dir=rt.cache_dir)
+    if r["rank"]:  # under torchrun rank 0 reports for every rank
+        return 0
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    rate = lambda v: f"{v:.1f} images/s" if v else "-"  # noqa: E731
+    for x in r["ranks"]:
+        print(f"rank {x['rank']}: {count(x['computed'], 'image')} computed in {x['seconds']:.1f}s "
+              f"({rate(x['images_per_second'])})")
+    print(f"in all: {count(r['images'], 'image')}, {r['from_cache']} from cache, {r['computed']} computed in "
+          f"{r['seconds']:.1f}s ({rate(r['images_per_second'])}) on world size {r['world_size']}; "
+          f"skipped {count(r['failed'], 'file')}; cache {r['cache_dir']} ({r['backbone']} {r['image_size']}px "
+          f"{r['engine']}/{r['precision']})")
+    return 0
+
+
 def _print_run(run, as_json: bool) -> int:
+    if run is None:  # a rank other than 0 under torchrun: rank 0 prints the run
+        return 0
     if as_json:
         print(json.dumps({"run_dir": str(run.run_dir), **run.metrics}, indent=2))
         return 0
@@ -389,7 +426,7 @@ def cmd_export(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "extract": cmd_extract, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "serve": cmd_serve, "report": cmd_report, "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets,
             "export": cmd_export}
 

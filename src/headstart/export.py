@@ -4,6 +4,11 @@ The ONNX graph is the whole classifier (backbone + head): a normalised image bat
 `logits` and `probabilities` (softmax of the logits) out, columns in `classes` order.
 Decoding and preprocessing stay outside the graph, as in headstart itself, and the JSON
 states them step by step so another runtime can reproduce them exactly.
+
+A model with test-time flips (`tta: "flip"`) computes them inside the graph: the batch and
+its left-right mirror go through the backbone together, `probabilities` is the mean of the
+two softmaxes (what headstart predicts) and `logits` is its logarithm, so that softmax of
+`logits` is still `probabilities`. The JSON's "test_time_augmentation" says so.
 """
 
 from __future__ import annotations
@@ -47,6 +52,28 @@ class _Classifier(nn.Module):
     def forward(self, image: torch.Tensor):  # (B, 3, crop, crop) normalised RGB
         logits = self.head(self.backbone(image))  # (B, n_classes)
         return logits, torch.softmax(logits, dim=1)
+
+
+class _FlipAveraged(nn.Module):
+    """Test-time flips in the graph: the mean of the image's and its mirror's probabilities."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, image: torch.Tensor):  # (B, 3, crop, crop) normalised RGB
+        both = torch.cat([image, image.flip(-1)])  # (2B, 3, crop, crop): the images, then their mirrors
+        proba = torch.softmax(self.head(self.backbone(both)), dim=1)  # (2B, n_classes)
+        proba = (proba[:image.shape[0]] + proba[image.shape[0]:]) / 2  # (B, n_classes)
+        return torch.log(proba.clamp_min(torch.finfo(proba.dtype).tiny)), proba  # no log(0) = -inf
+
+
+TTA_SPEC = {
+    "none": None,
+    "flip": {"name": "flip", "description": "inside the graph: probabilities = (softmax(head(backbone(x))) + "
+             "softmax(head(backbone(x[..., ::-1])))) / 2, x[..., ::-1] being the preprocessed batch mirrored "
+             "left-right; logits = log(probabilities). Feed the images only, not their mirrors."},
+}
 
 
 def _require_onnx():
@@ -183,7 +210,7 @@ def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.Path
     # A copy, so the caller's model keeps its device, dtype and (possibly channels-last) layout.
     backbone = copy.deepcopy(model.backbone).to("cpu", torch.float32, memory_format=torch.contiguous_format)
     head = copy.deepcopy(model.head).to("cpu", torch.float32)
-    net = _Classifier(backbone, head).eval()
+    net = (_FlipAveraged if model.tta == "flip" else _Classifier)(backbone, head).eval()
     crop, n_classes = model.preprocessing.crop_size, len(model.classes)
     batch = "batch" if dynamic_batch else 1
     example = torch.randn(2 if dynamic_batch else 1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
@@ -221,14 +248,17 @@ def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.Path
         "backbone_identity": model.backbone_identity or model.weights.identity(),
         "strategy": model.strategy,
         "head": model.head_config,
+        "test_time_augmentation": TTA_SPEC[model.tta],
         "classes": list(model.classes),
         "inputs": [{"name": INPUT, "shape": [batch, 3, crop, crop], "dtype": "float32",
                     "description": "images preprocessed as in 'preprocessing'"}],
         "outputs": [
             {"name": LOGITS, "shape": [batch, n_classes], "dtype": "float32",
-             "description": "columns follow 'classes'"},
+             "description": "columns follow 'classes'" + ("; log of the flip-averaged probabilities"
+                                                          if model.tta == "flip" else "")},
             {"name": PROBABILITIES, "shape": [batch, n_classes], "dtype": "float32",
-             "description": "softmax of the logits over the classes"},
+             "description": "softmax of the logits over the classes" + (", i.e. the mean of the image's and "
+                                                                        "its mirror's" if model.tta == "flip" else "")},
         ],
         "preprocessing": preprocessing_spec(model),
         "check": {"onnxruntime_version": ort.__version__, "batch_size": int(example.shape[0]),

@@ -3,7 +3,8 @@
 HEADSTART_FAULT holds comma-separated `[sigint-]POINT:N` items. At the N-th time this process
 passes POINT, it kills itself with SIGKILL (a crash or `kill -9`, nothing can clean up), or
 sends SIGINT with the `sigint-` prefix (Ctrl-C: to its whole process group when it leads one,
-as a shell's foreground job does, else to itself). Points:
+as a shell's foreground job does, else to itself). `POINT:N@R` fires only in the process whose
+RANK (torchrun's environment) is R, to kill one rank of a distributed job. Points:
 
   chunk   a feature-cache chunk was stored (N counts chunks in this process)
   step    an optimizer step was taken in fine-tuning (N counts steps in this process)
@@ -29,6 +30,9 @@ def point(where: str, count: int | None = None) -> None:
         count = _counts[where] = _counts.get(where, 0) + 1
     for item in spec.split(","):
         name, _, n = item.strip().partition(":")
+        n, _, only_rank = n.partition("@")
+        if only_rank and only_rank != os.environ.get("RANK", "0"):
+            continue
         sig = signal.SIGKILL
         if name.startswith("sigint-"):
             name, sig = name[len("sigint-"):], signal.SIGINT

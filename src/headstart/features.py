@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from . import faults, progress
+from . import distributed, faults, progress
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
 from .images import DECODER_OPTIONS, ImageError, load_image
@@ -272,6 +272,7 @@ class Extraction:
     n_cached: int = 0
     n_computed: int = 0
     seconds: float = 0.0
+    ranks: list[dict] = field(default_factory=list)  # per rank: images computed, seconds (sharded extraction)
 
     @property
     def ok(self) -> np.ndarray:
@@ -279,11 +280,17 @@ class Extraction:
 
 
 def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCache, *,
-            batch_size: int = 64, workers: int | None = None, desc: str = "features") -> Extraction:
+            batch_size: int = 64, workers: int | None = None, desc: str = "features",
+            sharded: bool = False) -> Extraction:
     """Make sure every readable image in `paths` has features in `cache`; return keys and failures.
 
     Features are not returned here, so memory does not grow with the data set:
     `cache.get(result.keys)` assembles them when a caller needs them.
+
+    `sharded` (every rank of a torchrun job calls it with the same `paths`): each rank computes its
+    share of the sorted to-do list, whole chunks of it (distributed.share), so every batch is one a
+    single process would run; then the ranks meet, and each returns the whole result (failures are
+    the union, every feature is in the shared cache).
     """
     t0 = time.perf_counter()
     keys: list[str | None] = []
@@ -301,13 +308,18 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
     if todo:
         log.info("%s: %d/%d from cache, computing %d", desc, n_cached, len(paths), len(todo))
         todo_paths = [p for p, _ in todo]
-        bad = _compute(engine, transform, todo_paths, [k for _, k in todo], cache, batch_size,
-                       default_workers() if workers is None else workers, desc)
+        workers = default_workers() if workers is None else workers
+        if sharded and distributed.active():
+            bad = _compute_share(engine, transform, todo_paths, [k for _, k in todo], cache, batch_size, workers,
+                                 desc)
+        else:
+            bad = _compute(engine, transform, todo_paths, [k for _, k in todo], cache, batch_size, workers, desc)
         n_unreadable = len(bad)
         for i, reason in bad.items():
             failures[todo_paths[i]] = reason
         keys = [None if p in failures else k for p, k in zip(paths, keys)]
-    result = Extraction(keys, failures, n_cached, len(todo) - n_unreadable, time.perf_counter() - t0)
+    result = Extraction(keys, failures, n_cached, len(todo) - n_unreadable, time.perf_counter() - t0,
+                        getattr(bad, "ranks", []) if todo else [])
     log.info("%s: %d/%d features from cache%s", desc, n_cached, len(paths),
              f", {result.n_computed} computed in {result.seconds:.1f}s "
              f"({result.n_computed / max(result.seconds, 1e-9):.0f} images/s)" if todo else "")
@@ -316,9 +328,50 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
     return result
 
 
+class _Failures(dict):
+    """Position in the to-do list -> reason; sharded extraction adds what each rank did."""
+
+    ranks: list[dict]
+
+
+def _chunk_size(batch_size: int) -> int:
+    return max(batch_size, CHUNK // batch_size * batch_size)
+
+
+def _compute_share(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
+                   workers: int, desc: str) -> _Failures:
+    """This rank's whole chunks of the to-do list into the shared cache, then every rank's failures."""
+    mine = distributed.share(len(paths), _chunk_size(batch_size))
+    rank = distributed.rank()
+    log.info("%s: rank %d of %d computes images %d-%d of the %d to do", desc, rank, distributed.world_size(),
+             mine.start, mine.stop, len(paths))
+    t_share = time.perf_counter()
+    bad = _compute(engine, transform, paths[mine.start:mine.stop], keys[mine.start:mine.stop], cache, batch_size,
+                   workers, f"{desc} (rank {rank})")
+    seconds = time.perf_counter() - t_share
+    # A cache that could not be written keeps this rank's features in memory: they travel with the gather.
+    memory = {k: cache._memory[k] for k in keys[mine.start:mine.stop] if k in cache._memory}
+    mine_done = {"rank": rank, "computed": len(mine) - len(bad), "seconds": round(seconds, 3)}
+    gathered = distributed.all_gather_object(({mine.start + i: r for i, r in bad.items()}, mine_done, memory),
+                                             "feature extraction (waiting for every rank's share)")
+    out = _Failures()
+    out.ranks = []
+    for failed, done, feats in gathered:
+        out.update(failed)
+        out.ranks.append(done)
+        cache._memory.update(feats)
+    cache.refresh()  # the other ranks' shards
+    missing = [p for i, (p, k) in enumerate(zip(paths, keys)) if i not in out and not cache.contains(k)]
+    if missing:
+        raise HeadstartError(f"rank {rank}: {len(missing)} features the other ranks computed are not in the cache "
+                             f"folder {cache.dir} here (e.g. for {missing[0]}); under torchrun every node must see "
+                             "one shared cache folder: pass --cache-dir on a shared filesystem.")
+    return out
+
+
 def _compute(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
              workers: int, desc: str) -> dict[int, str]:
-    chunk = max(batch_size, CHUNK // batch_size * batch_size)
+    chunk = _chunk_size(batch_size)
     failed: dict[int, str] = {}
     pending_keys: list[str] = []
     pending: list[np.ndarray] = []

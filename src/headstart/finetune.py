@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import faults, progress
+from . import distributed, faults, progress
 from .backbones import Backbone, Preprocessing, sequence
 from .engine import model_digest
 from .errors import HeadstartError
@@ -230,19 +230,28 @@ class _Store:
 
 def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray, transform: Callable,
                      batch_size: int, workers: int, desc: str, flip: bool = False) -> Boundary:
-    """The frozen bottom's outputs for the readable images of `paths` (the unreadable ones are left out)."""
-    outs, flips, keep = _Store(len(paths)), _Store(len(paths)) if flip else None, []
-    with progress.bar(len(paths), desc) as pbar:
-        for batch in iter_batches(paths, transform, batch_size, workers):
+    """The frozen bottom's outputs for the readable images of `paths` (the unreadable ones are left out).
+
+    Under torchrun each rank computes a share of whole batches (the batches one process would run) and
+    the shares are gathered in order, so every rank holds the whole set, as one process would."""
+    mine = distributed.share(len(paths), batch_size)
+    outs, flips, keep = _Store(len(mine)), _Store(len(mine)) if flip else None, []
+    with progress.bar(len(mine), desc) as pbar:
+        for batch in iter_batches(paths[mine.start:mine.stop], transform, batch_size, workers):
             if batch.x is not None:
                 outs.add(net.boundary(batch.x))
                 if flip:
                     flips.add(net.boundary(batch.x.flip(-1)))
-                keep.extend(batch.indices)
+                keep.extend(mine.start + i for i in batch.indices)
             pbar.update(batch.size)
     x, x_flip = outs.result(), flips.result() if flip else None
     if x_flip is not None and x_flip.dtype != x.dtype:  # one overflowed fp16: both in bf16
         x, x_flip = x.to(torch.bfloat16), x_flip.to(torch.bfloat16)
+    if distributed.active():
+        what = f"{desc} (gathering every rank's share)"
+        keep = [i for part in distributed.all_gather_object(keep, what) for i in part]
+        x = distributed.all_gather_tensors(x, what)
+        x_flip = distributed.all_gather_tensors(x_flip, what) if flip else None
     return Boundary(x, torch.as_tensor(np.asarray(labels)[keep], dtype=torch.long), x_flip)
 
 
@@ -315,6 +324,7 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
     opt = opt_cls(groups, weight_decay=s.weight_decay if s.optimizer == "adamw" else 0.0)
     sched = _scheduler(opt, s, steps)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=s.label_smoothing)
+    world = distributed.world_size()
     history = History(("epoch", "train_loss", "val_loss", "val_accuracy", "seconds", "lr"))
     # No validation score (NaN): the last epoch counts as the best.
     stopper = EarlyStopping("val_loss" if s.early_stop_metric == "val_loss" else "val_accuracy",
@@ -335,6 +345,11 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
             for cb in callbacks:
                 cb.on_epoch_end(epoch, logs)
     images = 0
+    if world > 1:  # after a resume's weights are loaded: DDP starts every rank from rank 0's
+        from .distributed_training import DataParallel
+
+        parallel = DataParallel(net, s, class_weight, _boundary_batch if isinstance(train_data, Boundary) else None,
+                                collate_readable)
 
     def train_one_epoch(epoch: int) -> dict:
         nonlocal images
@@ -342,26 +357,31 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
         net.train()
         order = _epoch_order(n, seed, epoch - 1, sampler_weights)
         total = 0.0
-        if isinstance(train_data, Boundary):
+        if world > 1:  # each global batch (the one-process batch) split between the ranks
+            batches, forward = parallel.batches(train_data, order, seed, epoch - 1, workers), parallel.loss
+        elif isinstance(train_data, Boundary):
             batches = (_boundary_batch(train_data, idx, seed, epoch - 1) for idx in order.split(s.batch_size))
-            forward = net.from_boundary
+            forward = lambda xb, yb: loss_fn(net.from_boundary(xb), yb)  # noqa: E731
         else:
             train_data.epoch = epoch - 1
             batches = _readable(torch.utils.data.DataLoader(
                 train_data, batch_size=s.batch_size, sampler=order.tolist(), num_workers=workers,
                 collate_fn=collate_readable))
-            forward = net
+            forward = lambda xb, yb: loss_fn(net(xb), yb)  # noqa: E731
         with progress.bar(n, f"fine-tune epoch {epoch}/{s.epochs}") as pbar:
             for xb, yb in batches:
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(forward(xb), yb)
+                loss = forward(xb, yb)
                 loss.backward()
                 opt.step()
                 sched.step()
                 faults.point("step")
-                total += float(loss.detach()) * len(yb)
+                # Under torchrun: this rank's part of the global batch's mean loss, times that batch's size.
+                total += float(loss.detach()) * (parallel.last_size / world if world > 1 else len(yb))
                 images += len(yb)
                 pbar.update(len(yb))
+        if world > 1:
+            total, = distributed.all_reduce_sum([total], "the training loss")
         vloss, vacc = val_fn(net) if val_fn else evaluate_boundary(net, val) if val is not None else (math.nan,
                                                                                                        math.nan)
         logs = {"epoch": epoch, "train_loss": total / n, "val_loss": vloss, "val_accuracy": vacc,
@@ -382,6 +402,8 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
                             [history, stopper, OnEpochEnd(save), *callbacks, TimeBudget(s.time_budget, t0)])
     if stopped_by == "time budget":
         log.warning("time budget of %.0fs reached after epoch %d", s.time_budget, history.history["epoch"][-1])
+    if world > 1:
+        parallel.close()
     history = history.history
     best = {"epoch": stopper.best_epoch, "state": stopper.best_state}
     net.load_state_dict({**net.state_dict(), **best["state"]})
@@ -399,10 +421,22 @@ def _epoch_order(n: int, seed: int, epoch: int, weights: torch.Tensor | None) ->
 
 
 def evaluate_boundary(net: FineTuneNet, data: Boundary, batch_size: int = 256) -> tuple[float, float]:
-    """Validation loss and accuracy from boundary activations (net in eval mode)."""
-    logits = predict_boundary(net, data, batch_size)
-    loss = float(nn.functional.cross_entropy(logits, data.y))
-    return loss, float((logits.argmax(1) == data.y).float().mean())
+    """Validation loss and accuracy from boundary activations (net in eval mode).
+
+    Under torchrun each rank scores a share and the sums are all-reduced: every rank gets the same
+    numbers, so early stopping decides the same everywhere."""
+    if not distributed.active():
+        logits = predict_boundary(net, data, batch_size)
+        loss = float(nn.functional.cross_entropy(logits, data.y))
+        return loss, float((logits.argmax(1) == data.y).float().mean())
+    mine = distributed.share(len(data.y), batch_size)
+    y = data.y[mine.start:mine.stop]
+    sums = [0.0, 0.0]
+    if len(y):
+        logits = predict_boundary(net, Boundary(data.x[mine.start:mine.stop], y), batch_size)
+        sums = [float(nn.functional.cross_entropy(logits, y, reduction="sum")), float((logits.argmax(1) == y).sum())]
+    loss_sum, correct = distributed.all_reduce_sum(sums, "validation")
+    return loss_sum / len(data.y), correct / len(data.y)
 
 
 def predict_boundary(net: FineTuneNet, data: Boundary, batch_size: int = 256) -> torch.Tensor:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .backbones import Backbone, Preprocessing, count_parameters
 from .errors import HeadstartError
 from .engine import choose_engine, make_engine
@@ -43,9 +44,10 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
                              "or a val/ folder.")
     torch.manual_seed(cfg.seed)
     net = FineTuneNet(entry, backbone, head, s.unfreeze, bn_update=s.bn_update)
-    log.info("fine-tuning %s (%d of %d blocks: %s), %d trainable parameters; frozen part in eval mode",
-             entry.name, len(net.trainable_blocks), len(entry.blocks), ", ".join(net.trainable_blocks) or "none",
-             count_parameters(net, trainable_only=True))
+    log.info("fine-tuning %s (%d of %d blocks: %s), %d trainable parameters; frozen part in eval mode; "
+             "world size %d", entry.name, len(net.trainable_blocks), len(entry.blocks),
+             ", ".join(net.trainable_blocks) or "none", count_parameters(net, trainable_only=True),
+             distributed.world_size())
     choice = choose_engine(rt.device, rt.engine, rt.precision)
     if choice.engine != "torch" and len(net.frozen):
         # The frozen bottom never changes: run it on the extraction engine (2-3x torch on CPU).
@@ -64,6 +66,7 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
     else:
         train_data = AugmentedImages(*pick(tr), train_transform(prep, s.augment), cfg.seed)
     boundary_seconds = time.perf_counter() - t_boundary
+    memory = _memory_per_rank(val, train_data)
 
     y_train = cols[tr]
     n_classes = int(cols.max()) + 1
@@ -79,23 +82,44 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
             raise HeadstartError(f"--resume: no checkpoint at {ckpt}; the run either finished or never reached "
                                  "its first epoch. Start it again without --resume.")
         resume = load_checkpoint(ckpt)
-    start_checkpoints(final, _resumable_config(cfg), cfg.resume)
+    main = distributed.is_main()  # under torchrun rank 0 writes the checkpoints; every rank reads them to resume
+    if main:
+        start_checkpoints(final, _resumable_config(cfg), cfg.resume)
 
-    result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt, resume=resume,
-                 class_weight=class_weight, sampler_weights=sampler, workers=workers,
-                 callbacks=callbacks)
+    again = f"continue from the last checkpoint with the same torchrun command and: train --resume {final}"
+    with distributed.collective("fine-tuning", again):  # a rank lost mid-step: DDP's all-reduce fails on the others
+        result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt if main else None,
+                     resume=resume, class_weight=class_weight, sampler_weights=sampler, workers=workers,
+                     callbacks=callbacks)
     vloss, vacc = evaluate_boundary(net, val)
     summary = {"settings": s.to_dict(), "trainable_blocks": net.trainable_blocks,
                "trainable_parameters": count_parameters(net, trainable_only=True),
                "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped_by": result.stopped_by,
                "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
                "best_val_loss": vloss, "best_val_accuracy": vacc, "boundary_cache": s.augment in BOUNDARY_AUGMENTS,
-               "boundary_seconds": round(boundary_seconds, 2),
+               "boundary_seconds": round(boundary_seconds, 2), "world_size": distributed.world_size(),
+               "memory_per_rank": memory,
                "history": result.history}
     log.info("fine-tuning: %d epochs in %.0fs (best epoch %d, stopped by %s), val accuracy %.4f",
              result.epochs_run, result.seconds, result.best_epoch, result.stopped_by, vacc)
     # The test split is scored by the run from the saved model, as `evaluate` scores it (training._train).
     return FineTuneOutcome(summary, {**result.history, "best_epoch": result.best_epoch})
+
+
+def _memory_per_rank(val, train_data) -> list[dict]:
+    """Each rank's boundary activations (each holds the whole set) and peak resident memory, in MiB."""
+    import resource
+
+    held = sum(t.numel() * t.element_size() for d in (val, train_data) for t in (getattr(d, "x", None),
+                                                                                getattr(d, "x_flip", None))
+               if t is not None)
+    mine = {"rank": distributed.rank(), "boundary_mib": round(held / 2**20, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    ranks = distributed.all_gather_object(mine, "memory report")
+    for r in ranks:
+        log.info("rank %d holds %.1f MiB of boundary activations; peak resident memory %.1f MiB", r["rank"],
+                 r["boundary_mib"], r["peak_rss_mib"])
+    return ranks
 
 
 def _resumable_config(cfg: TrainConfig) -> dict:

@@ -60,6 +60,9 @@ def run_summary(*, name: str, config: dict, metrics: dict, skipped: list[dict], 
         "backbone": {"name": config["backbone"], "weights": config["weights"]["source"],
                      "weights_kind": config["weights"]["kind"]},
         "image_size": {"pixels": config["image_size"], "why": config["image_size_reason"]},
+        "tta": {"used": config.get("resolved_tta", "none"),  # runs from before test-time flips had none
+                "why": "; ".join((config.get("tta_decision") or {}).get("reasons", []))
+                or ("asked for (--tta)" if "resolved_tta" in config else "a run from before --tta")},
         "engine": {"engine": engine["engine"], "precision": engine["precision"], "device": engine["device"],
                    "why": engine.get("reason", "")},
         "fine_tune": {k: metrics["fine_tune"][k] for k in ("epochs_run", "best_epoch", "stopped_by")}
@@ -87,6 +90,7 @@ def render_markdown(s: dict) -> str:
         ["backbone", s["backbone"]["name"]],
         ["weights", s["backbone"]["weights"]],
         ["image size", f"{s['image_size']['pixels']} px ({s['image_size']['why']})"],
+        ["test-time views", f"{s['tta']['used']} ({s['tta']['why']})"],
         ["engine", f"{s['engine']['engine']}, {s['engine']['precision']} on {s['engine']['device']} "
                    f"({s['engine']['why']})"],
         ["wall time", f"{s['wall_seconds']:.0f} s"],

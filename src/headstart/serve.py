@@ -86,7 +86,8 @@ class Predictor:
 
     def _proba(self, images: list[torch.Tensor]) -> np.ndarray:
         batch = self.transform.normalize(torch.stack(images))  # (n, 3, crop, crop) float32
-        feats = [self.engine(batch[i:i + self.batch_size]).numpy() for i in range(0, len(batch), self.batch_size)]
+        feats = [self.model.batch_features(self.engine, batch[i:i + self.batch_size])  # every test-time view
+                 for i in range(0, len(batch), self.batch_size)]
         return self.model.proba_from_features(np.concatenate(feats))  # (n, n_classes)
 
     def _batches(self) -> None:
@@ -114,7 +115,7 @@ class Predictor:
 def model_info(model, engine_choice, source: Path) -> dict:
     """What GET /model answers: classes, backbone, input, engine, and the run's test metrics if a run."""
     info = {"source": source.resolve().name, "backbone": model.entry.name, "strategy": model.strategy,
-            "classes": list(model.classes), "image_size": model.preprocessing.crop_size,
+            "tta": model.tta, "classes": list(model.classes), "image_size": model.preprocessing.crop_size,
             "preprocessing": model.preprocessing.to_dict(), "engine": engine_choice.to_dict(), "metrics": None}
     try:
         metrics = json.loads((source / "metrics.json").read_text(encoding="utf-8"))

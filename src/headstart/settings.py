@@ -36,6 +36,7 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 OPTIMIZERS = ("adam", "adamw")
 EARLY_STOP_METRICS = ("val_loss", "val_accuracy")
 SAMPLERS = ("balanced",)
+TTAS = ("auto", "none", "flip")  # test-time views: auto (training.choose_test_views), the image, or it and its mirror
 
 
 def parse_duration(value) -> float | None:
@@ -185,6 +186,7 @@ class TrainConfig:
     resume: bool = False  # continue an interrupted fine-tuning run at `out` from its last checkpoint
     cv: int | None = None  # K: also report K-fold accuracy of the feature-extraction head on train + val
     tensorboard: bool = False  # also write TensorBoard event files into <run>/tensorboard (needs tensorboard)
+    tta: str = "auto"  # test-time views (TTAS); "auto": flips when they pay on validation (auto.choose_tta)
     # The fine-tuning settings the caller set (before defaults filled the rest in): not a setting, not saved.
     finetune_given: tuple = field(default=(), repr=False, compare=False)
 
@@ -199,6 +201,8 @@ class TrainConfig:
             raise HeadstartError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}.")
         if self.head not in HEADS:
             raise HeadstartError(f"--head must be one of {', '.join(HEADS)}; got {self.head!r}.")
+        if self.tta not in TTAS:
+            raise HeadstartError(f"--tta must be one of {', '.join(TTAS)}; got {self.tta!r}.")
         if self.class_weight is not None and self.class_weight not in CLASS_WEIGHTS:
             raise HeadstartError(f"--class-weight must be {' or '.join(CLASS_WEIGHTS)}; got {self.class_weight!r}.")
         self.runtime  # noqa: B018 -- checks device, engine, precision, batch size and workers

@@ -6,6 +6,10 @@ rundir.py's; the settings and their rules are settings.py's. A published run dir
 holds the resolved config, metrics, splits, skipped files, model bundle, test predictions,
 plots, report and log of a finished run.
 
+Under torchrun (distributed.py) every rank calls `train`: the ranks share the extraction and the
+fine-tuning, rank 0 runs every step and writes the run, and the other ranks run `help_rank`'s
+steps only (the shared ones) and write nothing into it.
+
 The test split is scored by the saved bundle, loaded back as `evaluate` loads it, through
 the same feature extraction and engine settings: scoring fine-tuned runs through the
 training network on boundary activations instead gave 0.35 where `evaluate` gave 0.325
@@ -30,6 +34,7 @@ import sklearn
 import torch
 import torchvision
 
+from . import distributed
 from ._version import __version__
 from .backbones import get_backbone
 from .bundle import Model, load
@@ -41,7 +46,7 @@ from .errors import DataError, HeadstartError
 from .datachecks import content_digests, cross_split_copies, warn_cross_split_copies
 from .features import FeatureCache, cache_root_of, extract, make_namespace
 from .fileio import write_json, write_text
-from .heads import cross_validate, make_head
+from .heads import cross_validate, make_head, softmax
 from .images import load_image
 from .metrics import compute_metrics
 from .plots import plot_confusion_matrix, plot_training_curve, plot_worst_errors
@@ -53,7 +58,7 @@ from .loop import HistoryCSV, TensorBoard, check_tensorboard
 from .text import count
 from .weights import load_backbone
 from .finetune_run import backbone_identity, run_fine_tune
-from .auto import choose_strategy
+from .auto import choose_strategy, choose_tta
 from .settings import SCRATCH_DEFAULTS, STRATEGIES, Runtime, TrainConfig  # noqa: F401 (public here too)
 
 log = logging.getLogger("headstart")
@@ -111,20 +116,34 @@ def _versions() -> dict:
             "pillow": PIL.__version__, "platform": platform.platform()}
 
 
-def train(data: str | os.PathLike, **settings) -> Run:
+def train(data: str | os.PathLike, **settings) -> Run | None:
     """Train a model on an image folder (or labels CSV) and write its run directory.
 
     Settings are the fields of TrainConfig (backbone, head, image_size, seed, out, ...);
-    `finetune` takes a FineTuneSettings or a dict of its fields.
+    `finetune` takes a FineTuneSettings or a dict of its fields. Under torchrun, rank 0 returns
+    the run and the other ranks None.
     """
     cfg = TrainConfig(data=os.fspath(data), **settings).validate()
+    with distributed.session(cfg.device):
+        return _train_or_help(cfg)
+
+
+def _train_or_help(cfg: TrainConfig) -> Run | None:
+    if cfg.finetune is not None:
+        from .distributed_training import check_supported
+
+        check_supported(cfg.finetune)  # --bn-update under torchrun on CPU is refused before any work
     entry = resolve_backbone(cfg)
     if cfg.tensorboard:
         check_tensorboard()  # before anything is written
     check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
     cache_root = cache_root_of(cfg.cache_dir)
     final = rundir.choose(cfg.out, cfg.overwrite)
+    final = distributed.broadcast_object(final, "agreeing on the run directory")  # runs/<time> is rank 0's
     rundir.check_outside(cfg.data, cfg.labels, final, cache_root)  # before anything is written
+    if not distributed.is_main():
+        help_rank(cfg, entry, cache_root, final)
+        return None
     with rundir.building(final) as out:
         run = _train(cfg, entry, cache_root, out, final)
     log.info("run written to %s", final)
@@ -175,12 +194,14 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
 
     fitted = fit_strategy(cfg, entry, engine, prep, feats, out, final)
     bundle = save_model(cfg, entry, engine, prep, winfo, fitted, out)
+    tta_decision = choose_test_views(cfg, fitted, feats, bundle, out)
     # From here on the run uses the saved model, loaded as `evaluate` loads it, and scores its test split
     # through the same feature path and engine settings: metrics.json's numbers are what evaluate gives.
     test_paths, y_test, proba = score_test_split(bundle, cfg, feats, fitted.cols)
     metrics = run_metrics(fitted, feats, engine, summary, y_test, proba, time.perf_counter() - t_start)
     resolved = resolved_config(cfg, entry, (image_size, size_reason), prep, winfo, choice, feats, fitted, data,
                                summary, final)
+    resolved.update(resolved_tta=bundle.tta, tta_decision=tta_decision)  # what --tta became, and why
     write_outputs(out, final, resolved, metrics, skipped, data, feats, fitted, test_paths, y_test, proba)
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
@@ -224,6 +245,22 @@ def resolved_config(cfg: TrainConfig, entry, size: tuple[int, str], prep, winfo,
         "requested_engine": {"device": cfg.device, "engine": cfg.engine, "precision": cfg.precision},
         "feature_dim": entry.feature_dim, "versions": _versions(), "command": sys.argv,
     }
+
+
+def help_rank(cfg: TrainConfig, entry, cache_root: Path | None, final: Path) -> None:
+    """A rank other than 0 under torchrun: `_train`'s steps up to its share of the extraction and of the
+    fine-tuning (the collectives rank 0 meets there); rank 0 saves, scores and writes the run."""
+    torch.manual_seed(cfg.seed)
+    data, bad_rows, _ = load_run_data(cfg, cache_root)
+    image_size, _ = choose_image_size(cfg, entry, data)
+    prep = entry.preprocessing.scaled(image_size)
+    backbone, winfo = load_weights(cfg, entry)
+    choice, engine = build_engine(cfg, backbone, cache_root)
+    feats = extract_features(cfg, entry, winfo, prep, choice, engine, data, cache_root)
+    check_skipped(cfg, bad_rows, data, feats.ext)
+    check_training_classes(data, feats)
+    if cfg.strategy != "feature-extraction":  # auto may fine-tune: it follows rank 0's choice
+        fit_strategy(cfg, entry, engine, prep, feats, None, final)
 
 
 def load_run_data(cfg: TrainConfig, cache_root: Path | None = None) -> tuple[ImageData, list[dict], dict]:
@@ -291,7 +328,7 @@ def extract_features(cfg: TrainConfig, entry, winfo, prep, choice, engine, data:
     cache = FeatureCache(cache_root, make_namespace(entry.name, winfo.identity(), prep, choice))
     paths = [s.path for s in data.samples]
     ext = extract(engine, prep.transform(), paths, cache, batch_size=cfg.batch_size, workers=cfg.workers,
-                  desc="extracting")
+                  desc="extracting", sharded=True)  # under torchrun each rank computes its share
     samples = [s for s, good in zip(data.samples, ext.ok) if good]
     X = cache.get([k for k in ext.keys if k is not None])
     y = np.array([s.label for s in samples], dtype=np.int64)
@@ -340,7 +377,7 @@ class Fitted:
     head_seconds: float
 
 
-def fit_strategy(cfg: TrainConfig, entry, engine, prep, feats: Features, out: Path, final: Path) -> Fitted:
+def fit_strategy(cfg: TrainConfig, entry, engine, prep, feats: Features, out: Path | None, final: Path) -> Fitted:
     """Phase 1 (a head on the frozen features), auto's choice, --cv, then phase 2 if the strategy has one."""
     epoch_logs = _epoch_logs(cfg, out, "head")
     t_head = time.perf_counter()
@@ -356,7 +393,7 @@ def fit_strategy(cfg: TrainConfig, entry, engine, prep, feats: Features, out: Pa
                     cols=np.array([label_to_col.get(feats.classes[i], -1) for i in y]), strategy=strategy,
                     decision=decision, unused=unused, metrics={"val_accuracy": getattr(head, "val_accuracy_", None)},
                     identity=None, history=getattr(head, "history_", None), head_seconds=head_seconds)
-    if cfg.cv is not None:
+    if cfg.cv is not None and out is not None:  # a helper rank (out None) reports nothing
         fitted.metrics["cv"] = _cross_validate(cfg, X[tr | va], y[tr | va], strategy)
     if strategy == "scratch":
         reset_head(cfg, fitted.head_module)
@@ -392,6 +429,7 @@ def choose_auto(cfg: TrainConfig, feats: Features, head):
     rate = ext.n_computed / ext.seconds if ext.n_computed and ext.seconds else None
     decision = choose_strategy(feats.y[feats.tr], getattr(head, "val_accuracy_", None), len(feats.paths), rate,
                                ft.epochs, ft.time_budget)
+    decision = distributed.broadcast_object(decision, "the auto strategy")  # under torchrun: rank 0's choice
     strategy, unused = decision["strategy"], {}
     log.info("strategy auto -> %s: %s", strategy, "; ".join(decision["reasons"]))
     if strategy == "feature-extraction":  # no phase 2 follows: refit the head on train + validation
@@ -443,6 +481,47 @@ def save_model(cfg: TrainConfig, entry, engine, prep, winfo, fitted: Fitted, out
     return load(out / "model")
 
 
+def choose_test_views(cfg: TrainConfig, fitted: Fitted, feats: Features, model: Model, out: Path) -> dict | None:
+    """Set the saved model's test-time views (`--tta`) and return auto's decision (None when asked for).
+
+    "auto" measures flips on the validation split (auto.choose_tta), and only for a network trained on
+    mirror images (--augment flip, the fine-tuning default): only there did the user say that a mirrored
+    image keeps its class. A model with flips is saved again: model.json says which views to average.
+    """
+    decision = None
+    if cfg.tta != "auto":
+        model.tta = cfg.tta
+    else:
+        decision = _measure_flips(cfg, fitted, feats, model)
+        model.tta = decision["tta"]
+        log.info("tta auto -> %s: %s", model.tta, "; ".join(decision["reasons"]))
+    if model.tta != "none":
+        save_bundle(model, out / "model")  # the same tensors, and the views in model.json
+    return decision
+
+
+def _measure_flips(cfg: TrainConfig, fitted: Fitted, feats: Features, model: Model) -> dict:
+    known = feats.va & (fitted.cols >= 0)
+    reason = None
+    if fitted.strategy == "feature-extraction" or cfg.finetune is None or cfg.finetune.augment != "flip":
+        reason = "the network was not trained on mirror images (--augment flip); pass --tta flip to average them"
+    elif not known.any():
+        reason = "no validation images to measure flips on"
+    if reason:
+        return {"tta": "none", "reasons": [reason], "measurements": {}}
+    model.tta = "flip"  # both views, from which each choice's probabilities follow
+    paths = [s.path for s, k in zip(feats.samples, known) if k]
+    runtime = Runtime.of(cfg.runtime, cache_dir=cfg.cache_dir if feats.cache.dir is not None else "none")
+    t0 = time.perf_counter()
+    both, failures = features_of(model, paths, runtime, desc="val views")
+    # Both views of every validation image went through the network (a trained backbone's features are new):
+    # half of that is what a flip adds to each predicted image.
+    seconds_per_view = (time.perf_counter() - t0) / max(1, 2 * len(paths))
+    y_val = fitted.cols[known][[p not in failures for p in paths]]
+    image_only = softmax(model.logits_from_features(both[:, :model.entry.feature_dim]))
+    return choose_tta(y_val, image_only, model.proba_from_features(both), seconds_per_view)
+
+
 def write_outputs(out: Path, final: Path, resolved: dict, metrics: dict, skipped: list[dict], data: ImageData,
                   feats: Features, fitted: Fitted, test_paths, y_test, proba) -> None:
     """config.json, metrics.json, skipped.json, splits.csv, the plots, test predictions and the reports."""
@@ -458,8 +537,10 @@ def write_outputs(out: Path, final: Path, resolved: dict, metrics: dict, skipped
     write_reports(out, name=final.name)
 
 
-def _epoch_logs(cfg: TrainConfig, out: Path, phase: str) -> list:
+def _epoch_logs(cfg: TrainConfig, out: Path | None, phase: str) -> list:
     """The per-epoch logs of the run: history.csv, and TensorBoard event files with --tensorboard."""
+    if out is None:  # a helper rank under torchrun writes no logs
+        return []
     return [HistoryCSV(out / "history.csv", phase)] + ([TensorBoard(out / "tensorboard", phase)]
                                                        if cfg.tensorboard else [])
 
