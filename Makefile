@@ -59,8 +59,8 @@ test: install fmnist chromium
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
-# The benchmark suite (about 40 min here; run it alone): benchmarks/results.{json,md} and the
-# README's performance table. bench-smoke only checks that the suite runs, on a few images.
+# The benchmark suite (under 60 min; run it alone): benchmarks/results-<cpu kind>.{json,md} and the
+# README's performance tables, one per CPU kind. bench-smoke only checks that the suite runs, on a few images.
 bench: install fmnist
 	$(BIN)/python benchmarks/run.py
 

@@ -1,6 +1,6 @@
 """The serving section of `make bench`: a real `headstart serve` under load, beside in-process prediction.
 
-    python benchmarks/run.py --only serve           # this section alone (results merged into results.json)
+    python benchmarks/run.py --only serve           # this section alone (results merged into this CPU kind's results-<kind>.json)
 
 Decisions:
 - The load generator is Python (threads, each with its own keep-alive http.client connection,

@@ -19,6 +19,10 @@ from headstart.weights import load_backbone
 
 ENTRY = get_backbone("mobilenet_v2")
 UNFREEZE = 3
+# Boundary activations are stored in fp16 (finetune.STORAGE_DTYPE): rounding to 11 significant
+# bits moves each value by at most 2^-11 of itself, and the frozen bottom may differ in its last
+# float32 bits between batchings; 2^-10 covers both.
+FP16_RTOL = 2.0 ** -10
 COMMON = dict(image_size=32, workers=0, seed=0)
 
 
@@ -215,12 +219,74 @@ def test_flip_augmentation_keeps_the_boundary_cache(fmnist_tiny):
     paths, labels = [s.path for s in samples], [s.label for s in samples]
     b = compute_boundary(net, paths, labels, prep.transform(), 4, 0, "test", flip=True)
     x = torch.stack([prep.transform()(load_image(p)) for p in paths])
-    torch.testing.assert_close(b.x, net.boundary(x))
-    torch.testing.assert_close(b.x_flip, net.boundary(x.flip(-1)))
+    torch.testing.assert_close(b.x.float(), net.boundary(x), rtol=FP16_RTOL, atol=1e-5)
+    torch.testing.assert_close(b.x_flip.float(), net.boundary(x.flip(-1)), rtol=FP16_RTOL, atol=1e-5)
     assert not torch.equal(b.x, b.x_flip)
     idx = torch.arange(6)
     xb, _ = _boundary_batch(b, idx, seed=0, epoch=1)
-    mirrored = [not torch.equal(xb[i], b.x[i]) for i in range(6)]
-    assert all(torch.equal(xb[i], b.x_flip[i] if m else b.x[i]) for i, m in enumerate(mirrored))
+    assert xb.dtype == torch.float32
+    mirrored = [not torch.equal(xb[i], b.x[i].float()) for i in range(6)]
+    assert all(torch.equal(xb[i], (b.x_flip[i] if m else b.x[i]).float()) for i, m in enumerate(mirrored))
     assert torch.equal(_boundary_batch(b, idx, seed=0, epoch=1)[0], xb)  # same (seed, epoch): same batch
     assert any(not torch.equal(_boundary_batch(b, idx, seed=0, epoch=e)[0], xb) for e in range(2, 6))
+
+
+def test_boundary_is_stored_in_16_bits_and_read_as_float32(fmnist_tiny, one_torch_thread):
+    """Boundary activations at rest in fp16 (half of float32's memory), batches in float32 within
+    the fp16 rounding of the float32 activations; a set fp16 cannot hold goes to bf16, never to inf."""
+    from headstart.data import scan_folder
+    from headstart.finetune import STORAGE_DTYPE, Boundary, _Store, compute_boundary, predict_boundary
+
+    assert STORAGE_DTYPE == torch.float16
+    model, _ = load_backbone(ENTRY)
+    net = FineTuneNet(ENTRY, model, nn.Linear(ENTRY.feature_dim, 10), UNFREEZE)
+    samples = scan_folder(fmnist_tiny / "train").samples[:10]
+    prep = ENTRY.preprocessing.scaled(32)
+    paths, labels = [s.path for s in samples], [s.label for s in samples]
+    b = compute_boundary(net, paths, labels, prep.transform(), 4, 0, "test", flip=True)
+    assert b.dtype == b.x.dtype == b.x_flip.dtype == torch.float16
+    ref = net.boundary(torch.stack([prep.transform()(load_image(p)) for p in paths]))
+    batch = b.batch(torch.arange(10))
+    assert batch.dtype == torch.float32
+    torch.testing.assert_close(batch, ref, rtol=FP16_RTOL, atol=1e-5)
+    # What training sees: logits from the fp16 store against those from a float32 one.
+    as_fp32 = Boundary(ref, b.y)
+    torch.testing.assert_close(predict_boundary(net, b), predict_boundary(net, as_fp32), rtol=1e-2, atol=1e-3)
+
+    store = _Store(3)
+    store.add(torch.tensor([[1.0], [2.0]]))
+    store.add(torch.tensor([[1e6]]))  # beyond fp16's 65504
+    big = store.result()
+    assert big.dtype == torch.bfloat16 and torch.isfinite(big.float()).all()
+    torch.testing.assert_close(big.float(), torch.tensor([[1.0], [2.0], [1e6]]), rtol=2.0 ** -8, atol=0)
+
+
+def test_fine_tuning_on_16_bit_boundaries_matches_float32(fmnist_tiny, one_torch_thread):
+    """Two epochs of the top and head on the fp16 store against the same on a float32 store: the val
+    losses agree within 1% and the trained networks' logits within 10% of their scale (stated
+    tolerances: measured 0.3% and 5%; Adam's first steps are about lr x sign(gradient), so a
+    weight whose gradient is near zero moves by a whole step either way). Early stopping on
+    val_loss, which falls in both runs: both keep epoch 2."""
+    from headstart.data import scan_folder
+    from headstart.finetune import Boundary, FineTuneSettings, compute_boundary, fit, predict_boundary
+
+    samples = scan_folder(fmnist_tiny / "train").samples
+    prep = ENTRY.preprocessing.scaled(32)
+    paths, labels = [s.path for s in samples], [s.label for s in samples]
+    results = {}
+    for store in ("fp16", "fp32"):
+        torch.manual_seed(0)
+        model, _ = load_backbone(ENTRY)
+        net = FineTuneNet(ENTRY, model, nn.Linear(ENTRY.feature_dim, 10), UNFREEZE)
+        b = compute_boundary(net, paths, labels, prep.transform(), 32, 0, "test")
+        if store == "fp32":  # the float32 activations themselves, as before 16-bit storage
+            b = Boundary(net.boundary(torch.stack([prep.transform()(load_image(p)) for p in paths])), b.y)
+        s = FineTuneSettings(epochs=2, batch_size=32, patience=5, early_stop_metric="val_loss")
+        r = fit(net, s, seed=0, train_data=b, val=b)
+        assert r.best_epoch == 2
+        results[store] = (net, r.history["val_loss"])
+        reference = b if store == "fp32" else None
+    (net16, loss16), (net32, loss32) = results["fp16"], results["fp32"]
+    logits16, logits32 = predict_boundary(net16, reference), predict_boundary(net32, reference)
+    torch.testing.assert_close(logits16, logits32, rtol=0, atol=0.1 * float(logits32.abs().max()))
+    assert loss16 == pytest.approx(loss32, rel=1e-2)

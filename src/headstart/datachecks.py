@@ -5,11 +5,18 @@ inflated by it (scraped folders often hold the same photo under two names). A ru
 each file's bytes (SHA-256, each file read once, in a few threads: the work is waiting on
 the disk, which releases the GIL) and reports the copies that cross splits. Files that
 cannot be read are left to the decoder to report.
+
+Hashing every byte of every file on every run made a second `train` on a cached data set pay
+for its whole data again (issue 15), so digests are kept in the cache root
+(`<cache>/digests/<hash of the data root>.json`), each under its file's (path, size,
+mtime_ns): a file whose size or modification time changed is hashed again, the same rule
+the feature cache keys on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections import defaultdict
@@ -32,10 +39,71 @@ def file_digest(path: str) -> str | None:
         return None
 
 
-def content_digests(paths: Sequence[str], threads: int = 4) -> list[str | None]:
-    """SHA-256 of each file's bytes, in input order; None for a file that cannot be read."""
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(file_digest, paths, chunksize=64))
+def content_digests(paths: Sequence[str], threads: int = 4, cache_root: str | os.PathLike | None = None
+                    ) -> list[str | None]:
+    """SHA-256 of each file's bytes, in input order; None for a file that cannot be read.
+
+    With `cache_root`, digests of files whose (path, size, mtime_ns) are unchanged since a
+    previous run are read from there and the new ones written back (atomically)."""
+    if cache_root is None or not paths:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(file_digest, paths, chunksize=64))
+    store = _digest_file(Path(cache_root), paths)
+    known = _read_digests(store)
+    stamps = [_stamp(p) for p in paths]
+    out: list[str | None] = [None] * len(paths)
+    todo = []
+    for i, (p, stamp) in enumerate(zip(paths, stamps)):
+        hit = known.get(p)
+        if stamp is not None and hit is not None and hit[:2] == stamp:
+            out[i] = hit[2]
+        elif stamp is not None:
+            todo.append(i)
+    if todo:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for i, digest in zip(todo, pool.map(file_digest, [paths[i] for i in todo], chunksize=64)):
+                out[i] = digest
+                if digest is not None:
+                    known[paths[i]] = [*stamps[i], digest]
+        _write_digests(store, known)
+    return out
+
+
+def _stamp(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _digest_file(cache_root: Path, paths: Sequence[str]) -> Path:
+    """One file per data root, so runs on other folders neither read nor rewrite it."""
+    try:
+        root = os.path.commonpath([os.path.abspath(p) for p in paths])
+    except ValueError:  # paths on different drives
+        root = ""
+    name = hashlib.sha256(root.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return cache_root / "digests" / f"{name}.json"
+
+
+def _read_digests(path: Path) -> dict[str, list]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data["files"] if data.get("format") == 1 else {}
+    except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: hash again
+        return {}
+
+
+def _write_digests(path: Path, known: dict[str, list]) -> None:
+    from .fileio import write_text
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"format": 1, "files": known}, separators=(",", ":")))  # 200,000 files: 25 MB
+    except OSError as exc:  # a read-only cache costs the next run its hashing, nothing else
+        log.warning("cannot keep file digests in %s (%s); the next run hashes the files again.", path, exc)
 
 
 def cross_split_copies(paths: Sequence[str], splits: Sequence[str], digests: Sequence[str | None]) -> dict:

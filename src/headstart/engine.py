@@ -71,7 +71,7 @@ def installed(engine: str) -> bool:
 
 
 def choose_engine(device: str = "auto", engine: str = "auto", precision: str = "auto") -> EngineChoice:
-    """The fixed rule (README "Speed" and benchmarks/results.md have the measurements behind it).
+    """The fixed rule (README "Speed" and benchmarks/results-<kind>.md have the measurements behind it).
 
     CUDA: torch. CPU: OpenVINO in bf16 where the CPU has native bf16 (fastest measured there),
     else ONNX Runtime fp32 (6.9x plain PyTorch on MobileNetV2 at 224 px on an AVX2 CPU, 2.3x on

@@ -183,7 +183,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     """The run's steps, writing into `out` (the partial directory that becomes `final`)."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    data, bad_rows, summary = load_run_data(cfg)
+    data, bad_rows, summary = load_run_data(cfg, cache_root)
     image_size, size_reason = choose_image_size(cfg, entry, data)
     prep = entry.preprocessing.scaled(image_size)
     log.info("image size %d (%s); resize %d, crop %d", image_size, size_reason, prep.resize_size, prep.crop_size)
@@ -252,7 +252,7 @@ def help_rank(cfg: TrainConfig, entry, cache_root: Path | None, final: Path) -> 
     """A rank other than 0 under torchrun: `_train`'s steps up to its share of the extraction and of the
     fine-tuning (the collectives rank 0 meets there); rank 0 saves, scores and writes the run."""
     torch.manual_seed(cfg.seed)
-    data, bad_rows, _ = load_run_data(cfg)
+    data, bad_rows, _ = load_run_data(cfg, cache_root)
     image_size, _ = choose_image_size(cfg, entry, data)
     prep = entry.preprocessing.scaled(image_size)
     backbone, winfo = load_weights(cfg, entry)
@@ -264,8 +264,9 @@ def help_rank(cfg: TrainConfig, entry, cache_root: Path | None, final: Path) -> 
         fit_strategy(cfg, entry, engine, prep, feats, None, final)
 
 
-def load_run_data(cfg: TrainConfig) -> tuple[ImageData, list[dict], dict]:
-    """The images, their classes and splits; unusable CSV rows; the summary config.json records."""
+def load_run_data(cfg: TrainConfig, cache_root: Path | None = None) -> tuple[ImageData, list[dict], dict]:
+    """The images, their classes and splits; unusable CSV rows; the summary config.json records.
+    File digests (copies across splits) are kept in `cache_root` for the next run."""
     data, bad_rows = load_data(cfg.data, labels=cfg.labels, val_fraction=cfg.val_fraction,
                                test_fraction=cfg.test_fraction)
     summary = data.summary()
@@ -276,7 +277,7 @@ def load_run_data(cfg: TrainConfig) -> tuple[ImageData, list[dict], dict]:
         log.warning("skipping %s: %s", item["path"], item["reason"])
     all_paths = [s.path for s in data.samples]
     summary["duplicates_across_splits"] = cross_split_copies(all_paths, [s.split for s in data.samples],
-                                                             content_digests(all_paths))
+                                                             content_digests(all_paths, cache_root=cache_root))
     warn_cross_split_copies(summary["duplicates_across_splits"])
     if len(data.classes) < 2:
         raise DataError(f"{data.root} has a single class ({data.classes[0]}); a classifier needs at least two "

@@ -1,0 +1,51 @@
+"""Results per CPU kind, side by side: benchmarks/results-<kind>.{json,md} and the README's tables.
+
+headstart's rule picks its engine and precision from the CPU's flags (engine.native_bf16), so
+numbers from one kind say little about the other: `make bench` files its results under the
+kind it ran on, and the README shows every kind, with "not measured yet on this kind" where
+no run has been recorded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from headstart.engine import cpu_flags
+
+# The kinds the project is run on, in README order; another CPU gets its own file and section.
+KINDS = {"avx2": "AVX2, no AVX-512, no native bf16",
+         "avx512_bf16": "AVX-512 with native bf16 (AVX512-BF16 or AMX)"}
+
+
+def cpu_kind(flags: frozenset[str] | None = None) -> str:
+    """avx512_bf16 where bf16 is native (the rule picks bf16 there), else avx512, avx2 or baseline."""
+    flags = cpu_flags() if flags is None else flags
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        return "avx512_bf16"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "baseline"
+
+
+def kind_of(machine: dict) -> str:
+    """The kind a results file came from (files written before kinds were recorded have the flags)."""
+    if "cpu_kind" in machine:
+        return machine["cpu_kind"]
+    return "avx512_bf16" if machine.get("native_bf16") else "avx512" if machine.get("avx512") else "avx2"
+
+
+def results_paths(out_dir: Path, kind: str) -> tuple[Path, Path]:
+    return out_dir / f"results-{kind}.json", out_dir / f"results-{kind}.md"
+
+
+def readme_section(out_dir: Path) -> str:
+    """Every kind's table (the Markdown `make bench` wrote for it) under its own heading."""
+    kinds = dict(KINDS)
+    for md in sorted(out_dir.glob("results-*.md")):
+        kinds.setdefault(md.stem.removeprefix("results-"), md.stem.removeprefix("results-"))
+    parts = []
+    for kind, title in kinds.items():
+        _, md = results_paths(out_dir, kind)
+        body = md.read_text() if md.is_file() else "Not measured yet on this kind.\n"
+        parts.append(f"#### CPU kind `{kind}`: {title}\n\n{body}")
+    return "\n".join(parts)

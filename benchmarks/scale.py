@@ -1,0 +1,137 @@
+"""How the cost of a run grows with the data: the `scale` section of `make bench`.
+
+A folder of small images (16x16 PNG noise, `n` of them in 100 classes; 2,000 in bench-smoke)
+is trained on once at 32 px, which fills the feature cache for real (no synthetic cache: the
+first `train` is the filling, and is timed too). Then, in this process, per image: scanning
+the folder, assigning splits, file digests (cached since the first run) and the feature-cache
+look-up; and in a fresh process the wall time and peak RSS of a second `train`, set against
+the time its head took. Growth per image comes from the same steps on a quarter of the
+folder, growth per class from that quarter spread over up to 1,000 classes (hard links: no copies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CLASSES = 100
+
+
+def _write_images(root: Path, n: int, classes: int) -> list[Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for c in range(classes):
+        (root / f"class{c:04d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        p = root / f"class{i % classes:04d}" / f"img{i:07d}.png"
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(p)  # unique: no copies across splits
+        paths.append(p)
+    return paths
+
+
+def _link_subset(paths: list[Path], root: Path, classes: int) -> None:
+    for i, p in enumerate(paths):
+        d = root / f"class{i % classes:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        os.link(p, d / p.name)
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def steps(folder: Path, cache_root: Path) -> dict:
+    """Seconds of each per-image step of a run on `folder`, in this process."""
+    from headstart.data import scan_folder, split_of
+    from headstart.datachecks import content_digests
+    from headstart.features import FeatureCache, image_key
+
+    t_scan, data = _timed(lambda: scan_folder(folder))
+    rels = [os.path.relpath(s.path, folder) for s in data.samples]
+    t_split, _ = _timed(lambda: [split_of(r, 0.1, 0.1) for r in rels])
+    paths = [s.path for s in data.samples]
+    t_digest, _ = _timed(lambda: content_digests(paths, cache_root=cache_root))
+    spaces = sorted((cache_root / "features").glob("*/namespace.json"))
+
+    def lookup():
+        keys = [image_key(p) for p in paths]
+        if not spaces:
+            return 0
+        namespace = {k: v for k, v in json.loads(spaces[0].read_text()).items() if k != "format"}
+        cache = FeatureCache(cache_root, namespace)
+        cache.refresh()
+        hits = [k for k in keys if cache.contains(k)]
+        cache.get(hits)
+        return len(hits)
+
+    t_lookup, hits = _timed(lookup)
+    return {"images": len(paths), "classes": len(data.classes), "scan_s": t_scan, "split_s": t_split,
+            "digest_s": t_digest, "lookup_s": t_lookup, "cache_hits": hits}
+
+
+def scale(headstart: list, work: Path, n: int, max_rss, smoke: bool = False) -> dict:
+    need = n * 16 * 1024 + (2 << 30 if not smoke else 0)  # files (a block each), cache (1280 floats each), slack
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise RuntimeError(f"scale: {work} has {free / 2**30:.1f} GiB free, the section needs "
+                           f"{need / 2**30:.1f} GiB; free some space or run it with fewer images (--smoke).")
+    root = work / "scale"
+    folder, cache = root / "data", root / "cache"
+    try:
+        t_write, paths = _timed(lambda: _write_images(folder, n, CLASSES))
+        first = [*headstart, "-q", "train", folder, "--strategy", "feature-extraction", "--image-size", "32",
+                 "--cache-dir", cache]
+        t_first, _ = _timed(lambda: subprocess.run([str(c) for c in first + ["--out", root / "run1"]], check=True,
+                                                   capture_output=True))
+        quarter = paths[: n // 4]
+        _link_subset(quarter, root / "quarter", CLASSES)
+        _link_subset(quarter, root / "quarter-1000", min(1000, len(quarter)))  # one image a class at most
+        full, part, spread = steps(folder, cache), steps(root / "quarter", cache), steps(root / "quarter-1000", cache)
+        t0 = time.perf_counter()
+        mib, _ = max_rss(*first, "--out", root / "run2")
+        t_second = time.perf_counter() - t0
+        metrics = json.loads((root / "run2" / "metrics.json").read_text())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    per_image = {k: round(full[f"{k}_s"] / full["images"] * 1e6, 1) for k in ("scan", "split", "digest", "lookup")}
+    growth_image = {k: round((full[f"{k}_s"] - part[f"{k}_s"]) / (full["images"] - part["images"]) * 1e6, 1)
+                    for k in ("scan", "split", "digest", "lookup")}
+    extra_classes = spread["classes"] - part["classes"]
+    growth_class = {k: round((spread[f"{k}_s"] - part[f"{k}_s"]) / extra_classes * 1e6, 1) if extra_classes > 0
+                    else None for k in ("scan", "split", "digest", "lookup")}
+    return {"images": n, "classes": CLASSES, "classes_spread": spread["classes"], "write_seconds": round(t_write, 1),
+            "first_train_seconds": round(t_first, 1), "second_train_seconds": round(t_second, 1),
+            "second_train_peak_rss_mib": round(mib, 1), "second_train_head_seconds": metrics.get("head_seconds"),
+            "second_train_from_cache": metrics["extraction"]["from_cache"],
+            "us_per_image": per_image, "us_per_extra_image": growth_image, "us_per_extra_class": growth_class,
+            "cache_hits": full["cache_hits"], "load_average": os.getloadavg()[0]}
+
+
+def _number(x) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
+def markdown(s: dict) -> list[str]:
+    step_names = {"scan": "scanning the folder", "split": "split assignment", "digest": "file digests (cached)",
+                  "lookup": "feature-cache look-up"}
+    lines = ["", f"Scale: {s['images']:,} 16x16 PNG images in {s['classes']} classes, features cached by a first "
+             f"`train` at 32 px ({s['first_train_seconds']:.0f} s); load average {s['load_average']:.1f}:", "",
+             "| step | µs per image | µs per extra image | µs per extra class |", "|---|---|---|---|"]
+    lines += [f"| {label} | {s['us_per_image'][k]:.1f} | {s['us_per_extra_image'][k]:.1f} | "
+              f"{_number(s['us_per_extra_class'][k])} |" for k, label in step_names.items()]
+    head = s.get("second_train_head_seconds")
+    lines += ["", f"Second `train` on the same folder: {s['second_train_seconds']:.0f} s wall "
+              f"({s['second_train_from_cache']:,} images from the cache), of which the head "
+              f"{head if head is not None else float('nan'):.0f} s; peak RSS {s['second_train_peak_rss_mib']:.0f} MiB."]
+    return lines
