@@ -256,7 +256,7 @@ def help_rank(cfg: TrainConfig, entry, cache_root: Path | None, final: Path) -> 
     image_size, _ = choose_image_size(cfg, entry, data)
     prep = entry.preprocessing.scaled(image_size)
     backbone, winfo = load_weights(cfg, entry)
-    choice, engine = build_engine(cfg, backbone, cache_root)
+    choice, engine = build_engine(cfg, backbone, cache_root, data, prep)
     feats = extract_features(cfg, entry, winfo, prep, choice, engine, data, cache_root)
     check_skipped(cfg, bad_rows, data, feats.ext)
     check_training_classes(data, feats)
