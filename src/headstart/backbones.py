@@ -92,7 +92,7 @@ class Preprocessing:
 
 
 # How SplitClassification departs from torchvision's operations: part of the feature cache's key.
-PIPELINE = {"resize": "crop region only (Pillow box)", "normalize": "fused multiply-add"}
+PIPELINE = {"normalize": "fused multiply-add"}
 
 
 class SplitClassification(ImageClassification):
@@ -104,12 +104,12 @@ class SplitClassification(ImageClassification):
     per-call overhead on a 3x128x128 image made per-image normalising take as long as
     decoding and resizing together (measured: 1,090 vs 1,410 images/s on one core).
 
-    Two shortcuts against torchvision's operations (issue 15, FMNIST-TL at 128 px, CPU time
-    per image on one core): the resize computes only the pixels the crop keeps (Pillow's
-    `box`; upsampling only), 504 -> 264 us, pixels within 1 level of resize-then-crop (1.5%
-    of them differ on 28 px images);
-    normalising is one multiply-add on the batch, 257 -> 54 us, within 5e-7. PIPELINE names
-    both for the feature cache's key.
+    Normalising is one multiply-add on the batch (issue 15, FMNIST-TL at 128 px, CPU time per
+    image on one core: 257 -> 54 us), within 5e-7 of torchvision's; PIPELINE names it for the
+    feature cache's key. A second shortcut was measured and dropped: resizing only the pixels the
+    crop keeps (Pillow's `box`, 504 -> 264 us when upsampling) moved pixels by up to one level, and
+    with bicubic (EfficientNet-Lite) that moved probabilities by 3.6e-4 against a client following
+    the export's JSON (resize, then crop), which states the preprocessing a model needs.
     """
 
     def __init__(self, *, crop_mode: str = "center", **kw):
@@ -123,35 +123,11 @@ class SplitClassification(ImageClassification):
         return self.normalize(self.decode(img))
 
     def decode(self, img) -> torch.Tensor:  # PIL image -> (3, crop, crop) uint8
-        if isinstance(img, Image.Image):
-            box = self._crop_box(img.width, img.height)
-            if box is not None:
-                crop = self.crop_size[0]
-                return F.pil_to_tensor(img.resize((crop, crop), F.pil_modes_mapping[self.interpolation], box=box))
         # "center": [size] resizes the short side; "squash": [size, size] resizes both.
         size = self.resize_size if self.crop_mode == "center" else self.resize_size * 2
         img = F.resize(img, size, interpolation=self.interpolation, antialias=self.antialias)
         img = F.center_crop(img, self.crop_size)
         return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
-
-    def _crop_box(self, w: int, h: int) -> tuple[float, float, float, float] | None:
-        """The crop's region in source pixels, placed as torchvision's resize then center_crop place it;
-        None where the shortcut is not taken."""
-        size = self.resize_size[0]
-        if self.crop_mode == "squash":
-            new_w = new_h = size
-        elif w <= h:
-            new_w, new_h = size, int(size * h / w)
-        else:
-            new_w, new_h = int(size * w / h), size
-        crop = self.crop_size[0]
-        # Only upsampling: shrinking a photo this way moved some pixels by up to 21 levels (bicubic, a
-        # portrait image), and there the JPEG decode, not the resize, takes the time.
-        if crop > new_h or crop > new_w or new_w < w or new_h < h:
-            return None
-        top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
-        sx, sy = w / new_w, h / new_h
-        return left * sx, top * sy, (left + crop) * sx, (top + crop) * sy
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:  # (..., 3, H, W) uint8 -> float32
         # (x / 255 - mean) / std as x * scale - shift: one pass over the batch, not three.
