@@ -92,7 +92,7 @@ class Preprocessing:
 
 
 # How SplitClassification departs from torchvision's operations: part of the feature cache's key.
-PIPELINE = {"normalize": "fused multiply-add"}
+PIPELINE = {"normalize": "per batch"}
 
 
 class SplitClassification(ImageClassification):
@@ -104,9 +104,10 @@ class SplitClassification(ImageClassification):
     per-call overhead on a 3x128x128 image made per-image normalising take as long as
     decoding and resizing together (measured: 1,090 vs 1,410 images/s on one core).
 
-    Normalising is one multiply-add on the batch (issue 15, FMNIST-TL at 128 px, CPU time per
-    image on one core: 257 -> 54 us), within 5e-7 of torchvision's; PIPELINE names it for the
-    feature cache's key. A second shortcut was measured and dropped: resizing only the pixels the
+    Normalising runs on the whole batch, with torchvision's operations in its order (bitwise its
+    result). A fused multiply-add was faster (issue 15, FMNIST-TL at 128 px, one core: 257 -> 54 us
+    per image) but only within 5e-7 of torchvision's, and headstart promises each backbone's own
+    preprocessing down to the tensor. A second shortcut was measured and dropped: resizing only the pixels the
     crop keeps (Pillow's `box`, 504 -> 264 us when upsampling) moved pixels by up to one level, and
     with bicubic (EfficientNet-Lite) that moved probabilities by 3.6e-4 against a client following
     the export's JSON (resize, then crop), which states the preprocessing a model needs.
@@ -130,10 +131,11 @@ class SplitClassification(ImageClassification):
         return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:  # (..., 3, H, W) uint8 -> float32
-        # (x / 255 - mean) / std as x * scale - shift: one pass over the batch, not three.
-        std = torch.tensor(self.std)
-        scale, shift = (1.0 / (255.0 * std)).view(3, 1, 1), (torch.tensor(self.mean) / std).view(3, 1, 1)
-        return batch.to(torch.float32).mul_(scale).sub_(shift)
+        # torchvision's own operations (convert_image_dtype, then normalize), in its order, so bitwise
+        # its result; on the whole batch, where per-image calls cost as much as decoding.
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (batch.to(torch.float32) / 255).sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)
