@@ -6,6 +6,7 @@ import json
 import signal
 from itertools import combinations
 
+import pytest
 from matplotlib.figure import Figure
 
 from headstart.compare import format_table, plot_compare
@@ -59,6 +60,7 @@ def test_compare_table_separates_speeds_and_shows_sizes_and_intervals():
     assert "[" not in big and "interval" not in big
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_compare_keeps_only_finished_runs_and_the_rerun_resumes(fmnist_tiny, tmp_path,
                                                                              one_torch_thread):
     out = tmp_path / "cmp"
@@ -85,6 +87,7 @@ def test_ctrl_c_during_compare_keeps_only_finished_runs_and_the_rerun_resumes(fm
     assert code == 2 and "--overwrite" in stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_fine_tuning_says_how_to_resume(fmnist_tiny, tmp_path, one_torch_thread):
     args = ("train", fmnist_tiny, "--strategy", "scratch", "--epochs", "2", "--workers", "0", "--cache-dir", "none",
             "--out", tmp_path / "run")

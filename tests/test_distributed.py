@@ -209,6 +209,7 @@ def feature_extraction_runs(fmnist_with_bad_images):
     return work, one, json.loads((work / "two" / "out0.txt").read_text())
 
 
+@pytest.mark.slow
 def test_two_nodes_extract_bitwise_the_one_process_features_and_metrics(feature_extraction_runs):
     work, one, two = feature_extraction_runs
     a, b = cached_features(work / "cache1", work / "fe1"), cached_features(work / "cache2", work / "fe2")
@@ -225,6 +226,7 @@ def test_two_nodes_extract_bitwise_the_one_process_features_and_metrics(feature_
     assert not list(work.glob("fe2.partial-*")) and (work / "fe2" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_each_ranks_bad_image_is_in_the_runs_skipped_list(feature_extraction_runs):
     work, _, _ = feature_extraction_runs
     def skipped(run):
@@ -232,6 +234,7 @@ def test_each_ranks_bad_image_is_in_the_runs_skipped_list(feature_extraction_run
     assert skipped("fe2") == skipped("fe1") == ["00000-broken.png", "99999-broken.png"]
 
 
+@pytest.mark.slow
 def test_two_nodes_fine_tune_as_one_process_and_resume_after_a_rank_dies(feature_extraction_runs):
     work, _, _ = feature_extraction_runs
     data = str(work / "fmnist")
@@ -259,6 +262,7 @@ def test_two_nodes_fine_tune_as_one_process_and_resume_after_a_rank_dies(feature
     assert two["fine_tune"]["world_size"] == 2 and [r["rank"] for r in two["fine_tune"]["memory_per_rank"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_dead_rank_stops_extraction_with_a_clear_message_and_its_chunks_are_reused(feature_extraction_runs):
     from headstart.features import FeatureCache
 

@@ -38,6 +38,7 @@ def _features(images, choice, int8, cache_root):
     return cache.get(result.keys), engine
 
 
+@pytest.mark.slow
 def test_int8_features_correlate_with_fp32(images, tmp_path):
     int8 = calibration_from(images, PRE.transform(), image_key)
     fp32, _ = _features(images, EngineChoice("onnxruntime", "fp32", "cpu", "test"), None, tmp_path)

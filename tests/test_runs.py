@@ -35,6 +35,7 @@ def test_evaluate_reproduces_the_runs_test_accuracy_exactly(name, fmnist_tiny, t
     assert folder["confusion_matrix"] == run.metrics["test"]["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_fine_tuning_with_a_test_class_missing_from_training(fmnist_tiny, tmp_path, one_torch_thread):
     data = tmp_path / "data"
     shutil.copytree(fmnist_tiny, data)

@@ -143,6 +143,7 @@ def test_auto_keeps_flips_only_where_validation_says_they_pay():
     assert choose_tta(y, image, surer_but_wrong_once)["tta"] == "none"
 
 
+@pytest.mark.slow
 def test_auto_measures_flips_after_fine_tuning_with_flips_and_not_after_feature_extraction(fmnist_tiny, tmp_path,
                                                                                         one_torch_thread):
     ft = headstart.train(fmnist_tiny, out=tmp_path / "ft", cache_dir=tmp_path / "cache", strategy="fine-tune",
