@@ -20,6 +20,7 @@ from headstart.engine import (
     make_engine,
     native_bf16,
 )
+from headstart.datachecks import content_digests
 from headstart.errors import HeadstartError
 from headstart.features import (
     FeatureCache,
@@ -346,7 +347,7 @@ def test_cache_info_and_clear_cache(backbone, paths, tmp_path):
     root = tmp_path / "cache"
     root.mkdir()
     assert cache_info(root) == {"path": str(root), "exists": True, "bytes": 0, "parts": dict.fromkeys(
-        ("features", "engines", "downloads", "other"), 0), "namespaces": [], "converted_models": 0}
+        ("features", "engines", "downloads", "digests", "other"), 0), "namespaces": [], "converted_models": 0}
     cache = FeatureCache(root, _namespace(info))
     _extract(_engine(backbone), paths, cache)
     report = cache_info(root)
@@ -366,7 +367,8 @@ def test_cache_info_and_clear_cache(backbone, paths, tmp_path):
 
 
 def test_cache_commands_see_the_whole_cache_folder(backbone, paths, tmp_path):
-    """features/ was all they saw: `cache info` said 8 MB of 34, and `clear` left the converted backbones."""
+    """features/ was all they saw: `cache info` said 8 MB of 34, and `clear` left the converted backbones
+    (and, later, the file digests of digests/)."""
     from test_cli import run_cli
 
     model, info = backbone
@@ -376,8 +378,10 @@ def test_cache_commands_see_the_whole_cache_folder(backbone, paths, tmp_path):
     (root / "downloads").mkdir()
     (root / "downloads" / "t10k-labels-idx1-ubyte.gz").write_bytes(os.urandom(5000))
     (root / "notes.txt").write_text("not headstart's")  # reported, never removed
+    content_digests(paths, cache_root=root)  # what a run keeps so the next one need not hash every file again
+    assert list((root / "digests").glob("*.json"))
     on_disk = {part: sum(f.stat().st_size for f in (root / part).rglob("*") if f.is_file())
-               for part in ("features", "engines", "downloads")}
+               for part in ("features", "engines", "downloads", "digests")}
     assert on_disk["engines"] > on_disk["features"] > 0  # MobileNetV2 converted: megabytes
     report = cache_info(root)
     assert report["parts"] == {**on_disk, "other": len("not headstart's")}

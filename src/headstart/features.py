@@ -400,8 +400,9 @@ def _compute(engine, transform, paths: list[str], keys: list[str], cache: Featur
 
 
 # What headstart writes under a cache folder: pooled features, backbones converted for ONNX Runtime or
-# OpenVINO (engine.py), and `datasets prepare`'s downloads. `cache clear` removes these and nothing else.
-CACHE_PARTS = ("features", "engines", "downloads")
+# OpenVINO (engine.py), `datasets prepare`'s downloads and the file digests of each data root
+# (datachecks.py). `cache clear` removes these and nothing else.
+CACHE_PARTS = ("features", "engines", "downloads", "digests")
 
 
 def _cache_folder(root: str | os.PathLike | None) -> Path:

@@ -41,6 +41,7 @@ from .backbones import Backbone, Preprocessing, sequence
 from .engine import model_digest
 from .errors import HeadstartError
 from .fileio import atomic_path
+from .finetune_precision import FineTunePrecision
 from .features import decode_side, iter_batches
 from .images import ImageError, load_image
 from .loop import EarlyStopping, History, OnEpochEnd, TimeBudget, run_epochs
@@ -309,14 +310,19 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
         checkpoint: Path | None = None, resume: dict | None = None,
         val_fn: Callable[[FineTuneNet], tuple[float, float]] | None = None,
         class_weight: torch.Tensor | None = None, sampler_weights: torch.Tensor | None = None,
-        workers: int = 0, callbacks: Sequence = ()) -> FineTuneResult:
+        workers: int = 0, callbacks: Sequence = (), precision: FineTunePrecision | None = None) -> FineTuneResult:
     """Train the top and head for `s.epochs` (or until early stopping or the time budget).
 
     `train_data` is a Boundary (augmentation off) or an AugmentedImages data set. Returns the
     history; the best weights (by `s.early_stop_metric`) are loaded into `net` at the end.
     `callbacks` (loop.py: history.csv, TensorBoard) see every epoch, those before a resume too.
+    `precision` (finetune_precision.choose; default fp32) is the training forward pass's autocast and
+    layout; validation runs in fp32, as the saved model is scored.
     """
     t0 = time.perf_counter()
+    precision = precision or FineTunePrecision("fp32", False, "fp32: default")
+    if precision.channels_last:
+        net.top.to(memory_format=torch.channels_last)
     n = len(train_data.y) if isinstance(train_data, Boundary) else len(train_data)
     steps = math.ceil(n / s.batch_size)
     opt_cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
@@ -371,7 +377,8 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
         with progress.bar(n, f"fine-tune epoch {epoch}/{s.epochs}") as pbar:
             for xb, yb in batches:
                 opt.zero_grad(set_to_none=True)
-                loss = forward(xb, yb)
+                with precision.autocast():
+                    loss = forward(precision.layout(xb), yb)
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -407,6 +414,7 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
     history = history.history
     best = {"epoch": stopper.best_epoch, "state": stopper.best_state}
     net.load_state_dict({**net.state_dict(), **best["state"]})
+    net.top.to(memory_format=torch.contiguous_format)  # what export and the bundle expect
     net.train(False)
     seconds = time.perf_counter() - t0
     return FineTuneResult(history, best["epoch"], len(history["epoch"]), stopped_by, seconds,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, finetune_precision, memory
 from .backbones import Backbone, Preprocessing, count_parameters
 from .errors import HeadstartError
 from .engine import choose_engine, make_engine
@@ -49,6 +49,9 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
              ", ".join(net.trainable_blocks) or "none", count_parameters(net, trainable_only=True),
              distributed.world_size())
     choice = choose_engine(rt.device, rt.engine, rt.precision)
+    precision = finetune_precision.choose(s.ft_precision, s.channels_last, choice.device)
+    log.info("trained blocks and head in %s%s (%s)", precision.precision,
+             ", channels-last" if precision.channels_last else "", precision.reason)
     if choice.engine != "torch" and len(net.frozen):
         # The frozen bottom never changes: run it on the extraction engine (2-3x torch on CPU).
         net.frozen_engine = make_engine(net.frozen, choice, cache_root_of(rt.cache_dir))
@@ -65,8 +68,11 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
                                       flip=s.augment == "flip")
     else:
         train_data = AugmentedImages(*pick(tr), train_transform(prep, s.augment), cfg.seed)
+    if s.augment in BOUNDARY_AUGMENTS and net.frozen_engine is not None:
+        net.frozen_engine.release()  # the epochs run from the boundary activations: its arena is not needed
     boundary_seconds = time.perf_counter() - t_boundary
-    memory = _memory_per_rank(val, train_data)
+    memory.note("boundary activations held")
+    rank_memory = _memory_per_rank(val, train_data)
 
     y_train = cols[tr]
     n_classes = int(cols.max()) + 1
@@ -90,7 +96,7 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
     with distributed.collective("fine-tuning", again):  # a rank lost mid-step: DDP's all-reduce fails on the others
         result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt if main else None,
                      resume=resume, class_weight=class_weight, sampler_weights=sampler, workers=workers,
-                     callbacks=callbacks)
+                     callbacks=callbacks, precision=precision)
     vloss, vacc = evaluate_boundary(net, val)
     summary = {"settings": s.to_dict(), "trainable_blocks": net.trainable_blocks,
                "trainable_parameters": count_parameters(net, trainable_only=True),
@@ -98,7 +104,7 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
                "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 1),
                "best_val_loss": vloss, "best_val_accuracy": vacc, "boundary_cache": s.augment in BOUNDARY_AUGMENTS,
                "boundary_seconds": round(boundary_seconds, 2), "world_size": distributed.world_size(),
-               "memory_per_rank": memory,
+               "memory_per_rank": rank_memory, "precision": precision.to_dict(),
                "history": result.history}
     log.info("fine-tuning: %d epochs in %.0fs (best epoch %d, stopped by %s), val accuracy %.4f",
              result.epochs_run, result.seconds, result.best_epoch, result.stopped_by, vacc)

@@ -36,6 +36,7 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 OPTIMIZERS = ("adam", "adamw")
 EARLY_STOP_METRICS = ("val_loss", "val_accuracy")
 SAMPLERS = ("balanced",)
+FT_PRECISIONS = ("auto", "fp32", "bf16")  # fine-tuning's trainable part (finetune_precision.py)
 TTAS = ("auto", "none", "flip")  # test-time views: auto (training.choose_test_views), the image, or it and its mirror
 
 
@@ -83,6 +84,12 @@ class FineTuneSettings:
     time_budget: float | None = field(default=None, metadata=_help("e.g. 90s, 10m, 1h (seconds)",
                                                                     parse=parse_duration))
     sampler: str | None = field(default=None, metadata=_help("draw classes equally often", choices=SAMPLERS))
+    # The unfrozen blocks' and head's arithmetic: auto follows finetune_precision.choose (fp32 until a
+    # measurement on a native-bf16 CPU shows bf16 pays); bf16 is torch's CPU autocast.
+    ft_precision: str = field(default="auto", metadata=_help(
+        "precision of the trained blocks and head (auto: fp32 unless measured faster)", choices=FT_PRECISIONS))
+    channels_last: bool = field(default=False, metadata=_help(
+        "run the trained blocks on channels-last activations"))
 
     def validate(self) -> "FineTuneSettings":
         if isinstance(self.unfreeze, str) and self.unfreeze != "all":

@@ -34,7 +34,7 @@ import sklearn
 import torch
 import torchvision
 
-from . import distributed
+from . import distributed, memory
 from ._version import __version__
 from .backbones import get_backbone
 from .bundle import Model, load
@@ -245,6 +245,8 @@ def resolved_config(cfg: TrainConfig, entry, size: tuple[int, str], prep, winfo,
         # what evaluate uses for this run unless told otherwise, so it scores as the run did
         "requested_engine": {"device": cfg.device, "engine": cfg.engine, "precision": cfg.precision},
         "feature_dim": entry.feature_dim, "versions": _versions(), "command": sys.argv,
+        # what --ft-precision became, and why (finetune_precision.choose); None without phase 2
+        "finetune_precision": (fitted.metrics.get("fine_tune") or {}).get("precision"),
     }
 
 
@@ -464,6 +466,10 @@ def fine_tune_step(cfg: TrainConfig, entry, engine, prep, feats: Features, fitte
     """Phase 2: the top blocks and the head trained together (finetune_run.py); the backbone changes in place."""
     for cb in epoch_logs:
         cb.phase = fitted.strategy
+    # Extraction is done (the test split is scored later by the saved model's own engine): its session's
+    # arena would otherwise stay resident under all of fine-tuning (memory.py).
+    engine.release()
+    memory.note("fine-tuning starts")
     ft = run_fine_tune(cfg, entry, engine.model, fitted.head_module, prep, [s.path for s in feats.samples],
                        fitted.cols, feats.tr, feats.va, final, callbacks=epoch_logs)
     fitted.identity = backbone_identity(engine.model)  # the backbone changed: its own features, its own cache
