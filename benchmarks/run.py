@@ -39,14 +39,16 @@ from benchmarks.peak import Peaks  # noqa: E402
 from benchmarks.baselines import plain  # noqa: E402
 from headstart.backbones import get_backbone  # noqa: E402
 from headstart.engine import EngineChoice, installed, make_engine, native_bf16  # noqa: E402
+from headstart.finetune_precision import PAYS  # noqa: E402
 from headstart.weights import load_backbone  # noqa: E402
 
 HEADSTART = [Path(sys.executable).with_name("headstart")]
-SECTIONS = ["peak", "extraction", "decoding", "pipeline", "int8", "end_to_end", "finetune_epoch", "memory", "scale",
-            "serve", "scaling"]
+SECTIONS = ["peak", "extraction", "decoding", "pipeline", "int8", "end_to_end", "finetune_epoch", "finetune_bf16",
+            "memory", "scale", "serve", "scaling"]
 SECTION_KEYS = {"peak": ["peak_gflops"], "extraction": ["extraction", "peak_gflops"], "decoding": ["decoding"],
                 "pipeline": ["pipeline"], "int8": ["int8"],
                 "end_to_end": ["end_to_end", "e2e_repeats"], "finetune_epoch": ["finetune_epoch"],
+                "finetune_bf16": ["finetune_bf16"],
                 "memory": ["memory"], "scale": ["scale"], "serve": ["serve"], "scaling": ["scaling"]}
 ENGINES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 
@@ -357,6 +359,43 @@ def finetune_epoch(data: Path, work: Path, size: int, unfreeze: int, max_batches
             "speedup": round(base_epoch / ours, 2)}
 
 
+def finetune_bf16(data: Path, work: Path, epochs: int, smoke: bool) -> dict:
+    """fp32 against bf16-autocast fine-tuning (issue 15 item 3), the same short run each (`--epochs`), on a CPU
+    with native bf16 only: elsewhere torch emulates bf16, and the rule (finetune_precision.choose) never picks it.
+    The fp32 run goes first and fills the feature cache; epochs are compared by their median seconds."""
+    if not native_bf16():
+        return {"measured": False, "reason": "not measured: no native bf16"}
+    size = ["--image-size", "32"] if smoke else []
+    runs = {}
+    for name, flags in (("fp32", ["--ft-precision", "fp32"]), ("bf16", ["--ft-precision", "bf16"]),
+                        ("bf16_channels_last", ["--ft-precision", "bf16", "--channels-last"])):
+        out = work / f"ft-{name}"
+        seconds, _ = run([*HEADSTART, "-q", "train", data, "--strategy", "fine-tune", "--epochs", epochs, *flags,
+                          *size, "--out", out, "--cache-dir", work / "ft-bf16-cache"])
+        m = json.loads((out / "metrics.json").read_text())
+        runs[name] = {"epoch_seconds": statistics.median(m["fine_tune"]["history"]["seconds"]),
+                      "test_accuracy": m["test"]["accuracy"], "wall_seconds": round(seconds, 1)}
+    for name in ("bf16", "bf16_channels_last"):
+        r = runs[name]
+        r["speedup"] = round(runs["fp32"]["epoch_seconds"] / r["epoch_seconds"], 2)
+        r["accuracy_change_points"] = round(100 * (r["test_accuracy"] - runs["fp32"]["test_accuracy"]), 2)
+        r["pays"] = r["speedup"] >= PAYS and abs(r["accuracy_change_points"]) <= 0.3  # issue 15's goal
+    return {"measured": True, "epochs": epochs, **runs, "load_average": os.getloadavg()[0]}
+
+
+def finetune_bf16_markdown(f: dict) -> list[str]:
+    if not f.get("measured"):
+        return ["", f"bf16 fine-tuning: {f['reason']} (the rule keeps fp32 here)."]
+    lines = ["", f"bf16 fine-tuning ({f['epochs']} epochs each, median epoch; goal 1.5x at test accuracy within "
+             f"0.3 points; load average {f['load_average']:.1f}):", "",
+             "| trained part | epoch s | x fp32 | test accuracy | change (points) |", "|---|---|---|---|---|",
+             f"| fp32 | {f['fp32']['epoch_seconds']:.1f} | 1.00 | {f['fp32']['test_accuracy']:.4f} | |"]
+    lines += [f"| {name.replace('_', ', ').replace('channels, last', 'channels-last')} | "
+              f"{f[name]['epoch_seconds']:.1f} | {f[name]['speedup']:.2f} | {f[name]['test_accuracy']:.4f} | "
+              f"{f[name]['accuracy_change_points']:+.2f} |" for name in ("bf16", "bf16_channels_last")]
+    return lines
+
+
 # --- memory --------------------------------------------------------------------------------------
 
 MEMORY_SCRIPT = """
@@ -468,6 +507,8 @@ def markdown(r: dict) -> str:
                   f"headstart {f['headstart_epoch_seconds']:.1f} s with the boundary cache (built once in "
                   f"{f['headstart_boundary_seconds']:.0f} s), plain PyTorch {f['baseline_epoch_seconds']:.1f} s: "
                   f"**{f['speedup']:.1f}x**."]
+    if r.get("finetune_bf16"):
+        lines += finetune_bf16_markdown(r["finetune_bf16"])
     lines += pipeline_markdown(r)
     if r.get("decoding"):
         lines += ["", "| decode + resize + normalise | px | JPEG draft | images/s (1 core) |", "|---|---|---|---|"]
@@ -570,6 +611,7 @@ def main(argv=None) -> int:
     data_dir = work / "data" if smoke else a.data
     result: dict = {"date": time.strftime("%Y-%m-%d"), "smoke": smoke, "repeats": repeats, "machine": machine()}
     log(f"machine: {result['machine']}; work folder {work}")
+    section_seconds: dict[str, float] = {}  # each section's wall time: the total stays under 60 min (issue 15)
     torch_home_with_weights(work)
 
     seconds = 0.05 if smoke else 4.0
@@ -579,63 +621,90 @@ def main(argv=None) -> int:
         result["peak_gflops"] = peaks.to_dict()
         log(f"peak: {result['peak_gflops']}")
     if "extraction" in sections:
+        t_section = time.perf_counter()
         result["extraction"] = extraction(["mobilenet_v2"] if smoke else ["mobilenet_v2", "resnet50"],
                                           [32] if smoke else [96, 224], seconds, repeats, peaks, work)
         result["peak_gflops"] = peaks.to_dict()  # the best of the measurements before and after the engines
-    if sections & {"decoding", "end_to_end", "finetune_epoch", "memory"} or smoke:
+        section_seconds["extraction"] = round(time.perf_counter() - t_section, 1)
+    if sections & {"decoding", "end_to_end", "finetune_epoch", "finetune_bf16", "memory"} or smoke:
         tl = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-tl"), 4 if smoke else 1000,
                      2 if smoke else None)
     if "decoding" in sections:
+        t_section = time.perf_counter()
         result["decoding"] = decoding(tl, [32] if smoke else [96, 224], 0.05 if smoke else 3.0, work)
+        section_seconds["decoding"] = round(time.perf_counter() - t_section, 1)
     if "pipeline" in sections:
+        t_section = time.perf_counter()
         result["pipeline"] = pipeline(tl, 64 if smoke else 3000, repeats, work)
         pl = result["pipeline"]
         log(f"pipeline: whole extraction {pl['whole_extraction_images_per_second']} images/s against the engine "
             f"alone {pl['engine_alone_images_per_second']}: share {pl['share']:.0%} (goal 85%); CPU us per image "
             f"{pl['cpu_us_per_image']} bound on {pl['cores']} cores {pl['bound_on_cores']:.0%}; "
             f"load {pl['load_average']}")
+        section_seconds["pipeline"] = round(time.perf_counter() - t_section, 1)
     if "int8" in sections:
+        t_section = time.perf_counter()
         result["int8"] = int8(tl, repeats, seconds, work)
         log(f"int8: {result['int8']}")
+        section_seconds["int8"] = round(time.perf_counter() - t_section, 1)
     if "end_to_end" in sections:
+        t_section = time.perf_counter()
         result["e2e_repeats"] = a.e2e_repeats or repeats
         result["end_to_end"] = end_to_end(tl, result["e2e_repeats"], work, 32 if smoke else 96)
         e = result["end_to_end"]
         log(f"end to end: headstart {e['headstart']['seconds']:.1f}s ({e['headstart']['accuracy']:.4f}), "
             f"baseline {e['baseline']['process_seconds']:.1f}s ({e['baseline']['accuracy']:.4f}): {e['speedup']}x")
+        section_seconds["end_to_end"] = round(time.perf_counter() - t_section, 1)
     if "finetune_epoch" in sections:
+        t_section = time.perf_counter()
         result["finetune_epoch"] = finetune_epoch(tl, work, 32 if smoke else 128, 8, 2 if smoke else None)
         log(f"fine-tune epoch: {result['finetune_epoch']}")
+        section_seconds["finetune_epoch"] = round(time.perf_counter() - t_section, 1)
+    if "finetune_bf16" in sections:
+        t_section = time.perf_counter()
+        result["finetune_bf16"] = finetune_bf16(tl, work, 1 if smoke else 2, smoke)
+        log(f"bf16 fine-tuning: {result['finetune_bf16']}")
+        section_seconds["finetune_bf16"] = round(time.perf_counter() - t_section, 1)
     if "memory" in sections:
+        t_section = time.perf_counter()
         full = tl if smoke else prepare(data_dir / "fmnist-full", None)
         result["memory"] = peak_memory(full, [20, 40] if smoke else [7000, 70000], 32 if smoke else 128, work)
         result["memory"].append(finetune_memory(tl, work, smoke))
         log(f"fine-tune peak memory: {result['memory'][-1]}")
+        section_seconds["memory"] = round(time.perf_counter() - t_section, 1)
     if "scale" in sections:
+        t_section = time.perf_counter()
         result["scale"] = scale.scale(HEADSTART, work, a.scale_images or (2_000 if smoke else 200_000), max_rss,
                                       smoke=smoke)
         log(f"scale: {result['scale']}")
+        section_seconds["scale"] = round(time.perf_counter() - t_section, 1)
 
     if "serve" in sections:
+        t_section = time.perf_counter()
         # The model's quality does not matter here: a small training set keeps the section short.
         data = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-serve"), 4 if smoke else 100,
                        2 if smoke else 20)
         result["serve"] = serving.serving(HEADSTART, data, work / "serve-run", work, smoke=smoke)
         result["serve"]["date"] = time.strftime("%Y-%m-%d %H:%M")
         log(f"serving: {result['serve']}")
+        section_seconds["serve"] = round(time.perf_counter() - t_section, 1)
     if "scaling" in sections:
+        t_section = time.perf_counter()
         data = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-scaling"), 4 if smoke else 200,
                        2 if smoke else 20)
         result["scaling"] = scale_out.scaling(data, work, 32 if smoke else 96, 8)
         log(f"scaling: {result['scaling']}")
+        section_seconds["scaling"] = round(time.perf_counter() - t_section, 1)
     total = time.perf_counter() - t_start
+    result["section_seconds"] = section_seconds
     json_path, md_path = kinds.results_paths(out_dir, result["machine"]["cpu_kind"])
     if a.only is None:
         result["total_seconds"] = round(total, 1)
     elif not smoke and json_path.exists():
         # Some sections only: the others keep their previous numbers (and the header its date).
         previous = json.loads(json_path.read_text())
-        result = {**previous, **{k: result[k] for s in sections for k in SECTION_KEYS[s] if k in result}}
+        result = {**previous, **{k: result[k] for s in sections for k in SECTION_KEYS[s] if k in result},
+                  "section_seconds": {**previous.get("section_seconds", {}), **section_seconds}}
     table = markdown(result)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(table)
@@ -643,7 +712,7 @@ def main(argv=None) -> int:
         update_readme(kinds.readme_section(out_dir))
     print(table)
     log(f"wrote {json_path} and {md_path}")
-    log(f"total {total / 60:.1f} min ({', '.join(sorted(sections))})")
+    log(f"total {total / 60:.1f} min ({', '.join(sorted(sections))}); per section (s): {section_seconds}")
     return 0
 
 

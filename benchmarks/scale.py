@@ -38,6 +38,42 @@ def _write_images(root: Path, n: int, classes: int) -> list[Path]:
     return paths
 
 
+UNIQUE = 2_000  # distinct images of a synthetic folder; the rest are hard links to them
+
+
+def _link_copies(paths: list[Path], root: Path, n: int, classes: int) -> list[Path]:
+    """`n` files in `classes` folders, hard links to `paths` in turn: 200,000 files in seconds, not minutes."""
+    out = list(paths)
+    for i in range(len(paths), n):
+        p = root / f"class{i % classes:04d}" / f"img{i:07d}.png"
+        os.link(paths[i % len(paths)], p)
+        out.append(p)
+    return out
+
+
+def _fill_cache(folder: Path, cache: Path) -> None:
+    """What a first `train` at 32 px leaves in `cache`, without running the network: file digests, and
+    random features under the namespace and keys `train` looks up (the head then fits noise, which costs
+    what fitting real features costs)."""
+    from headstart.backbones import get_backbone
+    from headstart.data import scan_folder
+    from headstart.datachecks import content_digests
+    from headstart.engine import choose_engine
+    from headstart.features import CHUNK, FeatureCache, image_key, make_namespace
+    from headstart.weights import load_backbone
+
+    entry = get_backbone("mobilenet_v2")
+    _, winfo = load_backbone(entry, None)
+    features = FeatureCache(cache, make_namespace(entry.name, winfo.identity(), entry.preprocessing.scaled(32),
+                                                  choose_engine("cpu")))
+    paths = [s.path for s in scan_folder(folder).samples]
+    content_digests(paths, cache_root=cache)
+    rng = np.random.default_rng(0)
+    for i in range(0, len(paths), CHUNK):
+        keys = [image_key(p) for p in paths[i:i + CHUNK]]
+        features.put(keys, rng.standard_normal((len(keys), entry.feature_dim), dtype=np.float32))
+
+
 def _link_subset(paths: list[Path], root: Path, classes: int) -> None:
     for i, p in enumerate(paths):
         d = root / f"class{i % classes:04d}"
@@ -80,7 +116,14 @@ def steps(folder: Path, cache_root: Path) -> dict:
             "digest_s": t_digest, "lookup_s": t_lookup, "cache_hits": hits}
 
 
-def scale(headstart: list, work: Path, n: int, max_rss, smoke: bool = False) -> dict:
+def _first_train(headstart: list, folder: Path, cache: Path) -> list:
+    return [*headstart, "-q", "train", folder, "--strategy", "feature-extraction", "--image-size", "32",
+            "--cache-dir", cache]
+
+
+def fill(headstart: list, work: Path, n: int, smoke: bool = False, synthetic: bool = False) -> dict:
+    """The folder of `n` images and its feature cache, filled by a first `train` (timed, not a step measured),
+    or `synthetic`ally: UNIQUE images and hard links to them, and the cache written directly (_fill_cache)."""
     need = n * 16 * 1024 + (2 << 30 if not smoke else 0)  # files (a block each), cache (1280 floats each), slack
     free = shutil.disk_usage(work).free
     if free < need:
@@ -88,34 +131,52 @@ def scale(headstart: list, work: Path, n: int, max_rss, smoke: bool = False) -> 
                            f"{need / 2**30:.1f} GiB; free some space or run it with fewer images (--smoke).")
     root = work / "scale"
     folder, cache = root / "data", root / "cache"
-    try:
+    if synthetic:
+        t_write, paths = _timed(lambda: _link_copies(_write_images(folder, min(n, UNIQUE), CLASSES), folder, n,
+                                                     CLASSES))
+        t_first, _ = _timed(lambda: _fill_cache(folder, cache))
+    else:
         t_write, paths = _timed(lambda: _write_images(folder, n, CLASSES))
-        first = [*headstart, "-q", "train", folder, "--strategy", "feature-extraction", "--image-size", "32",
-                 "--cache-dir", cache]
-        t_first, _ = _timed(lambda: subprocess.run([str(c) for c in first + ["--out", root / "run1"]], check=True,
-                                                   capture_output=True))
-        quarter = paths[: n // 4]
-        _link_subset(quarter, root / "quarter", CLASSES)
-        _link_subset(quarter, root / "quarter-1000", min(1000, len(quarter)))  # one image a class at most
-        full, part, spread = steps(folder, cache), steps(root / "quarter", cache), steps(root / "quarter-1000", cache)
-        t0 = time.perf_counter()
-        mib, _ = max_rss(*first, "--out", root / "run2")
-        t_second = time.perf_counter() - t0
-        metrics = json.loads((root / "run2" / "metrics.json").read_text())
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        t_first, _ = _timed(lambda: subprocess.run([str(c) for c in _first_train(headstart, folder, cache)
+                                                    + ["--out", root / "run1"]], check=True, capture_output=True))
+    quarter = paths[: n // 4]
+    _link_subset(quarter, root / "quarter", CLASSES)
+    _link_subset(quarter, root / "quarter-1000", min(1000, len(quarter)))  # one image a class at most
+    return {"images": n, "write_seconds": round(t_write, 1), "first_train_seconds": round(t_first, 1),
+            "synthetic": synthetic}
+
+
+def measure(headstart: list, work: Path, filled: dict, max_rss) -> dict:
+    """The timed part on `fill`'s folder: each step per image in this process, then a second `train`."""
+    root = work / "scale"
+    folder, cache = root / "data", root / "cache"
+    n = filled["images"]
+    full, part, spread = steps(folder, cache), steps(root / "quarter", cache), steps(root / "quarter-1000", cache)
+    t0 = time.perf_counter()
+    mib, _ = max_rss(*_first_train(headstart, folder, cache), "--out", root / "run2")
+    t_second = time.perf_counter() - t0
+    metrics = json.loads((root / "run2" / "metrics.json").read_text())
     per_image = {k: round(full[f"{k}_s"] / full["images"] * 1e6, 1) for k in ("scan", "split", "digest", "lookup")}
     growth_image = {k: round((full[f"{k}_s"] - part[f"{k}_s"]) / (full["images"] - part["images"]) * 1e6, 1)
                     for k in ("scan", "split", "digest", "lookup")}
     extra_classes = spread["classes"] - part["classes"]
     growth_class = {k: round((spread[f"{k}_s"] - part[f"{k}_s"]) / extra_classes * 1e6, 1) if extra_classes > 0
                     else None for k in ("scan", "split", "digest", "lookup")}
-    return {"images": n, "classes": CLASSES, "classes_spread": spread["classes"], "write_seconds": round(t_write, 1),
-            "first_train_seconds": round(t_first, 1), "second_train_seconds": round(t_second, 1),
+    return {"images": n, "classes": CLASSES, "classes_spread": spread["classes"],
+            "write_seconds": filled["write_seconds"], "first_train_seconds": filled["first_train_seconds"],
+            "second_train_seconds": round(t_second, 1), "synthetic": filled.get("synthetic", False),
             "second_train_peak_rss_mib": round(mib, 1), "second_train_head_seconds": metrics.get("head_seconds"),
             "second_train_from_cache": metrics["extraction"]["from_cache"],
+            "second_train_wall_seconds": metrics.get("wall_seconds"),
             "us_per_image": per_image, "us_per_extra_image": growth_image, "us_per_extra_class": growth_class,
             "cache_hits": full["cache_hits"], "load_average": os.getloadavg()[0]}
+
+
+def scale(headstart: list, work: Path, n: int, max_rss, smoke: bool = False) -> dict:
+    try:
+        return measure(headstart, work, fill(headstart, work, n, smoke), max_rss)
+    finally:
+        shutil.rmtree(work / "scale", ignore_errors=True)
 
 
 def _number(x) -> str:

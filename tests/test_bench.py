@@ -71,3 +71,43 @@ def test_reported_peak_is_above_every_engine_in_a_short_run(tmp_path):
     reported = json.loads(json.dumps(peaks.to_dict()))["fp32"]["gflops"]
     assert all(r["gflops"] <= reported * 1.001 for r in rows), (rows, peaks.to_dict())
     assert all(r["fraction_of_peak"] <= 1.0 for r in rows), rows
+
+
+def test_finetune_bf16_is_recorded_as_not_measured_without_native_bf16(fake_cpu, tmp_path, monkeypatch):
+    from benchmarks import run as bench
+
+    fake_cpu(native_bf16=False)
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("no run may be timed without native bf16"))
+    f = bench.finetune_bf16(tmp_path / "data", tmp_path, 2, smoke=False)
+    assert f == {"measured": False, "reason": "not measured: no native bf16"}
+    assert "not measured: no native bf16" in "\n".join(bench.finetune_bf16_markdown(f))
+
+
+def test_finetune_bf16_times_fp32_against_bf16_on_a_native_bf16_cpu(fake_cpu, tmp_path, monkeypatch):
+    """The runs are faked (this CPU may lack native bf16); what is checked is the recording: each run's
+    flags, the ratio of median epochs, the accuracy change and whether it pays (1.5x, 0.3 points)."""
+    from benchmarks import run as bench
+
+    fake_cpu(native_bf16=True)
+    epochs = {"fp32": [12.0, 10.0, 10.5], "bf16": [7.0, 6.0, 6.5], "bf16_channels_last": [9.0, 8.0, 8.5]}
+    accuracy = {"fp32": 0.9000, "bf16": 0.8990, "bf16_channels_last": 0.8950}
+    seen = []
+
+    def fake_run(cmd, **kw):
+        cmd = [str(c) for c in cmd]
+        name = cmd[cmd.index("--ft-precision") + 1] + ("_channels_last" if "--channels-last" in cmd else "")
+        seen.append((name, cmd[cmd.index("--epochs") + 1]))
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir()
+        (out / "metrics.json").write_text(json.dumps({"fine_tune": {"history": {"seconds": epochs[name]}},
+                                                      "test": {"accuracy": accuracy[name]}}))
+        return 1.0, None
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    f = bench.finetune_bf16(tmp_path / "data", tmp_path, 3, smoke=False)
+    assert seen == [("fp32", "3"), ("bf16", "3"), ("bf16_channels_last", "3")]
+    assert f["measured"] and f["fp32"]["epoch_seconds"] == 10.5
+    assert (f["bf16"]["speedup"], f["bf16"]["accuracy_change_points"], f["bf16"]["pays"]) == (1.62, -0.1, True)
+    assert (f["bf16_channels_last"]["speedup"], f["bf16_channels_last"]["pays"]) == (1.24, False)
+    table = "\n".join(bench.finetune_bf16_markdown(f))
+    assert "| bf16 | 6.5 | 1.62 | 0.8990 | -0.10 |" in table and "| bf16, channels-last | 8.5 | 1.24 |" in table
