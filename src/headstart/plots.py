@@ -39,6 +39,11 @@ def save_png(fig, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi)
 
+CONFUSION_MAX_INCHES = 24.0  # 2,400 pixels a side at 100 dpi
+CONFUSION_MAX_COUNTS = 40  # classes up to which each cell shows its count
+CONFUSION_MAX_LABELS = 100  # classes up to which the axes name them
+
+
 def plot_confusion_matrix(
     cm: np.ndarray | list[list[int]],
     class_names: Sequence[str],
@@ -52,15 +57,20 @@ def plot_confusion_matrix(
         raise ValueError(f"confusion matrix has shape {counts.shape}, expected ({n}, {n})")
     values = _row_normalise(counts) if normalize else counts
 
-    side = max(5.0, 0.55 * n + 2.5)
+    # Growing with the classes unbounded, 100 classes drew a 57-inch figure with 10,000 counts: 1.1 GB resident
+    # and most of a second `train`'s time (issue 15, scale). Above these limits the heatmap stays and the
+    # counts are left to metrics.json and the reports.
+    side = min(CONFUSION_MAX_INCHES, max(5.0, 0.55 * n + 2.5))
     fig = new_figure(side + 1.0, side)
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(image, ax=ax, label="recall (row share)" if normalize else "images")
-    _annotate_counts(ax, counts, values, fontsize=max(5, 11 - n // 5))
-
-    ax.set_xticks(range(n), [_shown(c) for c in class_names], rotation=45, ha="right")
-    ax.set_yticks(range(n), [_shown(c) for c in class_names])
+    if n <= CONFUSION_MAX_COUNTS:
+        _annotate_counts(ax, counts, values, fontsize=max(5, 11 - n // 5))
+    if n <= CONFUSION_MAX_LABELS:
+        fontsize = min(10.0, 72 * side / n * 0.6)  # points: at most 60% of a cell
+        ax.set_xticks(range(n), [_shown(c) for c in class_names], rotation=45, ha="right", fontsize=fontsize)
+        ax.set_yticks(range(n), [_shown(c) for c in class_names], fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix" + (" (row-normalised)" if normalize else ""))
