@@ -675,7 +675,7 @@ def main(argv=None) -> int:
     if "scale" in sections:
         t_section = time.perf_counter()
         result["scale"] = scale.scale(HEADSTART, work, a.scale_images or (2_000 if smoke else 200_000), max_rss,
-                                      smoke=smoke)
+                                      smoke=smoke, synthetic=not smoke)
         log(f"scale: {result['scale']}")
         section_seconds["scale"] = round(time.perf_counter() - t_section, 1)
 
