@@ -57,8 +57,8 @@ def plot_confusion_matrix(
         raise ValueError(f"confusion matrix has shape {counts.shape}, expected ({n}, {n})")
     values = _row_normalise(counts) if normalize else counts
 
-    # Growing with the classes unbounded, 100 classes drew a 57-inch figure with 10,000 counts: 1.1 GB resident
-    # and most of a second `train`'s time (issue 15, scale). Above these limits the heatmap stays and the
+    # Growing with the classes unbounded, 100 classes drew a 57-inch figure with 10,000 counts: 1.0 GB more resident
+    # and minutes of a second `train`'s output writing (issue 15, scale). Above these limits the heatmap stays and the
     # counts are left to metrics.json and the reports.
     side = min(CONFUSION_MAX_INCHES, max(5.0, 0.55 * n + 2.5))
     fig = new_figure(side + 1.0, side)
