@@ -5,7 +5,7 @@ of `training.train`; issue 15 item 4): `import torch` and headstart 0.75 GB resi
 extraction +0.4 GB anonymous memory that stayed (ONNX Runtime's CPU arena, sized for the largest
 activations of a 64-image batch); the boundary activations' engine another +0.38 GB arena on
 top (the activations themselves were 149 MiB), so the process entered epoch 1 at 2.0 GB and
-peaked at 2.2 GB. Each engine session is released once its work is done (engine.release) and
+peaked at 2.37 GB. Released, entering epoch 1 took 1.06 GB (README "Fine-tuning"). Each engine session is released once its work is done (engine.release) and
 the freed heap is handed back with glibc's malloc_trim: freed small blocks otherwise stay
 in the process's heaps.
 
