@@ -5,9 +5,9 @@ of `training.train`; issue 15 item 4): `import torch` and headstart 0.75 GB resi
 extraction +0.4 GB anonymous memory that stayed (ONNX Runtime's CPU arena, sized for the largest
 activations of a 64-image batch); the boundary activations' engine another +0.38 GB arena on
 top (the activations themselves were 149 MiB), so the process entered epoch 1 at 2.0 GB and
-peaked at 2.37 GB. Released, entering epoch 1 took 1.06 GB (README "Fine-tuning"). Each engine session is released once its work is done (engine.release) and
-the freed heap is handed back with glibc's malloc_trim: freed small blocks otherwise stay
-in the process's heaps.
+peaked at 2.37 GB. Each engine session is now released once its work is done (engine.release)
+and the freed heap is handed back with glibc's malloc_trim: freed small blocks otherwise stay
+in the process's heaps. Released, epoch 1 started at 1.06 GB (README "Fine-tuning").
 
 HEADSTART_MEMLOG=1 logs VmRSS, RssAnon, RssFile and the high-water mark at each point a step
 calls `note` (tracemalloc does not see torch's or ONNX Runtime's allocations).
