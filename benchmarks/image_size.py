@@ -91,8 +91,9 @@ def fmnist14(root: Path, per_class: int = 200) -> tuple[list[str], list[str]]:
 MAKERS = {"digits": digits, "fmnist14": fmnist14}
 
 
-def fixed_accuracies(root: Path, csvs: dict[int, Path], cache: Path, log) -> dict:
-    """{seed: {size: test accuracy}} of the feature-extraction run's linear head, features once per size."""
+def fixed_accuracies(root: Path, csvs: dict[int, Path], cache: Path, log, sizes=SIZES, out=None, save=None) -> dict:
+    """{seed: {size: test accuracy}} of the feature-extraction run's linear head, features once per size;
+    added to `out` (and `save` called) after each, so a stopped run keeps its numbers."""
     from headstart.backbones import get_backbone
     from headstart.data import load_data
     from headstart.engine import choose_engine, make_engine
@@ -104,8 +105,8 @@ def fixed_accuracies(root: Path, csvs: dict[int, Path], cache: Path, log) -> dic
     model, winfo = load_backbone(entry, None)
     choice = choose_engine()
     engine = make_engine(model, choice, cache)
-    out: dict = {seed: {} for seed in csvs}
-    for size in SIZES:
+    out = {} if out is None else out
+    for size in sizes:
         prep = entry.preprocessing.scaled(size)
         fc = FeatureCache(cache, make_namespace(entry.name, winfo.identity(), prep, choice))
         for seed, labels in csvs.items():
@@ -117,8 +118,10 @@ def fixed_accuracies(root: Path, csvs: dict[int, Path], cache: Path, log) -> dic
             X = fc.get(ext.keys)
             tr, va, te = sp == "train", sp == "val", sp == "test"
             head = make_head("linear", seed=seed).fit(X[tr], y[tr], X[va], y[va])  # refit on train + val
-            out[seed][size] = float(np.mean(head.predict(X[te]) == y[te]))
-            log(f"{root.name} seed {seed} {size} px: {out[seed][size]:.4f} ({time.perf_counter() - t0:.0f} s)")
+            acc = out.setdefault(str(seed), {})[str(size)] = float(np.mean(head.predict(X[te]) == y[te]))
+            log(f"{root.name} seed {seed} {size} px: {acc:.4f} ({time.perf_counter() - t0:.0f} s)")
+            if save:
+                save()
     return out
 
 
@@ -139,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="*", default=list(MAKERS))
     p.add_argument("--part", nargs="*", default=["fixed", "rule"], choices=["fixed", "rule", "auto"])
     p.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    p.add_argument("--sizes", nargs="*", type=int, default=list(SIZES), help="part fixed: these sizes, in this order")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     store = a.work / "image_size.json"
@@ -157,9 +161,10 @@ def main(argv=None) -> int:
         cache = a.work / f"cache-{name}"
         entry = result.setdefault(name, {})
         for part in a.part:
-            entry[part] = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}
+            entry[part] = {**entry.get(part, {}), "date": time.strftime("%Y-%m-%d %H:%M"),
+                           "load_before": os.getloadavg()}
             if part == "fixed":
-                entry[part]["by_seed"] = {str(s): v for s, v in fixed_accuracies(root, csvs, cache, log).items()}
+                fixed_accuracies(root, csvs, cache, log, a.sizes, entry[part].setdefault("by_seed", {}), save)
             else:
                 settings = {"strategy": "feature-extraction"} if part == "rule" else {}
                 runs = []
@@ -183,11 +188,12 @@ def markdown(result: dict) -> list[str]:
         fixed = entry.get("fixed", {}).get("by_seed")
         if not fixed:
             continue
-        mean = {s: statistics.mean(v[str(s)] if str(s) in v else v[s] for v in fixed.values()) for s in SIZES}
+        sizes = [s for s in SIZES if all(str(s) in v for v in fixed.values())]  # measured on every seed
+        mean = {s: statistics.mean(v[str(s)] for v in fixed.values()) for s in sizes}
         runs = entry.get("rule", {}).get("runs", [])
         default = statistics.mean(r["accuracy"] for r in runs) if runs else float("nan")
         chosen = ", ".join(sorted({str(r["size"]) for r in runs}))
-        lines.append(f"| {name} | {len(fixed)} | " + " | ".join(f"{mean[s]:.4f}" for s in SIZES) +
+        lines.append(f"| {name} | {len(fixed)} | " + " | ".join(f"{mean[s]:.4f}" if s in mean else "" for s in SIZES) +
                      f" | {default:.4f} | {chosen} px | {100 * (max(mean.values()) - default):+.2f} points |")
     for name, entry in result.items():
         runs = entry.get("auto", {}).get("runs", [])
