@@ -24,12 +24,13 @@ def _data(root, **kw):
     return data
 
 
-def test_auto_image_size_upsamples_small_images_at_most_four_times(tmp_path):
+def test_auto_image_size_for_fine_tuning_upsamples_small_images_at_most_four_times(tmp_path):
     small = _data(write_image_folder(tmp_path / "s", n_per_class=4, size=(20, 18)))
-    size, reason = training.auto_image_size(small, 224)
+    size, reason = training.auto_image_size(small, 224, "fine-tune")
     assert size == 96 and "median image side 18 px" in reason  # ceil(18 * 4 / 32) * 32
+    assert training.auto_image_size(small, 224, "feature-extraction")[0] == 160  # 0.7 x 224, a multiple of 32
     tiny = _data(write_image_folder(tmp_path / "t", n_per_class=4, size=(6, 6)))
-    assert training.auto_image_size(tiny, 224)[0] == 64  # never below 64 px
+    assert training.auto_image_size(tiny, 224, "fine-tune")[0] == 64  # never below 64 px
     large = _data(write_image_folder(tmp_path / "l", n_per_class=2, size=(300, 260)))
     size, reason = training.auto_image_size(large, 224)
     assert size == 224 and reason.startswith("backbone default 224 px")
@@ -48,7 +49,8 @@ def test_choose_image_size_takes_an_asked_size_as_given(tmp_path):
     entry = get_backbone("mobilenet_v2")
     assert training.choose_image_size(TrainConfig(data="x", image_size=48), entry, data) == (48, "asked for")
     assert training.choose_image_size(TrainConfig(data="x", image_size="48"), entry, data) == (48, "asked for")
-    assert training.choose_image_size(TrainConfig(data="x"), entry, data)[0] == 64
+    assert training.choose_image_size(TrainConfig(data="x"), entry, data)[0] == 160  # auto, 2 images per class
+    assert training.choose_image_size(TrainConfig(data="x", strategy="fine-tune"), entry, data)[0] == 64
 
 
 def test_write_splits_lists_every_image_with_its_split_and_status(tmp_path):

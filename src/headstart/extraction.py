@@ -33,9 +33,9 @@ def extract_features(data: str | os.PathLike, *, labels: str | None = None, back
         found, bad_rows = load_data(data, labels=labels)
         entry = get_backbone(backbone)
         if image_size == "auto":
-            from .training import auto_image_size
+            from .imagesize import auto_image_size
 
-            size, _ = auto_image_size(found, entry.input_size)
+            size, _ = auto_image_size(found, entry.input_size, "auto")  # the size a default `train` uses
         else:
             size = int(image_size)
         prep = entry.preprocessing.scaled(size)

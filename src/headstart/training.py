@@ -19,12 +19,10 @@ on a native-bf16 CPU (issue 10), and a run's number must be the one anyone can r
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +58,8 @@ from .text import count
 from .weights import load_backbone
 from .finetune_run import backbone_identity, run_fine_tune
 from .auto import choose_strategy, choose_tta
+from .imagesize import RULE as IMAGE_SIZE_RULE
+from .imagesize import auto_image_size
 from .settings import SCRATCH_DEFAULTS, STRATEGIES, Runtime, TrainConfig  # noqa: F401 (public here too)
 
 log = logging.getLogger("headstart")
@@ -76,39 +76,6 @@ class Run:
     metrics: dict
     model: Model
     skipped: list[dict] = field(default_factory=list)
-
-
-MAX_UPSAMPLE = 4
-
-
-def auto_image_size(data: ImageData, default: int, sample: int = 64) -> tuple[int, str]:
-    """The crop size for this data: the backbone's own, unless the images are much smaller.
-
-    Compute grows with the pixel count while accuracy gains flatten (FMNIST-TL: 0.8681 at
-    96 px, 0.8700 at 112, 0.8722 at 128; README, "Choosing the image size"), so images are
-    upsampled at most MAX_UPSAMPLE times, rounded up to a multiple of 32, and never past
-    the backbone's default.
-    """
-    paths = [s.path for s in data.samples[:: max(1, len(data.samples) // sample)]][:sample]
-    sides = []
-    for p in paths:
-        if not os.path.isfile(p):  # opening a FIFO named like an image would wait forever
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a header's oddities are load_image's to report
-                with PIL.Image.open(p) as im:
-                    sides.append(min(im.size))
-        except Exception:
-            continue
-    if not sides:
-        return default, f"backbone default {default} px (image sizes unknown)"
-    median = float(np.median(sides))
-    size = int(min(default, max(64, math.ceil(median * MAX_UPSAMPLE / 32) * 32)))
-    if size == default:
-        return size, f"backbone default {default} px (median image side {median:.0f} px)"
-    return size, f"{size} px: median image side {median:.0f} px, upsampled at most {MAX_UPSAMPLE}x"
-
 
 
 def _versions() -> dict:
@@ -237,6 +204,7 @@ def resolved_config(cfg: TrainConfig, entry, size: tuple[int, str], prep, winfo,
     return {
         **cfg.to_dict(),
         "image_size": size[0], "image_size_reason": size[1],
+        "image_size_rule": IMAGE_SIZE_RULE if cfg.image_size == "auto" else None,
         "resolved_strategy": fitted.strategy, "strategy_decision": fitted.decision, "unused_settings": fitted.unused,
         "out": str(final), "cache_dir": str(feats.cache.dir.parent.parent) if feats.cache.dir else None,
         "cache_namespace": feats.cache.key,
@@ -288,9 +256,9 @@ def load_run_data(cfg: TrainConfig, cache_root: Path | None = None) -> tuple[Ima
 
 
 def choose_image_size(cfg: TrainConfig, entry, data: ImageData) -> tuple[int, str]:
-    """The crop size of the run and why: asked for, or `auto_image_size` of the data."""
+    """The crop size of the run and why: asked for, or `auto_image_size` of the data for the run's strategy."""
     if cfg.image_size == "auto":
-        return auto_image_size(data, entry.input_size)
+        return auto_image_size(data, entry.input_size, cfg.strategy)
     return int(cfg.image_size), "asked for"
 
 
