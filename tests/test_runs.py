@@ -18,6 +18,8 @@ STRATEGIES = {
     "feature-extraction-mlp": dict(strategy="feature-extraction", head="mlp"),
     "fine-tune": dict(strategy="fine-tune", finetune=dict(epochs=1, unfreeze=2)),
     "scratch": dict(strategy="scratch", finetune=dict(epochs=2)),
+    # a fine-tuned member and a scratch member, their probabilities averaged (ensemble.py)
+    "ensemble": dict(strategy="ensemble", finetune=dict(epochs=1, unfreeze=2), scratch_epochs=1),
 }
 
 

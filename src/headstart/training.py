@@ -89,6 +89,17 @@ def auto_image_size(data: ImageData, default: int, sample: int = 64) -> tuple[in
     upsampled at most MAX_UPSAMPLE times, rounded up to a multiple of 32, and never past
     the backbone's default.
     """
+    median = median_image_side(data, sample)
+    if median is None:
+        return default, f"backbone default {default} px (image sizes unknown)"
+    size = int(min(default, max(64, math.ceil(median * MAX_UPSAMPLE / 32) * 32)))
+    if size == default:
+        return size, f"backbone default {default} px (median image side {median:.0f} px)"
+    return size, f"{size} px: median image side {median:.0f} px, upsampled at most {MAX_UPSAMPLE}x"
+
+
+def median_image_side(data: ImageData, sample: int = 64) -> float | None:
+    """The median shorter side of up to `sample` images spread over the data; None if none could be read."""
     paths = [s.path for s in data.samples[:: max(1, len(data.samples) // sample)]][:sample]
     sides = []
     for p in paths:
@@ -101,13 +112,7 @@ def auto_image_size(data: ImageData, default: int, sample: int = 64) -> tuple[in
                     sides.append(min(im.size))
         except Exception:
             continue
-    if not sides:
-        return default, f"backbone default {default} px (image sizes unknown)"
-    median = float(np.median(sides))
-    size = int(min(default, max(64, math.ceil(median * MAX_UPSAMPLE / 32) * 32)))
-    if size == default:
-        return size, f"backbone default {default} px (median image side {median:.0f} px)"
-    return size, f"{size} px: median image side {median:.0f} px, upsampled at most {MAX_UPSAMPLE}x"
+    return float(np.median(sides)) if sides else None
 
 
 
@@ -130,6 +135,9 @@ def train(data: str | os.PathLike, **settings) -> Run | None:
 
 
 def _train_or_help(cfg: TrainConfig) -> Run | None:
+    if cfg.strategy == "ensemble" and distributed.world_size() > 1:
+        raise HeadstartError("--strategy ensemble trains its members one after the other in one process; run it "
+                             "without torchrun, or train --strategy fine-tune under torchrun.")
     if cfg.finetune is not None:
         from .distributed_training import check_supported
 
@@ -184,6 +192,13 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data, bad_rows, summary = load_run_data(cfg, cache_root)
+    ensemble_decision = None
+    if cfg.strategy in ("ensemble", "auto"):  # a fine-tuned and a scratch member, averaged (ensemble_run.py)
+        from .ensemble_run import plan_ensemble, train_ensemble
+
+        ensemble_decision = plan_ensemble(cfg, data)
+        if ensemble_decision["ensemble"]:
+            return train_ensemble(cfg, ensemble_decision, data, summary, cache_root, out, final, t_start)
     image_size, size_reason = choose_image_size(cfg, entry, data)
     prep = entry.preprocessing.scaled(image_size)
     log.info("image size %d (%s); resize %d, crop %d", image_size, size_reason, prep.resize_size, prep.crop_size)
@@ -203,6 +218,8 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     resolved = resolved_config(cfg, entry, (image_size, size_reason), prep, winfo, choice, feats, fitted, data,
                                summary, final)
     resolved.update(resolved_tta=bundle.tta, tta_decision=tta_decision)  # what --tta became, and why
+    if ensemble_decision is not None and resolved["strategy_decision"] is not None:  # auto: why no ensemble
+        resolved["strategy_decision"]["ensemble"] = ensemble_decision
     write_outputs(out, final, resolved, metrics, skipped, data, feats, fitted, test_paths, y_test, proba)
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
 
