@@ -195,3 +195,61 @@ def test_auto_on_large_images_trains_no_scratch_member(tmp_path):
     decision = run.config["strategy_decision"]["ensemble"]
     assert decision["ensemble"] is False and "128 px" in decision["reasons"][0]
     assert not (run.run_dir / "members").exists()
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+
+
+@pytest.mark.slow
+def test_cli_ensemble_run_records_members_and_evaluate_reproduces_it(fmnist_tiny, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli("train", fmnist_tiny, "--strategy", "ensemble", "--epochs", "1", "--unfreeze", "2",
+                                   "--scratch-epochs", "1", "--image-size", "32", "--workers", "0", "--out", out,
+                                   "--cache-dir", tmp_path / "cache", "--json")
+    assert code == 0, stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert config["strategy"] == config["resolved_strategy"] == "ensemble" and config["scratch_epochs"] == 1
+    assert [m["name"] for m in config["ensemble"]["members"]] == ["fine-tune", "scratch"]
+    members = metrics["ensemble"]["members"]
+    assert [m["strategy"] for m in members] == ["fine-tune", "scratch"]
+    assert members[1]["backbone"] == "small_cnn" and members[1]["image_size"] == 32  # its native size
+    for m in members:
+        assert set(m["val"]) == {"accuracy", "log_loss"} and m["wall_seconds"] > 0 and m["test_accuracy"] is not None
+        member_metrics = json.loads((out / m["run"] / "metrics.json").read_text())
+        assert member_metrics["test"]["accuracy"] == m["test_accuracy"]
+        assert member_metrics["fine_tune"]["epochs_run"] == 1
+    assert metrics["val_accuracy"] == metrics["ensemble"]["val"]["accuracy"]
+    assert metrics["ensemble"]["test_accuracy"] == metrics["test"]["accuracy"]
+    assert "## Ensemble members" in (out / "report.md").read_text()
+    assert not list(out.rglob("*.checkpoints"))
+    model = headstart.load(out)
+    assert isinstance(model, Ensemble) and model.names == ["fine-tune", "scratch"]
+    code, stdout, stderr = run_cli("evaluate", out, "--json", "--cache-dir", tmp_path / "cache")
+    assert code == 0, stderr[-3000:]
+    own = json.loads(stdout)
+    assert own["accuracy"] == metrics["test"]["accuracy"]
+    assert own["confusion_matrix"] == metrics["test"]["confusion_matrix"]
+
+
+@pytest.mark.slow
+def test_auto_ensemble_decides_on_validation_and_says_why(fmnist_tiny, tmp_path, monkeypatch):
+    """auto's thresholds lowered to the tiny data's: auto fine-tunes, trains a scratch member beside it, and
+    keeps the average or the fine-tuned member alone by their validation scores."""
+    from headstart import auto
+
+    monkeypatch.setattr(auto, "MIN_PER_CLASS", 5)
+    monkeypatch.setattr(auto, "ENSEMBLE_MIN_PER_CLASS", 5)
+    run = headstart.train(fmnist_tiny, strategy="auto", finetune=dict(epochs=1, unfreeze=2), scratch_epochs=1,
+                          image_size=32, workers=0, out=tmp_path / "run", cache_dir=tmp_path / "cache")
+    decision = run.config["strategy_decision"]
+    assert decision["ensemble"] is True and decision["first_member"]["strategy"] == "fine-tune"
+    m = decision["measurements"]
+    kept = m["val_ensemble"]["log_loss"] < m["val_fine-tune"]["log_loss"] and \
+        m["val_ensemble"]["accuracy"] >= m["val_fine-tune"]["accuracy"]
+    assert decision["kept"] is kept and run.metrics["ensemble"]["kept"] is kept
+    assert isinstance(run.model, Ensemble) is kept
+    assert run.config["resolved_strategy"] == ("ensemble" if kept else "fine-tune")
+    assert ("both members kept" if kept else "fine-tuned member kept alone") in decision["reasons"][-1]
+    assert (run.run_dir / "members" / "scratch" / "model" / "model.json").is_file()
+    assert headstart.evaluate(run.run_dir, cache_dir=tmp_path / "cache")["accuracy"] == run.metrics["test"]["accuracy"]

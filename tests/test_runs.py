@@ -23,7 +23,8 @@ STRATEGIES = {
 }
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "ensemble" else n
+                                  for n in STRATEGIES])  # the ensemble trains two networks
 def test_evaluate_reproduces_the_runs_test_accuracy_exactly(name, fmnist_tiny, tmp_path, one_torch_thread):
     out = tmp_path / name
     run = headstart.train(fmnist_tiny, out=out, cache_dir=tmp_path / "cache", **TINY_RUN, **STRATEGIES[name])

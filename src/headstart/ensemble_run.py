@@ -26,6 +26,7 @@ from .auto import choose_ensemble, keep_ensemble, val_scores
 from .bundle import load
 from .bundle import save as save_bundle
 from .data import ImageData
+from .errors import HeadstartError
 from .ensemble import AVERAGING, Ensemble
 from .fileio import write_json, write_text
 from .metrics import compute_metrics
@@ -43,10 +44,9 @@ log = logging.getLogger("headstart")
 MEMBERS = "members"
 
 
-def plan_ensemble(cfg: TrainConfig, data: ImageData) -> dict:
-    """Whether this run trains an ensemble: always for --strategy ensemble, by auto's rule for auto."""
-    from .errors import HeadstartError
-    from .training import median_image_side
+def plan_ensemble(cfg: TrainConfig, data: ImageData, median_side: float | None) -> dict:
+    """Whether this run trains an ensemble: always for --strategy ensemble, by auto's rule (on the images'
+    median shorter side and the smallest class) for auto."""
 
     if cfg.strategy == "ensemble":
         if distributed.world_size() > 1:
@@ -56,7 +56,7 @@ def plan_ensemble(cfg: TrainConfig, data: ImageData) -> dict:
     counts = np.bincount([s.label for s in data.split("train")], minlength=len(data.classes))
     per_class = int(counts[counts > 0].min()) if counts.any() else 0
     world = distributed.world_size() if not cfg.resume else 2  # a resumed run continues a plain run
-    decision = choose_ensemble(median_image_side(data), per_class, world)
+    decision = choose_ensemble(median_side, per_class, world)
     if cfg.resume:
         decision["reasons"] = ["no ensemble when resuming a run (its checkpoint is of one model)"]
     log.info("strategy auto, ensemble: %s", "; ".join(decision["reasons"]))
@@ -77,32 +77,30 @@ def member_settings(cfg: TrainConfig) -> list[tuple[str, dict]]:
     return [("fine-tune", first), ("scratch", scratch)]
 
 
-def train_member(cfg: TrainConfig, name: str, settings: dict, cache_root, out: Path, final: Path):
-    """One member as an ordinary run in `<out>/members/<name>`; its checkpoints stay inside the partial run."""
-    from .training import _train, resolve_backbone
-
+def train_member(cfg: TrainConfig, name: str, settings: dict, cache_root, out: Path, final: Path, run_member):
+    """One member as an ordinary run in `<out>/members/<name>` (training.run_member); its checkpoints stay
+    inside the partial run and are removed once it is done."""
     mcfg = TrainConfig(data=cfg.data, **settings).validate()
-    entry = resolve_backbone(mcfg)
     sub = out / MEMBERS / name
     sub.mkdir(parents=True, exist_ok=True)
-    log.info("ensemble member %s: %s, %s", name, mcfg.strategy, entry.name)
-    run = _train(mcfg, entry, cache_root, sub, sub)
+    log.info("ensemble member %s: strategy %s, backbone %s", name, mcfg.strategy, mcfg.backbone)
+    run = run_member(mcfg, cache_root, sub)
     shutil.rmtree(checkpoint_dir(sub), ignore_errors=True)
     run.config["out"] = str(final / MEMBERS / name)  # where it will be once the run is published
     write_json(sub / "config.json", run.config)
     return run
 
 
-def train_ensemble(cfg: TrainConfig, decision: dict, data: ImageData, summary: dict, cache_root, out: Path,
-                   final: Path, t_start: float):
-    """The ensemble run: members, their average (kept or not, for auto), test scores and the run's files."""
-    from .training import Run
-
+def train_ensemble(cfg: TrainConfig, decision: dict, data: ImageData, cache_root, out: Path, final: Path,
+                   t_start: float, run_member) -> tuple[dict, dict, object, list]:
+    """The ensemble run: members, their average (kept or not, for auto), test scores and the run's files.
+    Returns the run's config, metrics, model and skipped files. `run_member(cfg, cache_root, folder)` trains
+    one member as a run (training.run_member: passed in, so that this module needs no training.py)."""
     settings = member_settings(cfg)
     runs, walls = {}, {}
     for name, s in settings:
         t0 = time.perf_counter()
-        runs[name] = train_member(cfg, name, s, cache_root, out, final)
+        runs[name] = train_member(cfg, name, s, cache_root, out, final, run_member)
         walls[name] = round(time.perf_counter() - t0, 2)
         if cfg.strategy == "auto" and runs[name].config["resolved_strategy"] != "fine-tune":
             decision = {**decision, "ensemble": False, "reasons": decision["reasons"] + [
@@ -154,7 +152,7 @@ def train_ensemble(cfg: TrainConfig, decision: dict, data: ImageData, summary: d
                               "finetune_epochs": settings[0][1]["finetune"]["epochs"]}
     skipped = _union_skipped(runs.values())
     _write(out, final, config, metrics, skipped, first, test_paths, y_test, proba, model.classes)
-    return Run(run_dir=final, config=config, metrics=metrics, model=model, skipped=skipped)
+    return config, metrics, model, skipped
 
 
 def _split(data: ImageData, split: str, classes: list[str]) -> tuple[list[str], np.ndarray]:

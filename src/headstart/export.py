@@ -213,8 +213,8 @@ def _without_local_paths(weights: dict) -> dict:
     return out
 
 
-def export_onnx(model_or_path: Model | Ensemble | str | os.PathLike, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = True, overwrite: bool = False) -> Path:
+def export_onnx(model_or_path: Model | Ensemble | str | os.PathLike, out_dir: str | os.PathLike, *,
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, overwrite: bool = False) -> Path:
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.json`; return the path of model.onnx.
 
     With `dynamic_batch=False` the batch size is fixed at 1.

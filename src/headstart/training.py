@@ -196,9 +196,11 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     if cfg.strategy in ("ensemble", "auto"):  # a fine-tuned and a scratch member, averaged (ensemble_run.py)
         from .ensemble_run import plan_ensemble, train_ensemble
 
-        ensemble_decision = plan_ensemble(cfg, data)
+        ensemble_decision = plan_ensemble(cfg, data, median_image_side(data) if cfg.strategy == "auto" else None)
         if ensemble_decision["ensemble"]:
-            return train_ensemble(cfg, ensemble_decision, data, summary, cache_root, out, final, t_start)
+            config, metrics, model, skipped = train_ensemble(cfg, ensemble_decision, data, cache_root, out, final,
+                                                             t_start, run_member)
+            return Run(run_dir=final, config=config, metrics=metrics, model=model, skipped=skipped)
     image_size, size_reason = choose_image_size(cfg, entry, data)
     prep = entry.preprocessing.scaled(image_size)
     log.info("image size %d (%s); resize %d, crop %d", image_size, size_reason, prep.resize_size, prep.crop_size)
@@ -222,6 +224,11 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
         resolved["strategy_decision"]["ensemble"] = ensemble_decision
     write_outputs(out, final, resolved, metrics, skipped, data, feats, fitted, test_paths, y_test, proba)
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
+
+
+def run_member(cfg: TrainConfig, cache_root: Path | None, out: Path) -> Run:
+    """An ensemble's member: an ordinary run written into `out` (inside the ensemble's partial run)."""
+    return _train(cfg, resolve_backbone(cfg), cache_root, out, out)
 
 
 def run_metrics(fitted: Fitted, feats: Features, engine, summary: dict, y_test, proba, wall: float) -> dict:
