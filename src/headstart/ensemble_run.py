@@ -102,7 +102,7 @@ def train_ensemble(cfg: TrainConfig, decision: dict, data: ImageData, cache_root
         t0 = time.perf_counter()
         runs[name] = train_member(cfg, name, s, cache_root, out, final, run_member)
         walls[name] = round(time.perf_counter() - t0, 2)
-        if cfg.strategy == "auto" and runs[name].config["resolved_strategy"] != "fine-tune":
+        if name == "fine-tune" and cfg.strategy == "auto" and runs[name].config["resolved_strategy"] != "fine-tune":
             decision = {**decision, "ensemble": False, "reasons": decision["reasons"] + [
                 f"no scratch member: auto chose {runs[name].config['resolved_strategy']} for the first member"]}
             break

@@ -187,13 +187,14 @@ def resolve_backbone(cfg: TrainConfig):
     return entry
 
 
-def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path) -> Run:
-    """The run's steps, writing into `out` (the partial directory that becomes `final`)."""
+def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path, member: bool = False) -> Run:
+    """The run's steps, writing into `out` (the partial directory that becomes `final`); an ensemble's
+    `member` (whose strategy may be auto) trains one model, never an ensemble of its own."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data, bad_rows, summary = load_run_data(cfg, cache_root)
     ensemble_decision = None
-    if cfg.strategy in ("ensemble", "auto"):  # a fine-tuned and a scratch member, averaged (ensemble_run.py)
+    if cfg.strategy in ("ensemble", "auto") and not member:  # a fine-tuned and a scratch member, averaged (ensemble_run.py)
         from .ensemble_run import plan_ensemble, train_ensemble
 
         ensemble_decision = plan_ensemble(cfg, data, median_image_side(data) if cfg.strategy == "auto" else None)
@@ -228,7 +229,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
 
 def run_member(cfg: TrainConfig, cache_root: Path | None, out: Path) -> Run:
     """An ensemble's member: an ordinary run written into `out` (inside the ensemble's partial run)."""
-    return _train(cfg, resolve_backbone(cfg), cache_root, out, out)
+    return _train(cfg, resolve_backbone(cfg), cache_root, out, out, member=True)
 
 
 def run_metrics(fitted: Fitted, feats: Features, engine, summary: dict, y_test, proba, wall: float) -> dict:
