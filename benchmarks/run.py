@@ -232,8 +232,9 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path) -> dict:
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        decoded = [load_image(p) for p in sample]
-        stages = {"read + decode file": cpu_us(lambda: [load_image(p) for p in sample], len(sample)),
+        # As features._Images decodes: grayscale files stay one channel until normalisation.
+        decoded = [load_image(p, gray=True) for p in sample]
+        stages = {"read + decode file": cpu_us(lambda: [load_image(p, gray=True) for p in sample], len(sample)),
                   "resize + crop (worker)": cpu_us(lambda: [transform.decode(im) for im in decoded], len(sample))}
         # The data loader in this process: the two stages above plus batching (the transfer from a worker is
         # shared memory, not measured here).
@@ -582,7 +583,7 @@ def main(argv=None) -> int:
         result["extraction"] = extraction(["mobilenet_v2"] if smoke else ["mobilenet_v2", "resnet50"],
                                           [32] if smoke else [96, 224], seconds, repeats, peaks, work)
         result["peak_gflops"] = peaks.to_dict()  # the best of the measurements before and after the engines
-    if sections & {"decoding", "end_to_end", "finetune_epoch", "memory"} or smoke:
+    if sections & {"decoding", "pipeline", "int8", "end_to_end", "finetune_epoch", "memory"} or smoke:
         tl = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-tl"), 4 if smoke else 1000,
                      2 if smoke else None)
     if "decoding" in sections:

@@ -214,3 +214,36 @@ def test_readme_table_states_each_backbones_input_and_resize():
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
         stated = f"{crop} (resize {resize}" + (f", {interpolation})" if interpolation != "bilinear" else ")")
         assert stated in row, row
+
+
+@pytest.mark.parametrize("interpolation,crop_mode", [("bilinear", "center"), ("bicubic", "squash")])
+def test_grayscale_files_stay_one_channel_and_give_the_rgb_result_bitwise(tmp_path, interpolation, crop_mode):
+    """Extraction resizes a grayscale file in mode L, sends one channel and repeats it only when normalising:
+    bitwise torchvision's transform of the file converted to RGB, alone in a batch or among colour images."""
+    import torchvision
+
+    from headstart.features import iter_batches
+    from headstart.images import load_image
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (28, 28), dtype=np.uint8), rng.integers(0, 256, (37, 61), dtype=np.uint8),
+              rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)]
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(a).save(paths[-1])
+    prep = Preprocessing(crop_size=64, resize_size=73, interpolation=interpolation, crop_mode=crop_mode)
+    t = prep.transform()
+    assert t.decode(load_image(paths[0], gray=True)).shape == (1, 64, 64)  # what a worker sends
+    size = [prep.resize_size] * (2 if crop_mode == "squash" else 1)
+    theirs = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(size, interpolation=torchvision.transforms.InterpolationMode(interpolation)),
+        torchvision.transforms.CenterCrop(64), torchvision.transforms.PILToTensor(),
+        torchvision.transforms.ConvertImageDtype(torch.float32),
+        torchvision.transforms.Normalize(prep.mean, prep.std)])
+    expected = torch.stack([theirs(Image.open(p).convert("RGB")) for p in paths])
+    gray_only = next(iter_batches(paths[:2], t, batch_size=2)).x
+    mixed = next(iter_batches(paths, t, batch_size=3)).x
+    assert gray_only.shape == (2, 3, 64, 64) and gray_only.is_contiguous()
+    assert torch.equal(gray_only, expected[:2])
+    assert torch.equal(mixed, expected)

@@ -220,15 +220,18 @@ class _Images(torch.utils.data.Dataset):
 
     def __init__(self, paths: Sequence[str], transform: Callable):
         self.paths = list(paths)
-        self.transform, _ = split_transform(transform)
+        self.transform, finish = split_transform(transform)
         self.min_side = decode_side(transform)
+        # A grayscale image stays one channel through resizing and the transfer to the consumer, whose
+        # per-batch part makes it three (bitwise the RGB result; see images.load_image).
+        self.gray = finish is not None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(load_image(self.paths[i], self.min_side)), None
+            return i, self.transform(load_image(self.paths[i], self.min_side, gray=self.gray)), None
         except ImageError as exc:
             return i, None, str(exc)
 
@@ -236,7 +239,9 @@ class _Images(torch.utils.data.Dataset):
 def _collate(items):
     ok = [(i, x) for i, x, err in items if err is None]
     failed = [(i, err) for i, x, err in items if err is not None]
-    xs = torch.stack([x for _, x in ok]) if ok else None
+    channels = max((x.shape[-3] for _, x in ok), default=3)
+    # A batch of gray images stays one channel; gray images among colour ones are repeated (the same values).
+    xs = torch.stack([x.expand(channels, -1, -1) for _, x in ok]) if ok else None
     return [i for i, _ in ok], xs, failed
 
 
