@@ -2,7 +2,8 @@
 
 It imports Pillow, NumPy and ONNX Runtime, nothing of headstart, torch or torchvision
 (tests/test_export.py checks both the source and the running process), and follows the
-JSON's "preprocessing" steps, taking every number from the JSON (sizes, crop mode, interpolation,
+JSON's "preprocessing" steps (an input's own "preprocessing" when it has one: an ensemble's
+members each take the images their own way), taking every number from the JSON (sizes, crop mode, interpolation,
 mean and std).
 
     python onnx_client.py EXPORT_DIR IMAGE... [--no-draft]
@@ -92,10 +93,12 @@ def main(argv: list) -> dict:
     folder, *images = [a for a in argv if a != "--no-draft"]
     with open(f"{folder}/model.onnx.json") as f:
         meta = json.load(f)
-    spec = meta["preprocessing"]
-    batch = np.stack([preprocess(decode(p, spec, draft), spec) for p in images])
+    feed = {}
+    for inp in meta["inputs"]:  # an ensemble has one input per member, each with its own preprocessing
+        spec = inp.get("preprocessing") or meta["preprocessing"]
+        feed[inp["name"]] = np.stack([preprocess(decode(p, spec, draft), spec) for p in images])
     session = ort.InferenceSession(f"{folder}/{meta['file']}", providers=["CPUExecutionProvider"])
-    (proba,) = session.run(["probabilities"], {meta["inputs"][0]["name"]: batch})
+    (proba,) = session.run(["probabilities"], feed)
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "headstart"))
     return {"classes": meta["classes"], "probabilities": proba.tolist(), "modules": loaded}
 

@@ -18,10 +18,13 @@ STRATEGIES = {
     "feature-extraction-mlp": dict(strategy="feature-extraction", head="mlp"),
     "fine-tune": dict(strategy="fine-tune", finetune=dict(epochs=1, unfreeze=2)),
     "scratch": dict(strategy="scratch", finetune=dict(epochs=2)),
+    # a fine-tuned member and a scratch member, their probabilities averaged (ensemble.py)
+    "ensemble": dict(strategy="ensemble", finetune=dict(epochs=1, unfreeze=2), scratch_epochs=1),
 }
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "ensemble" else n
+                                  for n in STRATEGIES])  # the ensemble trains two networks
 def test_evaluate_reproduces_the_runs_test_accuracy_exactly(name, fmnist_tiny, tmp_path, one_torch_thread):
     out = tmp_path / name
     run = headstart.train(fmnist_tiny, out=out, cache_dir=tmp_path / "cache", **TINY_RUN, **STRATEGIES[name])

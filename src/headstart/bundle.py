@@ -2,6 +2,10 @@
 
 Saving and loading only; using a loaded Model (features, predictions) is `model.py`'s.
 
+An ensemble bundle (`--strategy ensemble`, ensemble.py) is a folder whose model.json says
+strategy "ensemble", the averaging and its members' folders, `members/0`, `members/1`, ...,
+each an ordinary bundle; `load` returns an `Ensemble`, which is used wherever a Model is.
+
 The bundle holds the backbone's weights too, so it predicts on a machine that has no
 weights package. Nothing is pickled: tensors are safetensors, the rest is JSON, and both
 are validated (format version, backbone name, class names, every key and shape) before
@@ -23,11 +27,12 @@ from .backbones import CROP_MODES, Preprocessing, get_backbone
 from .errors import BundleError, HeadstartError
 from .fileio import atomic_path, write_json
 from .heads import head_module
+from .ensemble import AVERAGING, Ensemble, member_dir
 from .model import TTA, Model
 from .quantize import Int8Source
 from .weights import WeightsInfo, mismatches
 
-__all__ = ["Model", "load", "save"]
+__all__ = ["Model", "Ensemble", "load", "save"]
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +42,12 @@ TENSORS, META = "model.safetensors", "model.json"
 INT8_TENSOR = "int8.onnx"  # the int8 backbone's ONNX file (protobuf, never unpickled), when trained with it
 
 
-def save(model: Model, directory: str | os.PathLike) -> Path:
+def save(model: Model | Ensemble, directory: str | os.PathLike) -> Path:
     """Write `model` as a bundle folder (model.safetensors + model.json); returns the folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, Ensemble):
+        return _save_ensemble(model, directory)
     tensors = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     # safetensors wants contiguous tensors; the engine may have made them channels-last.
@@ -68,6 +75,45 @@ def save(model: Model, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def _save_ensemble(model: Ensemble, directory: Path) -> Path:
+    members = [member_dir(i) for i in range(len(model.members))]
+    for m, sub in zip(model.members, members):
+        save(m, directory / sub)
+    write_json(directory / META, {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "headstart_version": __version__,
+        "strategy": "ensemble",
+        "averaging": AVERAGING,
+        "members": [{"path": sub, "name": name} for sub, name in zip(members, model.names)],
+        "classes": list(model.classes),
+    })
+    return directory
+
+
+def _load_ensemble(d: Path, meta: dict) -> Ensemble:
+    members = meta.get("members")
+    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("path"), str)
+                                                and isinstance(m.get("name", ""), str) for m in members):
+        raise BundleError(f"{d / META}: 'members' must be a list of {{path, name}}; the bundle was edited.")
+    loaded = []
+    for m in members:
+        sub = (d / m["path"]).resolve()
+        if d.resolve() not in sub.parents:  # an edited path must not reach out of the bundle
+            raise BundleError(f"{d / META}: member path {m['path']!r} is not inside the bundle.")
+        if not (sub / META).is_file():
+            raise BundleError(f"{d / META} names member {m['path']!r}, but {sub / META} is missing; the bundle "
+                              "is incomplete: copy the whole folder.")
+        member = load(sub)
+        if isinstance(member, Ensemble):
+            raise BundleError(f"{sub}: an ensemble member is itself an ensemble; members must be plain bundles.")
+        loaded.append(member)
+    ensemble = Ensemble(loaded, names=[m.get("name") or f"member {i}" for i, m in enumerate(members)])
+    if meta.get("classes") not in (None, list(ensemble.classes)):
+        raise BundleError(f"{d / META}: 'classes' differ from its members'; the bundle was edited or mixed.")
+    return ensemble
+
+
 def _checked_preprocessing(prep: Preprocessing) -> Preprocessing:
     import math
 
@@ -93,8 +139,10 @@ def _bundle_dir(path: Path) -> Path:
                       f"folder holding {META} and {TENSORS}.")
 
 
-def load(path: str | os.PathLike) -> Model:
-    """Load a run directory or a bundle folder, validating everything before building modules."""
+def load(path: str | os.PathLike) -> Model | Ensemble:
+    """Load a run directory or a bundle folder, validating everything before building modules.
+
+    An ensemble bundle gives an Ensemble of its members (each loaded and checked as a bundle)."""
     d = _bundle_dir(Path(path).expanduser())
     try:
         meta = json.loads((d / META).read_text(encoding="utf-8"))
@@ -105,6 +153,8 @@ def load(path: str | os.PathLike) -> Model:
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{d} is bundle format version {meta.get('format_version')!r}; this headstart "
                           f"({__version__}) reads version {FORMAT_VERSION}. Use a matching headstart version.")
+    if meta.get("strategy") == "ensemble" and "members" in meta:
+        return _load_ensemble(d, meta)
     try:
         entry = get_backbone(str(meta["backbone"]))
         classes = meta["classes"]

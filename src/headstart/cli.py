@@ -24,6 +24,7 @@ from ._version import __version__
 from .errors import HeadstartError, Interrupted
 from .settings import (CLASS_WEIGHTS, DEVICES, ENGINES, HEADS, PRECISIONS, STRATEGIES, TTAS, FineTuneSettings, Runtime,
                        TrainConfig, parse_duration)
+from .settings import ENSEMBLE
 from .text import count
 
 log = logging.getLogger("headstart")
@@ -100,6 +101,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "(2 backbone passes per image); 'auto' (default) keeps flips when they pay on validation")
     f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
     _finetune_args(f)
+    f.add_argument("--scratch-epochs", type=int, default=None,
+                   help="--strategy ensemble (and auto's ensemble): epochs of the scratch member (default "
+                        f"{ENSEMBLE.scratch_epochs}; the fine-tuned member's are --epochs, default "
+                        f"{ENSEMBLE.finetune_epochs})")
     f.add_argument("--resume", metavar="RUN", default=None,
                    help="continue the interrupted fine-tuning run RUN from its last checkpoint")
 

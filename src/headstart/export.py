@@ -9,6 +9,12 @@ A model with test-time flips (`tta: "flip"`) computes them inside the graph: the
 its left-right mirror go through the backbone together, `probabilities` is the mean of the
 two softmaxes (what headstart predicts) and `logits` is its logarithm, so that softmax of
 `logits` is still `probabilities`. The JSON's "test_time_augmentation" says so.
+
+An ensemble (`--strategy ensemble`) is one graph with one input per member, `image_0`,
+`image_1`, ...: the same images, each input preprocessed as its own "preprocessing" in the
+JSON's "inputs" says (the members differ in size, mean, std), since resizing inside the graph
+would not reproduce Pillow's antialiased resize. `probabilities` is the mean of the members'
+(each with its own test-time views), `logits` its logarithm.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import nn
 
 from ._version import __version__
 from .bundle import Model, load
+from .ensemble import AVERAGING, Ensemble, is_model
 from .engine import ONNX_EXPORT_LOCK
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
@@ -66,6 +73,19 @@ class _FlipAveraged(nn.Module):
         proba = torch.softmax(self.head(self.backbone(both)), dim=1)  # (2B, n_classes)
         proba = (proba[:image.shape[0]] + proba[image.shape[0]:]) / 2  # (B, n_classes)
         return torch.log(proba.clamp_min(torch.finfo(proba.dtype).tiny)), proba  # no log(0) = -inf
+
+
+class _Averaged(nn.Module):
+    """An ensemble in the graph: one input per member (each preprocessed its own way), the mean of their
+    probabilities out, logits its logarithm."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, *images: torch.Tensor):  # one (B, 3, crop_i, crop_i) batch per member, same images
+        proba = torch.stack([m(x)[1] for m, x in zip(self.members, images)]).mean(0)  # (B, n_classes)
+        return torch.log(proba.clamp_min(torch.finfo(proba.dtype).tiny)), proba
 
 
 TTA_SPEC = {
@@ -193,8 +213,8 @@ def _without_local_paths(weights: dict) -> dict:
     return out
 
 
-def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = True, overwrite: bool = False) -> Path:
+def export_onnx(model_or_path: Model | Ensemble | str | os.PathLike, out_dir: str | os.PathLike, *,
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, overwrite: bool = False) -> Path:
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.json`; return the path of model.onnx.
 
     With `dynamic_batch=False` the batch size is fixed at 1.
@@ -205,15 +225,16 @@ def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.Path
                              f"(default {DEFAULT_OPSET}).")
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, overwrite)
-    model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path)
-
-    # A copy, so the caller's model keeps its device, dtype and (possibly channels-last) layout.
-    backbone = copy.deepcopy(model.backbone).to("cpu", torch.float32, memory_format=torch.contiguous_format)
-    head = copy.deepcopy(model.head).to("cpu", torch.float32)
-    net = (_FlipAveraged if model.tta == "flip" else _Classifier)(backbone, head).eval()
-    crop, n_classes = model.preprocessing.crop_size, len(model.classes)
+    model = model_or_path if is_model(model_or_path) else load(model_or_path)
+    members = model.members if isinstance(model, Ensemble) else [model]
+    nets = [_network(m) for m in members]
+    net = _Averaged(nets).eval() if isinstance(model, Ensemble) else nets[0]
+    names = [f"{INPUT}_{i}" for i in range(len(members))] if isinstance(model, Ensemble) else [INPUT]
+    n_classes = len(model.classes)
     batch = "batch" if dynamic_batch else 1
-    example = torch.randn(2 if dynamic_batch else 1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(2 if dynamic_batch else 1, 3, m.preprocessing.crop_size, m.preprocessing.crop_size,
+                                generator=generator) for m in members)
 
     path = out_dir / ONNX_FILE
     with ONNX_EXPORT_LOCK, atomic_path(path) as tmp, warnings.catch_warnings():
@@ -223,9 +244,9 @@ def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.Path
         # against ~1 s, and it needs onnxscript. torch 2.14 warns that this exporter is deprecated.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            net, (example,), str(tmp), dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=[INPUT], output_names=[LOGITS, PROBABILITIES],
-            dynamic_axes={n: {0: "batch"} for n in (INPUT, LOGITS, PROBABILITIES)} if dynamic_batch else None,
+            net, example, str(tmp), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=names, output_names=[LOGITS, PROBABILITIES],
+            dynamic_axes={n: {0: "batch"} for n in (*names, LOGITS, PROBABILITIES)} if dynamic_batch else None,
         )
         onnx.checker.check_model(str(tmp), full_check=True)
         max_diff = _compare(net, str(tmp), example, ort)
@@ -233,6 +254,11 @@ def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.Path
         log.warning("ONNX Runtime's logits differ from PyTorch's by up to %.3g on a random batch; check %s "
                     "before relying on it.", max_diff, path)
 
+    n_batch = int(example[0].shape[0])
+    if isinstance(model, Ensemble):
+        meta = _ensemble_meta(model, names, batch, n_classes)
+    else:
+        meta = _model_meta(model, batch, n_classes)
     write_json(out_dir / META_FILE, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -242,6 +268,51 @@ def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.Path
         "torch_version": torch.__version__,
         "exporter": "torch.onnx.export(dynamo=False)",
         "opset": opset,
+        **meta,
+        "check": {"onnxruntime_version": ort.__version__, "batch_size": n_batch,
+                  "max_abs_logit_diff_vs_torch": max_diff},
+    })
+    log.info("wrote %s and %s (%s, %d classes, %s batch)", path, out_dir / META_FILE,
+             model.describe() if isinstance(model, Ensemble) else model.entry.name, n_classes,
+             "dynamic" if dynamic_batch else "static")
+    return path
+
+
+def _network(model: Model) -> nn.Module:
+    """The model's classifier on CPU in fp32: a copy, so the caller's model keeps its device, dtype and
+    (possibly channels-last) layout."""
+    backbone = copy.deepcopy(model.backbone).to("cpu", torch.float32, memory_format=torch.contiguous_format)
+    head = copy.deepcopy(model.head).to("cpu", torch.float32)
+    return (_FlipAveraged if model.tta == "flip" else _Classifier)(backbone, head).eval()
+
+
+def _ensemble_meta(model: Ensemble, names: list[str], batch, n_classes: int) -> dict:
+    """The JSON of an ensemble: each input is one member's view of the same images, preprocessed its way."""
+    members = [{"name": model.name(i), **_model_meta(m, batch, n_classes)} for i, m in enumerate(model.members)]
+    return {
+        "strategy": "ensemble",
+        "averaging": AVERAGING,
+        "classes": list(model.classes),
+        "members": [{k: v for k, v in m.items() if k not in ("inputs", "outputs", "preprocessing", "classes")}
+                    for m in members],
+        "inputs": [{"name": n, "shape": [batch, 3, m.preprocessing.crop_size, m.preprocessing.crop_size],
+                    "dtype": "float32", "member": model.name(i), "preprocessing": preprocessing_spec(m),
+                    "description": f"the same images as every other input, preprocessed as this input's "
+                                   f"'preprocessing' says (member {model.name(i)})"}
+                   for i, (n, m) in enumerate(zip(names, model.members))],
+        "outputs": [
+            {"name": LOGITS, "shape": [batch, n_classes], "dtype": "float32",
+             "description": "columns follow 'classes'; log of the averaged probabilities"},
+            {"name": PROBABILITIES, "shape": [batch, n_classes], "dtype": "float32",
+             "description": "the mean of the members' probabilities (each with its own test-time views)"},
+        ],
+        "preprocessing": None,  # per input: inputs[i].preprocessing
+    }
+
+
+def _model_meta(model: Model, batch, n_classes: int) -> dict:
+    crop = model.preprocessing.crop_size
+    return {
         "backbone": model.entry.name,
         "weights_sha256": model.weights.sha256,
         "weights": _without_local_paths(model.weights.to_dict()),
@@ -261,18 +332,13 @@ def export_onnx(model_or_path: Model | str | os.PathLike, out_dir: str | os.Path
                                                                         "its mirror's" if model.tta == "flip" else "")},
         ],
         "preprocessing": preprocessing_spec(model),
-        "check": {"onnxruntime_version": ort.__version__, "batch_size": int(example.shape[0]),
-                  "max_abs_logit_diff_vs_torch": max_diff},
-    })
-    log.info("wrote %s and %s (%s, %d classes, %s batch)", path, out_dir / META_FILE, model.entry.name, n_classes,
-             "dynamic" if dynamic_batch else "static")
-    return path
+    }
 
 
-def _compare(net: nn.Module, onnx_path: str, x: torch.Tensor, ort) -> float:
-    """Largest absolute difference between ONNX Runtime's and PyTorch's logits on `x`."""
+def _compare(net: nn.Module, onnx_path: str, x: tuple[torch.Tensor, ...], ort) -> float:
+    """Largest absolute difference between ONNX Runtime's and PyTorch's logits on the inputs `x`."""
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    (got,) = session.run([LOGITS], {INPUT: x.numpy()})
+    (got,) = session.run([LOGITS], {i.name: t.numpy() for i, t in zip(session.get_inputs(), x)})
     with torch.inference_mode():
-        want = net(x)[0].numpy()
+        want = net(*x)[0].numpy()
     return float(np.abs(got - want).max())

@@ -15,6 +15,7 @@ from .data import collect_images, load_data
 from .datachecks import read_splits, seen_in_training
 from .errors import DataError, HeadstartError
 from .metrics import compute_metrics
+from .ensemble import Ensemble, is_model
 from .model import Model
 from .settings import Runtime
 
@@ -110,7 +111,7 @@ def run_test_split(model: Model, run_dir: Path, untrained=()):
 
 def _run_dir_of(model) -> Path | None:
     """The run directory a model path names (one holding config.json and splits.csv), else None."""
-    if isinstance(model, Model):
+    if is_model(model):
         return None
     path = Path(model).expanduser()
     return path if (path / "config.json").is_file() and (path / "splits.csv").is_file() else None
@@ -150,7 +151,7 @@ def _run_config(run_dir: Path | None) -> dict:
     return config
 
 
-def evaluate(model: Model | str | os.PathLike, data=None, *, labels=None, runtime: Runtime | None = None,
+def evaluate(model: Model | Ensemble | str | os.PathLike, data=None, *, labels=None, runtime: Runtime | None = None,
              **kw) -> dict:
     """Metrics of `model` on a folder (or labels CSV): accuracy, per class, confusion matrix, skipped files.
 
@@ -162,7 +163,7 @@ def evaluate(model: Model | str | os.PathLike, data=None, *, labels=None, runtim
     runtime = Runtime.of(runtime, **kw)
     run_dir = _run_dir_of(model)
     config = _run_config(run_dir)
-    model = model if isinstance(model, Model) else load(model)
+    model = model if is_model(model) else load(model)
     runtime = Runtime.of(runtime, **{name: value for name, value in config.get("requested_engine", {}).items()
                                      if getattr(runtime, name) == "auto"})
     untrained = [c for c in config.get("classes", []) if c not in model.classes]

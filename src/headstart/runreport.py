@@ -68,6 +68,7 @@ def run_summary(*, name: str, config: dict, metrics: dict, skipped: list[dict], 
         "fine_tune": {k: metrics["fine_tune"][k] for k in ("epochs_run", "best_epoch", "stopped_by")}
         if "fine_tune" in metrics else None,
         "val_accuracy": metrics.get("val_accuracy"),
+        "ensemble": metrics.get("ensemble"),
         "test": test,
         "wall_seconds": metrics["wall_seconds"],
         "plots": [(f, PLOTS[f]) for f in PLOTS if f in files],
@@ -105,6 +106,8 @@ def render_markdown(s: dict) -> str:
     if s["val_accuracy"] is not None:
         facts.append(["validation accuracy", f"{s['val_accuracy']:.4f}"])
     parts = [f"# headstart run {s['name']}", "## The run\n\n" + markdown_table(["", ""], facts, ["l", "l"])]
+    if s.get("ensemble"):
+        parts.append(_ensemble_section(s["ensemble"]))
     copies = d["duplicates_across_splits"]
     if copies and copies["groups"]:
         kinds = ", ".join(f"{n} across {k}" for k, n in sorted(copies["by_splits"].items()))
@@ -128,6 +131,21 @@ def render_markdown(s: dict) -> str:
     else:
         parts.append("## Skipped files\n\nNone: every file found was used.")
     return "\n\n".join(parts) + "\n"
+
+
+def _ensemble_section(e: dict) -> str:
+    """Each member and their average, on the same validation images; test accuracy of each."""
+    num = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [[m["name"], m["strategy"], m["backbone"], f"{m['image_size']} px", m["tta"], num(m["val"]["accuracy"]),
+             num(m["val"]["log_loss"]), f"{m['wall_seconds']:.0f} s", num(m.get("test_accuracy"))]
+            for m in e["members"]]
+    rows.append(["ensemble", "mean of probabilities", "", "", "", num(e["val"]["accuracy"]),
+                 num(e["val"]["log_loss"]), "", num(e.get("test_accuracy"))])
+    kept = ("The run's model is the ensemble." if e["kept"] else
+            "The run's model is the first member alone: the ensemble did not beat it on validation.")
+    return ("## Ensemble members\n\n" + markdown_table(
+        ["member", "strategy", "backbone", "size", "views", "val acc", "val log loss", "wall", "test acc"], rows,
+        ["l", "l", "l", "r", "l", "r", "r", "r", "r"]) + f"\n\n{kept} Each member's own run is in members/<member>.")
 
 
 def write_run_report(path: Path, summary: dict) -> None:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .ensemble import Ensemble
 from .errors import HeadstartError
 from .settings import Runtime
 from .features import cache_root_of, decode_side
@@ -60,20 +61,33 @@ class Predictor:
     def __init__(self, model, runtime: Runtime | None = None, **kw):
         rt = Runtime.of(runtime, **kw)  # kw: device, engine, precision, cache_dir, batch_size (older signature)
         self.model = model
-        self.transform = model.preprocessing.transform()
-        self.min_side = decode_side(self.transform)
+        # An ensemble's members each decode, preprocess and run the image their own way, as in predict.
+        self._single = not isinstance(model, Ensemble)
+        members = [model] if self._single else model.members
         self.batch_size = rt.batch_size
-        self.engine = model.engine(rt.device, rt.engine, rt.precision, cache_root_of(rt.cache_dir))
+        self._parts = [(m, m.preprocessing.transform(), m.engine(rt.device, rt.engine, rt.precision,
+                                                                 cache_root_of(rt.cache_dir))) for m in members]
+        self.transform, self.engine = self._parts[0][1], self._parts[0][2]
+        self._sides = [decode_side(t) for _, t, _ in self._parts]
+        self.min_side = self._sides[0]
         self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        size = model.preprocessing.crop_size
-        self._proba([self.transform.decode(Image.new("RGB", (size, size)))])  # converts the backbone now
+        blank = Image.new("RGB", (max(m.preprocessing.crop_size for m in members),) * 2)
+        self._proba([self._decode_all(blank)])  # converts the backbones now
         threading.Thread(target=self._batches, name="headstart-inference", daemon=True).start()
 
     def decode(self, data: bytes) -> torch.Tensor:
         """(3, crop, crop) uint8 from an image file's bytes; raises ImageError saying why not."""
         with self._decoding:
-            return self.transform.decode(load_image(data, self.min_side))
+            if self._single:
+                return self.transform.decode(load_image(data, self.min_side))
+            return self._decode_all(data)
+
+    def _decode_all(self, data) -> tuple[torch.Tensor, ...]:
+        """Each member's (3, crop, crop) uint8 of the same image (bytes, decoded for each as predict does)."""
+        images = [load_image(data, side) if isinstance(data, bytes) else data for side in self._sides]
+        out = tuple(t.decode(im) for (_, t, _), im in zip(self._parts, images))
+        return out[0] if self._single else out
 
     def submit(self, images: list[torch.Tensor]) -> Future:
         """A future of the (n, n_classes) probabilities of decoded images."""
@@ -84,11 +98,14 @@ class Predictor:
     def stats(self) -> dict:
         return {"images": self.engine.n_images, "batches": self.engine.n_batches}
 
-    def _proba(self, images: list[torch.Tensor]) -> np.ndarray:
-        batch = self.transform.normalize(torch.stack(images))  # (n, 3, crop, crop) float32
-        feats = [self.model.batch_features(self.engine, batch[i:i + self.batch_size])  # every test-time view
-                 for i in range(0, len(batch), self.batch_size)]
-        return self.model.proba_from_features(np.concatenate(feats))  # (n, n_classes)
+    def _proba(self, images: list) -> np.ndarray:
+        probas = []
+        for k, (model, transform, engine) in enumerate(self._parts):  # one part, or an ensemble's members
+            batch = transform.normalize(torch.stack([im if self._single else im[k] for im in images]))
+            feats = [model.batch_features(engine, batch[i:i + self.batch_size])  # every test-time view
+                     for i in range(0, len(batch), self.batch_size)]  # (n, 3, crop, crop) float32 in
+            probas.append(model.proba_from_features(np.concatenate(feats)))  # (n, n_classes)
+        return probas[0] if self._single else np.mean(probas, axis=0)  # an ensemble: the mean, as Ensemble's
 
     def _batches(self) -> None:
         while True:
@@ -114,9 +131,19 @@ class Predictor:
 
 def model_info(model, engine_choice, source: Path) -> dict:
     """What GET /model answers: classes, backbone, input, engine, and the run's test metrics if a run."""
-    info = {"source": source.resolve().name, "backbone": model.entry.name, "strategy": model.strategy,
-            "tta": model.tta, "classes": list(model.classes), "image_size": model.preprocessing.crop_size,
-            "preprocessing": model.preprocessing.to_dict(), "engine": engine_choice.to_dict(), "metrics": None}
+    if isinstance(model, Ensemble):
+        members = model.members
+        info = {"source": source.resolve().name, "backbone": " + ".join(m.entry.name for m in members),
+                "strategy": model.strategy, "tta": model.tta, "classes": list(model.classes),
+                "image_size": "/".join(str(m.preprocessing.crop_size) for m in members),
+                "members": [{"name": model.name(i), "backbone": m.entry.name, "strategy": m.strategy, "tta": m.tta,
+                             "image_size": m.preprocessing.crop_size, "preprocessing": m.preprocessing.to_dict()}
+                            for i, m in enumerate(members)],
+                "engine": engine_choice.to_dict(), "metrics": None}
+    else:
+        info = {"source": source.resolve().name, "backbone": model.entry.name, "strategy": model.strategy,
+                "tta": model.tta, "classes": list(model.classes), "image_size": model.preprocessing.crop_size,
+                "preprocessing": model.preprocessing.to_dict(), "engine": engine_choice.to_dict(), "metrics": None}
     try:
         metrics = json.loads((source / "metrics.json").read_text(encoding="utf-8"))
         test = metrics.get("test") or {}
@@ -126,6 +153,10 @@ def model_info(model, engine_choice, source: Path) -> dict:
     except (OSError, ValueError, AttributeError):
         pass  # a bare bundle has no metrics
     return info
+
+
+def info_name(model) -> str:
+    return model.describe() if isinstance(model, Ensemble) else model.entry.name
 
 
 def is_loopback(host: str) -> bool:
@@ -322,7 +353,7 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: flo
     note = exposure_note(host, port, token)
     if note:
         print(note, file=sys.stderr, flush=True)
-    print(f"headstart serve: {source} ({model.entry.name}, {len(model.classes)} classes, "
+    print(f"headstart serve: {source} ({info_name(model)}, {len(model.classes)} classes, "
           f"{predictor.engine.choice.engine} {predictor.engine.choice.precision}) on http://{host}:{port}/",
           file=sys.stderr, flush=True)
     run_server(Guard(app, max_bytes=int(max_upload_mb * 2**20), token=token), host=host, port=port,

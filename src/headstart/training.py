@@ -59,7 +59,7 @@ from .weights import load_backbone
 from .finetune_run import backbone_identity, run_fine_tune
 from .auto import choose_strategy, choose_tta
 from .imagesize import RULE as IMAGE_SIZE_RULE
-from .imagesize import auto_image_size
+from .imagesize import auto_image_size, median_side
 from .settings import SCRATCH_DEFAULTS, STRATEGIES, Runtime, TrainConfig  # noqa: F401 (public here too)
 
 log = logging.getLogger("headstart")
@@ -97,6 +97,9 @@ def train(data: str | os.PathLike, **settings) -> Run | None:
 
 
 def _train_or_help(cfg: TrainConfig) -> Run | None:
+    if cfg.strategy == "ensemble" and distributed.world_size() > 1:
+        raise HeadstartError("--strategy ensemble trains its members one after the other in one process; run it "
+                             "without torchrun, or train --strategy fine-tune under torchrun.")
     if cfg.finetune is not None:
         from .distributed_training import check_supported
 
@@ -146,11 +149,21 @@ def resolve_backbone(cfg: TrainConfig):
     return entry
 
 
-def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path) -> Run:
-    """The run's steps, writing into `out` (the partial directory that becomes `final`)."""
+def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: Path, member: bool = False) -> Run:
+    """The run's steps, writing into `out` (the partial directory that becomes `final`); an ensemble's
+    `member` (whose strategy may be auto) trains one model, never an ensemble of its own."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data, bad_rows, summary = load_run_data(cfg, cache_root)
+    ensemble_decision = None
+    if cfg.strategy in ("ensemble", "auto") and not member:  # a fine-tuned and a scratch member, averaged (ensemble_run.py)
+        from .ensemble_run import plan_ensemble, train_ensemble
+
+        ensemble_decision = plan_ensemble(cfg, data, median_side(data) if cfg.strategy == "auto" else None)
+        if ensemble_decision["ensemble"]:
+            config, metrics, model, skipped = train_ensemble(cfg, ensemble_decision, data, cache_root, out, final,
+                                                             t_start, run_member)
+            return Run(run_dir=final, config=config, metrics=metrics, model=model, skipped=skipped)
     image_size, size_reason = choose_image_size(cfg, entry, data)
     prep = entry.preprocessing.scaled(image_size)
     log.info("image size %d (%s); resize %d, crop %d", image_size, size_reason, prep.resize_size, prep.crop_size)
@@ -170,8 +183,15 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     resolved = resolved_config(cfg, entry, (image_size, size_reason), prep, winfo, choice, feats, fitted, data,
                                summary, final)
     resolved.update(resolved_tta=bundle.tta, tta_decision=tta_decision)  # what --tta became, and why
+    if ensemble_decision is not None and resolved["strategy_decision"] is not None:  # auto: why no ensemble
+        resolved["strategy_decision"]["ensemble"] = ensemble_decision
     write_outputs(out, final, resolved, metrics, skipped, data, feats, fitted, test_paths, y_test, proba)
     return Run(run_dir=final, config=resolved, metrics=metrics, model=bundle, skipped=skipped)
+
+
+def run_member(cfg: TrainConfig, cache_root: Path | None, out: Path) -> Run:
+    """An ensemble's member: an ordinary run written into `out` (inside the ensemble's partial run)."""
+    return _train(cfg, resolve_backbone(cfg), cache_root, out, out, member=True)
 
 
 def run_metrics(fitted: Fitted, feats: Features, engine, summary: dict, y_test, proba, wall: float) -> dict:
