@@ -180,9 +180,9 @@ def decoding(fmnist_dir: Path, sizes, seconds: float, work: Path) -> list[dict]:
 
 # --- the extraction pipeline against the engine alone (issue 15 item 2) ---------------------------
 
-def _auto_size_setup(data: Path):
-    """What `headstart train DATA` extracts with by default: the training images, the automatic image size,
-    the rule's engine, batch and workers."""
+def _auto_size_setup(data: Path, strategy: str = "auto", size: int | None = None):
+    """What `headstart train DATA --strategy STRATEGY` extracts with by default: the training images, the
+    automatic image size for that strategy (or `size`), the rule's engine, batch and workers."""
     from headstart.data import load_data
     from headstart.engine import choose_engine
     from headstart.settings import Runtime
@@ -190,13 +190,14 @@ def _auto_size_setup(data: Path):
 
     entry = get_backbone("mobilenet_v2")
     images, _ = load_data(data)
-    size, _ = auto_image_size(images, entry.input_size)
+    if size is None:
+        size, _ = auto_image_size(images, entry.input_size, strategy)
     prep = entry.preprocessing.scaled(size)
     model, info = load_backbone(entry, None)
     return entry, prep, model, info, choose_engine("cpu"), [s.path for s in images.samples], Runtime().batch_size
 
 
-def pipeline(data: Path, n_images: int, repeats: int, work: Path) -> dict:
+def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | None = None) -> dict:
     """Whole extraction (decode workers, transfer, normalise, engine; `features.extract` as `train` runs it)
     against the engine alone on random tensors of the same size and batch, alternating in this process.
     The breakdown is CPU time per image of each stage on one thread: with 2 cores, the share cannot pass
@@ -204,7 +205,7 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path) -> dict:
     from headstart.features import FeatureCache, default_workers, extract, iter_batches, make_namespace
     from headstart.images import load_image
 
-    entry, prep, model, info, choice, paths, batch = _auto_size_setup(data)
+    entry, prep, model, info, choice, paths, batch = _auto_size_setup(data, "auto", size)
     paths = paths[:n_images]
     engine = make_engine(model, choice, work / "engines")
     transform = prep.transform()
@@ -260,13 +261,13 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path) -> dict:
 
 # --- int8 against fp32 (issue 15 item 8) -----------------------------------------------------------
 
-def int8(data: Path, repeats: int, seconds: float, work: Path) -> dict:
+def int8(data: Path, repeats: int, seconds: float, work: Path, size: int | None = None) -> dict:
     """int8 (quantize.py) against fp32 on the rule's engine at the automatic size: engine speed alternating in
     this process, and FMNIST-TL test accuracy of feature extraction + linear head with each."""
     from headstart.features import image_key
     from headstart.quantize import calibration_from, options
 
-    entry, prep, model, info, choice, paths, batch = _auto_size_setup(data)
+    entry, prep, model, info, choice, paths, batch = _auto_size_setup(data, "feature-extraction", size)
     source = calibration_from([p for p in paths if "/train/" in p], prep.transform(), image_key)
     engines = {p: make_engine(copy.deepcopy(model), EngineChoice(choice.engine, p, "cpu", "bench"),
                               work / "engines", source if p == "int8" else None) for p in ("fp32", "int8")}
@@ -288,6 +289,7 @@ def int8(data: Path, repeats: int, seconds: float, work: Path) -> dict:
     for precision in ("fp32", "int8"):
         out, cache = work / f"int8-run-{precision}", work / f"int8-cache-{precision}"
         run([*HEADSTART, "-q", "train", data, "--strategy", "feature-extraction", "--precision", precision,
+             "--image-size", prep.crop_size,
              "--out", out, "--cache-dir", cache])
         _, proc = run([*HEADSTART, "-q", "evaluate", out, data / "test", "--cache-dir", cache, "--json"])
         accuracy[precision] = json.loads(proc.stdout)["accuracy"]
@@ -599,7 +601,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", default=None,
                    help=f"sections: {' '.join(SECTIONS)}")
     p.add_argument("--scale-images", type=int, default=None,
-                   help="images in the scale section's folder (default 200,000; smoke 2,000)")
+                   help="images in the scale section's folder (default 200,000; smoke 1,000)")
     a = p.parse_args(argv)
     smoke = a.smoke
     repeats = a.repeats or (1 if smoke else 3)
@@ -636,7 +638,7 @@ def main(argv=None) -> int:
         section_seconds["decoding"] = round(time.perf_counter() - t_section, 1)
     if "pipeline" in sections:
         t_section = time.perf_counter()
-        result["pipeline"] = pipeline(tl, 64 if smoke else 3000, repeats, work)
+        result["pipeline"] = pipeline(tl, 64 if smoke else 3000, repeats, work, 32 if smoke else None)
         pl = result["pipeline"]
         log(f"pipeline: whole extraction {pl['whole_extraction_images_per_second']} images/s against the engine "
             f"alone {pl['engine_alone_images_per_second']}: share {pl['share']:.0%} (goal 85%); CPU us per image "
@@ -645,7 +647,7 @@ def main(argv=None) -> int:
         section_seconds["pipeline"] = round(time.perf_counter() - t_section, 1)
     if "int8" in sections:
         t_section = time.perf_counter()
-        result["int8"] = int8(tl, repeats, seconds, work)
+        result["int8"] = int8(tl, repeats, seconds, work, 32 if smoke else None)
         log(f"int8: {result['int8']}")
         section_seconds["int8"] = round(time.perf_counter() - t_section, 1)
     if "end_to_end" in sections:
@@ -675,7 +677,7 @@ def main(argv=None) -> int:
         section_seconds["memory"] = round(time.perf_counter() - t_section, 1)
     if "scale" in sections:
         t_section = time.perf_counter()
-        result["scale"] = scale.scale(HEADSTART, work, a.scale_images or (2_000 if smoke else 200_000), max_rss,
+        result["scale"] = scale.scale(HEADSTART, work, a.scale_images or (1_000 if smoke else 200_000), max_rss,
                                       smoke=smoke, synthetic=not smoke)
         log(f"scale: {result['scale']}")
         section_seconds["scale"] = round(time.perf_counter() - t_section, 1)

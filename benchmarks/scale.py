@@ -1,6 +1,6 @@
 """How the cost of a run grows with the data: the `scale` section of `make bench`.
 
-A folder of small images (16x16 PNG noise, `n` of them in 100 classes; 2,000 in bench-smoke)
+A folder of small images (16x16 PNG noise, `n` of them in 100 classes; 1,000 in bench-smoke)
 is trained on once at 32 px, which fills the feature cache for real (bench-smoke), or, in the
 full bench, filled synthetically: 2,000 distinct images and hard links to them, and the cache
 written directly with random features under the keys `train` looks up (writing 200,000 PNGs
