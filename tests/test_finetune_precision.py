@@ -108,8 +108,10 @@ def test_a_fine_tune_run_records_its_precision_and_releases_both_sessions(fmnist
     real = _ConvertedEngine.release
     monkeypatch.setattr(_ConvertedEngine, "release",
                         lambda self: released.append((id(self), len(self._runners))) or real(self))
+    # Its own empty cache: with features already cached (an earlier test's), extraction never opens a session.
     run = headstart.train(fmnist_tiny, strategy="fine-tune", out=tmp_path / "ft", image_size=32, workers=0, seed=0,
-                          engine="onnxruntime", precision="fp32", finetune=dict(unfreeze=2, epochs=1))
+                          engine="onnxruntime", precision="fp32", finetune=dict(unfreeze=2, epochs=1),
+                          cache_dir=tmp_path / "cache")
     assert len({engine for engine, _ in released}) == 2 and all(n == 1 for _, n in released)
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     want = {"precision": "fp32", "channels_last": False,
