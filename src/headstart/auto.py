@@ -82,12 +82,7 @@ def choose_tta(y_val: np.ndarray, proba_image: np.ndarray, proba_flip: np.ndarra
     whose mirror image means something else (text, digits) keeps one view. Issue 14 measured
     the gain on FMNIST-TL's test split: fine-tuned MobileNetV2 0.9094 -> 0.9126 (bf16 kind).
     """
-    def scores(p: np.ndarray) -> dict:
-        picked = np.clip(p[np.arange(len(y_val)), y_val], 1e-12, None)
-        return {"accuracy": round(float((p.argmax(1) == y_val).mean()), 6),
-                "log_loss": round(float(-np.log(picked).mean()), 6)}
-
-    plain, flipped = scores(proba_image), scores(proba_flip)
+    plain, flipped = val_scores(y_val, proba_image), val_scores(y_val, proba_flip)
     measured = {"val_image": plain, "val_flip": flipped, "n_val": int(len(y_val)),
                 "cost": "flip: 2 backbone passes per predicted image instead of 1"}
     cost = "a second backbone pass per predicted image"
