@@ -67,6 +67,7 @@ def test_reported_peak_is_above_every_engine_in_a_short_run(tmp_path):
     base = plain.feature_model("resnet50", weights=None)
     rows.append({"engine": "baseline", "precision": "fp32",
                  "gflops": plain.network_throughput(base, 96, 1.0) * flops / 1e9})
+    peaks.update(["fp32"])  # measured again after the engines, as `make bench` does (peak.py)
     rows = run.against_peak(rows, peaks)
     reported = json.loads(json.dumps(peaks.to_dict()))["fp32"]["gflops"]
     assert all(r["gflops"] <= reported * 1.001 for r in rows), (rows, peaks.to_dict())
