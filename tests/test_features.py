@@ -475,3 +475,19 @@ def test_split_transform_equals_torchvision(size, crop_mode):
     batch = torch.stack([got, want])
     reference = F.normalize(F.convert_image_dtype(batch, torch.float), mean=t.mean, std=t.std)
     assert torch.equal(t.normalize(batch), reference)
+
+
+@pytest.mark.parametrize("cores, threads, device, expected", [
+    (2, 2, "cpu", 0),  # the engine's threads hold every core: decode between its batches
+    (8, 8, "cpu", 0),
+    (8, 4, "cpu", 1),  # a core left over: one worker beside the engine
+    (2, 2, "cuda", 1),  # the network runs on the GPU
+    (1, 1, "cpu", 0),
+])
+def test_default_workers_decode_beside_the_engine_only_when_it_leaves_a_core(monkeypatch, cores, threads, device,
+                                                                           expected):
+    from headstart import decoding
+
+    monkeypatch.setattr(decoding.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(decoding.torch, "get_num_threads", lambda: threads)
+    assert decoding.default_workers(device) == expected

@@ -265,7 +265,8 @@ def test_extraction_decodes_jpegs_in_draft_mode_and_the_key_says_so(tmp_path):
 
     from headstart.backbones import get_backbone
     from headstart.engine import EngineChoice
-    from headstart.features import _Images, decode_side, make_namespace, split_transform
+    from headstart.decoding import _Images, decode_side, split_transform
+    from headstart.features import make_namespace
 
     prep = get_backbone("mobilenet_v2").preprocessing.scaled(64)
     transform = prep.transform()

@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ from . import distributed, faults, progress
 from .backbones import PIPELINE
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
-from .images import DECODER_OPTIONS, ImageError, load_image
+from .decoding import Batch, decode_side, default_workers, iter_batches, split_transform  # noqa: F401
+from .images import DECODER_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -202,82 +203,6 @@ def _place(out: np.ndarray | None, n: int, i: int, vec: np.ndarray) -> np.ndarra
     return out
 
 
-def decode_side(transform: Callable) -> int | None:
-    """The shorter side a transform resizes to (torchvision's ImageClassification): the JPEG draft target."""
-    size = getattr(transform, "resize_size", None)
-    return int(size[0]) if isinstance(size, (list, tuple)) and len(size) == 1 else None
-
-
-def split_transform(transform: Callable) -> tuple[Callable, Callable | None]:
-    """(per-image part for the loader's workers, per-batch part for the consumer, or None)."""
-    if hasattr(transform, "decode") and hasattr(transform, "normalize"):
-        return transform.decode, transform.normalize
-    return transform, None
-
-
-class _Images(torch.utils.data.Dataset):
-    """(index, per-image tensor or None, reason or None); see `split_transform` for the batch part."""
-
-    def __init__(self, paths: Sequence[str], transform: Callable):
-        self.paths = list(paths)
-        self.transform, finish = split_transform(transform)
-        self.min_side = decode_side(transform)
-        # A grayscale image stays one channel through resizing and the transfer to the consumer, whose
-        # per-batch part makes it three (bitwise the RGB result; see images.load_image).
-        self.gray = finish is not None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(load_image(self.paths[i], self.min_side, gray=self.gray)), None
-        except ImageError as exc:
-            return i, None, str(exc)
-
-
-def _collate(items):
-    ok = [(i, x) for i, x, err in items if err is None]
-    failed = [(i, err) for i, x, err in items if err is not None]
-    channels = max((x.shape[-3] for _, x in ok), default=3)
-    # A batch of gray images stays one channel; gray images among colour ones are repeated (the same values).
-    xs = torch.stack([x.expand(channels, -1, -1) for _, x in ok]) if ok else None
-    return [i for i, _ in ok], xs, failed
-
-
-@dataclass
-class Batch:
-    """One batch of decoded images: what `iter_batches` yields."""
-
-    indices: list[int]  # positions in `paths` of the images in `x`, in order
-    x: torch.Tensor | None  # (len(indices), 3, H, W), fully transformed; None when none was readable
-    failed: list[tuple[int, str]]  # (position in `paths`, reason) of the images that could not be read
-
-    @property
-    def size(self) -> int:
-        """Images this batch accounts for, readable or not (for progress)."""
-        return len(self.indices) + len(self.failed)
-
-
-def iter_batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int = 0) -> Iterator[Batch]:
-    """`paths` in order, in batches of `batch_size`, decoded by `workers` processes; an unreadable image is
-    reported in its batch's `failed`, never raised. The per-image part of `transform` runs in the workers,
-    its per-batch part (normalisation, see `split_transform`) here, on the whole batch."""
-    _, finish = split_transform(transform)
-    loader = torch.utils.data.DataLoader(
-        _Images(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
-    )
-    for idx, xs, bad in loader:
-        yield Batch(idx, finish(xs) if finish is not None and xs is not None else xs, bad)
-
-
-def default_workers() -> int:
-    # One decoding worker overlaps decoding with the network; more would take cores the
-    # network's own threads use (measured on 2 cores: see benchmarks/).
-    return 1 if (os.cpu_count() or 1) >= 2 else 0
-
-
 @dataclass
 class Extraction:
     keys: list[str | None]  # per input path; None where the file failed
@@ -321,7 +246,8 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
     if todo:
         log.info("%s: %d/%d from cache, computing %d", desc, n_cached, len(paths), len(todo))
         todo_paths = [p for p, _ in todo]
-        workers = default_workers() if workers is None else workers
+        if workers is None:
+            workers = default_workers(getattr(getattr(engine, "choice", None), "device", "cpu"))
         if sharded and distributed.active():
             bad = _compute_share(engine, transform, todo_paths, [k for _, k in todo], cache, batch_size, workers,
                                  desc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,10 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
         # The frozen bottom never changes: run it on the extraction engine (2-3x torch on CPU).
         net.frozen_engine = make_engine(net.frozen, choice, cache_root_of(rt.cache_dir))
         log.info("frozen part runs on %s %s", choice.engine, choice.precision)
-    workers = default_workers() if rt.workers is None else rt.workers
+    # Passes of the frozen part over the images (the boundary) decode as extraction does; augmented epochs
+    # keep one worker beside the training step (not measured against decoding in the main process).
+    workers = default_workers(choice.device) if rt.workers is None else rt.workers
+    epoch_workers = (1 if (os.cpu_count() or 1) >= 2 else 0) if rt.workers is None else rt.workers
     pick = lambda mask: ([p for p, m in zip(paths, mask) if m], cols[mask])  # noqa: E731
     plain = prep.transform()
     t_boundary = time.perf_counter()
@@ -95,7 +99,7 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
     again = f"continue from the last checkpoint with the same torchrun command and: train --resume {final}"
     with distributed.collective("fine-tuning", again):  # a rank lost mid-step: DDP's all-reduce fails on the others
         result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt if main else None,
-                     resume=resume, class_weight=class_weight, sampler_weights=sampler, workers=workers,
+                     resume=resume, class_weight=class_weight, sampler_weights=sampler, workers=epoch_workers,
                      callbacks=callbacks, precision=precision)
     vloss, vacc = evaluate_boundary(net, val)
     summary = {"settings": s.to_dict(), "trainable_blocks": net.trainable_blocks,
