@@ -202,7 +202,8 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
     against the engine alone on random tensors of the same size and batch, alternating in this process.
     The breakdown is CPU time per image of each stage on one thread: with 2 cores, the share cannot pass
     engine core time / (engine core time + everything else)."""
-    from headstart.features import FeatureCache, default_workers, extract, iter_batches, make_namespace
+    from headstart.decoding import default_workers, iter_batches
+    from headstart.features import FeatureCache, extract, make_namespace
     from headstart.images import load_image
 
     entry, prep, model, info, choice, paths, batch = _auto_size_setup(data, "auto", size)
@@ -266,8 +267,8 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
             "engine_alone_images_per_second": round(rates["engine_alone"], 1),
             "whole_extraction_images_per_second": round(rates["whole_extraction"], 1),
             "share": round(rates["whole_extraction"] / rates["engine_alone"], 3),
-            f"whole_extraction_{other}_workers_images_per_second": round(rates["other"], 1),
-            f"share_{other}_workers": round(rates["other"] / rates["engine_alone"], 3),
+            "other_workers": other, "other_images_per_second": round(rates["other"], 1),
+            "share_other": round(rates["other"] / rates["engine_alone"], 3),
             "cpu_us_per_image": {"engine (all its threads)": engine_cpu, **stages},
             "bound_on_cores": round(bound, 3),
             "load_average": round(os.getloadavg()[0], 2)}
@@ -551,12 +552,10 @@ def pipeline_markdown(r: dict) -> list[str]:
         stages = "; ".join(f"{k} {v:.0f}" for k, v in p["cpu_us_per_image"].items())
         where = (f"{p['workers']} decoding worker beside the engine" if p["workers"]
                  else "decoding in the main process between the engine's batches")
-        other = next((k for k in p if k.startswith("share_") and k.endswith("_workers")), None)
         compared = ""
-        if other:
-            n = int(other.split("_")[1])
-            compared = (f" ({'one worker beside the engine' if n else 'decoding in the main process'}: "
-                        f"{p[f'whole_extraction_{n}_workers_images_per_second']:.0f} images/s, {p[other]:.0%})")
+        if "other_workers" in p:  # the way the default did not take (results before 2026-11-30 lack it)
+            compared = (f" ({'one worker beside the engine' if p['other_workers'] else 'decoding in the main process'}"
+                        f": {p['other_images_per_second']:.0f} images/s, {p['share_other']:.0%})")
         lines += ["", f"Extraction pipeline ({p['engine']}, {p['image_size']} px, batch {p['batch']}, {where}, "
                   f"{p['images']} FMNIST-TL images, load average {p['load_average']}): whole "
                   f"extraction {p['whole_extraction_images_per_second']:.0f} images/s against the engine alone "

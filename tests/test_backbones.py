@@ -222,7 +222,7 @@ def test_grayscale_files_stay_one_channel_and_give_the_rgb_result_bitwise(tmp_pa
     bitwise torchvision's transform of the file converted to RGB, alone in a batch or among colour images."""
     import torchvision
 
-    from headstart.features import iter_batches
+    from headstart.decoding import iter_batches
     from headstart.images import load_image
 
     rng = np.random.default_rng(1)

@@ -12,7 +12,7 @@ from conftest import write_image_folder
 from torch import nn
 
 from headstart.backbones import get_backbone, seeded_init
-from headstart.features import iter_batches
+from headstart.decoding import iter_batches
 from headstart.finetune import AugmentedImages, FineTuneNet, FineTuneSettings, fit, train_transform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -34,7 +34,7 @@ from . import distributed, faults, progress
 from .backbones import PIPELINE
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
-from .decoding import Batch, decode_side, default_workers, iter_batches, split_transform  # noqa: F401
+from .decoding import default_workers, iter_batches
 from .images import DECODER_OPTIONS
 
 log = logging.getLogger(__name__)

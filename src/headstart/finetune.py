@@ -42,7 +42,7 @@ from .engine import model_digest
 from .errors import HeadstartError
 from .fileio import atomic_path
 from .finetune_precision import FineTunePrecision
-from .features import decode_side, iter_batches
+from .decoding import decode_side, iter_batches
 from .images import ImageError, load_image
 from .loop import EarlyStopping, History, OnEpochEnd, TimeBudget, run_epochs
 from .settings import AUGMENTS, BOUNDARY_AUGMENTS, SCHEDULES, FineTuneSettings  # noqa: F401 (re-exported)

@@ -16,7 +16,8 @@ from . import distributed, finetune_precision, memory
 from .backbones import Backbone, Preprocessing, count_parameters
 from .errors import HeadstartError
 from .engine import choose_engine, make_engine
-from .features import cache_root_of, default_workers
+from .decoding import default_workers
+from .features import cache_root_of
 from .heads import class_weights
 from .finetune import (AugmentedImages, FineTuneNet, backbone_identity, compute_boundary, evaluate_boundary, fit,
                        load_checkpoint, train_transform)

@@ -74,7 +74,7 @@ def calibration_paths(paths: Sequence[str], n: int = CALIBRATION_IMAGES) -> list
 def calibration_from(paths: Sequence[str], transform: Callable, key_of: Callable[[str], str],
                      n: int = CALIBRATION_IMAGES) -> Int8Source:
     """Decode the calibration images among `paths` (unreadable ones are passed over) into an Int8Source."""
-    from .features import decode_side
+    from .decoding import decode_side
 
     chosen, images = [], []
     for p in calibration_paths(paths, n):

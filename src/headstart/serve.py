@@ -42,7 +42,8 @@ from PIL import Image
 from .ensemble import Ensemble
 from .errors import HeadstartError
 from .settings import Runtime
-from .features import cache_root_of, decode_side
+from .decoding import decode_side
+from .features import cache_root_of
 from .images import ImageError, load_image
 
 log = logging.getLogger(__name__)
