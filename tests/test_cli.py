@@ -369,3 +369,25 @@ def test_a_broken_pipe_elsewhere_is_not_mistaken_for_the_reader_leaving(tmp_path
               "sys.exit(cli.main(['backbones']))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Broken pipe" in proc.stderr
+
+
+def test_help_and_argument_errors_start_without_torch():
+    """`import headstart` loads its public names on first use: help and a mistyped command answer without
+    importing torch, torchvision or scikit-learn (about 7 s of a 2-core CPU), and the names still work."""
+    script = ("import sys, contextlib, io\n"
+              "import headstart\n"
+              "from headstart import cli\n"
+              "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+              "    assert cli.main(['--help']) == 0\n"
+              "assert 'train' in out.getvalue()\n"
+              "with contextlib.redirect_stderr(io.StringIO()):\n"
+              "    assert cli.main(['trian']) == 2\n"
+              "heavy = sorted(m for m in ('torch', 'torchvision', 'sklearn', 'onnxruntime') if m in sys.modules)\n"
+              "assert not heavy, heavy\n"
+              "assert callable(headstart.train) and 'torch' in sys.modules\n"
+              "assert 'mobilenet_v2' in headstart.list_backbones() and 'train' in dir(headstart)\n"
+              "assert headstart.get_backbone('timm:resnet18').name == 'timm:resnet18'  # the timm source registered\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.raises(AttributeError, match="no attribute 'trainer'"):
+        headstart.trainer

@@ -458,7 +458,7 @@ def test_cuda_without_a_gpu_is_refused():
                                              ((640, 480), "center"), ((300, 500), "center")])
 def test_split_transform_equals_torchvision(size, crop_mode):
     """decode is torchvision's resize and center_crop, and normalize its convert_image_dtype and normalize
-    on a whole batch (backbones.PIPELINE): bitwise torchvision's result."""
+    on a whole batch (backbone_spec.PIPELINE): bitwise torchvision's result."""
     import dataclasses
 
     import torchvision.transforms.functional as F

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .backbones import CROP_MODES, Preprocessing, get_backbone
+from .backbone_spec import CROP_MODES, Preprocessing
+from .backbones import get_backbone
 from .errors import BundleError, HeadstartError
 from .fileio import atomic_path, write_json
 from .heads import head_module

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from . import distributed, faults, progress
-from .backbones import PIPELINE
+from .backbone_spec import PIPELINE
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
 from .decoding import default_workers, iter_batches

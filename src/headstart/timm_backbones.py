@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones import CROP_MODES, Backbone, Preprocessing, register_source
+from .backbone_spec import CROP_MODES, Backbone, Preprocessing
 from .errors import HeadstartError, WeightsNotFoundError
 
 log = logging.getLogger(__name__)
@@ -284,5 +284,3 @@ def list_timm(pattern: str) -> list[dict]:
                      "weights": weights_available(name) if cfg else None})
     return rows
 
-
-register_source(PREFIX, timm_backbone)

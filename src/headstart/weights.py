@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones import Backbone, seeded_init
+from .backbone_spec import Backbone, seeded_init
 from .errors import WeightsMismatchError, WeightsNotFoundError
 
 log = logging.getLogger(__name__)
