@@ -95,7 +95,7 @@ def test_the_engine_is_built_once_per_choice(tiny, monkeypatch):
         engine_mod.model_digest
     monkeypatch.setattr(model_mod, "make_engine", lambda *a, **k: built.append(a[1]) or real_make(*a, **k))
     monkeypatch.setattr(engine_mod.OnnxRuntimeEngine, "_compile",
-                        lambda self, path: compiled.append(path) or real_compile(self, path))
+                        lambda self, path, threads: compiled.append(path) or real_compile(self, path, threads))
     monkeypatch.setattr(engine_mod, "model_digest", lambda m: digests.append(1) or real_digest(m))
     for _ in range(3):
         model.predict(images[:2], cache_dir="none", workers=0, engine="onnxruntime", precision="fp32")

@@ -142,6 +142,8 @@ class TorchEngine:
     an eval-mode module under inference_mode keeps no state between calls.
     """
 
+    parallel_calls = False  # torch's intra-op threads are one budget for the whole process: no streams
+
     def __init__(self, model: nn.Module, choice: EngineChoice):
         self.choice = choice
         self.device = torch.device(choice.device)
@@ -201,18 +203,21 @@ class _ConvertedEngine:
         self._cache_root = Path(cache_root) if cache_root is not None else None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._digest: str | None = None
-        self._runners: dict[tuple[int, int], object] = {}
+        self._runners: dict[tuple[int, int, int], object] = {}  # (height, width, threads)
         # Held while a runner is made: two threads meeting a new shape convert and compile it once.
         self._lock = threading.Lock()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """Features of the batch `x`; `threads`: the intra-op threads this call's runner uses (default: torch's
+        budget), one runner per (shape, threads). Extraction's streams run 1-thread calls side by side."""
         shape = (int(x.shape[2]), int(x.shape[3]))
+        threads = self.threads() if threads is None else max(1, int(threads))
         with self._lock:
             self.n_images += x.shape[0]
             self.n_batches += 1
-            if shape not in self._runners:
-                self._runners[shape] = self._compile(self._onnx_file(shape))
-            runner = self._runners[shape]
+            if (*shape, threads) not in self._runners:
+                self._runners[(*shape, threads)] = self._compile(self._onnx_file(shape), threads)
+            runner = self._runners[(*shape, threads)]
         out = self._run(runner, np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
@@ -282,12 +287,16 @@ class _ConvertedEngine:
 
 
 class OnnxRuntimeEngine(_ConvertedEngine):
-    # An InferenceSession's run() may be called from several threads at once (ONNX Runtime's docs).
-    def _compile(self, path: Path):
+    # An InferenceSession's run() may be called from several threads at once (ONNX Runtime's docs); with one
+    # intra-op thread each call runs on its caller's thread, so calls from 2 threads use 2 cores without the
+    # barrier at the end of every parallel loop that 2 intra-op threads wait at (decoding.default_streams).
+    parallel_calls = True
+
+    def _compile(self, path: Path, threads: int):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads()
+        so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -297,12 +306,16 @@ class OnnxRuntimeEngine(_ConvertedEngine):
 
 
 class OpenVinoEngine(_ConvertedEngine):
-    def _compile(self, path: Path):
+    # One stream: concurrent requests wait for each other (measured: 2 callers on 1 thread ran at half the
+    # rate of 1 caller on 2), and its 2 threads lose little at their barriers, so no streams here.
+    parallel_calls = False
+
+    def _compile(self, path: Path, threads: int):
         import openvino as ov
 
         # The precision hint is always explicit: left unset, the CPU plugin may choose bf16 on its own.
         config = {"INFERENCE_PRECISION_HINT": "bf16" if self.choice.precision == "bf16" else "f32",
-                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads()}
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
         return _PerThreadRequests(ov.Core().compile_model(str(path), "CPU", config))
 
     def _run(self, requests: "_PerThreadRequests", x: np.ndarray) -> np.ndarray:

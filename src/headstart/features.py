@@ -14,11 +14,14 @@ run resumes from the last finished chunk with the same batches, hence identical 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from . import distributed, faults, progress
 from .backbone_spec import PIPELINE
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
-from .decoding import default_workers, iter_batches
+from .decoding import default_streams, default_workers, iter_batches
 from .images import DECODER_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,7 @@ class FeatureCache:
         self._memory: dict[str, np.ndarray] = {}
         self._index: dict[str, tuple[str, int]] = {}
         self._seen: set[str] = set()
+        self._lock = threading.Lock()
         if root is not None:
             d = Path(root) / "features" / self.key
             try:
@@ -155,9 +159,10 @@ class FeatureCache:
     def put(self, keys: list[str], feats: np.ndarray) -> None:
         """Store one chunk's features (on disk when the cache is writable, else in memory)."""
         assert len(keys) == len(feats)
-        if keys:
-            self._store(keys, feats)
-        faults.point("chunk")  # test hook: HEADSTART_FAULT=chunk:N
+        with self._lock:  # extraction's streams store chunks from several threads
+            if keys:
+                self._store(keys, feats)
+            faults.point("chunk")  # test hook: HEADSTART_FAULT=chunk:N
 
     def _store(self, keys: list[str], feats: np.ndarray) -> None:
         if self.dir is not None:
@@ -219,11 +224,15 @@ class Extraction:
 
 def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCache, *,
             batch_size: int = 64, workers: int | None = None, desc: str = "features",
-            sharded: bool = False) -> Extraction:
+            sharded: bool = False, streams: int | None = None) -> Extraction:
     """Make sure every readable image in `paths` has features in `cache`; return keys and failures.
 
     Features are not returned here, so memory does not grow with the data set:
     `cache.get(result.keys)` assembles them when a caller needs them.
+
+    `streams` (default: decoding.default_streams when images are decoded in this process): threads that
+    each decode whole chunks and run them on their share of the engine's threads; the features are the
+    ones a single stream computes with that many threads per call.
 
     `sharded` (every rank of a torchrun job calls it with the same `paths`): each rank computes its
     share of the sorted to-do list, whole chunks of it (distributed.share), so every batch is one a
@@ -246,13 +255,17 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
     if todo:
         log.info("%s: %d/%d from cache, computing %d", desc, n_cached, len(paths), len(todo))
         todo_paths = [p for p, _ in todo]
+        device = getattr(getattr(engine, "choice", None), "device", "cpu")
         if workers is None:
-            workers = default_workers(getattr(getattr(engine, "choice", None), "device", "cpu"))
+            workers = default_workers(device)
+        if streams is None:
+            streams = 1 if workers else default_streams(device, engine)
         if sharded and distributed.active():
             bad = _compute_share(engine, transform, todo_paths, [k for _, k in todo], cache, batch_size, workers,
-                                 desc)
+                                 streams, desc)
         else:
-            bad = _compute(engine, transform, todo_paths, [k for _, k in todo], cache, batch_size, workers, desc)
+            bad = _compute_streams(engine, transform, todo_paths, [k for _, k in todo], cache, batch_size, workers,
+                                   streams, desc)
         n_unreadable = len(bad)
         for i, reason in bad.items():
             failures[todo_paths[i]] = reason
@@ -278,15 +291,15 @@ def _chunk_size(batch_size: int) -> int:
 
 
 def _compute_share(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
-                   workers: int, desc: str) -> _Failures:
+                   workers: int, streams: int, desc: str) -> _Failures:
     """This rank's whole chunks of the to-do list into the shared cache, then every rank's failures."""
     mine = distributed.share(len(paths), _chunk_size(batch_size))
     rank = distributed.rank()
     log.info("%s: rank %d of %d computes images %d-%d of the %d to do", desc, rank, distributed.world_size(),
              mine.start, mine.stop, len(paths))
     t_share = time.perf_counter()
-    bad = _compute(engine, transform, paths[mine.start:mine.stop], keys[mine.start:mine.stop], cache, batch_size,
-                   workers, f"{desc} (rank {rank})")
+    bad = _compute_streams(engine, transform, paths[mine.start:mine.stop], keys[mine.start:mine.stop], cache,
+                           batch_size, workers, streams, f"{desc} (rank {rank})")
     seconds = time.perf_counter() - t_share
     # A cache that could not be written keeps this rank's features in memory: they travel with the gather.
     memory = {k: cache._memory[k] for k in keys[mine.start:mine.stop] if k in cache._memory}
@@ -308,14 +321,75 @@ def _compute_share(engine, transform, paths: list[str], keys: list[str], cache: 
     return out
 
 
+def _compute_streams(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
+                     workers: int, streams: int, desc: str) -> dict[int, str]:
+    """`_compute` in `streams` threads (this one among them), each taking the next whole chunk of the to-do
+    list, decoding it and running it on max(1, threads // streams) of the engine's threads. A chunk's batches
+    are the ones one stream makes, so which thread ran it does not change its features."""
+    chunk = _chunk_size(batch_size)
+    starts = list(range(0, len(paths), chunk))
+    streams = max(1, min(streams, len(starts)))
+    if streams == 1:
+        return _compute(engine, transform, paths, keys, cache, batch_size, workers, desc)
+    saved = torch.get_num_threads()
+    per_stream = max(1, saved // streams)
+    run = functools.partial(engine, threads=per_stream)
+    lock, stop = threading.Lock(), threading.Event()
+    failed: dict[int, str] = {}
+    errors: list[BaseException] = []
+    log.info("%s: %d streams of %d thread(s), each decoding its own chunks", desc, streams, per_stream)
+
+    def work(pbar) -> None:
+        while not stop.is_set():
+            with lock:
+                if not starts:
+                    return
+                start = starts.pop(0)
+            end = start + chunk
+            bad = _compute(run, transform, paths[start:end], keys[start:end], cache, batch_size, workers, desc, pbar)
+            with lock:
+                failed.update({start + i: reason for i, reason in bad.items()})
+
+    def helper(pbar) -> None:
+        try:
+            work(pbar)
+        except BaseException as exc:  # re-raised by the main thread, which stops the others
+            errors.append(exc)
+            stop.set()
+
+    # Decoding and normalising (torch ops) use the stream's share of the threads too.
+    torch.set_num_threads(per_stream)
+    try:
+        with progress.bar(len(paths), desc) as pbar:
+            others = [threading.Thread(target=helper, args=(pbar,), name=f"headstart-stream-{i}", daemon=True)
+                      for i in range(1, streams)]
+            for t in others:
+                t.start()
+            try:
+                work(pbar)
+            except BaseException:  # Ctrl-C lands here: the other streams stop after their current chunk
+                stop.set()
+                raise
+            finally:
+                for t in others:
+                    t.join()
+    finally:
+        torch.set_num_threads(saved)
+    if errors:
+        raise errors[0]
+    return failed
+
+
 def _compute(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
-             workers: int, desc: str) -> dict[int, str]:
+             workers: int, desc: str, pbar: progress.Progress | None = None) -> dict[int, str]:
+    """Features of `paths` into `cache`, one chunk at a time; position -> reason for the unreadable ones.
+    `pbar`: a progress bar shared with other streams (else one of its own)."""
     chunk = _chunk_size(batch_size)
     failed: dict[int, str] = {}
     pending_keys: list[str] = []
     pending: list[np.ndarray] = []
     done = 0
-    with progress.bar(len(paths), desc) as pbar:
+    with contextlib.nullcontext(pbar) if pbar is not None else progress.bar(len(paths), desc) as pbar:
         for batch in iter_batches(paths, transform, batch_size, workers):
             failed.update(batch.failed)
             if batch.x is not None:

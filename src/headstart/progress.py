@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 
 from tqdm.auto import tqdm
@@ -42,20 +43,22 @@ class Progress:
         self.log_lines = not disable and self.bar is None
         self.done = self.logged = 0
         self.t0 = self.t_logged = time.monotonic()
+        self._lock = threading.Lock()
 
     # The clock is time.monotonic, not perf_counter, which the loops time their epochs and budgets with.
     def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        if not self.log_lines:
-            return
-        now = time.monotonic()
-        since = now - self.t_logged
-        if (since >= LOG_SECONDS and self.done - self.logged >= self.total / 10) or since >= LONG_SECONDS:
-            log.info("%s", self.line(now))
-            self.logged, self.t_logged = self.done, now
+        with self._lock:  # extraction's streams update one bar from several threads
+            self.done += n
+            if self.bar is not None:
+                self.bar.update(n)
+                return
+            if not self.log_lines:
+                return
+            now = time.monotonic()
+            since = now - self.t_logged
+            if (since >= LOG_SECONDS and self.done - self.logged >= self.total / 10) or since >= LONG_SECONDS:
+                log.info("%s", self.line(now))
+                self.logged, self.t_logged = self.done, now
 
     def line(self, now: float | None = None) -> str:
         elapsed = (time.monotonic() if now is None else now) - self.t0

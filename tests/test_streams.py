@@ -1,0 +1,113 @@
+"""Extraction's streams (features._compute_streams, decoding.default_streams): threads in one process that
+each decode whole chunks and run them on a 1-thread ONNX Runtime session. They must give the features,
+failures and cache shards one stream gives, use the threads they are given, and stop cleanly on an error."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image_folder
+
+from headstart import decoding
+from headstart.backbones import get_backbone, seeded_init
+from headstart.engine import EngineChoice, installed, make_engine
+from headstart.features import CHUNK, FeatureCache, extract, make_namespace
+
+pytestmark = pytest.mark.skipif(not installed("onnxruntime"), reason="streams run on ONNX Runtime")
+
+ENTRY = get_backbone("mobilenet_v2")
+PRE = ENTRY.preprocessing.scaled(32)
+ORT = EngineChoice("onnxruntime", "fp32", "cpu", "tests")
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> list[str]:
+    """640 images (3 chunks of 256, the last partial) and one undecodable file in the second chunk."""
+    root = write_image_folder(tmp_path_factory.mktemp("streams") / "data", n_per_class=320, size=(36, 36))
+    files = sorted(str(p) for p in root.rglob("*.png"))
+    broken = files[300]
+    with open(broken, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not an image")
+    return files
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return make_engine(seeded_init(ENTRY, 0), ORT, tmp_path_factory.mktemp("engines"))
+
+
+@pytest.fixture
+def two_torch_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+class Recording:
+    """The engine, noting which thread called it with how many threads; `fail_in` raises in that thread."""
+
+    parallel_calls = True
+
+    def __init__(self, engine, fail_in: str | None = None):
+        self.engine, self.choice, self.fail_in = engine, engine.choice, fail_in
+        self.calls: set[tuple[str, int | None]] = set()
+
+    def __call__(self, x, threads=None):
+        name = threading.current_thread().name
+        self.calls.add((name, threads))
+        if name == self.fail_in:
+            raise RuntimeError(f"engine failed in {name}")
+        return self.engine(x, threads=threads)
+
+
+def _extract(engine, paths, root=None, **kw):
+    cache = FeatureCache(root, make_namespace(ENTRY.name, {"kind": "random", "seed": 0}, PRE, ORT))
+    result = extract(engine, PRE.transform(), paths, cache, batch_size=BATCH, workers=0, **kw)
+    return result, cache
+
+
+def test_two_streams_give_one_streams_features_failures_and_shards(engine, paths, tmp_path, two_torch_threads):
+    assert len(paths) > 2 * CHUNK
+    recording = Recording(engine)
+    two, cache2 = _extract(recording, paths, tmp_path / "two")  # the default here: 2 threads, 2 cores or more
+    assert torch.get_num_threads() == 2  # given back after the streams' 1 thread each
+    torch.set_num_threads(1)
+    one, cache1 = _extract(engine, paths, tmp_path / "one", streams=1)
+    streams = min(2, decoding.os.cpu_count() or 1)
+    if streams == 2:
+        assert recording.calls == {("MainThread", 1), ("headstart-stream-1", 1)}  # both ran, on 1 thread each
+    assert two.keys == one.keys and two.failures == one.failures
+    assert list(two.failures) == [paths[300]] and two.n_computed == one.n_computed == len(paths) - 1
+    keys = [k for k in two.keys if k]
+    assert np.array_equal(cache2.get(keys), cache1.get(keys))  # bitwise: a batch's features do not depend on it
+    shards = sorted((tmp_path / "two").rglob("*.safetensors"))
+    assert len(shards) == len(list((tmp_path / "one").rglob("*.safetensors"))) == 3  # one per chunk either way
+
+
+def test_an_error_in_one_stream_stops_them_all_and_is_raised(engine, paths, two_torch_threads):
+    if (decoding.os.cpu_count() or 1) < 2:
+        pytest.skip("one core: one stream")
+    with pytest.raises(RuntimeError, match="engine failed in headstart-stream-1"):
+        _extract(Recording(engine, fail_in="headstart-stream-1"), paths)
+    assert not [t for t in threading.enumerate() if t.name.startswith("headstart-stream")]
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("cores, threads, device, parallel_calls, expected", [
+    (2, 2, "cpu", True, 2),  # ONNX Runtime on 2 cores: two 1-thread streams
+    (8, 4, "cpu", True, 4),  # one per thread the engine would use
+    (2, 1, "cpu", True, 1),
+    (2, 2, "cpu", False, 1),  # OpenVINO and torch: one stream, all threads in each call
+    (2, 2, "cuda", True, 1),
+])
+def test_default_streams_one_per_engine_thread_on_an_engine_that_runs_calls_side_by_side(
+        monkeypatch, cores, threads, device, parallel_calls, expected):
+    monkeypatch.setattr(decoding.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(decoding.torch, "get_num_threads", lambda: threads)
+    engine = type("Engine", (), {"parallel_calls": parallel_calls})()
+    assert decoding.default_streams(device, engine) == expected
