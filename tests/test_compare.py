@@ -65,7 +65,7 @@ def test_ctrl_c_during_compare_keeps_only_finished_runs_and_the_rerun_resumes(fm
                                                                              one_torch_thread):
     out = tmp_path / "cmp"
     args = ("compare", fmnist_tiny, "--out", out, "--strategies", "feature-extraction-linear,scratch",
-            "--image-size", "32", "--workers", "0")
+            "--image-size", "32", "--workers", "0", "--epochs", "2")
     # Ctrl-C right after scratch's first epoch is checkpointed: its cache and checkpoints exist by then.
     code, _, stderr = CliChild(tmp_path, *args, fault="sigint-epoch:1", new_session=True).finish()
     assert code == 130, stderr

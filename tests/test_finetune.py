@@ -108,7 +108,7 @@ def _cli(*args, env=None) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(fmnist_tiny, tmp_path):
     args = ("train", fmnist_tiny, "--strategy", "fine-tune", "--image-size", "32", "--workers", "0",
-            "--unfreeze", "2", "--epochs", "3", "--patience", "5", "--json")
+            "--unfreeze", "2", "--epochs", "2", "--patience", "5", "--json")
     whole = _cli(*args, "--out", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     env = {**os.environ, "HEADSTART_FAULT": "epoch:1"}  # SIGKILL right after the first epoch's checkpoint
@@ -166,11 +166,14 @@ def test_compare_runs_every_strategy_on_one_split(fmnist_tiny, tmp_path):
     from test_cli import run_cli
 
     code, stdout, stderr = run_cli("compare", fmnist_tiny, "--out", tmp_path / "cmp", "--image-size", "32",
-                                   "--workers", "0")
+                                   "--workers", "0", "--epochs", "2")
     assert code == 0, stderr
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     names = [r["strategy"] for r in result["runs"]]
     assert names == ["scratch", "feature-extraction-linear", "feature-extraction-mlp", "fine-tune"]
+    for name in ("scratch", "fine-tune"):  # --epochs is both trained strategies' budget
+        history = json.loads((tmp_path / "cmp" / name / "metrics.json").read_text())["fine_tune"]["history"]
+        assert history["epoch"][-1] <= 2
     for r in result["runs"]:
         assert 0 <= r["test_accuracy"] <= 1 and r["wall_seconds"] > 0 and r["trainable_parameters"] > 0
         assert r["strategy"] in stdout

@@ -125,6 +125,8 @@ def get_parser() -> argparse.ArgumentParser:
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--image-size", type=_size, default="auto")
     cp.add_argument("--workers", type=int, default=None)
+    cp.add_argument("--epochs", type=int, default=None,
+                    help="epochs of scratch and fine-tune (default: each its own, 15 and 14, with early stopping)")
     cp.add_argument("--overwrite", action="store_true")
     cp.add_argument("--json", action="store_true")
 
@@ -303,8 +305,9 @@ def cmd_compare(a) -> int:
     from .compare import compare, format_table
 
     names = [n.strip() for n in a.strategies.split(",")] if a.strategies else None
+    budget = {"finetune": {"epochs": a.epochs}} if a.epochs is not None else {}
     result = compare(a.data, out=a.out, seed=a.seed, strategies=names, overwrite=a.overwrite,
-                     image_size=a.image_size, workers=a.workers)
+                     image_size=a.image_size, workers=a.workers, **budget)
     print(json.dumps(result, indent=2) if a.json else format_table(result))
     return 0
 

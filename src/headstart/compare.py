@@ -74,6 +74,8 @@ def compare(data: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, s
             continue
         log.info("compare: %s", name)
         run_settings = {**common, **STRATEGIES[name]}  # a strategy's own settings win over the shared ones
+        if run_settings["strategy"] == "feature-extraction":
+            run_settings.pop("finetune", None)  # the budget (--epochs) is the trained strategies' only
         try:
             train(data, **run_settings, seed=seed, out=os.fspath(run_dir), overwrite=True,
                   cache_dir=os.fspath(out / f".cache-{name}"))
