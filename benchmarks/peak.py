@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from headstart.engine import cpu_flags, installed, keep_signal_stack, native_bf16
+from headstart.engine import cpu_flags, installed, native_bf16, openvino_compile
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -100,8 +100,7 @@ def _openvino_gemm(n: int, precision: str) -> Callable:
 
     a, b = ops.parameter([n, n], np.float32), ops.parameter([n, n], np.float32)
     model = ov.Model([ops.matmul(a, b, False, False)], [a, b])
-    with keep_signal_stack():  # engine.keep_signal_stack says why
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision.replace("fp", "f")})
+    compiled = openvino_compile(model, {"INFERENCE_PRECISION_HINT": precision.replace("fp", "f")})
     x = [np.random.default_rng(i).random((n, n), dtype=np.float32) for i in (0, 1)]
     request = compiled.create_infer_request()
     return lambda: request.infer(x)

@@ -88,7 +88,7 @@ def test_openvino_engines_freed_in_any_order_leave_signals_working(tmp_path):
 @pytest.mark.slow
 def test_openvino_matches_torch_fp32(images, tmp_path):
     """The same check for OpenVINO, in its own process: tearing OpenVINO down inside this long pytest process
-    once crashed a later test with SIGSEGV (the plugins' alternate signal stacks: engine.openvino_core)."""
+    once crashed a later test with SIGSEGV (the plugins' alternate signal stacks: engine.keep_signal_stack)."""
     script = (
         "import sys, json; sys.path.insert(0, sys.argv[1]); import test_engines as t; "
         "import torch; torch.set_num_threads(1); "

@@ -318,14 +318,19 @@ class OpenVinoEngine(_ConvertedEngine):
         # The precision hint is always explicit: left unset, the CPU plugin may choose bf16 on its own.
         config = {"INFERENCE_PRECISION_HINT": "bf16" if self.choice.precision == "bf16" else "f32",
                   "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-        import openvino as ov
-
-        with keep_signal_stack():
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
-        return _PerThreadRequests(compiled)
+        return _PerThreadRequests(openvino_compile(str(path), config))
 
     def _run(self, requests: "_PerThreadRequests", x: np.ndarray) -> np.ndarray:
         return requests.get().infer({0: x})[0]
+
+
+def openvino_compile(model, config: dict):
+    """`openvino.Core().compile_model(model, "CPU", config)`, with the thread's signal stack kept (below):
+    every OpenVINO compile in headstart goes through here."""
+    import openvino as ov
+
+    with keep_signal_stack():
+        return ov.Core().compile_model(model, "CPU", config)
 
 
 class _SignalStack(ctypes.Structure):  # stack_t
