@@ -58,7 +58,8 @@ def test_reported_peak_is_above_every_engine_in_a_short_run(tmp_path):
 
     model, _ = load_backbone(get_backbone("resnet50"), "none", seed=0)
     flops = run.flops_per_image(model, 96)
-    peaks = Peaks(seconds=0.5).update(["fp32"])
+    # 0.25 s per GEMM: a shorter timing can only lower the measured best, which makes this check stricter.
+    peaks = Peaks(seconds=0.25).update(["fp32"])
     rows = []
     for engine in ("torch", "onnxruntime", "openvino"):
         if installed(engine):
@@ -67,8 +68,7 @@ def test_reported_peak_is_above_every_engine_in_a_short_run(tmp_path):
     base = plain.feature_model("resnet50", weights=None)
     rows.append({"engine": "baseline", "precision": "fp32",
                  "gflops": plain.network_throughput(base, 96, 1.0) * flops / 1e9})
-    peaks.update(["fp32"])  # measured again after the engines, as `make bench` does (peak.py)
-    rows = run.against_peak(rows, peaks)
+    rows = run.against_peak(rows, peaks)  # measures the GEMMs again after the engines, as `make bench` does
     reported = json.loads(json.dumps(peaks.to_dict()))["fp32"]["gflops"]
     assert all(r["gflops"] <= reported * 1.001 for r in rows), (rows, peaks.to_dict())
     assert all(r["fraction_of_peak"] <= 1.0 for r in rows), rows

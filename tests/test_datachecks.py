@@ -77,3 +77,29 @@ def test_a_second_train_reads_the_digests_instead_of_hashing(image_folder, tmp_p
     run = headstart.train(image_folder, out=tmp_path / "run2", **common)
     assert hashed == []
     assert run.metrics["duplicates_across_splits"]["groups"] == 0
+
+
+def test_resolved_paths_are_realpath_through_linked_folders_and_files(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    (real / "a").mkdir(parents=True)
+    (real / "a" / "x.png").write_bytes(b"x")
+    (real / "y.png").write_bytes(b"y")
+    (tmp_path / "dirlink").symlink_to(real / "a", target_is_directory=True)
+    (tmp_path / "filelink.png").symlink_to(real / "y.png")
+    (tmp_path / "chain.png").symlink_to(tmp_path / "dirlink" / "x.png")
+    monkeypatch.chdir(tmp_path)
+    paths = [str(real / "a" / "x.png"), str(tmp_path / "dirlink" / "x.png"), "dirlink/x.png", "filelink.png",
+             str(tmp_path / "chain.png"), "real/../real/y.png", str(tmp_path / "missing.png"), "dirlink/none.png"]
+    assert datachecks.resolved_paths(paths) == [os.path.realpath(p) for p in paths]
+    rows = [{"path": str(real / "a" / "x.png"), "split": "train"}, {"path": "filelink.png", "split": "test"}]
+    # x.png four ways (its path, the linked folder absolute and relative, a chain of links); y.png only in test.
+    assert datachecks.seen_in_training(paths, rows) == 4
+
+
+def test_digests_in_several_chunks_and_threads_keep_the_input_order(tmp_path, monkeypatch):
+    paths = _files(tmp_path / "data", n=7) + [str(tmp_path / "missing.png")]
+    monkeypatch.setattr(datachecks, "CHUNK", 2)  # 4 tasks over 2 threads
+    expected = [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths[:-1]] + [None]
+    assert content_digests(paths, threads=2) == expected
+    assert content_digests(paths, threads=1) == expected
+    assert content_digests(paths, threads=2, cache_root=tmp_path / "cache") == expected
