@@ -1,6 +1,7 @@
 """Extraction's streams (features._compute_streams, decoding.default_streams): threads in one process that
-each decode whole chunks and run them on a 1-thread ONNX Runtime session. They must give the features,
-failures and cache shards one stream gives, use the threads they are given, and stop cleanly on an error."""
+each decode whole chunks and run them on a 1-thread ONNX Runtime session or OpenVINO stream. They must give
+the features, failures and cache shards one stream gives, use the threads they are given, and stop cleanly
+on an error."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ from headstart import decoding
 from headstart.backbones import get_backbone, seeded_init
 from headstart.engine import EngineChoice, installed, make_engine
 from headstart.features import CHUNK, FeatureCache, extract, make_namespace
-
-pytestmark = pytest.mark.skipif(not installed("onnxruntime"), reason="streams run on ONNX Runtime")
 
 ENTRY = get_backbone("mobilenet_v2")
 PRE = ENTRY.preprocessing.scaled(32)
@@ -35,9 +34,12 @@ def paths(tmp_path_factory) -> list[str]:
     return files
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return make_engine(seeded_init(ENTRY, 0), ORT, tmp_path_factory.mktemp("engines"))
+@pytest.fixture(scope="module", params=["onnxruntime", "openvino"])
+def engine(request, tmp_path_factory):
+    if not installed(request.param):
+        pytest.skip(f"{request.param} is not installed")
+    choice = EngineChoice(request.param, "fp32", "cpu", "tests")
+    return make_engine(seeded_init(ENTRY, 0), choice, tmp_path_factory.mktemp("engines"))
 
 
 @pytest.fixture
@@ -102,7 +104,7 @@ def test_an_error_in_one_stream_stops_them_all_and_is_raised(engine, paths, two_
     (2, 2, "cpu", True, 2),  # ONNX Runtime on 2 cores: two 1-thread streams
     (8, 4, "cpu", True, 4),  # one per thread the engine would use
     (2, 1, "cpu", True, 1),
-    (2, 2, "cpu", False, 1),  # OpenVINO and torch: one stream, all threads in each call
+    (2, 2, "cpu", False, 1),  # torch: one stream, all threads in each call
     (2, 2, "cuda", True, 1),
 ])
 def test_default_streams_one_per_engine_thread_on_an_engine_that_runs_calls_side_by_side(
@@ -111,3 +113,23 @@ def test_default_streams_one_per_engine_thread_on_an_engine_that_runs_calls_side
     monkeypatch.setattr(decoding.torch, "get_num_threads", lambda: threads)
     engine = type("Engine", (), {"parallel_calls": parallel_calls})()
     assert decoding.default_streams(device, engine) == expected
+
+
+def test_openvino_compiles_one_stream_per_caller_for_streams(tmp_path):
+    """Two callers on one OpenVINO model compiled as one 1-thread stream ran one after the other (both
+    pinned to one core); a `threads`-thread runner gets cores // threads streams, so the streams' calls
+    run side by side, and a runner on every core stays one stream (the LATENCY hint)."""
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed")
+    cores = decoding.os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("one core: one stream")
+    eng = make_engine(seeded_init(ENTRY, 0), EngineChoice("openvino", "fp32", "cpu", "tests"), tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    eng(x, threads=1)
+    eng(x, threads=cores)
+    compiled = {k[2]: r.compiled for k, r in eng._runners.items()}
+    assert int(compiled[1].get_property("NUM_STREAMS")) == cores
+    assert int(compiled[1].get_property("INFERENCE_NUM_THREADS")) == cores
+    assert int(compiled[cores].get_property("NUM_STREAMS")) == 1
+    eng.release()

@@ -9,10 +9,12 @@ median of 4 alternating runs, README "Speed"): 249 images/s with one worker, 359
 484 for the engine alone. Decoding each batch in 2 forked processes between the engine's calls (pixels in
 shared memory) was measured too and reached 311: not kept.
 
-Better still (`default_streams`), when the engine runs calls side by side (ONNX Runtime: `parallel_calls`):
-one stream per core, each a thread that decodes its own chunks and runs them on a 1-thread session, so no
-core waits at another's barrier. Measured the same way: 395-405 images/s for 2 streams against 325-340 for
-one, engine alone 438-446 (the engine alone on two 1-thread streams: 441-476).
+Better still (`default_streams`), when the engine runs calls side by side (ONNX Runtime and OpenVINO:
+`parallel_calls`): one stream per core, each a thread that decodes its own chunks and runs them on a
+1-thread session (an OpenVINO stream), so no core waits at another's barrier. Measured the same way on the
+AVX2 kind with ONNX Runtime: 395-405 images/s for 2 streams against 325-340 for one, engine alone 438-446
+(the engine alone on two 1-thread streams: 441-476); on the native-bf16 kind with OpenVINO bf16 (README
+"Speed"): 1,046-1,095 against one stream's 968-991.
 
 Every way gives the same batches in the same order, bitwise, so features do not depend on it.
 """

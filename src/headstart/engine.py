@@ -84,8 +84,9 @@ def choose_engine(device: str = "auto", engine: str = "auto", precision: str = "
     Precision `auto` is bf16 only on a CPU with native bf16 and an engine that runs it (OpenVINO,
     torch); ONNX Runtime gets fp32. It is never int8: int8 is adopted by default only where it is
     faster and keeps FMNIST-TL test accuracy within 0.3 points of fp32; on the AVX2 kind it kept
-    accuracy (README "int8": 0.8690 against 0.8717) but was not shown faster (0.9x at load 17),
-    and the AVX-512 kind has not been measured. `--precision int8` asks for it (ONNX Runtime or OpenVINO, calibrated on the
+    accuracy (README "int8": 0.8690 against 0.8717) but was not shown faster (0.9x at load 17);
+    on the native-bf16 kind it was 1.10x bf16 end to end at -0.13 points, too little to make
+    every user's features depend on a calibration. `--precision int8` asks for it (ONNX Runtime or OpenVINO, calibrated on the
     training images, quantize.py). So the rule never refuses a choice of its own: on a native-bf16
     CPU without OpenVINO (a plain pip install) the default is ONNX Runtime fp32. Only an explicit
     `--engine onnxruntime --precision bf16` is refused.
@@ -228,7 +229,7 @@ class _ConvertedEngine:
     def release(self) -> None:
         """Free the compiled sessions (ONNX Runtime keeps a CPU arena sized for the largest batch's activations:
         about 0.4 GB for MobileNetV2 at 128 px); the next call compiles again from the cached export."""
-        with self._lock:
+        with self._lock, keep_signal_stack():  # an OpenVINO plugin freed here resets this thread's stack
             self._runners.clear()
         memory.trim()
 
@@ -310,14 +311,25 @@ class OnnxRuntimeEngine(_ConvertedEngine):
 
 
 class OpenVinoEngine(_ConvertedEngine):
-    # One stream: concurrent requests wait for each other (measured: 2 callers on 1 thread ran at half the
-    # rate of 1 caller on 2), and its 2 threads lose little at their barriers, so no streams here.
-    parallel_calls = False
+    # Calls from several threads run side by side when the model is compiled with one OpenVINO stream per
+    # caller: a `threads`-thread runner on a machine with more cores gets cores // threads streams of
+    # `threads` threads each, every stream pinned to its own cores, and each calling thread's request runs
+    # on one of them. Compiled as one 1-thread stream instead (the LATENCY hint), two such runners or two
+    # callers were pinned to the same core: MobileNetV2 bf16 at 160 px on 2 cores, 2 callers 414-431
+    # images/s against 757-811 for 1 caller on 2 threads, and 808-842 for 2 callers on 2 streams.
+    # Streams are not pinned to cores: a process that is one of several (torchrun's ranks, 1 thread
+    # each) would pin its first stream to the same core as the others do (808-830 unpinned here).
+    parallel_calls = True
 
     def _compile(self, path: Path, threads: int):
         # The precision hint is always explicit: left unset, the CPU plugin may choose bf16 on its own.
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if self.choice.precision == "bf16" else "f32",
-                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if self.choice.precision == "bf16" else "f32"}
+        streams = max(1, (os.cpu_count() or 1) // threads)
+        if streams > 1:
+            config.update({"NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": streams * threads,
+                           "ENABLE_CPU_PINNING": False})
+        else:
+            config.update({"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
         return _PerThreadRequests(openvino_compile(str(path), config))
 
     def _run(self, requests: "_PerThreadRequests", x: np.ndarray) -> np.ndarray:
