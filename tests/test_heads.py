@@ -259,3 +259,29 @@ def test_linear_head_extends_the_c_path_downwards():
     assert cs == sorted(cs)
     best = cs.index(head.C_)
     assert best > 0 or head.search_edge_ == "lower"
+
+
+def test_final_fit_starts_from_the_search_and_reaches_the_cold_starts_optimum():
+    """The refit on train + validation starts from the chosen C's search solution, rewritten for the refit's
+    scaler (`_rescaled`: the same logits); it must land where a fit from zeros lands, in fewer iterations."""
+    from sklearn.preprocessing import StandardScaler
+
+    from headstart.heads import _rescaled, fit_softmax_regression
+
+    X, y = blobs(900, d=64, spread=4.0, seed=3)
+    head = LinearHead().fit(X[:600], y[:600], X[600:], y[600:])
+    yi = np.searchsorted(head.classes_, y).astype(np.int64)
+    Xs = torch.as_tensor(head.scaler_.transform(X).astype(np.float32))
+    W, b, cold_iters = fit_softmax_regression(Xs, torch.as_tensor(yi), len(LABELS), head.C_)
+    assert head.n_iter_ < cold_iters
+    cold = (Xs @ W.T + b).numpy()
+    warm = (Xs @ head.coef_.T + head.intercept_).numpy()
+    assert np.abs(warm - cold).max() < 5e-3 * np.abs(cold).max()  # both stop at the gradient tolerance
+    assert (warm.argmax(1) == cold.argmax(1)).mean() > 0.995
+    # The rewrite itself is exact: the same logits under the other scaler.
+    old, new = StandardScaler().fit(X[:600]), head.scaler_
+    W0, b0 = torch.randn(3, 64), torch.randn(3)
+    W1, b1 = _rescaled(W0, b0, old, new)
+    a = torch.as_tensor(old.transform(X).astype(np.float32)) @ W0.T + b0
+    c = torch.as_tensor(new.transform(X).astype(np.float32)) @ W1.T + b1
+    assert torch.allclose(a, c, atol=1e-4, rtol=1e-4)
