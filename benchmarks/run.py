@@ -389,7 +389,8 @@ def end_to_end(data: Path, repeats: int, work: Path, probe_size: int) -> dict:
 def _run_breakdown(run: Path) -> dict:
     """Where a train run's time went, from its own records: extraction, head, the rest."""
     m, c = json.loads((run / "metrics.json").read_text()), json.loads((run / "config.json").read_text())
-    return {"image_size": c["image_size"], "engine": c["engine"]["engine"], "precision": c["engine"]["precision"],
+    return {"backbone": c["backbone"], "image_size": c["image_size"], "engine": c["engine"]["engine"],
+            "precision": c["engine"]["precision"],
             "images": m["extraction"]["computed"], "extraction_seconds": m["extraction"]["seconds"],
             "head_seconds": m["head_seconds"]}
 
@@ -398,7 +399,7 @@ def end_to_end_floor(ours: dict, probe_seconds: float, work: Path, goal: float =
     """What no pipeline around this engine can beat on this machine: the engine alone on the run's images
     (same backbone, size, engine and precision, timed here) plus two process start-ups (train and
     evaluate each import torch, torchvision and scikit-learn), against the time the goal allows."""
-    model, _ = load_backbone(get_backbone("mobilenet_v2"), "none", seed=0)  # speed does not depend on weights
+    model, _ = load_backbone(get_backbone(ours["backbone"]), "none", seed=0)  # speed does not depend on weights
     rate = engine_throughput(model, ours["image_size"], ours["engine"], ours["precision"], 5.0, work / "engines")
     starts = []
     for _ in range(3):

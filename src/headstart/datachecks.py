@@ -172,7 +172,7 @@ def resolved_paths(paths: Sequence[str]) -> list[str]:
     out = []
     for p in paths:
         head, name = os.path.split(os.path.abspath(p))
-        if not name or name in (".", "..") or os.path.islink(p):
+        if not name or os.path.islink(p):  # no name: the root; abspath has already removed "." and ".."
             out.append(os.path.realpath(p))
             continue
         if head not in folders:

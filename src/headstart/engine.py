@@ -314,9 +314,9 @@ class OpenVinoEngine(_ConvertedEngine):
     # Calls from several threads run side by side when the model is compiled with one OpenVINO stream per
     # caller: a `threads`-thread runner on a machine with more cores gets cores // threads streams of
     # `threads` threads each, and each calling thread's request runs on one of them. Compiled as one
-    # 1-thread stream instead (the LATENCY hint), two such runners or two
-    # callers were pinned to the same core: MobileNetV2 bf16 at 160 px on 2 cores, 2 callers 414-431
-    # images/s against 757-811 for 1 caller on 2 threads, and 808-842 for 2 callers on 2 streams.
+    # 1-thread stream instead (the LATENCY hint), two such runners or two callers were pinned to the same
+    # core: MobileNetV2 bf16 at 160 px on 2 cores, 2 callers 414-431 images/s against 757-811 for 1 caller
+    # on 2 threads, and 808-842 for 2 callers on 2 streams.
     # Streams are not pinned to cores: a process that is one of several (torchrun's ranks, 1 thread
     # each) would pin its first stream to the same core as the others do (808-830 unpinned here).
     parallel_calls = True
