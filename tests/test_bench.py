@@ -22,7 +22,7 @@ def test_cpu_kind_from_flags():
     assert kinds.cpu_kind(AVX2) == "avx2"
     assert kinds.cpu_kind(AVX512_BF16) == "avx512_bf16"
     assert kinds.cpu_kind(AVX2 | {"avx512f"}) == "avx512"
-    assert kinds.cpu_kind(AVX2 | {"amx_bf16"}) == "avx512_bf16"
+    assert kinds.cpu_kind(AVX512_BF16 | {"amx_bf16", "amx_int8", "amx_tile"}) == "avx512_amx"
     # Files written before the kind was recorded: from their flags.
     assert kinds.kind_of({"avx512": False, "native_bf16": False}) == "avx2"
     assert kinds.kind_of({"avx512": True, "native_bf16": True}) == "avx512_bf16"
@@ -31,10 +31,11 @@ def test_cpu_kind_from_flags():
 def test_readme_shows_every_kind_and_says_which_is_not_measured(tmp_path):
     (tmp_path / "results-avx2.md").write_text("Measured by `make bench` on 2026-11-30: AMD EPYC\n")
     text = kinds.readme_section(tmp_path)
-    avx2, bf16 = text.index("`avx2`"), text.index("`avx512_bf16`")
+    avx2, bf16, amx = text.index("`avx2`"), text.index("`avx512_bf16`"), text.index("`avx512_amx`")
     assert "AMD EPYC" in text[avx2:bf16]
-    assert "Not measured yet on this kind." in text[bf16:]
-    assert text.count("Not measured yet") == 1
+    assert "Not measured yet on this kind." in text[bf16:amx]
+    assert "Not measured yet on this kind." in text[amx:]
+    assert text.count("Not measured yet") == 2
 
 
 def test_theoretical_flops_per_cycle():

@@ -133,3 +133,46 @@ def test_openvino_compiles_one_stream_per_caller_for_streams(tmp_path):
     assert int(compiled[1].get_property("INFERENCE_NUM_THREADS")) == cores
     assert int(compiled[cores].get_property("NUM_STREAMS")) == 1
     eng.release()
+
+
+
+FIRST_CALLS = """
+import sys, threading, numpy as np, torch
+from headstart.engine import EngineChoice, make_engine
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+engine = make_engine(model, EngineChoice("openvino", "fp32", "cpu", "test"), sys.argv[1])
+runner = engine._compile(engine._onnx_file((16, 16)), 1)  # compiled as extraction's streams compile it
+requests = [runner.compiled.create_infer_request() for _ in range(2)]
+x = np.zeros((2, 3, 16, 16), np.float32)
+sys.setswitchinterval(1e-6)  # the GIL changes hands as often as it can: the race is then likely
+barrier = threading.Barrier(2)
+def first_call(request):
+    barrier.wait()  # both threads' first infer at once, as two streams start
+    assert request.infer({0: x})[0].shape == (2, 4)
+threads = [threading.Thread(target=first_call, args=(r,)) for r in requests]
+for t in threads: t.start()
+for t in threads: t.join()
+print("done")
+"""
+
+
+@pytest.mark.slow  # 8 short processes
+def test_first_openvino_calls_from_two_threads_do_not_deadlock(tmp_path):
+    """The first numpy array OpenVINO's Python module makes builds its bridge (a pybind11 static); two
+    threads making theirs together could deadlock, one holding the GIL, the other the static's guard.
+    Without engine._openvino_numpy_bridge (run where every runner is compiled) this script hung in 8 of 12
+    processes; with it in none of 16. A deadlock here is a timeout: each process gets 60 s."""
+    import subprocess
+    import sys
+
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed")
+    for i in range(8):  # one at a time: the race needs both threads on a core of their own
+        p = subprocess.Popen([sys.executable, "-c", FIRST_CALLS, str(tmp_path / str(i))], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail("two threads' first OpenVINO calls deadlocked")
+        assert p.returncode == 0 and out.strip() == "done", err[-2000:]

@@ -342,7 +342,25 @@ def openvino_compile(model, config: dict):
     import openvino as ov
 
     with keep_signal_stack():
-        return ov.Core().compile_model(model, "CPU", config)
+        compiled = ov.Core().compile_model(model, "CPU", config)
+    _openvino_numpy_bridge()
+    return compiled
+
+
+@functools.lru_cache(maxsize=1)
+def _openvino_numpy_bridge() -> None:
+    """Make OpenVINO's first numpy array in this thread, before any two threads can make theirs together.
+
+    OpenVINO's Python module builds its numpy bridge (pybind11's `npy_api`, a function-local static) on first
+    use. Two threads that first use it at the same moment, as extraction's streams do with their first
+    infer requests, can deadlock: one holds the static's guard and waits for the GIL, the other holds the GIL
+    and waits for the guard (a fresh process scoring images through a saved model hung that way on the AMX machine, 2026-12-01; a script of two
+    threads' first infers hung in 2 of 16 processes, 0 of 16 after this). Called where every runner is
+    compiled, under the engine's lock, so it runs before the model's first request.
+    """
+    import openvino as ov
+
+    ov.Tensor(np.zeros(1, np.float32)).data  # noqa: B018  (the attribute access is the point)
 
 
 class _SignalStack(ctypes.Structure):  # stack_t

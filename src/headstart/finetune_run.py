@@ -102,6 +102,7 @@ def run_fine_tune(cfg: TrainConfig, entry: Backbone, backbone: nn.Module, head: 
         result = fit(net, s, seed=cfg.seed, train_data=train_data, val=val, checkpoint=ckpt if main else None,
                      resume=resume, class_weight=class_weight, sampler_weights=sampler, workers=epoch_workers,
                      callbacks=callbacks, precision=precision)
+    memory.note("fine-tuning done")
     vloss, vacc = evaluate_boundary(net, val)
     summary = {"settings": s.to_dict(), "trainable_blocks": net.trainable_blocks,
                "trainable_parameters": count_parameters(net, trainable_only=True),

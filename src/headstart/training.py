@@ -170,6 +170,7 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     backbone, winfo = load_weights(cfg, entry)
     choice, engine = build_engine(cfg, backbone, cache_root, data, prep)
     feats = extract_features(cfg, entry, winfo, prep, choice, engine, data, cache_root)
+    memory.note("features extracted")
     skipped = check_skipped(cfg, bad_rows, data, feats.ext)
     check_training_classes(data, feats)
 
@@ -178,7 +179,9 @@ def _train(cfg: TrainConfig, entry, cache_root: Path | None, out: Path, final: P
     tta_decision = choose_test_views(cfg, fitted, feats, bundle, out)
     # From here on the run uses the saved model, loaded as `evaluate` loads it, and scores its test split
     # through the same feature path and engine settings: metrics.json's numbers are what evaluate gives.
+    memory.note("model saved")
     test_paths, y_test, proba = score_test_split(bundle, cfg, feats, fitted.cols)
+    memory.note("test split scored")
     metrics = run_metrics(fitted, feats, engine, summary, y_test, proba, time.perf_counter() - t_start)
     resolved = resolved_config(cfg, entry, (image_size, size_reason), prep, winfo, choice, feats, fitted, data,
                                summary, final)
@@ -460,6 +463,10 @@ def fine_tune_step(cfg: TrainConfig, entry, engine, prep, feats: Features, fitte
     memory.note("fine-tuning starts")
     ft = run_fine_tune(cfg, entry, engine.model, fitted.head_module, prep, [s.path for s in feats.samples],
                        fitted.cols, feats.tr, feats.va, final, callbacks=epoch_logs)
+    # The boundary activations, gradients and optimizer state are gone: hand their heap back before the saved
+    # model is compiled again to measure flips and score the test split (the run's peak came there).
+    memory.trim()
+    memory.note("fine-tuning memory trimmed")
     fitted.identity = backbone_identity(engine.model)  # the backbone changed: its own features, its own cache
     fitted.metrics["phase1_val_accuracy"] = fitted.metrics.pop("val_accuracy")
     fitted.metrics["fine_tune"] = ft.summary
