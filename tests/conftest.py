@@ -162,7 +162,8 @@ def fake_cpu_code(native_bf16: bool, missing: tuple[str, ...] = ()) -> str:
 
 @pytest.fixture
 def fake_cpu(monkeypatch):
-    """`fake_cpu(native_bf16=True, missing=("openvino",))` makes this process look like that machine.
+    """`fake_cpu(native_bf16=True, missing=("openvino",))` makes this process look like that machine
+    (`amx=True`: one whose bf16 runs on AMX tiles).
 
     Both CPU kinds, with and without each engine, then run the rule and the code after it on any
     machine (the real flags only decide which kind the rest of the suite runs as).
@@ -171,8 +172,11 @@ def fake_cpu(monkeypatch):
 
     from headstart import cpu, engine
 
-    def fake(native_bf16: bool, missing: tuple[str, ...] = ()):
+    def fake(native_bf16: bool, missing: tuple[str, ...] = (), amx: bool = False):
         flags = {"avx2", "avx512f", "avx512_bf16"} if native_bf16 else {"avx2"}
+        if amx:  # the AMX machines: AVX512-BF16 and the tile units
+            assert native_bf16, "AMX comes with native bf16"
+            flags |= {"amx_bf16", "amx_int8", "amx_tile"}
         monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
         for name in missing:
             monkeypatch.setitem(sys.modules, name, None)

@@ -23,33 +23,44 @@ def test_auto_is_fp32_without_native_bf16_and_without_a_measurement(fake_cpu, mo
     fake_cpu(native_bf16=False)
     c = choose("auto")
     assert (c.precision, c.reason) == ("fp32", "fp32: no native bf16 on this CPU")
-    assert choose("auto", measured_speedup=3.0).precision == "fp32"  # a measurement cannot make emulation pay
+    fast = finetune_precision.Measured(3.0, True, 0.0, "test")
+    assert choose("auto", measured=fast).precision == "fp32"  # a measurement cannot make emulation pay
     fake_cpu(native_bf16=True)
-    monkeypatch.setattr(finetune_precision, "MEASURED_BF16_SPEEDUP", None)
+    monkeypatch.setattr(finetune_precision, "MEASURED", {})
     c = choose("auto")
-    assert c.precision == "fp32" and "no measurement" in c.reason
+    assert c.precision == "fp32" and "no measurement" in c.reason and "avx512_bf16" in c.reason
 
 
-def test_auto_follows_the_recorded_measurement(fake_cpu):
-    """make bench on the native-bf16 kind (2026-12-01): bf16 with channels-last 1.32x, under 1.5x: fp32."""
+def test_auto_follows_the_measurement_of_the_cpus_own_bf16_units(fake_cpu):
+    """make bench on 2026-12-01: bf16 with channels-last 1.32x on AVX512-BF16 (AMD EPYC), under 1.5x: fp32;
+    1.55x on AMX (Intel Xeon) at +0.09 points: bf16, laid out channels-last as measured."""
     fake_cpu(native_bf16=True)
-    assert finetune_precision.MEASURED_BF16_SPEEDUP == 1.32
     c = choose("auto")
-    assert c.precision == "fp32" and "measured 1.32x" in c.reason
+    assert (c.precision, c.channels_last) == ("fp32", False) and "measured 1.32x" in c.reason
+    fake_cpu(native_bf16=True, amx=True)
+    c = choose("auto")
+    assert (c.precision, c.channels_last) == ("bf16", True) and "1.55x" in c.reason and "amx" in c.reason
+    assert choose("fp32").precision == "fp32"  # asked for: always honoured
 
 
 def test_auto_picks_bf16_only_where_the_measurement_pays(fake_cpu):
     fake_cpu(native_bf16=True)
-    assert choose("auto", measured_speedup=1.7).precision == "bf16"
-    slow = choose("auto", measured_speedup=1.2)
+    M = finetune_precision.Measured
+    assert choose("auto", measured=M(1.7, False, -0.3, "t")).precision == "bf16"  # within 0.3 points
+    fast = choose("auto", measured=M(1.7, False, 0.1, "t"))
+    assert (fast.precision, fast.channels_last) == ("bf16", False)
+    slow = choose("auto", measured=M(1.2, True, 0.0, "t"))
     assert slow.precision == "fp32" and "1.20x" in slow.reason
-    assert choose("auto", measured_speedup=1.7, device="cuda").precision == "fp32"
+    worse = choose("auto", measured=M(1.7, True, -0.31, "t"))  # faster, but not within 0.3 points
+    assert worse.precision == "fp32" and "-0.31 points" in worse.reason
+    assert choose("auto", measured=M(1.7, True, 0.0, "t"), device="cuda").precision == "fp32"
 
 
 @pytest.mark.parametrize("native", [False, True])
 def test_asked_for_is_honoured_on_either_kind(fake_cpu, native):
     fake_cpu(native_bf16=native)
-    assert choose("bf16").precision == "bf16" and choose("fp32", measured_speedup=9.0).precision == "fp32"
+    fast = finetune_precision.Measured(9.0, True, 0.0, "test")
+    assert choose("bf16").precision == "bf16" and choose("fp32", measured=fast).precision == "fp32"
     assert ("no native bf16" in choose("bf16").reason) is not native
     assert choose("bf16", channels_last=True).channels_last
 
@@ -123,6 +134,7 @@ def test_a_fine_tune_run_records_its_precision_and_releases_both_sessions(fmnist
     assert len({engine for engine, _ in released}) == 2 and all(n == 1 for _, n in released)
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     want = {"precision": "fp32", "channels_last": False,
-            "reason": "fp32: bf16 fine-tuning measured 1.32x fp32 on a native-bf16 CPU, under the 1.5x that pays"}
+            "reason": "fp32: bf16 with channels-last fine-tuning measured 1.32x fp32 on a CPU with avx512_bf16, "
+                      "under the 1.5x that pays"}
     assert config["finetune_precision"] == run.metrics["fine_tune"]["precision"] == want
     assert config["finetune"]["ft_precision"] == "auto"

@@ -42,7 +42,16 @@ ONNX_EXPORT_LOCK = threading.Lock()
 
 def native_bf16() -> bool:
     """bf16 pays off only with native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu.cpu_flags())
+    return bf16_units() is not None
+
+
+def bf16_units() -> str | None:
+    """What multiplies bf16 on this CPU: "amx" (tile units, AMX-BF16), "avx512_bf16" (vector dot products),
+    or None (emulated). The engine rule treats both alike; fine-tuning's measurement differs between them."""
+    flags = cpu.cpu_flags()
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else None
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,20 @@ the CPU (weights, gradients and the optimizer stay fp32; autocast computes convo
 matrix products in bf16); `--channels-last` also lays their activations out channels-last,
 which lets oneDNN pick its blocked kernels. `auto` (the default) follows `choose`:
 
-- bf16 only on a CPU with native bf16 arithmetic (AVX512-BF16 or AMX, engine.native_bf16):
+- bf16 only on a CPU with native bf16 arithmetic (AVX512-BF16 or AMX, engine.bf16_units):
   elsewhere torch emulates it, and `make bench` ran MobileNetV2 with bf16 autocast at 96 px
   6x slower than fp32 on such a CPU (2x faster at 224 px), so the small late-stage tensors
   fine-tuning trains may not pay even there;
-- and only where a measurement says it pays: `MEASURED_BF16_SPEEDUP`, the fp32/bf16 epoch-time
-  ratio `make bench`'s `finetune_bf16` section measures on a native-bf16 CPU, at least
-  `PAYS` (issue 15: 1.5x at test accuracy within 0.3 points). Measured on 2026-12-01 (AMD EPYC
-  with AVX512-BF16, 2 cores, FMNIST-TL, 2 epochs each): bf16 autocast 1.05x, bf16 with
-  channels-last 1.32x, both +0.24-0.25 points; a second `make bench` that day: 1.21x and 1.26x,
-  -0.09 and -0.13 points. Under 1.5x either time, so `auto` is fp32 on every CPU.
+- and only where a measurement on CPUs with the same bf16 units says it pays: `MEASURED[units]`, the
+  fp32/bf16 epoch-time ratio of `make bench`'s `finetune_bf16` section, at least `PAYS` (issue 15:
+  1.5x at test accuracy within 0.3 points). The measured recipe is taken whole: where it was bf16
+  with channels-last, `auto` also lays the trained blocks out channels-last.
+  AVX512-BF16 (AMD EPYC, 2 cores, FMNIST-TL, 2 epochs each, 2026-12-01): bf16 autocast 1.05x, bf16
+  with channels-last 1.32x, both +0.24-0.25 points; a second `make bench` that day: 1.21x and 1.26x,
+  -0.09 and -0.13 points. Under 1.5x either time: fp32.
+  AMX (Intel Xeon, 2 cores, same task, 2026-12-01): bf16 autocast 1.22x, bf16 with channels-last
+  1.55x, +0.19 and +0.09 points; a second run that day: 1.38x and 1.71x, the same accuracies. At
+  least 1.5x both times: bf16 with channels-last.
 
 The choice and its reason are recorded in the run (metrics.json's fine_tune, config.json's
 finetune_precision), as every automatic choice is.
@@ -28,16 +32,29 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .engine import native_bf16
+from .engine import bf16_units, native_bf16
 
 log = logging.getLogger(__name__)
 
-# fp32 epoch seconds over bf16 epoch seconds on a native-bf16 CPU, FMNIST-TL defaults, with test accuracy
-# within 0.3 points (benchmarks/run.py `finetune_bf16`); the better of bf16 alone (1.05x) and bf16 with
-# channels-last (1.32x), make bench on 2026-12-01; the higher of that day's two runs (the second, 1.26x, is
-# in benchmarks/results-avx512_bf16.json), so the rule errs towards bf16. None: not measured.
-MEASURED_BF16_SPEEDUP: float | None = 1.32
+
+@dataclass(frozen=True)
+class Measured:
+    """The best bf16 recipe `make bench` measured on CPUs with one kind of bf16 units (FMNIST-TL defaults)."""
+    speedup: float  # fp32 epoch seconds over bf16 epoch seconds
+    channels_last: bool  # the recipe ran the trained blocks channels-last
+    accuracy_change: float  # test accuracy, points against fp32
+    source: str
+
+
+# Per engine.bf16_units(): the better recipe of `make bench`'s finetune_bf16 (benchmarks/results-<kind>.json).
+# AVX512-BF16: the run that favoured bf16 of two (1.32x, 1.26x); AMX: the slower of two (1.55x, 1.71x), both
+# of which pay. A CPU whose units are missing here has no measurement: fp32.
+MEASURED: dict[str, Measured] = {
+    "avx512_bf16": Measured(1.32, True, +0.24, "make bench 2026-12-01, AMD EPYC with AVX512-BF16, 2 cores"),
+    "amx": Measured(1.55, True, +0.09, "make bench 2026-12-01, Intel Xeon with AMX, 2 cores"),
+}
 PAYS = 1.5
+ACCURACY_POINTS = 0.3
 
 
 @dataclass(frozen=True)
@@ -61,9 +78,8 @@ class FineTunePrecision:
 
 
 def choose(requested: str = "auto", channels_last: bool = False, device: str = "cpu",
-           measured_speedup: float | None = None) -> FineTunePrecision:
-    """The fixed rule (module docstring). `measured_speedup` defaults to MEASURED_BF16_SPEEDUP."""
-    measured = MEASURED_BF16_SPEEDUP if measured_speedup is None else measured_speedup
+           measured: Measured | None = None) -> FineTunePrecision:
+    """The fixed rule (module docstring). `measured` defaults to MEASURED for this CPU's bf16 units."""
     if requested == "fp32":
         return FineTunePrecision("fp32", channels_last, "fp32: asked for")
     if requested == "bf16":
@@ -77,13 +93,22 @@ def choose(requested: str = "auto", channels_last: bool = False, device: str = "
         return FineTunePrecision("bf16", channels_last, reason)
     if device != "cpu":
         return FineTunePrecision("fp32", channels_last, f"fp32: the rule chooses bf16 only on CPUs, not {device}")
-    if not native_bf16():
+    units = bf16_units()
+    if units is None:
         return FineTunePrecision("fp32", channels_last, "fp32: no native bf16 on this CPU")
+    measured = MEASURED.get(units) if measured is None else measured
     if measured is None:
-        return FineTunePrecision("fp32", channels_last, "fp32: the CPU has native bf16, but no measurement of bf16 "
-                                 "fine-tuning exists yet (make bench, section finetune_bf16)")
-    if measured < PAYS:
-        return FineTunePrecision("fp32", channels_last, f"fp32: bf16 fine-tuning measured {measured:.2f}x fp32 on a "
-                                 f"native-bf16 CPU, under the {PAYS}x that pays")
-    return FineTunePrecision("bf16", channels_last, f"bf16: the CPU has native bf16 and bf16 fine-tuning measured "
-                             f"{measured:.2f}x fp32 (at least {PAYS}x)")
+        return FineTunePrecision("fp32", channels_last, f"fp32: the CPU has native bf16 ({units}), but no measurement "
+                                 "of bf16 fine-tuning on such a CPU exists yet (make bench, section finetune_bf16)")
+    recipe = "bf16 with channels-last" if measured.channels_last else "bf16"
+    if measured.speedup < PAYS:
+        return FineTunePrecision("fp32", channels_last, f"fp32: {recipe} fine-tuning measured {measured.speedup:.2f}x "
+                                 f"fp32 on a CPU with {units}, under the {PAYS}x that pays")
+    if abs(measured.accuracy_change) > ACCURACY_POINTS:
+        return FineTunePrecision("fp32", channels_last, f"fp32: {recipe} fine-tuning measured {measured.speedup:.2f}x "
+                                 f"fp32 on a CPU with {units} but moved test accuracy "
+                                 f"{measured.accuracy_change:+.2f} points (more than {ACCURACY_POINTS})")
+    return FineTunePrecision("bf16", channels_last or measured.channels_last,
+                             f"bf16: {recipe} fine-tuning measured {measured.speedup:.2f}x fp32 on a CPU with {units} "
+                             f"(at least {PAYS}x, test accuracy {measured.accuracy_change:+.2f} points; "
+                             f"{measured.source})")
