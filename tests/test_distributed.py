@@ -238,7 +238,9 @@ def test_each_ranks_bad_image_is_in_the_runs_skipped_list(feature_extraction_run
 def test_two_nodes_fine_tune_as_one_process_and_resume_after_a_rank_dies(feature_extraction_runs):
     work, _, _ = feature_extraction_runs
     data = str(work / "fmnist")
-    args = ["train", data, "--strategy", "fine-tune", "--epochs", "2", "--unfreeze", "2"]
+    # fp32 asked for: the rule's bf16 on AMX rounds the two ranks' halves of a batch otherwise than one process
+    # rounds the whole (train loss 1.1242 against 1.1218 there), and the comparison below is to 1e-3.
+    args = ["train", data, "--strategy", "fine-tune", "--epochs", "2", "--unfreeze", "2", "--ft-precision", "fp32"]
     one = one_process([*args, "--cache-dir", str(work / "cache1"), "--out", str(work / "ft1")], work / "ft-one")
     # Rank 1 is killed once epoch 1 is done: rank 0 has written the checkpoint, and stops at the next all-reduce.
     run = str(work / "ft2")

@@ -65,14 +65,14 @@ def test_onnx_runtime_agrees_with_the_bundle_on_real_images(exported):
 
 
 # bf16 against fp32, where the CPU computes bf16 natively (on the AVX2 kind it is emulated, about 1 GFLOP/s,
-# and the rule never picks it). NOT MEASURED on native-bf16 hardware: the session that wrote this test had
-# only the AVX2 kind. The bounds come from bf16's format and published behaviour: 8 significant bits, so
-# each rounding is off by up to 2^-9 (0.2%) relative; oneDNN and OpenVINO accumulate in fp32 and report
-# ImageNet top-1 within a few tenths of a percent of fp32 for CNNs such as MobileNetV2 and ResNet-50.
-# Per image, agreement is lower where two classes nearly tie (this small head has many such images:
-# issue 10 saw 18 of 20 agree, torch bf16 against fp32). Replace them with measured numbers once run there.
+# and the rule never picks it). The bounds were first set from bf16's format (8 significant bits: each rounding
+# off by up to 2^-9 relative; oneDNN and OpenVINO accumulate in fp32) and published ImageNet results. Measured
+# since: AVX512-BF16 (AMD EPYC, 2026-11-30/12-01) passed 0.1 (its value was not recorded); AMX (Intel Xeon,
+# 2026-12-01): top-1 agreement 1.000 and max |logit difference| 0.164 of the largest logit, 200 real images
+# (OpenVINO runs more of the network in bf16 with AMX's kernels). Per image, agreement is lower where two
+# classes nearly tie (issue 10 saw 18 of 20 agree, torch bf16 against fp32), so 0.85 stays.
 BF16_MIN_TOP1_AGREEMENT = 0.85
-BF16_MAX_LOGIT_DIFF = 0.1  # relative to the largest |fp32 logit|
+BF16_MAX_LOGIT_DIFF = 0.25  # relative to the largest |fp32 logit|: 1.5x the largest measured (AMX, 0.164)
 
 
 @pytest.mark.slow
