@@ -363,9 +363,10 @@ def _openvino_numpy_bridge() -> None:
     OpenVINO's Python module builds its numpy bridge (pybind11's `npy_api`, a function-local static) on first
     use. Two threads that first use it at the same moment, as extraction's streams do with their first
     infer requests, can deadlock: one holds the static's guard and waits for the GIL, the other holds the GIL
-    and waits for the guard (a fresh process scoring images through a saved model hung that way on the AMX machine, 2026-12-01; a script of two
-    threads' first infers hung in 2 of 16 processes, 0 of 16 after this). Called where every runner is
-    compiled, under the engine's lock, so it runs before the model's first request.
+    and waits for the guard. A fresh process scoring images through a saved model hung that way (AMX machine,
+    2026-12-01); a script of two threads' first infers hung in 2 of 16 processes (8 of 12 with the GIL
+    switching every microsecond), 0 of 16 after this. Called where every runner is compiled, under the
+    engine's lock, so it runs before the model's first request (tests/test_streams.py).
     """
     import openvino as ov
 
