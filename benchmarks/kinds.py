@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headstart.engine import cpu_flags
+from headstart.engine import bf16_units, cpu_flags
 
 # The kinds the project is run on, in README order; another CPU gets its own file and section.
 KINDS = {"avx2": "AVX2, no AVX-512, no native bf16",
@@ -23,10 +23,9 @@ def cpu_kind(flags: frozenset[str] | None = None) -> str:
     baseline. AMX gets its own results: its tile units multiply bf16 and int8 matrices several times faster
     than AVX512-BF16's vector instructions, so bf16 fine-tuning and the peaks differ between the two."""
     flags = cpu_flags() if flags is None else flags
-    if "amx_bf16" in flags:
-        return "avx512_amx"
-    if "avx512_bf16" in flags:
-        return "avx512_bf16"
+    units = bf16_units(flags)
+    if units is not None:
+        return "avx512_amx" if units == "amx" else "avx512_bf16"
     if "avx512f" in flags:
         return "avx512"
     return "avx2" if "avx2" in flags else "baseline"

@@ -45,10 +45,11 @@ def native_bf16() -> bool:
     return bf16_units() is not None
 
 
-def bf16_units() -> str | None:
-    """What multiplies bf16 on this CPU: "amx" (tile units, AMX-BF16), "avx512_bf16" (vector dot products),
-    or None (emulated). The engine rule treats both alike; fine-tuning's measurement differs between them."""
-    flags = cpu.cpu_flags()
+def bf16_units(flags: frozenset[str] | None = None) -> str | None:
+    """What multiplies bf16 on this CPU (or one with `flags`): "amx" (tile units, AMX-BF16), "avx512_bf16"
+    (vector dot products), or None (emulated). The engine rule treats both alike; fine-tuning's measurement
+    differs between them."""
+    flags = cpu.cpu_flags() if flags is None else flags
     if "amx_bf16" in flags:
         return "amx"
     return "avx512_bf16" if "avx512_bf16" in flags else None

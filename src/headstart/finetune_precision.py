@@ -101,14 +101,12 @@ def choose(requested: str = "auto", channels_last: bool = False, device: str = "
         return FineTunePrecision("fp32", channels_last, f"fp32: the CPU has native bf16 ({units}), but no measurement "
                                  "of bf16 fine-tuning on such a CPU exists yet (make bench, section finetune_bf16)")
     recipe = "bf16 with channels-last" if measured.channels_last else "bf16"
+    found = f"{recipe} fine-tuning measured {measured.speedup:.2f}x fp32 on a CPU with {units}"
     if measured.speedup < PAYS:
-        return FineTunePrecision("fp32", channels_last, f"fp32: {recipe} fine-tuning measured {measured.speedup:.2f}x "
-                                 f"fp32 on a CPU with {units}, under the {PAYS}x that pays")
+        return FineTunePrecision("fp32", channels_last, f"fp32: {found}, under the {PAYS}x that pays")
     if abs(measured.accuracy_change) > ACCURACY_POINTS:
-        return FineTunePrecision("fp32", channels_last, f"fp32: {recipe} fine-tuning measured {measured.speedup:.2f}x "
-                                 f"fp32 on a CPU with {units} but moved test accuracy "
+        return FineTunePrecision("fp32", channels_last, f"fp32: {found} but moved test accuracy "
                                  f"{measured.accuracy_change:+.2f} points (more than {ACCURACY_POINTS})")
     return FineTunePrecision("bf16", channels_last or measured.channels_last,
-                             f"bf16: {recipe} fine-tuning measured {measured.speedup:.2f}x fp32 on a CPU with {units} "
-                             f"(at least {PAYS}x, test accuracy {measured.accuracy_change:+.2f} points; "
-                             f"{measured.source})")
+                             f"bf16: {found} (at least {PAYS}x, test accuracy {measured.accuracy_change:+.2f} "
+                             f"points; {measured.source})")
