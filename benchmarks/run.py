@@ -38,7 +38,7 @@ from benchmarks import scaling as scale_out  # noqa: E402
 from benchmarks.peak import Peaks  # noqa: E402
 from benchmarks.baselines import plain  # noqa: E402
 from headstart.backbones import get_backbone  # noqa: E402
-from headstart.engine import EngineChoice, installed, make_engine, native_bf16  # noqa: E402
+from headstart.engine import EngineChoice, call_batch, installed, make_engine, native_bf16  # noqa: E402
 from headstart.finetune_precision import PAYS  # noqa: E402
 from headstart.weights import load_backbone  # noqa: E402
 
@@ -283,6 +283,8 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
     cores = os.cpu_count() or 1
     bound = min(1.0, cores / (ran_as * 1e6 + decode_us) * 1e6 / rates["engine_alone"])
     return {"image_size": prep.crop_size, "batch": batch, "workers": workers, "streams": streams,
+            "decoding": "beside the streams" if streams > 1 else "between batches",
+            "images_per_call": call_batch(prep.crop_size, prep.crop_size),
             "threads_per_stream": per_stream, "images": len(paths),
             "engine": f"{choice.engine} {choice.precision}", "cores": os.cpu_count(),
             "engine_alone_images_per_second": round(rates["engine_alone"], 1),
@@ -617,7 +619,9 @@ def pipeline_markdown(r: dict) -> list[str]:
         if p["workers"]:
             where = f"{p['workers']} decoding worker beside the engine"
         elif p.get("streams", 1) > 1:
-            where = (f"{p['streams']} streams of {p['threads_per_stream']} thread(s), each decoding its own chunks "
+            decoded = ("batches decoded by one thread beside them" if p.get("decoding") == "beside the streams"
+                       else "each decoding its own chunks")  # the way until 2026-12-01
+            where = (f"{p['streams']} streams of {p['threads_per_stream']} thread(s), {decoded} "
                      f"(engine alone that way: {p['engine_streams_images_per_second']:.0f} images/s)")
         else:
             where = "decoding in the main process between the engine's batches"
@@ -629,7 +633,8 @@ def pipeline_markdown(r: dict) -> list[str]:
             ways.append(f"{'one worker beside the engine' if p['other_workers'] else 'decoding in the main process'}"
                         f": {p['other_images_per_second']:.0f} images/s, {p['share_other']:.0%}")
         compared = f" ({'; '.join(ways)})" if ways else ""
-        lines += ["", f"Extraction pipeline ({p['engine']}, {p['image_size']} px, batch {p['batch']}, {where}, "
+        calls = f" in engine calls of {p['images_per_call']}" if "images_per_call" in p else ""
+        lines += ["", f"Extraction pipeline ({p['engine']}, {p['image_size']} px, batch {p['batch']}{calls}, {where}, "
                   f"{p['images']} FMNIST-TL images, load average {p['load_average']}): whole "
                   f"extraction {p['whole_extraction_images_per_second']:.0f} images/s against the engine alone "
                   f"{p['engine_alone_images_per_second']:.0f}: **{p['share']:.0%}** (goal 85%){compared}. CPU time "

@@ -139,6 +139,39 @@ def check_engine(name, reference, tmp_path) -> float:
     return rel
 
 
+def test_converted_engines_run_a_batch_in_calls_of_call_batch_images(reference, monkeypatch, tmp_path):
+    """A batch runs as consecutive calls of `call_batch` images (cache-sized activations), whose features are
+    each call's own, in order; and the feature cache's key says how many images a call took."""
+    import headstart.engine as engine_mod
+
+    model, info, x, want = reference
+    engine = make_engine(model, EngineChoice("onnxruntime", "fp32", "cpu", "test"), tmp_path / "cache")
+    whole = engine(x).numpy()  # 24 images at 64 px: one call (call_batch(64, 64) == 32)
+    monkeypatch.setattr(engine_mod, "CALL_PIXELS", 5 * 64 * 64)
+    assert engine_mod.call_batch(64, 64) == 4
+    sizes = []
+    run = engine._run
+    monkeypatch.setattr(engine, "_run", lambda runner, a: sizes.append(len(a)) or run(runner, a))
+    got = engine(x).numpy()
+    assert sizes == [4] * 6
+    np.testing.assert_array_equal(got, np.concatenate([engine(x[i:i + 4]).numpy() for i in range(0, 24, 4)]))
+    assert np.abs(got - whole).max() / np.abs(whole).max() < FP32_TOLERANCE
+    assert np.abs(got - want).max() / np.abs(want).max() < FP32_TOLERANCE
+    ns = {e: make_namespace("mobilenet_v2", info.identity(), PRE, EngineChoice(e, "fp32", "cpu", "test"))
+          for e in ("onnxruntime", "torch")}
+    assert ns["onnxruntime"]["images_per_call"] == 4 and "images_per_call" not in ns["torch"]
+
+
+def test_call_batch_is_a_power_of_two_that_shrinks_as_images_grow():
+    from headstart.engine import call_batch
+
+    sizes = [16, 32, 64, 96, 128, 160, 224, 299, 384, 512]
+    calls = [call_batch(s, s) for s in sizes]
+    assert all(c in (1, 2, 4, 8, 16, 32, 64) for c in calls)
+    assert calls == sorted(calls, reverse=True) and calls[0] == 64 and calls[-1] == 1
+    assert call_batch(128, 128) == 8  # the FMNIST-TL bench size: the measured best (engine.CALL_PIXELS)
+
+
 @pytest.mark.slow
 def test_converted_model_follows_the_weights(reference, tmp_path):
     """A changed backbone (fine-tuned) converts anew instead of reusing a stale export."""

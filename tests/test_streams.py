@@ -1,11 +1,12 @@
-"""Extraction's streams (features._compute_streams, decoding.default_streams): threads in one process that
-each decode whole chunks and run them on a 1-thread ONNX Runtime session or OpenVINO stream. They must give
-the features, failures and cache shards one stream gives, use the threads they are given, and stop cleanly
-on an error."""
+"""Extraction's streams (features._compute_streams, decoding.default_streams): engine calls side by side in
+one process, each on a 1-thread ONNX Runtime session or OpenVINO stream, while the calling thread decodes
+the next batches. They must give the features, failures and cache shards one stream gives, use the threads
+they are given, and stop cleanly on an error."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -55,15 +56,16 @@ class Recording:
 
     parallel_calls = True
 
-    def __init__(self, engine, fail_in: str | None = None):
-        self.engine, self.choice, self.fail_in = engine, engine.choice, fail_in
+    def __init__(self, engine, fail_in: str | None = None, delay: float = 0.0):
+        self.engine, self.choice, self.fail_in, self.delay = engine, engine.choice, fail_in, delay
         self.calls: set[tuple[str, int | None]] = set()
 
     def __call__(self, x, threads=None):
         name = threading.current_thread().name
         self.calls.add((name, threads))
-        if name == self.fail_in:
+        if self.fail_in and name.startswith(self.fail_in):
             raise RuntimeError(f"engine failed in {name}")
+        time.sleep(self.delay)  # a call slower than decoding a batch: the next batch goes to the other stream
         return self.engine(x, threads=threads)
 
 
@@ -75,14 +77,14 @@ def _extract(engine, paths, root=None, **kw):
 
 def test_two_streams_give_one_streams_features_failures_and_shards(engine, paths, tmp_path, two_torch_threads):
     assert len(paths) > 2 * CHUNK
-    recording = Recording(engine)
+    recording = Recording(engine, delay=0.02)
     two, cache2 = _extract(recording, paths, tmp_path / "two")  # the default here: 2 threads, 2 cores or more
     assert torch.get_num_threads() == 2  # given back after the streams' 1 thread each
     torch.set_num_threads(1)
     one, cache1 = _extract(engine, paths, tmp_path / "one", streams=1)
     streams = min(2, decoding.os.cpu_count() or 1)
-    if streams == 2:
-        assert recording.calls == {("MainThread", 1), ("headstart-stream-1", 1)}  # both ran, on 1 thread each
+    if streams == 2:  # both streams ran, on 1 thread each; the main thread only decoded
+        assert recording.calls == {("headstart-stream_0", 1), ("headstart-stream_1", 1)}
     assert two.keys == one.keys and two.failures == one.failures
     assert list(two.failures) == [paths[300]] and two.n_computed == one.n_computed == len(paths) - 1
     keys = [k for k in two.keys if k]
@@ -94,8 +96,8 @@ def test_two_streams_give_one_streams_features_failures_and_shards(engine, paths
 def test_an_error_in_one_stream_stops_them_all_and_is_raised(engine, paths, two_torch_threads):
     if (decoding.os.cpu_count() or 1) < 2:
         pytest.skip("one core: one stream")
-    with pytest.raises(RuntimeError, match="engine failed in headstart-stream-1"):
-        _extract(Recording(engine, fail_in="headstart-stream-1"), paths)
+    with pytest.raises(RuntimeError, match="engine failed in headstart-stream_"):
+        _extract(Recording(engine, fail_in="headstart-stream_"), paths)
     assert not [t for t in threading.enumerate() if t.name.startswith("headstart-stream")]
     assert torch.get_num_threads() == 2
 

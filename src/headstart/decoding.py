@@ -10,11 +10,15 @@ median of 4 alternating runs, README "Speed"): 249 images/s with one worker, 359
 shared memory) was measured too and reached 311: not kept.
 
 Better still (`default_streams`), when the engine runs calls side by side (ONNX Runtime and OpenVINO:
-`parallel_calls`): one stream per core, each a thread that decodes its own chunks and runs them on a
-1-thread session (an OpenVINO stream), so no core waits at another's barrier. Measured the same way on the
-AVX2 kind with ONNX Runtime: 395-405 images/s for 2 streams against 325-340 for one, engine alone 438-446
-(the engine alone on two 1-thread streams: 441-476); on the native-bf16 kind with OpenVINO bf16 (README
-"Speed"): 1,046-1,095 against one stream's 968-991.
+`parallel_calls`): one engine stream per core, each call on a 1-thread session (an OpenVINO stream), so no
+core waits at another's barrier, while the calling thread decodes the next batches. Until 2026-12-01 each
+stream was a thread that decoded its own chunks too; two threads decoding in Python contend for the GIL:
+on the AMX machine 3,000 FMNIST-TL images at 128 px decoded in 2 threads at 4,130-4,368 images/s against
+5,400 in one (186 us of CPU per image in one thread, 316-332 in each of two). With one decoding thread
+beside two OpenVINO bf16 streams the whole extraction ran at 1,938-2,085 images/s against 1,461-1,561 for
+streams that decoded their own chunks (engine alone in 2-thread calls 2,294-2,411); ONNX Runtime fp32
+1,009-1,090 against the engine alone's 1,224-1,284. (Earlier, on the AVX2 kind with ONNX Runtime: 395-405
+images/s for 2 self-decoding streams against 325-340 for one, engine alone 438-446.)
 
 Every way gives the same batches in the same order, bitwise, so features do not depend on it.
 """
@@ -40,8 +44,8 @@ def default_workers(device: str = "cpu", engine_threads: int | None = None) -> i
 
 
 def default_streams(device: str = "cpu", engine=None, engine_threads: int | None = None) -> int:
-    """Extraction threads that each decode and run their own chunks (module docstring): one per core the
-    engine's threads would take, on a CPU engine that runs calls side by side; else 1."""
+    """Engine calls extraction runs side by side (module docstring): one per core the engine's threads would
+    take, on a CPU engine that runs calls side by side; else 1."""
     if not str(device).startswith("cpu") or not getattr(engine, "parallel_calls", False):
         return 1
     threads = torch.get_num_threads() if engine_threads is None else engine_threads

@@ -14,8 +14,7 @@ run resumes from the last finished chunk with the same batches, hence identical 
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import collections
 import hashlib
 import json
 import logging
@@ -24,6 +23,7 @@ import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -86,6 +86,10 @@ def make_namespace(backbone: str, weights_identity: str, preprocessing, choice, 
                      **engine_versions()},
         "pool": "global-average",
     }
+    if choice.engine != "torch":  # a converted engine runs a batch in calls of this many images
+        from .engine import call_batch
+
+        namespace["images_per_call"] = call_batch(preprocessing.crop_size, preprocessing.crop_size)
     if choice.precision == "int8":
         if int8 is None:
             raise ValueError("an int8 namespace needs the calibration it was quantised with")
@@ -230,9 +234,9 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
     Features are not returned here, so memory does not grow with the data set:
     `cache.get(result.keys)` assembles them when a caller needs them.
 
-    `streams` (default: decoding.default_streams when images are decoded in this process): threads that
-    each decode whole chunks and run them on their share of the engine's threads; the features are the
-    ones a single stream computes with that many threads per call.
+    `streams` (default: decoding.default_streams when images are decoded in this process): engine calls
+    side by side, each on its share of the engine's threads, while this thread decodes the next batches;
+    the features are the ones a single stream computes with that many threads per call.
 
     `sharded` (every rank of a torchrun job calls it with the same `paths`): each rank computes its
     share of the sorted to-do list, whole chunks of it (distributed.share), so every batch is one a
@@ -323,84 +327,69 @@ def _compute_share(engine, transform, paths: list[str], keys: list[str], cache: 
 
 def _compute_streams(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
                      workers: int, streams: int, desc: str) -> dict[int, str]:
-    """`_compute` in `streams` threads (this one among them), each taking the next whole chunk of the to-do
-    list, decoding it and running it on max(1, threads // streams) of the engine's threads. A chunk's batches
-    are the ones one stream makes, so which thread ran it does not change its features."""
-    chunk = _chunk_size(batch_size)
-    starts = list(range(0, len(paths), chunk))
-    streams = max(1, min(streams, len(starts)))
+    """`_compute` with `streams` engine calls side by side, each on max(1, threads // streams) of the engine's
+    threads, while this thread decodes the next batches (decoding.py's docstring has the measurements).
+    Every batch is the one a single stream makes, so which thread ran it does not change its features."""
+    streams = max(1, min(streams, -(-len(paths) // max(1, batch_size))))
     if streams == 1:
         return _compute(engine, transform, paths, keys, cache, batch_size, workers, desc)
     saved = torch.get_num_threads()
     per_stream = max(1, saved // streams)
-    run = functools.partial(engine, threads=per_stream)
-    lock, stop = threading.Lock(), threading.Event()
-    failed: dict[int, str] = {}
-    errors: list[BaseException] = []
-    log.info("%s: %d streams of %d thread(s), each decoding its own chunks", desc, streams, per_stream)
-
-    def work(pbar) -> None:
-        while not stop.is_set():
-            with lock:
-                if not starts:
-                    return
-                start = starts.pop(0)
-            end = start + chunk
-            bad = _compute(run, transform, paths[start:end], keys[start:end], cache, batch_size, workers, desc, pbar)
-            with lock:
-                failed.update({start + i: reason for i, reason in bad.items()})
-
-    def helper(pbar) -> None:
-        try:
-            work(pbar)
-        except BaseException as exc:  # re-raised by the main thread, which stops the others
-            errors.append(exc)
-            stop.set()
-
-    # Decoding and normalising (torch ops) use the stream's share of the threads too.
+    log.info("%s: %d engine streams of %d thread(s), batches decoded beside them", desc, streams, per_stream)
+    # Decoding and normalising (torch ops) run on one stream's share of the threads too.
     torch.set_num_threads(per_stream)
     try:
-        with progress.bar(len(paths), desc) as pbar:
-            others = [threading.Thread(target=helper, args=(pbar,), name=f"headstart-stream-{i}", daemon=True)
-                      for i in range(1, streams)]
-            for t in others:
-                t.start()
+        with ThreadPoolExecutor(streams, thread_name_prefix="headstart-stream") as pool:
+            def submit(x: torch.Tensor) -> Future:
+                return pool.submit(engine, x, threads=per_stream)
+
             try:
-                work(pbar)
-            except BaseException:  # Ctrl-C lands here: the other streams stop after their current chunk
-                stop.set()
+                return _compute(engine, transform, paths, keys, cache, batch_size, workers, desc,
+                                submit=submit, in_flight=2 * streams)
+            except BaseException:  # Ctrl-C or an engine error: queued batches are dropped, running ones finish
+                pool.shutdown(wait=True, cancel_futures=True)
                 raise
-            finally:
-                for t in others:
-                    t.join()
     finally:
         torch.set_num_threads(saved)
-    if errors:
-        raise errors[0]
-    return failed
 
 
 def _compute(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
-             workers: int, desc: str, pbar: progress.Progress | None = None) -> dict[int, str]:
+             workers: int, desc: str, submit: Callable[[torch.Tensor], Future] | None = None,
+             in_flight: int = 1) -> dict[int, str]:
     """Features of `paths` into `cache`, one chunk at a time; position -> reason for the unreadable ones.
-    `pbar`: a progress bar shared with other streams (else one of its own)."""
+    `submit` (with `in_flight`): runs the engine on a batch elsewhere, so up to `in_flight` batches are
+    computed while the next is decoded; results are taken in order either way."""
     chunk = _chunk_size(batch_size)
     failed: dict[int, str] = {}
     pending_keys: list[str] = []
     pending: list[np.ndarray] = []
+    queue: collections.deque = collections.deque()  # (features or their future, batch)
     done = 0
-    with contextlib.nullcontext(pbar) if pbar is not None else progress.bar(len(paths), desc) as pbar:
+
+    def take(pbar) -> None:
+        nonlocal done, pending_keys, pending
+        out, batch = queue.popleft()
+        failed.update(batch.failed)
+        if batch.x is not None:
+            pending.append((out.result() if isinstance(out, Future) else out).numpy())
+            pending_keys.extend(keys[i] for i in batch.indices)
+        done += batch.size
+        pbar.update(batch.size)
+        # Chunk boundaries are positions in the sorted to-do list, independent of failures.
+        if done % chunk == 0 or done == len(paths):
+            cache.put(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0), np.float32))
+            pending_keys, pending = [], []
+
+    with progress.bar(len(paths), desc) as pbar:
         for batch in iter_batches(paths, transform, batch_size, workers):
-            failed.update(batch.failed)
-            if batch.x is not None:
-                pending.append(engine(batch.x).numpy())
-                pending_keys.extend(keys[i] for i in batch.indices)
-            done += batch.size
-            pbar.update(batch.size)
-            # Chunk boundaries are positions in the sorted to-do list, independent of failures.
-            if done % chunk == 0 or done == len(paths):
-                cache.put(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0), np.float32))
-                pending_keys, pending = [], []
+            if batch.x is None:
+                queue.append((None, batch))
+            else:
+                queue.append((submit(batch.x) if submit is not None else engine(batch.x), batch))
+            while len(queue) >= in_flight:
+                take(pbar)
+        while queue:
+            take(pbar)
     return failed
 
 
