@@ -102,6 +102,28 @@ def test_an_error_in_one_stream_stops_them_all_and_is_raised(engine, paths, two_
     assert torch.get_num_threads() == 2
 
 
+def test_fine_tuning_boundary_in_two_streams_is_one_streams(engine, paths, two_torch_threads):
+    """Fine-tuning's pass over the frozen bottom runs its engine as extraction does (decoding.map_batches):
+    two streams give bitwise one stream's activations and mirror images, and skip the same file."""
+    from torch import nn
+
+    from headstart.finetune import FineTuneNet, compute_boundary
+
+    net = FineTuneNet(ENTRY, seeded_init(ENTRY, 0), nn.Linear(ENTRY.feature_dim, 2), 2)
+    net.frozen_engine = Recording(make_engine(net.frozen, engine.choice), delay=0.02)
+    labels = np.arange(len(paths)) % 2
+    two = compute_boundary(net, paths, labels, PRE.transform(), BATCH, 0, "boundary", flip=True)
+    if min(2, decoding.os.cpu_count() or 1) == 2:
+        assert {threads for _, threads in net.frozen_engine.calls} == {1}
+        assert {name for name, _ in net.frozen_engine.calls} == {"headstart-stream_0", "headstart-stream_1"}
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    net.frozen_engine = net.frozen_engine.engine
+    one = compute_boundary(net, paths, labels, PRE.transform(), BATCH, 0, "boundary", flip=True)
+    assert len(two.y) == len(paths) - 1  # the broken file is left out either way
+    assert torch.equal(two.x, one.x) and torch.equal(two.x_flip, one.x_flip) and torch.equal(two.y, one.y)
+
+
 @pytest.mark.parametrize("cores, threads, device, parallel_calls, expected", [
     (2, 2, "cpu", True, 2),  # ONNX Runtime on 2 cores: two 1-thread streams
     (8, 4, "cpu", True, 4),  # one per thread the engine would use

@@ -25,9 +25,11 @@ Every way gives the same batches in the same order, bitwise, so features do not 
 
 from __future__ import annotations
 
+import collections
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -121,3 +123,35 @@ def iter_batches(paths: Sequence[str], transform: Callable, batch_size: int, wor
     for idx, xs, bad in loader:
         yield Batch(idx, finish(xs) if finish is not None and xs is not None else xs, bad)
 
+
+
+def map_batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int,
+                fn: Callable[[torch.Tensor, int | None], Any], streams: int = 1) -> Iterator[tuple[Batch, Any]]:
+    """`iter_batches`, each batch with `fn(batch.x, threads)` (None for a batch with no readable image), in order.
+
+    With `streams` > 1, `fn` runs in that many threads side by side, on threads // streams of torch's threads
+    each (`threads`), while this thread decodes the next batches (module docstring); torch's threads are that
+    share until the generator is closed. Close it when stopping early (`contextlib.closing`): that drops the
+    queued batches, waits for the running ones and gives torch its threads back. With 1 stream, `threads` is
+    None: the engine's default."""
+    if streams <= 1:
+        for batch in iter_batches(paths, transform, batch_size, workers):
+            yield batch, (fn(batch.x, None) if batch.x is not None else None)
+        return
+    saved = torch.get_num_threads()
+    per_stream = max(1, saved // streams)
+    torch.set_num_threads(per_stream)  # decoding's and normalising's torch ops take one stream's share too
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="headstart-stream")
+    queue: collections.deque = collections.deque()
+    try:
+        for batch in iter_batches(paths, transform, batch_size, workers):
+            queue.append((batch, pool.submit(fn, batch.x, per_stream) if batch.x is not None else None))
+            while len(queue) >= 2 * streams:  # each stream has a batch running and one waiting
+                done, out = queue.popleft()
+                yield done, (out.result() if out is not None else None)
+        while queue:
+            done, out = queue.popleft()
+            yield done, (out.result() if out is not None else None)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(saved)

@@ -14,7 +14,7 @@ run resumes from the last finished chunk with the same batches, hence identical 
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +23,6 @@ import shutil
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,7 +36,7 @@ from . import distributed, faults, progress
 from .backbone_spec import PIPELINE
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
-from .decoding import default_streams, default_workers, iter_batches
+from .decoding import default_streams, default_workers, map_batches
 from .images import DECODER_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -327,69 +326,33 @@ def _compute_share(engine, transform, paths: list[str], keys: list[str], cache: 
 
 def _compute_streams(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
                      workers: int, streams: int, desc: str) -> dict[int, str]:
-    """`_compute` with `streams` engine calls side by side, each on max(1, threads // streams) of the engine's
-    threads, while this thread decodes the next batches (decoding.py's docstring has the measurements).
-    Every batch is the one a single stream makes, so which thread ran it does not change its features."""
-    streams = max(1, min(streams, -(-len(paths) // max(1, batch_size))))
-    if streams == 1:
-        return _compute(engine, transform, paths, keys, cache, batch_size, workers, desc)
-    saved = torch.get_num_threads()
-    per_stream = max(1, saved // streams)
-    log.info("%s: %d engine streams of %d thread(s), batches decoded beside them", desc, streams, per_stream)
-    # Decoding and normalising (torch ops) run on one stream's share of the threads too.
-    torch.set_num_threads(per_stream)
-    try:
-        with ThreadPoolExecutor(streams, thread_name_prefix="headstart-stream") as pool:
-            def submit(x: torch.Tensor) -> Future:
-                return pool.submit(engine, x, threads=per_stream)
-
-            try:
-                return _compute(engine, transform, paths, keys, cache, batch_size, workers, desc,
-                                submit=submit, in_flight=2 * streams)
-            except BaseException:  # Ctrl-C or an engine error: queued batches are dropped, running ones finish
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    finally:
-        torch.set_num_threads(saved)
-
-
-def _compute(engine, transform, paths: list[str], keys: list[str], cache: FeatureCache, batch_size: int,
-             workers: int, desc: str, submit: Callable[[torch.Tensor], Future] | None = None,
-             in_flight: int = 1) -> dict[int, str]:
     """Features of `paths` into `cache`, one chunk at a time; position -> reason for the unreadable ones.
-    `submit` (with `in_flight`): runs the engine on a batch elsewhere, so up to `in_flight` batches are
-    computed while the next is decoded; results are taken in order either way."""
+    With `streams` > 1 that many engine calls run side by side while this thread decodes the next batches
+    (decoding.map_batches). Every batch is the one a single stream makes, so which thread ran it does not
+    change its features."""
     chunk = _chunk_size(batch_size)
+    streams = max(1, min(streams, -(-len(paths) // max(1, batch_size))))
+    if streams > 1:
+        log.info("%s: %d engine streams of %d thread(s), batches decoded beside them", desc, streams,
+                 max(1, torch.get_num_threads() // streams))
     failed: dict[int, str] = {}
     pending_keys: list[str] = []
     pending: list[np.ndarray] = []
-    queue: collections.deque = collections.deque()  # (features or their future, batch)
     done = 0
-
-    def take(pbar) -> None:
-        nonlocal done, pending_keys, pending
-        out, batch = queue.popleft()
-        failed.update(batch.failed)
-        if batch.x is not None:
-            pending.append((out.result() if isinstance(out, Future) else out).numpy())
-            pending_keys.extend(keys[i] for i in batch.indices)
-        done += batch.size
-        pbar.update(batch.size)
-        # Chunk boundaries are positions in the sorted to-do list, independent of failures.
-        if done % chunk == 0 or done == len(paths):
-            cache.put(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0), np.float32))
-            pending_keys, pending = [], []
-
-    with progress.bar(len(paths), desc) as pbar:
-        for batch in iter_batches(paths, transform, batch_size, workers):
-            if batch.x is None:
-                queue.append((None, batch))
-            else:
-                queue.append((submit(batch.x) if submit is not None else engine(batch.x), batch))
-            while len(queue) >= in_flight:
-                take(pbar)
-        while queue:
-            take(pbar)
+    run = (lambda x, threads: engine(x)) if streams == 1 else (lambda x, threads: engine(x, threads=threads))
+    with progress.bar(len(paths), desc) as pbar, \
+            contextlib.closing(map_batches(paths, transform, batch_size, workers, run, streams)) as batches:
+        for batch, out in batches:
+            failed.update(batch.failed)
+            if out is not None:
+                pending.append(out.numpy())
+                pending_keys.extend(keys[i] for i in batch.indices)
+            done += batch.size
+            pbar.update(batch.size)
+            # Chunk boundaries are positions in the sorted to-do list, independent of failures.
+            if done % chunk == 0 or done == len(paths):
+                cache.put(pending_keys, np.concatenate(pending) if pending else np.zeros((0, 0), np.float32))
+                pending_keys, pending = [], []
     return failed
 
 

@@ -23,6 +23,7 @@ holds everything needed to resume to the same final weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -42,7 +43,7 @@ from .engine import model_digest
 from .errors import HeadstartError
 from .fileio import atomic_path
 from .finetune_precision import FineTunePrecision
-from .decoding import decode_side, iter_batches
+from .decoding import decode_side, default_streams, map_batches
 from .images import ImageError, load_image
 from .loop import EarlyStopping, History, OnEpochEnd, TimeBudget, run_epochs
 from .settings import AUGMENTS, BOUNDARY_AUGMENTS, SCHEDULES, FineTuneSettings  # noqa: F401 (re-exported)
@@ -87,12 +88,13 @@ class FineTuneNet(nn.Module):
                     m.eval()
         return self
 
-    def boundary(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen bottom's output: no gradient, eval mode."""
+    def boundary(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """The frozen bottom's output: no gradient, eval mode; `threads`: the engine's threads for this call
+        (extraction's streams; None: its default)."""
         if len(self.frozen) == 0:
             return x
         if self.frozen_engine is not None:
-            return self.frozen_engine(x)
+            return self.frozen_engine(x) if threads is None else self.frozen_engine(x, threads=threads)
         with torch.no_grad():
             return self.frozen(x.contiguous(memory_format=torch.channels_last))
 
@@ -237,12 +239,19 @@ def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray,
     the shares are gathered in order, so every rank holds the whole set, as one process would."""
     mine = distributed.share(len(paths), batch_size)
     outs, flips, keep = _Store(len(mine)), _Store(len(mine)) if flip else None, []
-    with progress.bar(len(mine), desc) as pbar:
-        for batch in iter_batches(paths[mine.start:mine.stop], transform, batch_size, workers):
-            if batch.x is not None:
-                outs.add(net.boundary(batch.x))
+    # As extraction runs its engine: calls side by side while this thread decodes (decoding.map_batches).
+    streams = 1 if workers or net.frozen_engine is None else default_streams("cpu", net.frozen_engine)
+
+    def run(x: torch.Tensor, threads: int | None):
+        return net.boundary(x, threads), net.boundary(x.flip(-1), threads) if flip else None
+
+    with progress.bar(len(mine), desc) as pbar, contextlib.closing(
+            map_batches(paths[mine.start:mine.stop], transform, batch_size, workers, run, streams)) as batches:
+        for batch, out in batches:
+            if out is not None:
+                outs.add(out[0])
                 if flip:
-                    flips.add(net.boundary(batch.x.flip(-1)))
+                    flips.add(out[1])
                 keep.extend(mine.start + i for i in batch.indices)
             pbar.update(batch.size)
     x, x_flip = outs.result(), flips.result() if flip else None
