@@ -124,7 +124,6 @@ def iter_batches(paths: Sequence[str], transform: Callable, batch_size: int, wor
         yield Batch(idx, finish(xs) if finish is not None and xs is not None else xs, bad)
 
 
-
 def map_batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int,
                 fn: Callable[[torch.Tensor, int | None], Any], streams: int = 1) -> Iterator[tuple[Batch, Any]]:
     """`iter_batches`, each batch with `fn(batch.x, threads)` (None for a batch with no readable image), in order.

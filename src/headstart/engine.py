@@ -192,9 +192,12 @@ ONNX_OPSET = 17
 # runs as calls of that many images (in order, so features do not depend on anything else), whose activations
 # stay in the cores' caches. MobileNetV2 on 2 cores of the AMX machine, 2 one-thread streams (2026-12-01),
 # images/s against whole batches of 64: OpenVINO bf16 at 96 px 16 images per call 5,346 against 4,174,
-# at 128 px 8 3,089 against 2,273, at 160 px 8 1,874 (4: 1,771) against 1,379, at 224 px 2 932 against 622;
+# at 128 px 8 3,089 against 2,273, at 160 px 4 1,771 against 1,379, at 224 px 2 932 against 622;
 # ONNX Runtime fp32 at 128 px 8 1,335 against 1,016, at 160 px 4 887 against 593, at 224 px 2 424 against 293.
-# ResNet-50 at 224 px (compute-bound) is the same from 2 to 64 images per call (46-48).
+# One size either side was within a few percent and not always behind (bf16 at 160 px, 8 per call: 1,874 in
+# one run, 1,583-1,689 against 4's 1,717-1,795 in another). The same budget serves both precisions: bf16's
+# halved activations did not make twice the pixels pay (96 px: 32 per call 3,880-4,396 against 16's
+# 4,720-4,901). ResNet-50 at 224 px (compute-bound) is the same from 2 to 64 images per call (46-48).
 CALL_PIXELS = 8 * 128 * 128
 
 

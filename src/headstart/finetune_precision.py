@@ -17,8 +17,11 @@ which lets oneDNN pick its blocked kernels. `auto` (the default) follows `choose
   with channels-last 1.32x, both +0.24-0.25 points; a second `make bench` that day: 1.21x and 1.26x,
   -0.09 and -0.13 points. Under 1.5x either time: fp32.
   AMX (Intel Xeon, 2 cores, same task, 2026-12-01): bf16 autocast 1.22x, bf16 with channels-last
-  1.55x, +0.19 and +0.09 points; a second run that day: 1.38x and 1.71x, the same accuracies. At
-  least 1.5x both times: bf16 with channels-last.
+  1.55x, +0.19 and +0.09 points; a second run that day: 1.38x and 1.71x, the same accuracies. Two
+  more runs later that day, once engine calls took call_batch images and fine-tuning's frozen pass ran
+  in streams: 1.05x and 1.28x, then 1.07x and 1.31x, the same accuracies; the bf16 epochs stayed at
+  19-21 s while fp32's came down from 30-35 s to 26-28 s (by hand, the same fp32 run twice each way,
+  alternating: 27.4-31.4 s per epoch before the change, 25.4-26.6 after). The slower run is under 1.5x: fp32.
 
 The choice and its reason are recorded in the run (metrics.json's fine_tune, config.json's
 finetune_precision), as every automatic choice is.
@@ -47,11 +50,12 @@ class Measured:
 
 
 # Per engine.bf16_units(): the better recipe of `make bench`'s finetune_bf16 (benchmarks/results-<kind>.json).
-# AVX512-BF16: the run that favoured bf16 of two (1.32x, 1.26x); AMX: the slower of two (1.55x, 1.71x), both
-# of which pay. A CPU whose units are missing here has no measurement: fp32.
+# AVX512-BF16: the run that favoured bf16 of two (1.32x, 1.26x); AMX: the slower of the two runs of the code as
+# it is (1.28x, 1.31x; 1.55x and 1.71x before engine calls took call_batch images, module docstring). Neither
+# pays. A CPU whose units are missing here has no measurement: fp32.
 MEASURED: dict[str, Measured] = {
     "avx512_bf16": Measured(1.32, True, +0.24, "make bench 2026-12-01, AMD EPYC with AVX512-BF16, 2 cores"),
-    "amx": Measured(1.55, True, +0.09, "make bench 2026-12-01, Intel Xeon with AMX, 2 cores"),
+    "amx": Measured(1.28, True, +0.09, "make bench 2026-12-01, Intel Xeon with AMX, 2 cores"),
 }
 PAYS = 1.5
 ACCURACY_POINTS = 0.3
