@@ -103,20 +103,22 @@ def engine_throughput(model: torch.nn.Module, size: int, engine: str, precision:
 
     eng = make_engine(copy.deepcopy(model), EngineChoice(engine, precision, "cpu", "bench"), cache_root)
     x = torch.randn(plain.BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return calls_per_second(eng, x, seconds, default_streams("cpu", eng) if streams is None else streams)
+    streams = default_streams("cpu", eng) if streams is None else streams
+    eng(x, threads=max(1, torch.get_num_threads() // streams)) if streams > 1 else eng(x)  # conversion, warm-up
+    return calls_per_second(eng, x, seconds, streams)
 
 
-def calls_per_second(eng, x: torch.Tensor, seconds: float, streams: int = 1) -> float:
-    """Images/s of `eng` on the batch `x`: one caller on all of torch's threads, or `streams` callers side by
-    side on their share each."""
+def calls_per_second(eng, x: torch.Tensor, seconds: float, streams: int = 1, calls: int = 2) -> float:
+    """Images/s of `eng` (warmed up) on the batch `x`: one caller on all of torch's threads, or `streams`
+    callers side by side on their share each; each caller makes at least `calls` calls and goes on for
+    `seconds`."""
     import threading
 
     threads = None if streams == 1 else max(1, torch.get_num_threads() // streams)
-    eng(x, threads=threads) if threads else eng(x)  # conversion and warm-up
     counts = [0] * streams
 
     def call(i: int) -> None:
-        while counts[i] < 2 or time.perf_counter() - t0 < seconds:
+        while counts[i] < calls or time.perf_counter() - t0 < seconds:
             eng(x, threads=threads) if threads else eng(x)
             counts[i] += 1
 
@@ -224,8 +226,6 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
     engine alone on random tensors of the same size and batch, alternating in this process; and the other
     ways extraction can run: one stream in the main process, one decoding worker beside the engine.
     The breakdown is CPU time per image of each stage on one thread: it bounds the share (see `bound`)."""
-    import threading
-
     from headstart.decoding import default_streams, default_workers, iter_batches
     from headstart.features import FeatureCache, extract, make_namespace
     from headstart.images import load_image
@@ -242,22 +242,10 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
     engine(x, threads=per_stream)
 
     def alone():
-        k, t0 = 0, time.perf_counter()
-        while k * batch < n_images:
-            engine(x)
-            k += 1
-        return k * batch / (time.perf_counter() - t0)
+        return calls_per_second(engine, x, 0.0, 1, -(-n_images // batch))
 
     def alone_streams():  # the engine alone as the streams run it: `streams` threads, per_stream threads each
-        per = max(1, n_images // batch // streams)
-        threads = [threading.Thread(target=lambda: [engine(x, threads=per_stream) for _ in range(per)])
-                   for _ in range(streams)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return per * streams * batch / (time.perf_counter() - t0)
+        return calls_per_second(engine, x, 0.0, streams, max(1, n_images // batch // streams))
 
     def whole(**kw):  # no arguments: the default, as `train` runs it
         cache = FeatureCache(None, make_namespace(entry.name, info.identity(), prep, choice))

@@ -125,17 +125,16 @@ def iter_batches(paths: Sequence[str], transform: Callable, batch_size: int, wor
 
 
 def map_batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int,
-                fn: Callable[[torch.Tensor, int | None], Any], streams: int = 1) -> Iterator[tuple[Batch, Any]]:
-    """`iter_batches`, each batch with `fn(batch.x, threads)` (None for a batch with no readable image), in order.
+                fn: Callable[..., Any], streams: int = 1) -> Iterator[tuple[Batch, Any]]:
+    """`iter_batches`, each batch with `fn(batch.x)` (None for a batch with no readable image), in order.
 
-    With `streams` > 1, `fn` runs in that many threads side by side, on threads // streams of torch's threads
-    each (`threads`), while this thread decodes the next batches (module docstring); torch's threads are that
-    share until the generator is closed. Close it when stopping early (`contextlib.closing`): that drops the
-    queued batches, waits for the running ones and gives torch its threads back. With 1 stream, `threads` is
-    None: the engine's default."""
+    With `streams` > 1, `fn(batch.x, threads=...)` runs in that many threads side by side, on threads // streams
+    of torch's threads each, while this thread decodes the next batches (module docstring); torch's threads are
+    that share until the generator is closed. Close it when stopping early (`contextlib.closing`): that drops
+    the queued batches, waits for the running ones and gives torch its threads back."""
     if streams <= 1:
         for batch in iter_batches(paths, transform, batch_size, workers):
-            yield batch, (fn(batch.x, None) if batch.x is not None else None)
+            yield batch, (fn(batch.x) if batch.x is not None else None)
         return
     saved = torch.get_num_threads()
     per_stream = max(1, saved // streams)
@@ -144,7 +143,7 @@ def map_batches(paths: Sequence[str], transform: Callable, batch_size: int, work
     queue: collections.deque = collections.deque()
     try:
         for batch in iter_batches(paths, transform, batch_size, workers):
-            queue.append((batch, pool.submit(fn, batch.x, per_stream) if batch.x is not None else None))
+            queue.append((batch, pool.submit(fn, batch.x, threads=per_stream) if batch.x is not None else None))
             while len(queue) >= 2 * streams:  # each stream has a batch running and one waiting
                 done, out = queue.popleft()
                 yield done, (out.result() if out is not None else None)

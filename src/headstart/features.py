@@ -37,6 +37,7 @@ from .backbone_spec import PIPELINE
 from .errors import HeadstartError
 from .fileio import atomic_path, write_json
 from .decoding import default_streams, default_workers, map_batches
+from .engine import call_batch
 from .images import DECODER_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ def make_namespace(backbone: str, weights_identity: str, preprocessing, choice, 
         "pool": "global-average",
     }
     if choice.engine != "torch":  # a converted engine runs a batch in calls of this many images
-        from .engine import call_batch
-
         namespace["images_per_call"] = call_batch(preprocessing.crop_size, preprocessing.crop_size)
     if choice.precision == "int8":
         if int8 is None:
@@ -339,9 +338,8 @@ def _compute_streams(engine, transform, paths: list[str], keys: list[str], cache
     pending_keys: list[str] = []
     pending: list[np.ndarray] = []
     done = 0
-    run = (lambda x, threads: engine(x)) if streams == 1 else (lambda x, threads: engine(x, threads=threads))
     with progress.bar(len(paths), desc) as pbar, \
-            contextlib.closing(map_batches(paths, transform, batch_size, workers, run, streams)) as batches:
+            contextlib.closing(map_batches(paths, transform, batch_size, workers, engine, streams)) as batches:
         for batch, out in batches:
             failed.update(batch.failed)
             if out is not None:

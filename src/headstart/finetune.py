@@ -94,7 +94,7 @@ class FineTuneNet(nn.Module):
         if len(self.frozen) == 0:
             return x
         if self.frozen_engine is not None:
-            return self.frozen_engine(x) if threads is None else self.frozen_engine(x, threads=threads)
+            return self.frozen_engine(x, threads=threads)
         with torch.no_grad():
             return self.frozen(x.contiguous(memory_format=torch.channels_last))
 
@@ -240,9 +240,9 @@ def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray,
     mine = distributed.share(len(paths), batch_size)
     outs, flips, keep = _Store(len(mine)), _Store(len(mine)) if flip else None, []
     # As extraction runs its engine: calls side by side while this thread decodes (decoding.map_batches).
-    streams = 1 if workers or net.frozen_engine is None else default_streams("cpu", net.frozen_engine)
+    streams = 1 if workers else default_streams("cpu", net.frozen_engine)
 
-    def run(x: torch.Tensor, threads: int | None):
+    def run(x: torch.Tensor, threads: int | None = None):
         return net.boundary(x, threads), net.boundary(x.flip(-1), threads) if flip else None
 
     with progress.bar(len(mine), desc) as pbar, contextlib.closing(
