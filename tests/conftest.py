@@ -133,7 +133,8 @@ def count_network_batches(monkeypatch) -> list[int]:
     assert engine.TorchEngine in patched and engine._ConvertedEngine in patched, patched
     for cls in patched:
         real = vars(cls)["__call__"]
-        monkeypatch.setattr(cls, "__call__", lambda self, x, real=real: sizes.append(len(x)) or real(self, x))
+        monkeypatch.setattr(cls, "__call__",
+                            lambda self, x, *a, real=real, **kw: sizes.append(len(x)) or real(self, x, *a, **kw))
     return sizes
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from headstart.backbone_spec import PIPELINE
 from headstart.backbones import get_backbone
 from headstart.data import scan_folder
 from headstart.engine import ENGINES, EngineChoice, choose_engine, make_engine
@@ -160,6 +161,40 @@ def test_converted_engines_run_a_batch_in_calls_of_call_batch_images(reference, 
     ns = {e: make_namespace("mobilenet_v2", info.identity(), PRE, EngineChoice(e, "fp32", "cpu", "test"))
           for e in ("onnxruntime", "torch")}
     assert ns["onnxruntime"]["images_per_call"] == 4 and "images_per_call" not in ns["torch"]
+    # A converted engine normalises in its own graph (pixels.py): its features may differ in the last bits.
+    assert ns["torch"]["pipeline"] == PIPELINE != ns["onnxruntime"]["pipeline"]
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_converted_engines_normalise_uint8_pixels_in_their_own_graph(reference, images, name, tmp_path):
+    """Handed decoded pixels and their Normalize, a converted engine runs a model whose first nodes are
+    torchvision's scaling and normalising (pixels.py), converted once: the features of the batch torch
+    normalises; a gray batch's one channel is read as all three; pixels without a Normalize are refused."""
+    import onnx
+
+    model, _, x, want = reference
+    pixels = torch.stack([PRE.transform().decode(_rgb(p)) for p in images])  # (24, 3, 64, 64) uint8
+    norm = PRE.normalizer
+    assert pixels.dtype == torch.uint8 and torch.equal(norm(pixels), x)  # bitwise the transform's tensor
+    torch_engine = make_engine(model, EngineChoice("torch", "fp32", "cpu", "test"))
+    np.testing.assert_array_equal(torch_engine(pixels, normalize=norm).numpy(), want)
+    engine = make_engine(model, EngineChoice(name, "fp32", "cpu", "test"), tmp_path)
+    floats = engine(x).numpy()
+    got = engine(pixels, normalize=norm).numpy()
+    assert np.abs(got - floats).max() / np.abs(floats).max() < FP32_TOLERANCE  # measured: equal
+    assert np.abs(got - want).max() / np.abs(want).max() < FP32_TOLERANCE
+    gray = pixels[:8, :1]
+    np.testing.assert_array_equal(engine(gray, normalize=norm).numpy(),
+                                  engine(gray.expand(-1, 3, -1, -1), normalize=norm).numpy())
+    with pytest.raises(ValueError, match="normalize"):
+        engine(pixels)
+    (path,) = (tmp_path / "engines").glob("*-pixels-*.onnx")
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [n.op_type for n in graph.node if n.op_type in ("Cast", "Div", "Sub", "Conv")][:4] == \
+        ["Cast", "Div", "Sub", "Div"]
+    engine(pixels[:4], normalize=norm)
+    assert len(list((tmp_path / "engines").glob("*-pixels-*.onnx"))) == 1  # converted once
 
 
 def test_call_batch_is_a_power_of_two_that_shrinks_as_images_grow():

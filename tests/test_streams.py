@@ -60,13 +60,13 @@ class Recording:
         self.engine, self.choice, self.fail_in, self.delay = engine, engine.choice, fail_in, delay
         self.calls: set[tuple[str, int | None]] = set()
 
-    def __call__(self, x, threads=None):
+    def __call__(self, x, threads=None, **kw):
         name = threading.current_thread().name
         self.calls.add((name, threads))
         if self.fail_in and name.startswith(self.fail_in):
             raise RuntimeError(f"engine failed in {name}")
         time.sleep(self.delay)  # a call slower than decoding a batch: the next batch goes to the other stream
-        return self.engine(x, threads=threads)
+        return self.engine(x, threads=threads, **kw)
 
 
 def _extract(engine, paths, root=None, **kw):

@@ -20,6 +20,7 @@ from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
 
 from .errors import HeadstartError
+from .pixels import Normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,6 +59,11 @@ class Preprocessing:
         return dataclasses.replace(
             self, crop_size=int(image_size), resize_size=int(math.floor(image_size / fraction + 0.5))
         )
+
+    @property
+    def normalizer(self) -> Normalize:
+        """The transform's last part, which the engine runs (pixels.py)."""
+        return Normalize(self.mean, self.std)
 
     def transform(self) -> "SplitClassification":
         return SplitClassification(
@@ -132,22 +138,15 @@ class SplitClassification(ImageClassification):
         img = F.center_crop(img, self.crop_size)
         return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
 
+    @property
+    def normalizer(self) -> Normalize:
+        """The per-batch part as a value an engine can run itself (pixels.py)."""
+        return Normalize(self.mean, self.std)
+
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:  # (..., 3 or 1, H, W) uint8 -> (..., 3, H, W) float32
         # torchvision's own operations (convert_image_dtype, then normalize), in its order, so bitwise
         # its result; on the whole batch, where per-image calls cost as much as decoding.
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        if batch.shape[-3] == 3:
-            return (batch.to(torch.float32) / 255).sub_(mean).div_(std)
-        # One gray channel (features.py keeps grayscale images in one channel up to here): the same
-        # operations, element by element, so bitwise the RGB result, but scaled to [0, 1] once instead
-        # of three times. A 256-entry lookup table was measured too and was slower (gathers: 105 us
-        # per 128 px image on one core against 67 us for the three passes on all three channels).
-        x = batch.to(torch.float32) / 255  # (..., 1, H, W)
-        out = torch.empty((*batch.shape[:-3], 3, *batch.shape[-2:]), dtype=torch.float32)
-        for c in range(3):
-            torch.sub(x[..., 0, :, :], mean[c], out=out[..., c, :, :]).div_(std[c])
-        return out
+        return self.normalizer(batch)
 
 
 @dataclass(frozen=True)

@@ -111,11 +111,14 @@ class Batch:
         return len(self.indices) + len(self.failed)
 
 
-def iter_batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int = 0) -> Iterator[Batch]:
+def iter_batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int = 0,
+                 normalize: bool = True) -> Iterator[Batch]:
     """`paths` in order, in batches of `batch_size`, decoded by `workers` processes; an unreadable image is
     reported in its batch's `failed`, never raised. The per-image part of `transform` runs in the workers,
-    its per-batch part (normalisation, see `split_transform`) here, on the whole batch."""
+    its per-batch part (normalisation, see `split_transform`) here, on the whole batch; `normalize=False`
+    leaves that to the caller, whose batches are then the uint8 pixels (an engine normalises them itself)."""
     _, finish = split_transform(transform)
+    finish = finish if normalize else None
     loader = torch.utils.data.DataLoader(
         _Images(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, prefetch_factor=4 if workers else None, persistent_workers=False,
@@ -125,15 +128,16 @@ def iter_batches(paths: Sequence[str], transform: Callable, batch_size: int, wor
 
 
 def map_batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int,
-                fn: Callable[..., Any], streams: int = 1) -> Iterator[tuple[Batch, Any]]:
-    """`iter_batches`, each batch with `fn(batch.x)` (None for a batch with no readable image), in order.
+                fn: Callable[..., Any], streams: int = 1, normalize: bool = True) -> Iterator[tuple[Batch, Any]]:
+    """`iter_batches` (`normalize` as there), each batch with `fn(batch.x)` (None for a batch with no readable
+    image), in order.
 
     With `streams` > 1, `fn(batch.x, threads=...)` runs in that many threads side by side, on threads // streams
     of torch's threads each, while this thread decodes the next batches (module docstring); torch's threads are
     that share until the generator is closed. Close it when stopping early (`contextlib.closing`): that drops
     the queued batches, waits for the running ones and gives torch its threads back."""
     if streams <= 1:
-        for batch in iter_batches(paths, transform, batch_size, workers):
+        for batch in iter_batches(paths, transform, batch_size, workers, normalize):
             yield batch, (fn(batch.x) if batch.x is not None else None)
         return
     saved = torch.get_num_threads()
@@ -142,7 +146,7 @@ def map_batches(paths: Sequence[str], transform: Callable, batch_size: int, work
     pool = ThreadPoolExecutor(streams, thread_name_prefix="headstart-stream")
     queue: collections.deque = collections.deque()
     try:
-        for batch in iter_batches(paths, transform, batch_size, workers):
+        for batch in iter_batches(paths, transform, batch_size, workers, normalize):
             queue.append((batch, pool.submit(fn, batch.x, threads=per_stream) if batch.x is not None else None))
             while len(queue) >= 2 * streams:  # each stream has a batch running and one waiting
                 done, out = queue.popleft()

@@ -29,6 +29,7 @@ from torch import nn
 from . import cpu, memory
 from .cpu import cpu_flags  # noqa: F401  (re-exported: callers read the flags from here)
 from .errors import HeadstartError
+from .pixels import Normalize
 from .settings import ENGINES, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,13 @@ class TorchEngine:
         self.n_batches = 0
         self._lock = threading.Lock()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, normalize: Normalize | None = None) -> torch.Tensor:
+        """Features of `x`: a normalised float batch, or uint8 pixels with the `normalize` that makes them one."""
         with self._lock:
             self.n_images += x.shape[0]
             self.n_batches += 1
+        if x.dtype == torch.uint8:
+            x = _needs(normalize)(x)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if self.choice.precision == "bf16":
@@ -240,19 +244,26 @@ class _ConvertedEngine:
         # Held while a runner is made: two threads meeting a new shape convert and compile it once.
         self._lock = threading.Lock()
 
-    def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, threads: int | None = None, normalize: Normalize | None = None
+                 ) -> torch.Tensor:
         """Features of the batch `x`, run `call_batch` images at a time; `threads`: the intra-op threads this
         call's runner uses (default: torch's budget), one runner per (shape, threads). Extraction's streams
-        run 1-thread calls side by side."""
+        run 1-thread calls side by side. `x` is a normalised float batch, or uint8 pixels (1 or 3 channels)
+        that `normalize` makes one: then a model with `normalize` as its first nodes runs (pixels.py)."""
         shape = (int(x.shape[2]), int(x.shape[3]))
         threads = self.threads() if threads is None else max(1, int(threads))
+        pixels = _needs(normalize) if x.dtype == torch.uint8 else None
+        key = (*shape, threads, pixels)
         with self._lock:
             self.n_images += x.shape[0]
             self.n_batches += 1
-            if (*shape, threads) not in self._runners:
-                self._runners[(*shape, threads)] = self._compile(self._onnx_file(shape), threads)
-            runner = self._runners[(*shape, threads)]
-        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+            if key not in self._runners:
+                self._runners[key] = self._compile(self._onnx_file(shape, pixels), threads)
+            runner = self._runners[key]
+        if pixels is not None:  # a gray batch's one channel is each of the three the model reads
+            x = np.ascontiguousarray(x.detach().cpu().expand(-1, 3, -1, -1).numpy())
+        else:
+            x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         step = call_batch(*shape)
         out = [np.asarray(self._run(runner, x[i:i + step]), dtype=np.float32) for i in range(0, len(x), step)]
         return torch.from_numpy(out[0] if len(out) == 1 else np.concatenate(out))
@@ -268,44 +279,55 @@ class _ConvertedEngine:
     def threads() -> int:
         return torch.get_num_threads()  # the same budget torch would use (tests pin it to 1)
 
-    def _onnx_file(self, shape: tuple[int, int]) -> Path:
-        """The model the runner loads: the fp32 export, or its int8 quantisation for this calibration."""
-        path = self._fp32_file(shape)
+    def _onnx_file(self, shape: tuple[int, int], normalize: Normalize | None = None) -> Path:
+        """The model the runner loads: the fp32 export, or its int8 quantisation for this calibration; with
+        `normalize`, one that takes uint8 pixels and runs it first (pixels.py)."""
         if self.int8 is None:
-            return path
+            return self._fp32_file(shape, normalize)
         from .fileio import atomic_path
         from .quantize import quantize
 
+        path = self._fp32_file(shape)  # quantised as exported (calibrated on normalised images)
         int8_path = path.with_name(f"{path.stem}-int8-{self.int8.digest}.onnx")
         if not int8_path.exists():
             with atomic_path(int8_path) as tmp:
                 quantize(path, tmp, self.int8)
-        return int8_path
+        if normalize is None:
+            return int8_path
+        pixels_path = int8_path.with_name(f"{int8_path.stem}-pixels-{_tag(normalize)}.onnx")
+        if not pixels_path.exists():
+            with atomic_path(pixels_path) as tmp:
+                normalize.in_front_of(int8_path, tmp)
+        return pixels_path
 
     def int8_onnx(self, shape: tuple[int, int]) -> bytes:
         """The quantised model's bytes, for a bundle to carry."""
         with self._lock:
             return self._onnx_file(shape).read_bytes()
 
-    def _fp32_file(self, shape: tuple[int, int]) -> Path:
+    def _fp32_file(self, shape: tuple[int, int], normalize: Normalize | None = None) -> Path:
         if self._digest is None:
             self._digest = model_digest(self.model)
         key = hashlib.sha256(f"{self._digest}|{shape}|{ONNX_OPSET}|{torch.__version__}".encode()).hexdigest()[:24]
         folder = self._engines_dir()
-        path = folder / f"{key}.onnx"
+        path = folder / (f"{key}.onnx" if normalize is None else f"{key}-pixels-{_tag(normalize)}.onnx")
         if path.exists():
             return path
         from .fileio import atomic_path
 
         net = copy.deepcopy(self.model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
         example = torch.zeros(2, 3, *shape)
+        if normalize is not None:  # uint8 pixels in: the normalising operations become the graph's first nodes
+            net, example = nn.Sequential(_Module(normalize), net), example.to(torch.uint8)
+        name = "image" if normalize is None else "pixels"
         with ONNX_EXPORT_LOCK, atomic_path(path) as tmp, warnings.catch_warnings():
             # The TorchScript exporter: ~1 s for MobileNetV2 against ~15 s for the dynamo one (export.py).
             warnings.simplefilter("ignore")
             torch.onnx.export(net, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
-                              do_constant_folding=True, input_names=["image"], output_names=["features"],
-                              dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
-        log.info("converted the backbone for %s at %dx%d: %s", self.choice.engine, *shape, path)
+                              do_constant_folding=True, input_names=[name], output_names=["features"],
+                              dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}})
+        log.info("converted the backbone for %s at %dx%d%s: %s", self.choice.engine, *shape,
+                 "" if normalize is None else " (uint8 pixels in)", path)
         return path
 
     def _engines_dir(self) -> Path:
@@ -338,7 +360,7 @@ class OnnxRuntimeEngine(_ConvertedEngine):
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
     def _run(self, session, x: np.ndarray) -> np.ndarray:
-        return session.run(None, {"image": x})[0]
+        return session.run(None, {session.get_inputs()[0].name: x})[0]  # "image", or "pixels" (pixels.py)
 
 
 class OpenVinoEngine(_ConvertedEngine):
@@ -446,6 +468,28 @@ class _PerThreadRequests:
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
         return request
+
+
+class _Module(nn.Module):
+    """A Normalize as a module, to export in front of the backbone."""
+
+    def __init__(self, normalize: Normalize):
+        super().__init__()
+        self.normalize = normalize
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.normalize(pixels)
+
+
+def _tag(normalize: Normalize) -> str:
+    return hashlib.sha256(repr((normalize.mean, normalize.std)).encode()).hexdigest()[:12]
+
+
+def _needs(normalize: Normalize | None) -> Normalize:
+    if normalize is None:
+        raise ValueError("a uint8 batch is pixels: pass the normalize (pixels.Normalize) that makes it the "
+                         "network's input")
+    return normalize
 
 
 def make_engine(model: nn.Module, choice: EngineChoice, cache_root: str | os.PathLike | None = None, int8=None):

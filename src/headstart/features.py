@@ -15,6 +15,7 @@ run resumes from the last finished chunk with the same batches, hence identical 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -77,7 +78,8 @@ def make_namespace(backbone: str, weights_identity: str, preprocessing, choice, 
         "backbone": backbone,
         "weights": weights_identity,
         "preprocessing": preprocessing.to_dict(),
-        "pipeline": PIPELINE,
+        # A converted engine normalises the pixels in its own graph (pixels.py), where the last bits may differ.
+        "pipeline": PIPELINE if choice.engine == "torch" else {**PIPELINE, "normalize": "in the engine"},
         "engine": choice.engine,
         "precision": choice.precision,
         "device": choice.device,
@@ -334,12 +336,16 @@ def _compute_streams(engine, transform, paths: list[str], keys: list[str], cache
     if streams > 1:
         log.info("%s: %d engine streams of %d thread(s), batches decoded beside them", desc, streams,
                  max(1, torch.get_num_threads() // streams))
+    # The engine normalises the decoded pixels itself (pixels.py): a converted one in its own graph.
+    normalizer = getattr(transform, "normalizer", None)
+    run = engine if normalizer is None else functools.partial(engine, normalize=normalizer)
     failed: dict[int, str] = {}
     pending_keys: list[str] = []
     pending: list[np.ndarray] = []
     done = 0
     with progress.bar(len(paths), desc) as pbar, \
-            contextlib.closing(map_batches(paths, transform, batch_size, workers, engine, streams)) as batches:
+            contextlib.closing(map_batches(paths, transform, batch_size, workers, run, streams,
+                                           normalize=normalizer is None)) as batches:
         for batch, out in batches:
             failed.update(batch.failed)
             if out is not None:

@@ -49,13 +49,15 @@ TTA = ("none", "flip")  # test-time views: the image alone, or the image and its
 
 
 class Mirrored:
-    """An engine that sees every batch mirrored left-right: the second view of flip TTA."""
+    """An engine that sees every batch mirrored left-right: the second view of flip TTA. It runs as its
+    engine does (side by side calls too: `parallel_calls`), keywords passed on."""
 
     def __init__(self, engine):
         self.engine, self.choice = engine, engine.choice
+        self.parallel_calls = getattr(engine, "parallel_calls", False)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, feature_dim)
-        return self.engine(x.flip(-1))
+    def __call__(self, x: torch.Tensor, **kw) -> torch.Tensor:  # (B, C, H, W) -> (B, feature_dim)
+        return self.engine(x.flip(-1), **kw)
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,11 @@ class Model:
     def _views(self, eng) -> list[tuple[str, object]]:
         return [("image", eng)] + ([("mirror", Mirrored(eng))] if self.tta == "flip" else [])
 
-    def batch_features(self, eng, x: torch.Tensor) -> np.ndarray:
-        """(B, feature_width) features of a preprocessed batch through `eng`, every view."""
-        return np.concatenate([e(x).numpy() for _, e in self._views(eng)], axis=1)
+    def batch_features(self, eng, pixels: torch.Tensor) -> np.ndarray:
+        """(B, feature_width) features through `eng`, every view, of a batch of decoded pixels: (B, C, H, W)
+        uint8, as `preprocessing.transform().decode` makes them; the engine normalises them (pixels.py)."""
+        normalize = self.preprocessing.normalizer
+        return np.concatenate([e(pixels, normalize=normalize).numpy() for _, e in self._views(eng)], axis=1)
 
     def logits_from_features(self, feats: np.ndarray) -> np.ndarray:
         """Logits of one view: (n, feature_dim) features -> (n, n_classes)."""
@@ -204,7 +208,7 @@ class Model:
             try:
                 if not isinstance(im, Image.Image):
                     raise ImageError(f"not an image path or PIL image but {type(im).__name__}")
-                batch.append(transform(to_rgb(im)))
+                batch.append(transform.decode(to_rgb(im)))
                 in_memory.append(i)
             except (ImageError, OSError, ValueError) as exc:
                 errors[i] = str(exc)

@@ -3,8 +3,8 @@
 Decisions:
 - The same answer as `headstart predict` for the same file: an upload is decoded by
   `images.load_image` (JPEG draft at the preprocessing's resize size, EXIF, alpha on white,
-  MAX_PIXELS), cut by the same decode/normalize halves of the transform, and run by the engine
-  the same rule picks. One image per request is a batch of one, as `predict` on one file.
+  MAX_PIXELS), resized and cut by the same decode half of the transform, and normalised and run by
+  the engine the same rule picks (pixels.py). One image per request is a batch of one, as `predict` on one file.
 - The model and its engine are made and warmed up (the ONNX conversion) once, before the port
   opens: /healthz answers only when a request would be served at full speed.
 - One thread runs the engine and head (converted engines compile lazily and count calls: not
@@ -101,10 +101,10 @@ class Predictor:
 
     def _proba(self, images: list) -> np.ndarray:
         probas = []
-        for k, (model, transform, engine) in enumerate(self._parts):  # one part, or an ensemble's members
-            batch = transform.normalize(torch.stack([im if self._single else im[k] for im in images]))
+        for k, (model, _, engine) in enumerate(self._parts):  # one part, or an ensemble's members
+            batch = torch.stack([im if self._single else im[k] for im in images])  # (n, 3, crop, crop) uint8
             feats = [model.batch_features(engine, batch[i:i + self.batch_size])  # every test-time view
-                     for i in range(0, len(batch), self.batch_size)]  # (n, 3, crop, crop) float32 in
+                     for i in range(0, len(batch), self.batch_size)]
             probas.append(model.proba_from_features(np.concatenate(feats)))  # (n, n_classes)
         return probas[0] if self._single else np.mean(probas, axis=0)  # an ensemble: the mean, as Ensemble's
 
