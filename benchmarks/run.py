@@ -240,6 +240,8 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
     per_stream = max(1, torch.get_num_threads() // streams)
     engine(x)
     engine(x, threads=per_stream)
+    pixels = torch.zeros(batch, 3, prep.crop_size, prep.crop_size, dtype=torch.uint8)
+    engine(pixels, normalize=prep.normalizer, **({"threads": per_stream} if streams > 1 else {}))  # pixels.py
 
     def alone():
         return calls_per_second(engine, x, 0.0, 1, -(-n_images // batch))
@@ -276,11 +278,16 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
         # the stages above, normalising, and what is left, batching (the transfer from a worker is shared
         # memory, not measured here). Until 2026-12-01 this ran the per-image part alone, in RGB, which
         # counted an RGB conversion and three-channel resizing that extraction does not do as batching.
+        # A converted engine normalises the uint8 batch in its own graph (pixels.py, since 2026-12-01): its
+        # cost is in the engine's, and the batches stay uint8 here.
+        in_engine = choice.engine != "torch"
         u8 = torch.stack([transform.decode(im) for im in decoded[:batch]])
-        normalise = cpu_us(lambda: [transform.normalize(u8) for _ in range(8)], 8 * batch)
-        loader = cpu_us(lambda: [None for _ in iter_batches(sample, transform, batch, 0)], len(sample))
+        normalise = 0.0 if in_engine else cpu_us(lambda: [transform.normalize(u8) for _ in range(8)], 8 * batch)
+        loader = cpu_us(lambda: [None for _ in iter_batches(sample, transform, batch, 0, normalize=not in_engine)],
+                        len(sample))
         stages["collate"] = round(max(0.0, loader - sum(stages.values()) - normalise), 1)
-        stages["normalise (main)"] = normalise
+        if not in_engine:
+            stages["normalise (main)"] = normalise
     finally:
         torch.set_num_threads(saved)
     engine_cpu = round(torch.get_num_threads() / rates["engine_alone"] * 1e6, 1)  # its threads, all busy
@@ -294,6 +301,7 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
     bound = min(1.0, cores / (ran_as * 1e6 + decode_us) * 1e6 / rates["engine_alone"])
     return {"image_size": prep.crop_size, "batch": batch, "workers": workers, "streams": streams,
             "decoding": "beside the streams" if streams > 1 else "between batches",
+            "normalising": "in the engine" if in_engine else "decoding thread",
             "images_per_call": call_batch(prep.crop_size, prep.crop_size),
             "threads_per_stream": per_stream, "images": len(paths),
             "engine": f"{choice.engine} {choice.precision}", "cores": os.cpu_count(),
@@ -648,6 +656,8 @@ def pipeline_markdown(r: dict) -> list[str]:
                         f": {p['other_images_per_second']:.0f} images/s, {p['share_other']:.0%}")
         compared = f" ({'; '.join(ways)})" if ways else ""
         calls = f" in engine calls of {p['images_per_call']}" if "images_per_call" in p else ""
+        if p.get("normalising") == "in the engine":
+            calls += ", uint8 pixels normalised in the engine"
         lines += ["", f"Extraction pipeline ({p['engine']}, {p['image_size']} px, batch {p['batch']}{calls}, {where}, "
                   f"{p['images']} FMNIST-TL images, load average {p['load_average']}): whole "
                   f"extraction {p['whole_extraction_images_per_second']:.0f} images/s against the engine alone "

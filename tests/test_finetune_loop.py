@@ -212,3 +212,9 @@ def test_converted_frozen_part_matches_torch_within_the_stated_bound(fmnist_tiny
     MEASURED.append(f"fine-tuning boundary (MobileNetV2 top 8 blocks unfrozen, 64 px, 10 real images): "
                     f"ONNX Runtime vs torch, max abs difference / max abs activation = {error:.2e}")
     assert error < 1e-4
+    # The frozen pass hands it uint8 pixels, normalised in its graph (pixels.py): the same activations.
+    pixels = torch.stack([prep.transform().decode(load_image(p)) for p in paths])
+    from_pixels = net.boundary(pixels, normalize=prep.normalizer)
+    assert float((from_pixels - reference).abs().max() / reference.abs().max()) < 1e-4
+    net.frozen_engine = None
+    assert torch.equal(net.boundary(pixels, normalize=prep.normalizer), reference)  # torch: bitwise

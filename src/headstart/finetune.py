@@ -45,6 +45,7 @@ from .fileio import atomic_path
 from .finetune_precision import FineTunePrecision
 from .decoding import decode_side, default_streams, map_batches
 from .images import ImageError, load_image
+from .pixels import Normalize
 from .loop import EarlyStopping, History, OnEpochEnd, TimeBudget, run_epochs
 from .settings import AUGMENTS, BOUNDARY_AUGMENTS, SCHEDULES, FineTuneSettings  # noqa: F401 (re-exported)
 
@@ -88,13 +89,17 @@ class FineTuneNet(nn.Module):
                     m.eval()
         return self
 
-    def boundary(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    def boundary(self, x: torch.Tensor, threads: int | None = None, normalize: Normalize | None = None
+                 ) -> torch.Tensor:
         """The frozen bottom's output: no gradient, eval mode; `threads`: the engine's threads for this call
-        (extraction's streams; None: its default)."""
+        (extraction's streams; None: its default). `x` is a normalised batch, or uint8 pixels and the
+        `normalize` that makes them one, which a converted engine runs in its own graph (pixels.py)."""
+        if self.frozen_engine is not None and len(self.frozen):
+            return self.frozen_engine(x, threads=threads, normalize=normalize)
+        if x.dtype == torch.uint8:
+            x = normalize(x)
         if len(self.frozen) == 0:
             return x
-        if self.frozen_engine is not None:
-            return self.frozen_engine(x, threads=threads)
         with torch.no_grad():
             return self.frozen(x.contiguous(memory_format=torch.channels_last))
 
@@ -242,11 +247,15 @@ def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray,
     # As extraction runs its engine: calls side by side while this thread decodes (decoding.map_batches).
     streams = 1 if workers else default_streams("cpu", net.frozen_engine)
 
+    normalize = getattr(transform, "normalizer", None)  # uint8 batches, normalised by the engine (pixels.py)
+
     def run(x: torch.Tensor, threads: int | None = None):
-        return net.boundary(x, threads), net.boundary(x.flip(-1), threads) if flip else None
+        return (net.boundary(x, threads, normalize),
+                net.boundary(x.flip(-1), threads, normalize) if flip else None)
 
     with progress.bar(len(mine), desc) as pbar, contextlib.closing(
-            map_batches(paths[mine.start:mine.stop], transform, batch_size, workers, run, streams)) as batches:
+            map_batches(paths[mine.start:mine.stop], transform, batch_size, workers, run, streams,
+                        normalize=normalize is None)) as batches:
         for batch, out in batches:
             if out is not None:
                 outs.add(out[0])
