@@ -29,6 +29,20 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def test_a_command_skips_the_last_garbage_collections_at_exit(monkeypatch):
+    """cli._quick_exit: gc.freeze runs at exit, registered once per process however many commands run."""
+    import gc
+
+    registered = []
+    monkeypatch.setattr(cli.atexit, "register", registered.append)
+    cli._quick_exit.cache_clear()
+    try:
+        assert run_cli("backbones")[0] == 0 and run_cli("backbones")[0] == 0
+    finally:
+        cli._quick_exit.cache_clear()
+    assert registered == [gc.freeze]
+
+
 def test_tree_digest_sees_folders_modes_links_and_mtimes(tmp_path):
     """The helper the "nothing touched" checks rest on: each change below, none of which alters a regular
     file's bytes, changes the digest."""

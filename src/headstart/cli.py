@@ -13,7 +13,10 @@ when none could be.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
+import functools
+import gc
 import json
 import logging
 import os
@@ -465,7 +468,17 @@ def _stdout_reader_gone() -> bool:
         return True
 
 
+@functools.cache
+def _quick_exit() -> None:
+    """At exit, skip the interpreter's last garbage collections over what torch, torchvision and scikit-learn
+    loaded (`gc.freeze`, registered once per process; the process ends anyway, and everything it writes is
+    closed, flushed and renamed before). Measured on the AMX machine (2026-12-01): a process that imported
+    those three took 0.81 s to exit, 0.18 s frozen; a `train` or `evaluate` is one such exit each."""
+    atexit.register(gc.freeze)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quick_exit()
     args = get_parser().parse_args(argv)
     progress.set_quiet(args.quiet)
     _setup_logging(args.quiet, args.verbose)

