@@ -294,7 +294,7 @@ class _ConvertedEngine:
                 quantize(path, tmp, self.int8)
         if normalize is None:
             return int8_path
-        pixels_path = int8_path.with_name(f"{int8_path.stem}-pixels-{_tag(normalize)}.onnx")
+        pixels_path = int8_path.with_name(f"{int8_path.stem}-pixels-{normalize.tag}.onnx")
         if not pixels_path.exists():
             with atomic_path(pixels_path) as tmp:
                 normalize.in_front_of(int8_path, tmp)
@@ -310,7 +310,7 @@ class _ConvertedEngine:
             self._digest = model_digest(self.model)
         key = hashlib.sha256(f"{self._digest}|{shape}|{ONNX_OPSET}|{torch.__version__}".encode()).hexdigest()[:24]
         folder = self._engines_dir()
-        path = folder / (f"{key}.onnx" if normalize is None else f"{key}-pixels-{_tag(normalize)}.onnx")
+        path = folder / (f"{key}.onnx" if normalize is None else f"{key}-pixels-{normalize.tag}.onnx")
         if path.exists():
             return path
         from .fileio import atomic_path
@@ -318,7 +318,7 @@ class _ConvertedEngine:
         net = copy.deepcopy(self.model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
         example = torch.zeros(2, 3, *shape)
         if normalize is not None:  # uint8 pixels in: the normalising operations become the graph's first nodes
-            net, example = nn.Sequential(_Module(normalize), net), example.to(torch.uint8)
+            net, example = nn.Sequential(normalize.module(), net), example.to(torch.uint8)
         name = "image" if normalize is None else "pixels"
         with ONNX_EXPORT_LOCK, atomic_path(path) as tmp, warnings.catch_warnings():
             # The TorchScript exporter: ~1 s for MobileNetV2 against ~15 s for the dynamo one (export.py).
@@ -468,23 +468,6 @@ class _PerThreadRequests:
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
         return request
-
-
-class _Module(nn.Module):
-    """A Normalize as a module, to export in front of the backbone: its operations on 3-channel pixels, with
-    the constants as buffers (traced as they are, without the tracer's warnings about Normalize's tensors)."""
-
-    def __init__(self, normalize: Normalize):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(normalize.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(normalize.std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) uint8 -> float32
-        return (pixels.to(torch.float32) / 255 - self.mean) / self.std
-
-
-def _tag(normalize: Normalize) -> str:
-    return hashlib.sha256(repr((normalize.mean, normalize.std)).encode()).hexdigest()[:12]
 
 
 def _needs(normalize: Normalize | None) -> Normalize:

@@ -16,10 +16,12 @@ engines gave features equal to the float path's there. The uint8 batch is also a
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,15 @@ class Normalize:
         for c in range(3):
             torch.sub(x[..., 0, :, :], mean[c], out=out[..., c, :, :]).div_(std[c])
         return out
+
+    @property
+    def tag(self) -> str:
+        """A short name for these numbers (the converted models that run them are named by it)."""
+        return hashlib.sha256(repr((self.mean, self.std)).encode()).hexdigest()[:12]
+
+    def module(self) -> nn.Module:
+        """These operations on 3-channel pixels as a module, to export in front of a backbone."""
+        return _Module(self)
 
     def onnx_model(self, height: int, width: int, like):
         """These operations as an ONNX model from input "pixels" ((batch, 3, height, width) uint8) to output
@@ -78,3 +89,16 @@ class Normalize:
         merged = compose.merge_models(self.onnx_model(height, width, net), net,
                                       io_map=[("pixels_normalized", input_name)])
         onnx.save(merged, str(out_path))
+
+
+class _Module(nn.Module):
+    """`Normalize.module`: the constants are buffers, so the tracer exports them as they are (Normalize's own
+    tensors made inside the call drew its warnings), and the operations are Normalize's on 3 channels."""
+
+    def __init__(self, normalize: Normalize):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(normalize.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(normalize.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) uint8 -> float32
+        return (pixels.to(torch.float32) / 255 - self.mean) / self.std
