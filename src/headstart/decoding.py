@@ -128,17 +128,23 @@ def iter_batches(paths: Sequence[str], transform: Callable, batch_size: int, wor
 
 
 def map_batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int,
-                fn: Callable[..., Any], streams: int = 1, normalize: bool = True) -> Iterator[tuple[Batch, Any]]:
-    """`iter_batches` (`normalize` as there), each batch with `fn(batch.x)` (None for a batch with no readable
-    image), in order.
+                fn: Callable[..., Any], streams: int = 1) -> Iterator[tuple[Batch, Any]]:
+    """`iter_batches`, each batch with `fn(batch.x)` (None for a batch with no readable image), in order.
+
+    A transform with a per-batch part (`normalizer`, backbone_spec.SplitClassification) leaves it to `fn`:
+    the batches stay uint8 pixels and `fn(batch.x, normalize=normalizer)` runs it (an engine normalises them
+    itself, a converted one in its own graph: pixels.py).
 
     With `streams` > 1, `fn(batch.x, threads=...)` runs in that many threads side by side, on threads // streams
     of torch's threads each, while this thread decodes the next batches (module docstring); torch's threads are
     that share until the generator is closed. Close it when stopping early (`contextlib.closing`): that drops
     the queued batches, waits for the running ones and gives torch its threads back."""
+    normalizer = getattr(transform, "normalizer", None)
+    kw = {} if normalizer is None else {"normalize": normalizer}
+    batches = iter_batches(paths, transform, batch_size, workers, normalize=normalizer is None)
     if streams <= 1:
-        for batch in iter_batches(paths, transform, batch_size, workers, normalize):
-            yield batch, (fn(batch.x) if batch.x is not None else None)
+        for batch in batches:
+            yield batch, (fn(batch.x, **kw) if batch.x is not None else None)
         return
     saved = torch.get_num_threads()
     per_stream = max(1, saved // streams)
@@ -146,8 +152,8 @@ def map_batches(paths: Sequence[str], transform: Callable, batch_size: int, work
     pool = ThreadPoolExecutor(streams, thread_name_prefix="headstart-stream")
     queue: collections.deque = collections.deque()
     try:
-        for batch in iter_batches(paths, transform, batch_size, workers, normalize):
-            queue.append((batch, pool.submit(fn, batch.x, threads=per_stream) if batch.x is not None else None))
+        for batch in batches:
+            queue.append((batch, pool.submit(fn, batch.x, threads=per_stream, **kw) if batch.x is not None else None))
             while len(queue) >= 2 * streams:  # each stream has a batch running and one waiting
                 done, out = queue.popleft()
                 yield done, (out.result() if out is not None else None)

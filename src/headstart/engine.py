@@ -360,7 +360,7 @@ class OnnxRuntimeEngine(_ConvertedEngine):
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
     def _run(self, session, x: np.ndarray) -> np.ndarray:
-        return session.run(None, {session.get_inputs()[0].name: x})[0]  # "image", or "pixels" (pixels.py)
+        return session.run(None, {"pixels" if x.dtype == np.uint8 else "image": x})[0]  # the export's input
 
 
 class OpenVinoEngine(_ConvertedEngine):

@@ -15,7 +15,6 @@ run resumes from the last finished chunk with the same batches, hence identical 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -336,16 +335,12 @@ def _compute_streams(engine, transform, paths: list[str], keys: list[str], cache
     if streams > 1:
         log.info("%s: %d engine streams of %d thread(s), batches decoded beside them", desc, streams,
                  max(1, torch.get_num_threads() // streams))
-    # The engine normalises the decoded pixels itself (pixels.py): a converted one in its own graph.
-    normalizer = getattr(transform, "normalizer", None)
-    run = engine if normalizer is None else functools.partial(engine, normalize=normalizer)
     failed: dict[int, str] = {}
     pending_keys: list[str] = []
     pending: list[np.ndarray] = []
     done = 0
     with progress.bar(len(paths), desc) as pbar, \
-            contextlib.closing(map_batches(paths, transform, batch_size, workers, run, streams,
-                                           normalize=normalizer is None)) as batches:
+            contextlib.closing(map_batches(paths, transform, batch_size, workers, engine, streams)) as batches:
         for batch, out in batches:
             failed.update(batch.failed)
             if out is not None:

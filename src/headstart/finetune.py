@@ -247,15 +247,12 @@ def compute_boundary(net: FineTuneNet, paths: Sequence[str], labels: np.ndarray,
     # As extraction runs its engine: calls side by side while this thread decodes (decoding.map_batches).
     streams = 1 if workers else default_streams("cpu", net.frozen_engine)
 
-    normalize = getattr(transform, "normalizer", None)  # uint8 batches, normalised by the engine (pixels.py)
-
-    def run(x: torch.Tensor, threads: int | None = None):
+    def run(x: torch.Tensor, threads: int | None = None, normalize: Normalize | None = None):
         return (net.boundary(x, threads, normalize),
                 net.boundary(x.flip(-1), threads, normalize) if flip else None)
 
     with progress.bar(len(mine), desc) as pbar, contextlib.closing(
-            map_batches(paths[mine.start:mine.stop], transform, batch_size, workers, run, streams,
-                        normalize=normalize is None)) as batches:
+            map_batches(paths[mine.start:mine.stop], transform, batch_size, workers, run, streams)) as batches:
         for batch, out in batches:
             if out is not None:
                 outs.add(out[0])
