@@ -50,13 +50,21 @@ class SameConv2d(nn.Conv2d):
         k, s = self.kernel_size[0], self.stride[0]
         if s == 1 or k == 1:
             return super().forward(x)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # constant per traced size, as intended
-            pads = []
-            for size in (int(x.shape[-1]), int(x.shape[-2])):  # F.pad takes the last dimension first
-                total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-                pads += [total // 2, total - total // 2]
+        if not torch.jit.is_tracing():
+            pads = _same_pads(x, k, s)
+        else:  # only then: a catch_warnings on every forward would race with threads decoding images (quiet.py)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # constant per traced size, as intended
+                pads = _same_pads(x, k, s)
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _same_pads(x: torch.Tensor, k: int, s: int) -> list[int]:
+    pads = []
+    for size in (int(x.shape[-1]), int(x.shape[-2])):  # F.pad takes the last dimension first
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

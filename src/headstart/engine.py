@@ -18,7 +18,6 @@ import os
 import sys
 import tempfile
 import threading
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from . import cpu, memory
 from .cpu import cpu_flags  # noqa: F401  (re-exported: callers read the flags from here)
 from .errors import HeadstartError
 from .pixels import Normalize
+from .quiet import quiet
 from .settings import ENGINES, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -320,9 +320,9 @@ class _ConvertedEngine:
         if normalize is not None:  # uint8 pixels in: the normalising operations become the graph's first nodes
             net, example = nn.Sequential(normalize.module(), net), example.to(torch.uint8)
         name = "image" if normalize is None else "pixels"
-        with ONNX_EXPORT_LOCK, atomic_path(path) as tmp, warnings.catch_warnings():
+        # quiet(), not catch_warnings: this runs in a stream thread while the other one decodes images.
+        with ONNX_EXPORT_LOCK, atomic_path(path) as tmp, quiet():
             # The TorchScript exporter: ~1 s for MobileNetV2 against ~15 s for the dynamo one (export.py).
-            warnings.simplefilter("ignore")
             torch.onnx.export(net, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                               do_constant_folding=True, input_names=[name], output_names=["features"],
                               dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}})

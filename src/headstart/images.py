@@ -15,11 +15,12 @@ from __future__ import annotations
 import io
 import os
 import stat
-import warnings
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .quiet import quiet
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -67,23 +68,21 @@ def load_image(path: str | os.PathLike | bytes | BinaryIO, min_side: int | None 
             path.seek(0)
         if size == 0:
             raise ImageError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            # Pillow's notes on damaged metadata ("Corrupt EXIF data") name no file and change no
-            # pixel: not printed. Pixel data that is cut short is an error, handled below.
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:  # when Pillow's own limit was lifted
-                    raise ImageError(f"too many pixels: {im.width}x{im.height} is over the limit of "
-                                     f"{MAX_PIXELS:,}")
-                if im.width < 1 or im.height < 1:
-                    raise ImageError(f"image has no pixels ({im.width}x{im.height})")
-                im.seek(0)
-                if min_side and im.format == "JPEG":
-                    im.draft(im.mode, (min_side, min_side))
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im, gray)
+        # Pillow's notes on damaged metadata ("Corrupt EXIF data") name no file and change no pixel: not
+        # printed. Pixel data that is cut short is an error, handled below. quiet(), not catch_warnings:
+        # several threads decode at once.
+        with quiet(), Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:  # when Pillow's own limit was lifted
+                raise ImageError(f"too many pixels: {im.width}x{im.height} is over the limit of "
+                                 f"{MAX_PIXELS:,}")
+            if im.width < 1 or im.height < 1:
+                raise ImageError(f"image has no pixels ({im.width}x{im.height})")
+            im.seek(0)
+            if min_side and im.format == "JPEG":
+                im.draft(im.mode, (min_side, min_side))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im, gray)
     except ImageError:
         raise
     except UnidentifiedImageError:

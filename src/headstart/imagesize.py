@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 
 import numpy as np
 import PIL.Image
 
 from .auto import MIN_PER_CLASS
+from .quiet import quiet
 
 MAX_UPSAMPLE = 4
 FE_SHARE = 0.7
@@ -49,10 +49,8 @@ def median_side(data, sample: int = 64) -> float | None:
         if not os.path.isfile(p):  # opening a FIFO named like an image would wait forever
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a header's oddities are load_image's to report
-                with PIL.Image.open(p) as im:
-                    sides.append(min(im.size))
+            with quiet(), PIL.Image.open(p) as im:  # a header's oddities are load_image's to report
+                sides.append(min(im.size))
         except Exception:
             continue
     return float(np.median(sides)) if sides else None
