@@ -15,38 +15,44 @@ an engine); blocks that change the filters any other way must not run beside it.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import warnings
-from typing import Iterator
 
 from PIL import Image
 
-_lock = threading.Lock()
-_inside = 0
-_saved: warnings.catch_warnings | None = None
+
+class _Quiet:
+    """The counted block behind `quiet()` (a class: entered once per decoded image, it must cost little)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved: warnings.catch_warnings | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._saved = warnings.catch_warnings()
+                self._saved.__enter__()
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            self._inside += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                self._saved.__exit__(None, None, None)
+                self._saved = None
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
+_QUIET = _Quiet()
+
+
+def quiet() -> _Quiet:
     """Warnings ignored in the block, except Pillow's DecompressionBombWarning, which is raised.
 
     The exception is for `images.load_image`: Pillow warns (rather than raises) for a header that claims
     more pixels than its limit, before decoding any; raised, it is a reason to refuse the file.
     """
-    global _inside, _saved
-    with _lock:
-        if _inside == 0:
-            _saved = warnings.catch_warnings()
-            _saved.__enter__()
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-        _inside += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _inside -= 1
-            if _inside == 0:
-                _saved.__exit__(None, None, None)
-                _saved = None
+    return _QUIET
