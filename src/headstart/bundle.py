@@ -27,7 +27,7 @@ from .backbone_spec import CROP_MODES, Preprocessing
 from .backbones import get_backbone
 from .errors import BundleError, HeadstartError
 from .fileio import atomic_path, write_json
-from .heads import head_module
+from .head_modules import head_module
 from .ensemble import AVERAGING, Ensemble, member_dir
 from .model import TTA, Model
 from .quantize import Int8Source

@@ -33,6 +33,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
+from .head_modules import MLP, head_module, softmax  # noqa: F401  (head_module, softmax: re-exported)
 from .loop import EarlyStopping, History, run_epochs, snapshot_state
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,6 @@ DEFAULT_CS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 # by factors of C_STEP up to C_MAX (down to C_MIN). On JPEG folders every run chose C=1, the
 # top of DEFAULT_CS, with validation loss still falling (issue 10, item 9).
 C_STEP, C_MIN, C_MAX = 3.0, 1e-6, 1e3
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _fold_scaler(linear: nn.Linear, scaler: StandardScaler) -> None:
@@ -332,13 +327,6 @@ class LinearHead(_Head):
         return nn.Sequential(linear)
 
 
-class MLP(nn.Sequential):
-    """The textbook head: Dense(hidden, ReLU) -> Dropout -> Dense(n_classes)."""
-
-    def __init__(self, in_features: int, n_classes: int, hidden: int = 256, dropout: float = 0.5):
-        super().__init__(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
-
-
 class MLPHead(_Head):
     """Dense 256 ReLU, dropout, Dense N; Adam and cross-entropy, early stopping on validation loss."""
 
@@ -510,12 +498,3 @@ def make_head(kind: str, *, class_weight=None, seed: int = 0, **kwargs) -> _Head
 
         raise HeadstartError(f"unknown head {kind!r}; choose one of: {', '.join(HEADS)}")
     return HEADS[kind](class_weight=class_weight, random_state=seed, **kwargs)
-
-
-def head_module(config: dict, in_features: int, n_classes: int) -> nn.Module:
-    """An empty torch module of a saved head's shape, for loading its tensors from a bundle."""
-    if config["kind"] == "linear":
-        return nn.Sequential(nn.Linear(in_features, n_classes))
-    if config["kind"] == "mlp":
-        return MLP(in_features, n_classes, int(config["hidden"]), float(config["dropout"])).eval()
-    raise ValueError(f"unknown head kind {config['kind']!r}")

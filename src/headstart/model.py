@@ -36,7 +36,7 @@ from .backbones import Backbone, Preprocessing
 from .engine import EngineChoice, choose_engine, make_engine, resolve_device
 from .errors import HeadstartError
 from .features import FeatureCache, cache_root_of, extract, make_namespace
-from .heads import softmax
+from .head_modules import softmax
 from .images import ImageError, to_rgb
 from .quantize import Int8Source
 from .settings import Runtime

@@ -14,7 +14,6 @@ from .bundle import load
 from .data import collect_images, load_data
 from .datachecks import read_splits, seen_in_training
 from .errors import DataError, HeadstartError
-from .metrics import compute_metrics
 from .ensemble import Ensemble, is_model
 from .model import Model
 from .settings import Runtime
@@ -189,6 +188,8 @@ def evaluate(model: Model | Ensemble | str | os.PathLike, data=None, *, labels=N
     if not keep.any():
         raise DataError(f"none of the {len(paths)} images in {where} could be read.")
     skipped = bad + [{"path": p, "reason": r} for p, r in failures.items()]
+    from .metrics import compute_metrics  # scikit-learn: imported by evaluation only, not by prediction
+
     metrics = compute_metrics(y[keep], model.proba_from_features(feats), model.classes, skipped=skipped)
     metrics["seen_in_training"] = seen
     return metrics
