@@ -420,6 +420,34 @@ def test_concurrent_requests_all_succeed_and_memory_stays_flat(server, test_imag
     assert rss_400 - rss_100 < 25, (rss_100, rss_400)
 
 
+@pytest.mark.slow
+def test_a_gray_upload_decodes_as_one_channel_and_answers_as_its_rgb_copy(run_dir, test_images, workdir,
+                                                                         one_torch_thread):
+    """Gray images are resized as one channel (a third of the work); in a batch with colour images they are
+    repeated to three. The answers are those of the same pixels as RGB, alone or batched with others."""
+    import torch
+
+    from headstart import load
+    from headstart.serve import Predictor
+
+    predictor = Predictor(load(run_dir), engine="onnxruntime", precision="fp32", cache_dir=workdir / "cache")
+    decoded = [predictor.decode(p.read_bytes()) for p in test_images]
+    assert all(x.shape[0] == 1 for x in decoded)  # Fashion-MNIST is grayscale
+    rgb = [x.expand(3, -1, -1).clone() for x in decoded]
+    alone = np.concatenate([predictor.submit([x]).result(60) for x in rgb])
+    assert np.allclose(predictor.submit(decoded).result(60), alone, rtol=0, atol=1e-5)  # a gray batch
+    mixed = predictor.submit([decoded[0], rgb[1], decoded[2], rgb[3]]).result(60)  # gray among colour
+    assert np.allclose(mixed, alone, rtol=0, atol=1e-5)
+    colour = predictor.decode(_png_rgb(test_images[0]))  # the same image saved as RGB
+    assert colour.shape[0] == 3 and all(torch.equal(c, decoded[0][0]) for c in colour)
+
+
+def _png_rgb(path: Path) -> bytes:
+    out = io.BytesIO()
+    Image.open(path).convert("RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
 # --- start-up, shutdown and the network --------------------------------------------------------------------------
 
 

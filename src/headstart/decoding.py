@@ -88,13 +88,17 @@ class _Images(torch.utils.data.Dataset):
             return i, None, str(exc)
 
 
+def stack_pixels(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(n, C, H, W) uint8 of decoded images, each (1 or 3, H, W): a batch of gray images stays one channel;
+    gray images among colour ones are repeated (the same values as their RGB decoding, images.load_image)."""
+    channels = max(x.shape[-3] for x in images)
+    return torch.stack([x.expand(channels, -1, -1) for x in images])
+
+
 def _collate(items):
     ok = [(i, x) for i, x, err in items if err is None]
     failed = [(i, err) for i, x, err in items if err is not None]
-    channels = max((x.shape[-3] for _, x in ok), default=3)
-    # A batch of gray images stays one channel; gray images among colour ones are repeated (the same values).
-    xs = torch.stack([x.expand(channels, -1, -1) for _, x in ok]) if ok else None
-    return [i for i, _ in ok], xs, failed
+    return [i for i, _ in ok], stack_pixels([x for _, x in ok]) if ok else None, failed
 
 
 @dataclass
