@@ -165,6 +165,7 @@ def plot_worst_errors(
     for k, (image_path, true_name, pred_name, p) in enumerate(chosen):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         ax.imshow(_thumbnail(load_image(image_path)))
+        ax.set_xticks([]), ax.set_yticks([])  # no tick to place: with them, placing the titles took half the time
         # The file name first: the grid is for finding the images (a wrong label, a broken photo).
         ax.set_title(f"{_short(_shown(os.path.basename(os.fspath(image_path))))}\n"
                      f"true: {_shown(true_name)} / pred: {_shown(pred_name)} (p={p:.2f})", fontsize=7)
