@@ -134,7 +134,9 @@ class SplitClassification(ImageClassification):
             w, h = img.size
             top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
             a = np.asarray(img)[top:top + crop, left:left + crop]  # (crop, crop) or (crop, crop, 3)
-            return torch.from_numpy(np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
+            # Always one copy: where the crop is the whole image the slice is contiguous already, and
+            # ascontiguousarray would give torch a read-only view of Pillow's bytes (torch warns, once).
+            return torch.from_numpy(np.array(a[None] if a.ndim == 2 else a.transpose(2, 0, 1), order="C"))
         img = F.center_crop(img, self.crop_size)
         return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
 

@@ -124,9 +124,11 @@ def _check_inputs(y_true, proba, class_names) -> tuple[np.ndarray, np.ndarray]:
 
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     # sklearn already drops classes with no true images, but warns when a prediction
-    # names one of them; that is expected on a subset, so the warning is noise here.
+    # names one of them, or when only one class is left at all (its confusion matrix, inside
+    # balanced_accuracy_score, takes no labels); both are expected on a subset: noise here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found in 'y_true' and 'y_pred'")
         return float(balanced_accuracy_score(y_true, y_pred))
 
 
