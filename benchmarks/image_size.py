@@ -78,7 +78,7 @@ def digits(root: Path) -> tuple[list[str], list[str]]:
 
 
 def fmnist14(root: Path, per_class: int = 200) -> tuple[list[str], list[str]]:
-    from headstart.datasets import FASHION_MNIST_CLASSES, read_idx
+    from headstart.data.datasets import FASHION_MNIST_CLASSES, read_idx
 
     src = Path("/usr/share/datasets/fashion-mnist")
     images = read_idx(src / "t10k-images-idx3-ubyte.gz")
@@ -94,12 +94,12 @@ MAKERS = {"digits": digits, "fmnist14": fmnist14}
 def fixed_accuracies(root: Path, csvs: dict[int, Path], cache: Path, log, sizes=SIZES, out=None, save=None) -> dict:
     """{seed: {size: test accuracy}} of the feature-extraction run's linear head, features once per size;
     added to `out` (and `save` called) after each, so a stopped run keeps its numbers."""
-    from headstart.backbones import get_backbone
-    from headstart.data import load_data
-    from headstart.engine import choose_engine, make_engine
-    from headstart.features import FeatureCache, extract, make_namespace
-    from headstart.heads import make_head
-    from headstart.weights import load_backbone
+    from headstart.nets.registry import get_backbone
+    from headstart.data.folders import load_data
+    from headstart.engines.engine import choose_engine, make_engine
+    from headstart.engines.features import FeatureCache, extract, make_namespace
+    from headstart.learn.heads import make_head
+    from headstart.nets.weights import load_backbone
 
     entry = get_backbone("mobilenet_v2")
     model, winfo = load_backbone(entry, None)

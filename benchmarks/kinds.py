@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headstart.engine import bf16_units, cpu_flags
+from headstart.engines.engine import bf16_units, cpu_flags
 
 # The kinds the project is run on, in README order; another CPU gets its own file and section.
 KINDS = {"avx2": "AVX2, no AVX-512, no native bf16",

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from headstart.engine import cpu_flags, installed, native_bf16, openvino_compile
+from headstart.engines.engine import cpu_flags, installed, native_bf16, openvino_compile
 
 PRECISIONS = ("fp32", "bf16", "int8")
 

@@ -37,10 +37,10 @@ from benchmarks import kinds, scale, serving  # noqa: E402
 from benchmarks import scaling as scale_out  # noqa: E402
 from benchmarks.peak import Peaks  # noqa: E402
 from benchmarks.baselines import plain  # noqa: E402
-from headstart.backbones import get_backbone  # noqa: E402
-from headstart.engine import EngineChoice, call_batch, installed, make_engine, native_bf16  # noqa: E402
-from headstart.finetune_precision import PAYS  # noqa: E402
-from headstart.weights import load_backbone  # noqa: E402
+from headstart.nets.registry import get_backbone  # noqa: E402
+from headstart.engines.engine import EngineChoice, call_batch, installed, make_engine, native_bf16  # noqa: E402
+from headstart.learn.precision import PAYS  # noqa: E402
+from headstart.nets.weights import load_backbone  # noqa: E402
 
 HEADSTART = [Path(sys.executable).with_name("headstart")]
 SECTIONS = ["peak", "extraction", "decoding", "pipeline", "int8", "end_to_end", "finetune_epoch", "finetune_bf16",
@@ -99,7 +99,7 @@ def engine_throughput(model: torch.nn.Module, size: int, engine: str, precision:
                       cache_root: Path, streams: int | None = 1) -> float:
     """Images/s of the engine alone on random batches (calls_per_second; `streams` None: the streams
     extraction would run, default_streams)."""
-    from headstart.decoding import default_streams
+    from headstart.data.decoding import default_streams
 
     eng = make_engine(copy.deepcopy(model), EngineChoice(engine, precision, "cpu", "bench"), cache_root)
     x = torch.randn(plain.BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -172,7 +172,7 @@ def decoding(fmnist_dir: Path, sizes, seconds: float, work: Path) -> list[dict]:
     """Decode + resize + normalise images/s in one process, for PNG (Fashion-MNIST) and JPEG photos."""
     from PIL import Image
 
-    from headstart.images import load_image
+    from headstart.data.images import load_image
 
     pngs = sorted(fmnist_dir.rglob("*.png"))[:200]
     rng = np.random.default_rng(0)
@@ -207,10 +207,10 @@ def decoding(fmnist_dir: Path, sizes, seconds: float, work: Path) -> list[dict]:
 def _auto_size_setup(data: Path, strategy: str = "auto", size: int | None = None):
     """What `headstart train DATA --strategy STRATEGY` extracts with by default: the training images, the
     automatic image size for that strategy (or `size`), the rule's engine, batch and workers."""
-    from headstart.data import load_data
-    from headstart.engine import choose_engine
+    from headstart.data.folders import load_data
+    from headstart.engines.engine import choose_engine
     from headstart.settings import Runtime
-    from headstart.training import auto_image_size
+    from headstart.runs.train import auto_image_size
 
     entry = get_backbone("mobilenet_v2")
     images, _ = load_data(data)
@@ -226,9 +226,9 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
     engine alone on random tensors of the same size and batch, alternating in this process; and the other
     ways extraction can run: one stream in the main process, one decoding worker beside the engine.
     The breakdown is CPU time per image of each stage on one thread: it bounds the share (see `bound`)."""
-    from headstart.decoding import default_streams, default_workers, iter_batches
-    from headstart.features import FeatureCache, extract, make_namespace
-    from headstart.images import load_image
+    from headstart.data.decoding import default_streams, default_workers, iter_batches
+    from headstart.engines.features import FeatureCache, extract, make_namespace
+    from headstart.data.images import load_image
 
     entry, prep, model, info, choice, paths, batch = _auto_size_setup(data, "auto", size)
     paths = paths[:n_images]
@@ -323,14 +323,14 @@ def pipeline(data: Path, n_images: int, repeats: int, work: Path, size: int | No
 def int8(data: Path, repeats: int, seconds: float, work: Path, size: int | None = None) -> dict:
     """int8 (quantize.py) against fp32 on the rule's engine at the automatic size: engine speed alternating in
     this process, and FMNIST-TL test accuracy of feature extraction + linear head with each."""
-    from headstart.features import image_key
-    from headstart.quantize import calibration_from, options
+    from headstart.engines.features import image_key
+    from headstart.engines.quantize import calibration_from, options
 
     entry, prep, model, info, choice, paths, batch = _auto_size_setup(data, "feature-extraction", size)
     source = calibration_from([p for p in paths if "/train/" in p], prep.transform(), image_key)
     engines = {p: make_engine(copy.deepcopy(model), EngineChoice(choice.engine, p, "cpu", "bench"),
                               work / "engines", source if p == "int8" else None) for p in ("fp32", "int8")}
-    from headstart.decoding import default_streams
+    from headstart.data.decoding import default_streams
 
     x = torch.randn(batch, 3, prep.crop_size, prep.crop_size)
     streams = default_streams("cpu", engines["fp32"])
@@ -427,7 +427,7 @@ def end_to_end_floor(ours: dict, probe_seconds: float, work: Path, goal: float =
                                  work / "engines", s) for s in (1, None))
     starts = []
     for _ in range(3):  # a process that imports what `train` does and exits as the command does (cli._quick_exit)
-        t, _ = run([sys.executable, "-c", "import atexit, gc, headstart.training; atexit.register(gc.freeze)"])
+        t, _ = run([sys.executable, "-c", "import atexit, gc, headstart.runs.train; atexit.register(gc.freeze)"])
         starts.append(t)
     engine_s, start_s = ours["images"] / rate, min(starts)
     return {"goal": goal, "allowed_seconds": round(probe_seconds / goal, 1),
@@ -494,10 +494,10 @@ def finetune_bf16_markdown(f: dict) -> list[str]:
 MEMORY_SCRIPT = """
 import sys
 from pathlib import Path
-from headstart.backbones import get_backbone
-from headstart.engine import choose_engine, make_engine
-from headstart.features import FeatureCache, extract, make_namespace
-from headstart.weights import load_backbone
+from headstart.nets.registry import get_backbone
+from headstart.engines.engine import choose_engine, make_engine
+from headstart.engines.features import FeatureCache, extract, make_namespace
+from headstart.nets.weights import load_backbone
 folder, n, cache = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 paths = sorted(str(p) for p in folder.rglob("*.png"))[:n]
 assert len(paths) == n, (len(paths), n)
@@ -543,7 +543,7 @@ def peak_memory(folder: Path, counts, size: int, work: Path) -> list[dict]:
             raise RuntimeError(f"memory run for {n} images computed {out!r}")
         rows.append({"images": n, "image_size": size, "peak_rss_mib": round(mib, 1), "seconds": round(seconds, 1)})
         log(f"peak memory {n} images: {mib:.0f} MiB in {seconds:.0f}s")
-    mib, _ = max_rss(sys.executable, "-c", "import torch, onnxruntime, headstart.features")
+    mib, _ = max_rss(sys.executable, "-c", "import torch, onnxruntime, headstart.engines.features")
     rows.append({"images": 0, "what": "imports only (torch, onnxruntime, headstart)", "peak_rss_mib": round(mib, 1)})
     return rows
 
@@ -694,7 +694,7 @@ def update_readme(table: str) -> None:
 
 
 def prepare(out: Path, per_class: int | None, test_per_class: int | None = None) -> Path:
-    from headstart.datasets import prepare_fashion_mnist
+    from headstart.data.datasets import prepare_fashion_mnist
 
     prepare_fashion_mnist(out, per_class=per_class, test_per_class=test_per_class, progress=False)
     return out
@@ -703,7 +703,7 @@ def prepare(out: Path, per_class: int | None, test_per_class: int | None = None)
 def torch_home_with_weights(work: Path) -> None:
     """The baseline loads weights the tutorial way, from torch's hub cache: put the MobileNetV2 file
     there (a link to the copy headstart found) in a private TORCH_HOME, so nothing is downloaded."""
-    from headstart.weights import weights_available
+    from headstart.nets.weights import weights_available
 
     entry = get_backbone("mobilenet_v2")
     source = weights_available(entry)

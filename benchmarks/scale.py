@@ -58,12 +58,12 @@ def _fill_cache(folder: Path, cache: Path) -> None:
     """What a first `train` at 32 px leaves in `cache`, without running the network: file digests, and
     random features under the namespace and keys `train` looks up (the head then fits noise, which costs
     what fitting real features costs)."""
-    from headstart.backbones import get_backbone
-    from headstart.data import scan_folder
-    from headstart.datachecks import content_digests
-    from headstart.engine import choose_engine
-    from headstart.features import CHUNK, FeatureCache, image_key, make_namespace
-    from headstart.weights import load_backbone
+    from headstart.nets.registry import get_backbone
+    from headstart.data.folders import scan_folder
+    from headstart.data.checks import content_digests
+    from headstart.engines.engine import choose_engine
+    from headstart.engines.features import CHUNK, FeatureCache, image_key, make_namespace
+    from headstart.nets.weights import load_backbone
 
     entry = get_backbone("mobilenet_v2")
     _, winfo = load_backbone(entry, None)
@@ -93,9 +93,9 @@ def _timed(fn):
 def steps(folder: Path, cache_root: Path, limit: int | None = None) -> dict:
     """Seconds of each per-image step of a run on `folder`, in this process; digests and look-up of its first
     `limit` images only, when given (cached like the whole folder's, which a quarter folder's are not)."""
-    from headstart.data import scan_folder, split_of
-    from headstart.datachecks import content_digests
-    from headstart.features import FeatureCache, image_key
+    from headstart.data.folders import scan_folder, split_of
+    from headstart.data.checks import content_digests
+    from headstart.engines.features import FeatureCache, image_key
 
     t_scan, data = _timed(lambda: scan_folder(folder))
     rels = [os.path.relpath(s.path, folder) for s in data.samples]

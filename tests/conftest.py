@@ -120,12 +120,12 @@ def tree_digest(root: Path) -> dict[str, tuple]:
 def count_network_batches(monkeypatch) -> list[int]:
     """Batch sizes every backbone engine is called with from now on, whichever engine runs.
 
-    Every class of headstart.engine with a `__call__` of its own is patched (TorchEngine and the
+    Every class of headstart.engines.engine with a `__call__` of its own is patched (TorchEngine and the
     converted engines' base class today), so a new engine is counted without editing this.
     """
     import inspect
 
-    from headstart import engine
+    from headstart.engines import engine
 
     sizes: list[int] = []
     patched = [cls for _, cls in inspect.getmembers(engine, inspect.isclass)
@@ -171,7 +171,8 @@ def fake_cpu(monkeypatch):
     """
     import sys
 
-    from headstart import cpu, engine
+    from headstart import cpu
+    from headstart.engines import engine
 
     def fake(native_bf16: bool, missing: tuple[str, ...] = (), amx: bool = False):
         flags = {"avx2", "avx512f", "avx512_bf16"} if native_bf16 else {"avx2"}
@@ -209,7 +210,7 @@ def _write_fmnist_subset(out: Path, train_per_class: int, test_per_class: int) -
     if not FMNIST_DIR.is_dir():
         pytest.fail(f"{FMNIST_DIR} is missing: `make test` installs Debian's dataset-fashion-mnist "
                     "(apt-get install dataset-fashion-mnist as root).")
-    from headstart.datasets import FASHION_MNIST_CLASSES, read_idx
+    from headstart.data.datasets import FASHION_MNIST_CLASSES, read_idx
 
     for split, stem, per_class in (("train", "train", train_per_class), ("test", "t10k", test_per_class)):
         images = read_idx(FMNIST_DIR / f"{stem}-images-idx3-ubyte.gz")

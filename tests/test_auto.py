@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headstart.auto import MIN_PER_CLASS, SEPARATED, choose_strategy
+from headstart.strategies.auto import MIN_PER_CLASS, SEPARATED, choose_strategy
 
 ROOM = SEPARATED - 0.1  # a probe accuracy that leaves room for fine-tuning
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart.backbones import (
+from headstart.nets.registry import (
     Preprocessing,
     block_modules,
     get_backbone,
@@ -140,7 +140,7 @@ def test_unknown_backbone_lists_the_choices():
 
 @pytest.mark.parametrize("name", list_backbones())
 def test_sequence_reproduces_the_extractor_and_names_every_block(name):
-    from headstart.backbones import sequence
+    from headstart.nets.registry import sequence
 
     entry = get_backbone(name)
     torch.manual_seed(0)
@@ -222,8 +222,8 @@ def test_grayscale_files_stay_one_channel_and_give_the_rgb_result_bitwise(tmp_pa
     bitwise torchvision's transform of the file converted to RGB, alone in a batch or among colour images."""
     import torchvision
 
-    from headstart.decoding import iter_batches
-    from headstart.images import load_image
+    from headstart.data.decoding import iter_batches
+    from headstart.data.images import load_image
 
     rng = np.random.default_rng(1)
     arrays = [rng.integers(0, 256, (28, 28), dtype=np.uint8), rng.integers(0, 256, (37, 61), dtype=np.uint8),

@@ -53,9 +53,9 @@ def test_reported_peak_is_above_every_engine_in_a_short_run(tmp_path):
     the peak the bench reports for fp32 stays above every engine's rate measured in the same run."""
     from benchmarks import run
     from benchmarks.baselines import plain
-    from headstart.backbones import get_backbone
-    from headstart.engine import installed
-    from headstart.weights import load_backbone
+    from headstart.nets.registry import get_backbone
+    from headstart.engines.engine import installed
+    from headstart.nets.weights import load_backbone
 
     model, _ = load_backbone(get_backbone("resnet50"), "none", seed=0)
     flops = run.flops_per_image(model, 96)

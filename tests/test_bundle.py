@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import headstart
-from headstart import bundle
+from headstart.models import bundle
 from headstart.errors import BundleError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -69,7 +69,7 @@ def test_an_older_bundle_without_strategy_or_identity_loads_with_the_defaults(sm
 
 
 def test_an_mlp_head_round_trips(small_run, tmp_path):
-    from headstart.heads import make_head
+    from headstart.learn.heads import make_head
 
     model = bundle.load(small_run)
     rng = np.random.default_rng(0)

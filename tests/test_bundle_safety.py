@@ -201,7 +201,7 @@ def _damage(d: Path, how: str, tmp_path: Path) -> str:
     if how == "another model's tensors":
         from safetensors.torch import save_file
 
-        from headstart.backbones import seeded_init
+        from headstart.nets.registry import seeded_init
 
         other = seeded_init(headstart.get_backbone("mobilenet_v2"), 0).state_dict()
         save_file({f"backbone.{k}": v.contiguous() for k, v in other.items()}, d / "model.safetensors")

@@ -17,7 +17,7 @@ import pytest
 
 import headstart
 from headstart import cli
-from headstart.engine import choose_engine
+from headstart.engines.engine import choose_engine
 
 from conftest import MEASURED, count_network_batches, tree_digest, write_image_folder
 
@@ -347,7 +347,7 @@ def test_counts_are_pluralised(tmp_path):
     write_image_folder(tmp_path / "data", n_per_class=1, classes=("a",))
     code, _, stderr = run_cli("train", tmp_path / "data", "--out", tmp_path / "run", "--weights", "none")
     assert code == 2 and "1 image in 1 class " in stderr  # it said "1 images in 1 classes"
-    from headstart.text import count
+    from headstart.progress import count
 
     assert [count(n, w) for n, w in ((0, "image"), (1, "class"), (2, "class"), (1, "file"))] == \
         ["0 images", "1 class", "2 classes", "1 file"]

@@ -9,7 +9,7 @@ from itertools import combinations
 import pytest
 from matplotlib.figure import Figure
 
-from headstart.compare import format_table, plot_compare
+from headstart.runs.compare import format_table, plot_compare
 from reliability_helpers import CliChild
 from test_cli import run_cli
 
@@ -106,7 +106,7 @@ def test_compare_plot_goes_through_the_shared_png_writer(tmp_path):
     import matplotlib
     from PIL import Image
 
-    from headstart.compare import compare_figure
+    from headstart.runs.compare import compare_figure
 
     with matplotlib.rc_context({"savefig.dpi": 50}):
         plot_compare(ROWS, tmp_path / "compare.png")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from headstart.data import collect_images, load_data, read_labels_csv, scan_folder, split_of
+from headstart.data.folders import collect_images, load_data, read_labels_csv, scan_folder, split_of
 from headstart.errors import DataError
 
 from conftest import write_image_folder

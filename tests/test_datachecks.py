@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 
-from headstart import datachecks
-from headstart.datachecks import content_digests
+from headstart.data import checks as datachecks
+from headstart.data.checks import content_digests
 
 
 def _files(folder, n=4):

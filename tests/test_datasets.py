@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart import datasets
-from headstart.datasets import FASHION_MNIST_CLASSES, prepare, prepare_fashion_mnist, read_idx
+from headstart.data import datasets
+from headstart.data.datasets import FASHION_MNIST_CLASSES, prepare, prepare_fashion_mnist, read_idx
 from headstart.errors import DataError
 
 

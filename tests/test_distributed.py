@@ -96,8 +96,8 @@ def test_bn_update_is_refused_on_cpu_under_torchrun(monkeypatch):
     """SyncBatchNorm runs on CUDA only in PyTorch: on gloo, --bn-update says so before any work."""
     import torch.distributed as dist
 
-    from headstart.distributed_training import check_supported
-    from headstart.finetune import FineTuneSettings
+    from headstart.learn.distributed import check_supported
+    from headstart.learn.finetune import FineTuneSettings
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
@@ -266,7 +266,7 @@ def test_two_nodes_fine_tune_as_one_process_and_resume_after_a_rank_dies(feature
 
 @pytest.mark.slow
 def test_a_dead_rank_stops_extraction_with_a_clear_message_and_its_chunks_are_reused(feature_extraction_runs):
-    from headstart.features import FeatureCache
+    from headstart.engines.features import FeatureCache
 
     work, _, _ = feature_extraction_runs
     cache = work / "cache3"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart.backbones import get_backbone, sequence
-from headstart.efficientnet_lite import SameConv2d
-from headstart.weights import load_backbone, read_state_dict, sha256_file, weights_available
+from headstart.nets.registry import get_backbone, sequence
+from headstart.nets.efficientnet_lite import SameConv2d
+from headstart.nets.weights import load_backbone, read_state_dict, sha256_file, weights_available
 
 LITES = ["efficientnet_lite0", "efficientnet_lite1"]  # Lite2's file fails the photo test (backbones.py)
 # ImageNet class indices each photo may come out as.
@@ -111,8 +111,8 @@ def test_lite_bundle_trains_predicts_and_exports(image_folder, tmp_path, one_tor
     import json
 
     import headstart
-    from headstart.export import export_onnx
-    from headstart.images import load_image
+    from headstart.runs.export import export_onnx
+    from headstart.data.images import load_image
 
     _packaged("efficientnet_lite0")
     run = headstart.train(image_folder, backbone="efficientnet_lite0", strategy="feature-extraction",
@@ -135,7 +135,7 @@ def test_lite_bundle_trains_predicts_and_exports(image_folder, tmp_path, one_tor
 
 def test_without_its_package_the_error_names_it(monkeypatch):
     """No download URL exists for the Lite files: the error points at the package and --weights."""
-    import headstart.weights as w
+    import headstart.nets.weights as w
     from headstart.errors import WeightsNotFoundError
 
     monkeypatch.setattr(w, "package_path", lambda entry: None)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from headstart.backbone_spec import PIPELINE
-from headstart.backbones import get_backbone
-from headstart.data import scan_folder
-from headstart.engine import ENGINES, EngineChoice, choose_engine, make_engine
-from headstart.features import FeatureCache, extract, make_namespace
-from headstart.weights import load_backbone
+from headstart.nets.spec import PIPELINE
+from headstart.nets.registry import get_backbone
+from headstart.data.folders import scan_folder
+from headstart.engines.engine import ENGINES, EngineChoice, choose_engine, make_engine
+from headstart.engines.features import FeatureCache, extract, make_namespace
+from headstart.nets.weights import load_backbone
 
 try:
     from conftest import MEASURED, fake_cpu_code
@@ -44,7 +44,7 @@ def reference(images):
 
 
 def _rgb(path):
-    from headstart.images import load_image
+    from headstart.data.images import load_image
 
     return load_image(path)
 
@@ -52,7 +52,7 @@ def _rgb(path):
 ALTSTACK_SCRIPT = """
 import gc, os, signal, subprocess, sys
 import torch
-from headstart.engine import EngineChoice, make_engine
+from headstart.engines.engine import EngineChoice, make_engine
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
 x = torch.randn(2, 3, 16, 16)
 choice = EngineChoice("openvino", "fp32", "cpu", "test")
@@ -143,7 +143,7 @@ def check_engine(name, reference, tmp_path) -> float:
 def test_converted_engines_run_a_batch_in_calls_of_call_batch_images(reference, monkeypatch, tmp_path):
     """A batch runs as consecutive calls of `call_batch` images (cache-sized activations), whose features are
     each call's own, in order; and the feature cache's key says how many images a call took."""
-    import headstart.engine as engine_mod
+    import headstart.engines.engine as engine_mod
 
     model, info, x, want = reference
     engine = make_engine(model, EngineChoice("onnxruntime", "fp32", "cpu", "test"), tmp_path / "cache")
@@ -198,7 +198,7 @@ def test_converted_engines_normalise_uint8_pixels_in_their_own_graph(reference, 
 
 
 def test_call_batch_is_a_power_of_two_that_shrinks_as_images_grow():
-    from headstart.engine import call_batch
+    from headstart.engines.engine import call_batch
 
     sizes = [16, 32, 64, 96, 128, 160, 224, 299, 384, 512]
     calls = [call_batch(s, s) for s in sizes]

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import headstart
-from headstart.auto import ENSEMBLE_MAX_SIDE, ENSEMBLE_MIN_PER_CLASS, choose_ensemble, keep_ensemble
-from headstart.bundle import save as save_bundle
-from headstart.ensemble import Ensemble
+from headstart.strategies import configure
+from headstart.strategies.auto import ENSEMBLE_MAX_SIDE, ENSEMBLE_MIN_PER_CLASS, choose_ensemble, keep_ensemble
+from headstart.models.bundle import save as save_bundle
+from headstart.models.ensemble import Ensemble
 from headstart.errors import BundleError, HeadstartError
-from headstart.images import ImageError
+from headstart.data.images import ImageError
 from headstart.settings import ENSEMBLE, TrainConfig
 from test_cli import run_cli
 
@@ -135,7 +136,7 @@ def test_export_one_input_per_member_and_a_json_only_client_agrees(members, tmp_
 
 
 def test_serve_answers_the_ensembles_probabilities(members):
-    from headstart.serve import Predictor, model_info
+    from headstart.serve.app import Predictor, model_info
 
     data, bundle, _ = members
     ensemble = headstart.load(bundle)
@@ -153,16 +154,16 @@ def test_serve_answers_the_ensembles_probabilities(members):
 
 
 def test_settings_defaults_in_one_place_and_checked():
-    cfg = TrainConfig(data="x", strategy="ensemble").validate()
+    cfg = configure(TrainConfig(data="x", strategy="ensemble"))
     assert cfg.finetune.epochs == ENSEMBLE.finetune_epochs and cfg.scratch_epochs == ENSEMBLE.scratch_epochs
-    cfg = TrainConfig(data="x", strategy="ensemble", finetune={"epochs": 3}, scratch_epochs=5).validate()
+    cfg = configure(TrainConfig(data="x", strategy="ensemble", finetune={"epochs": 3}, scratch_epochs=5))
     assert (cfg.finetune.epochs, cfg.scratch_epochs) == (3, 5)
     with pytest.raises(HeadstartError, match="--scratch-epochs"):
-        TrainConfig(data="x", strategy="fine-tune", scratch_epochs=3).validate()
+        configure(TrainConfig(data="x", strategy="fine-tune", scratch_epochs=3))
     with pytest.raises(HeadstartError, match="at least 1"):
-        TrainConfig(data="x", strategy="ensemble", scratch_epochs=0).validate()
+        configure(TrainConfig(data="x", strategy="ensemble", scratch_epochs=0))
     with pytest.raises(HeadstartError, match="--resume"):
-        TrainConfig(data="x", strategy="ensemble", resume=True).validate()
+        configure(TrainConfig(data="x", strategy="ensemble", resume=True))
 
 
 def test_auto_trains_an_ensemble_on_small_images_with_many_per_class_only():
@@ -236,7 +237,7 @@ def test_cli_ensemble_run_records_members_and_evaluate_reproduces_it(fmnist_tiny
 def test_auto_ensemble_decides_on_validation_and_says_why(fmnist_tiny, tmp_path, monkeypatch):
     """auto's thresholds lowered to the tiny data's: auto fine-tunes, trains a scratch member beside it, and
     keeps the average or the fine-tuned member alone by their validation scores."""
-    from headstart import auto
+    from headstart.strategies import auto
 
     monkeypatch.setattr(auto, "MIN_PER_CLASS", 5)
     monkeypatch.setattr(auto, "ENSEMBLE_MIN_PER_CLASS", 5)

@@ -14,7 +14,7 @@ import pytest
 
 import headstart
 from headstart import fileio
-from headstart import features as features_mod
+from headstart.engines import features as features_mod
 
 from conftest import tree_digest, write_image_folder
 from reliability_helpers import TINY
@@ -45,9 +45,9 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_write_failure_gives_a_clear_message_and_keeps_the_earlier_run(tmp_path, monkeypatch, fault):
-    import headstart.bundle
-    import headstart.plots
-    import headstart.training
+    import headstart.models.bundle
+    import headstart.reports.plots
+    import headstart.runs.train
 
     data = write_image_folder(tmp_path / "data", n_per_class=6, size=(8, 8))
     out = tmp_path / "run"
@@ -63,10 +63,10 @@ def test_write_failure_gives_a_clear_message_and_keeps_the_earlier_run(tmp_path,
                 raise OSError(exc.errno, exc.strerror, os.fspath(dst))
             return real_replace(src, dst)
 
-        monkeypatch.setattr(headstart.training.os, "replace", replace)
+        monkeypatch.setattr(headstart.runs.train.os, "replace", replace)
     else:
         exc.filename = str(tmp_path / "somewhere" / target)
-        for module in (fileio, headstart.bundle, headstart.plots):
+        for module in (fileio, headstart.models.bundle, headstart.reports.plots):
             monkeypatch.setattr(module, "atomic_path", _failing(module.atomic_path, target, exc))
     code, _, stderr = run_cli("train", data, *TINY, "--out", out, "--test-fraction", "0.3", "--overwrite",
                               "--seed", "1")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart.metrics import compute_metrics, worst_errors
-from headstart.plots import plot_confusion_matrix, plot_training_curve, plot_worst_errors
-from headstart.reporting import format_report, write_report_markdown
+from headstart.reports.metrics import compute_metrics, worst_errors
+from headstart.reports.plots import plot_confusion_matrix, plot_training_curve, plot_worst_errors
+from headstart.reports.tables import format_report, write_report_markdown
 
 CLASSES = ["cat", "dog", "fox", "owl"]
 # Predictions (argmax): cat, dog, dog, dog, fox, cat -> 4 of 6 right.
@@ -295,7 +295,7 @@ def test_plot_worst_errors_without_mistakes(tmp_path):
 
 
 def test_worst_errors_titles_name_the_files(tmp_path, monkeypatch):
-    from headstart import plots
+    from headstart.reports import plots
 
     paths = _make_images(tmp_path, 3)
     figures = []
@@ -314,26 +314,14 @@ def test_worst_errors_titles_name_the_files(tmp_path, monkeypatch):
     (8812, 10000, 0.874712, 0.887396),
 ])
 def test_wilson_interval(correct, n, low, high):
-    from headstart.metrics import wilson_interval
+    from headstart.reports.metrics import wilson_interval
 
     assert wilson_interval(correct, n) == pytest.approx([low, high], abs=2e-6)
 
 
 def test_metrics_carry_the_accuracy_interval(metrics):
-    from headstart.metrics import wilson_interval
+    from headstart.reports.metrics import wilson_interval
 
     correct = round(metrics["accuracy"] * metrics["n_images"])
     assert metrics["accuracy_ci95"] == wilson_interval(correct, metrics["n_images"])
     assert "accuracy, 95% interval" in format_report(metrics)
-
-
-def test_old_import_path_still_works():
-    # metrics, reports and plots were one module, headstart.evaluation; code written against it keeps working.
-    from headstart import evaluation, metrics, plots, reporting
-
-    old_public = ["compute_metrics", "format_report", "markdown_sections", "markdown_skipped", "markdown_table",
-                  "plot_confusion_matrix", "plot_training_curve", "plot_worst_errors", "wilson_interval",
-                  "worst_errors", "write_report_markdown"]
-    for name in old_public:
-        home = next(m for m in (metrics, plots, reporting) if hasattr(m, name))
-        assert getattr(evaluation, name) is getattr(home, name)

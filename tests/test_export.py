@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import headstart
-from headstart.engine import native_bf16
-from headstart.bundle import save as save_bundle
+from headstart.engines.engine import native_bf16
+from headstart.models.bundle import save as save_bundle
 from headstart.errors import HeadstartError
-from headstart.export import export_onnx
-from headstart.images import load_image
-from headstart.predict import features_of
+from headstart.runs.export import export_onnx
+from headstart.data.images import load_image
+from headstart.runs.predict import features_of
 
 from conftest import MEASURED
 from test_cli import run_cli, trained  # noqa: F401  (the module-scoped training run)
@@ -80,7 +80,7 @@ BF16_MAX_LOGIT_DIFF = 0.25  # relative to the largest |fp32 logit|: 1.5x the lar
 def test_bf16_agrees_with_fp32_on_real_images(trained, fmnist_small):  # noqa: F811
     paths = [str(p) for p in _test_images(fmnist_small, per_class=20)]  # 200 real test images
     # OpenVINO in its own process (its thread pool's teardown crashed this long pytest process; test_engines).
-    script = ("import sys, json, headstart; from headstart.predict import features_of; "
+    script = ("import sys, json, headstart; from headstart.runs.predict import features_of; "
               "m = headstart.load(sys.argv[1]); paths = json.loads(sys.argv[2]); "
               "out = {p: m.logits_from_features(features_of(m, paths, cache_dir='none', workers=0, "
               "engine='openvino', precision=p)[0]).tolist() for p in ('fp32', 'bf16')}; print(json.dumps(out))")

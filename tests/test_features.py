@@ -11,18 +11,18 @@ import torch
 from conftest import write_image_folder
 from PIL import Image
 
-from headstart import features as features_mod
-from headstart.backbones import get_backbone
-from headstart.engine import (
+from headstart.engines import features as features_mod
+from headstart.nets.registry import get_backbone
+from headstart.engines.engine import (
     EngineChoice,
     choose_engine,
     cpu_flags,
     make_engine,
     native_bf16,
 )
-from headstart.datachecks import content_digests
+from headstart.data.checks import content_digests
 from headstart.errors import HeadstartError
-from headstart.features import (
+from headstart.engines.features import (
     FeatureCache,
     cache_info,
     clear_cache,
@@ -31,8 +31,8 @@ from headstart.features import (
     make_namespace,
     namespace_key,
 )
-from headstart.images import load_image
-from headstart.weights import load_backbone
+from headstart.data.images import load_image
+from headstart.nets.weights import load_backbone
 
 ENTRY = get_backbone("mobilenet_v2")
 PRE = ENTRY.preprocessing.scaled(32)
@@ -216,7 +216,7 @@ def test_unwritable_cache_location_falls_back_to_memory(backbone, paths, tmp_pat
     _, info = backbone
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with caplog.at_level(logging.WARNING, logger="headstart.features"):
+    with caplog.at_level(logging.WARNING, logger="headstart.engines.features"):
         cache = FeatureCache(blocker / "cache", _namespace(info))
     assert cache.dir is None
     assert "not writable" in caplog.text
@@ -241,7 +241,7 @@ def test_cache_that_fails_mid_run_keeps_what_was_written(backbone, paths, tmp_pa
 
     monkeypatch.setattr(features_mod, "save_file", save_once)
     cache = FeatureCache(tmp_path / "cache", _namespace(info))
-    with caplog.at_level(logging.WARNING, logger="headstart.features"):
+    with caplog.at_level(logging.WARNING, logger="headstart.engines.features"):
         result = _extract(_engine(backbone), paths, cache, batch_size=4)
     assert result.n_computed == 10
     assert "cannot write to feature cache" in caplog.text
@@ -486,7 +486,7 @@ def test_split_transform_equals_torchvision(size, crop_mode):
 ])
 def test_default_workers_decode_beside_the_engine_only_when_it_leaves_a_core(monkeypatch, cores, threads, device,
                                                                            expected):
-    from headstart import decoding
+    from headstart.data import decoding
 
     monkeypatch.setattr(decoding.os, "cpu_count", lambda: cores)
     monkeypatch.setattr(decoding.torch, "get_num_threads", lambda: threads)

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import headstart
-from headstart.backbones import get_backbone, sequence
-from headstart.finetune import FineTuneNet
-from headstart.images import load_image
-from headstart.weights import load_backbone
+from headstart.nets.registry import get_backbone, sequence
+from headstart.learn.finetune import FineTuneNet
+from headstart.data.images import load_image
+from headstart.nets.weights import load_backbone
 
 ENTRY = get_backbone("mobilenet_v2")
 UNFREEZE = 3
@@ -134,7 +134,7 @@ def test_bad_unfreeze_is_a_clear_error(fmnist_tiny, tmp_path):
 
 @pytest.mark.slow
 def test_scratch_trains_every_layer_of_the_small_cnn(fmnist_tiny, tmp_path):
-    from headstart.backbones import seeded_init
+    from headstart.nets.registry import seeded_init
 
     run = headstart.train(fmnist_tiny, strategy="scratch", out=tmp_path / "scratch", workers=0, seed=0,
                           finetune=dict(epochs=2))
@@ -198,7 +198,7 @@ def test_auto_explains_its_choice(fmnist_tiny, tmp_path):
 def test_auto_rule_on_measurements():
     import numpy as np
 
-    from headstart.auto import choose_strategy
+    from headstart.strategies.auto import choose_strategy
 
     y = np.repeat(np.arange(3), 500)
     assert choose_strategy(y, 0.87, 2000, 100.0, 5, None)["strategy"] == "fine-tune"
@@ -212,8 +212,8 @@ def test_auto_rule_on_measurements():
 def test_flip_augmentation_keeps_the_boundary_cache(fmnist_tiny):
     """--augment flip: boundary activations of each image and of its mirror, computed once; each epoch
     mixes them by (seed, epoch, index), so the same seed gives the same batches."""
-    from headstart.data import scan_folder
-    from headstart.finetune import _boundary_batch, compute_boundary
+    from headstart.data.folders import scan_folder
+    from headstart.learn.finetune import _boundary_batch, compute_boundary
 
     model, _ = load_backbone(ENTRY, "none", seed=0)
     net = FineTuneNet(ENTRY, model, nn.Linear(ENTRY.feature_dim, 10), UNFREEZE)
@@ -237,8 +237,8 @@ def test_flip_augmentation_keeps_the_boundary_cache(fmnist_tiny):
 def test_boundary_is_stored_in_16_bits_and_read_as_float32(fmnist_tiny, one_torch_thread):
     """Boundary activations at rest in fp16 (half of float32's memory), batches in float32 within
     the fp16 rounding of the float32 activations; a set fp16 cannot hold goes to bf16, never to inf."""
-    from headstart.data import scan_folder
-    from headstart.finetune import STORAGE_DTYPE, Boundary, _Store, compute_boundary, predict_boundary
+    from headstart.data.folders import scan_folder
+    from headstart.learn.finetune import STORAGE_DTYPE, Boundary, _Store, compute_boundary, predict_boundary
 
     assert STORAGE_DTYPE == torch.float16
     model, _ = load_backbone(ENTRY)
@@ -270,8 +270,8 @@ def test_fine_tuning_on_16_bit_boundaries_matches_float32(fmnist_tiny, one_torch
     tolerances: measured 0.3% and 5%; Adam's first steps are about lr x sign(gradient), so a
     weight whose gradient is near zero moves by a whole step either way). Early stopping on
     val_loss, which falls in both runs: both keep epoch 2."""
-    from headstart.data import scan_folder
-    from headstart.finetune import Boundary, FineTuneSettings, compute_boundary, fit, predict_boundary
+    from headstart.data.folders import scan_folder
+    from headstart.learn.finetune import Boundary, FineTuneSettings, compute_boundary, fit, predict_boundary
 
     samples = scan_folder(fmnist_tiny / "train").samples
     prep = ENTRY.preprocessing.scaled(32)

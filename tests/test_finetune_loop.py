@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import headstart
-from headstart.backbones import get_backbone
-from headstart.engine import choose_engine, make_engine
-from headstart.finetune import Boundary, FineTuneNet, FineTuneSettings, fit, trainable_state
-from headstart.images import load_image
-from headstart.weights import load_backbone
+from headstart.nets.registry import get_backbone
+from headstart.engines.engine import choose_engine, make_engine
+from headstart.learn.finetune import Boundary, FineTuneNet, FineTuneSettings, fit, trainable_state
+from headstart.data.images import load_image
+from headstart.nets.weights import load_backbone
 
 from conftest import MEASURED
 
@@ -67,7 +67,7 @@ def test_best_weights_are_restored_at_early_stop():
 
 def test_time_budget_stops_after_the_epoch_that_crossed_it(monkeypatch):
     """The budget is checked inside the loop, after each epoch (not only before the run)."""
-    import headstart.finetune as ft
+    import headstart.learn.finetune as ft
 
     clock = iter(range(0, 10_000, 10))  # every reading of the clock is 10 s after the last
     s = FineTuneSettings(epochs=10, patience=10, augment="none", batch_size=8, time_budget=45)
@@ -158,7 +158,7 @@ def test_cosine_schedule_is_the_default_and_decays(monkeypatch):
 def test_augment_standard_applies_to_training_images_only(fmnist_tiny, tmp_path, monkeypatch):
     """Counted at the random ops themselves: each training image once per epoch, and not one while the
     validation and test images go through the frozen part (the plain transform)."""
-    import headstart.finetune_run as ftr
+    import headstart.strategies.finetune as ftr
     from torchvision.transforms import v2
 
     jitters = [0]
@@ -176,7 +176,7 @@ def test_augment_standard_applies_to_training_images_only(fmnist_tiny, tmp_path,
 
     monkeypatch.setattr(ftr, "compute_boundary", compute_boundary)
     # The test split is scored through the saved model's feature path (as `evaluate` scores it).
-    import headstart.training as training
+    import headstart.runs.train as training
 
     real_features_of = training.features_of
 

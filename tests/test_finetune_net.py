@@ -11,9 +11,9 @@ import torch
 from conftest import write_image_folder
 from torch import nn
 
-from headstart.backbones import get_backbone, seeded_init
-from headstart.decoding import iter_batches
-from headstart.finetune import AugmentedImages, FineTuneNet, FineTuneSettings, fit, train_transform
+from headstart.nets.registry import get_backbone, seeded_init
+from headstart.data.decoding import iter_batches
+from headstart.learn.finetune import AugmentedImages, FineTuneNet, FineTuneSettings, fit, train_transform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,7 +59,7 @@ def test_iter_batches_yields_every_image_in_order_and_reports_the_unreadable(tmp
     whole = torch.cat([b.x for b in batches])
     assert whole.shape == (10, 3, 32, 32)
     # The same tensors as the transform of each image alone (the batch part included).
-    from headstart.images import load_image
+    from headstart.data.images import load_image
 
     assert torch.allclose(whole[0], transform(load_image(paths[0])), atol=1e-6)
 

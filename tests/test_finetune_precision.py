@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 import headstart
-from headstart import finetune_precision, memory
-from headstart.backbones import get_backbone
-from headstart.finetune import FineTuneNet, FineTuneSettings, compute_boundary, fit
-from headstart.finetune_precision import choose
-from headstart.weights import load_backbone
+from headstart import memory
+from headstart.learn import precision as finetune_precision
+from headstart.nets.registry import get_backbone
+from headstart.learn.finetune import FineTuneNet, FineTuneSettings, compute_boundary, fit
+from headstart.learn.precision import choose
+from headstart.nets.weights import load_backbone
 
 ENTRY = get_backbone("mobilenet_v2")
 
@@ -73,7 +74,7 @@ def test_a_bf16_autocast_step_really_runs_in_bf16_and_trains_fp32_weights(fmnist
     """One batch at 32 px through the real MobileNetV2 top under bf16 autocast (emulated on a CPU without
     native bf16: slow, but correct), channels-last: the trained blocks compute in bf16 on channels-last
     input, the weights and their update stay fp32 and finite."""
-    from headstart.data import scan_folder
+    from headstart.data.folders import scan_folder
 
     torch.manual_seed(0)
     model, _ = load_backbone(ENTRY)
@@ -105,7 +106,7 @@ def test_trim_and_status():
 
 @pytest.mark.slow  # an ONNX export and two compilations
 def test_release_frees_the_session_and_the_engine_still_runs(one_torch_thread, tmp_path):
-    from headstart.engine import EngineChoice, make_engine
+    from headstart.engines.engine import EngineChoice, make_engine
 
     model, _ = load_backbone(ENTRY)
     engine = make_engine(model, EngineChoice("onnxruntime", "fp32", "cpu", "test"), tmp_path)
@@ -123,7 +124,7 @@ def test_a_fine_tune_run_records_its_precision_and_releases_both_sessions(fmnist
     """The extraction session and the frozen part's session are freed before the epochs (issue 15:
     together 0.8 GB of ONNX Runtime arena held through fine-tuning); the precision's choice and reason
     land in config.json and metrics.json."""
-    from headstart.engine import _ConvertedEngine
+    from headstart.engines.engine import _ConvertedEngine
 
     fake_cpu(native_bf16=True)  # still fp32: the recorded measurement (1.32x) is under the 1.5x that pays
     released = []

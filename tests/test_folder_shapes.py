@@ -148,7 +148,7 @@ def test_labels_csv_rows_with_unknown_paths_or_empty_labels_are_skipped_and_repo
 
 
 def test_labels_csv_oddities(tmp_path):
-    from headstart.data import read_labels_csv
+    from headstart.data.folders import read_labels_csv
 
     for i in range(3):
         _png(tmp_path / f"{i}.png")
@@ -177,10 +177,10 @@ def test_a_bug_is_exit_1_with_its_traceback(tmp_path):
     """An unexpected exception is not dressed up as a user error: `python -m headstart.cli` (the console
     script runs the same main) lets it propagate, so Python prints the traceback and exits 1."""
     data = write_image_folder(tmp_path / "d", n_per_class=1)
-    script = ("import runpy, sys, headstart.training\n"
+    script = ("import runpy, sys, headstart.runs.train\n"
               "def bug(*args, **kwargs):\n"
               "    raise ZeroDivisionError('a deliberate bug')\n"
-              "headstart.training.train = bug\n"
+              "headstart.runs.train.train = bug\n"
               f"sys.argv = ['headstart', 'train', {str(data)!r}, '--out', {str(tmp_path / 'run')!r}]\n"
               "runpy.run_module('headstart.cli', run_name='__main__', alter_sys=True)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from headstart.data import SPLITS, collect_images, read_labels_csv, scan_folder
+from headstart.data.folders import SPLITS, collect_images, read_labels_csv, scan_folder
 from headstart.errors import DataError
-from headstart.images import MAX_PIXELS, ImageError, is_image_name, load_image
+from headstart.data.images import MAX_PIXELS, ImageError, is_image_name, load_image
 
 FUZZ = settings(derandomize=True, deadline=None, database=None, max_examples=100,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from headstart.errors import HeadstartError
-from headstart.heads import DEFAULT_CS, LinearHead, MLPHead, head_module, make_head
+from headstart.learn.heads import DEFAULT_CS, LinearHead, MLPHead, head_module, make_head
 
 LABELS = np.array([2, 5, 7])  # non-contiguous on purpose: predictions must be these values, not 0..k-1
 HEADS = [LinearHead, MLPHead]
@@ -238,7 +238,7 @@ def test_linear_head_extends_the_c_path_upwards_to_an_interior_minimum():
 
 
 def test_linear_head_says_when_the_search_hit_its_cap(caplog, monkeypatch):
-    from headstart import heads
+    from headstart.learn import heads
 
     Xtr, ytr, Xv, yv = _low_noise()  # its optimum is at C=9 (the test above)
     monkeypatch.setattr(heads, "C_MAX", 3.0)
@@ -266,7 +266,7 @@ def test_final_fit_starts_from_the_search_and_reaches_the_cold_starts_optimum():
     scaler (`_rescaled`: the same logits); it must land where a fit from zeros lands, in fewer iterations."""
     from sklearn.preprocessing import StandardScaler
 
-    from headstart.heads import _rescaled, fit_softmax_regression
+    from headstart.learn.heads import _rescaled, fit_softmax_regression
 
     X, y = blobs(900, d=64, spread=4.0, seed=3)
     head = LinearHead().fit(X[:600], y[:600], X[600:], y[600:])
@@ -294,7 +294,7 @@ def test_softmax_regression_reaches_scikit_learns_optimum(balanced):
     weighted mean and scikit-learn's weighted sum have one optimum; unweighted, the largest difference was 0.18)."""
     from sklearn.linear_model import LogisticRegression
 
-    from headstart.heads import fit_softmax_regression
+    from headstart.learn.heads import fit_softmax_regression
 
     X, y = blobs(300, spread=2.0, weights=[0.6, 0.3, 0.1])  # overlapping and unbalanced: the penalty matters
     yi = np.searchsorted(LABELS, y)

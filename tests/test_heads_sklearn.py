@@ -12,7 +12,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_sco
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import check_estimator
 
-from headstart.heads import LinearHead, MLPHead
+from headstart.learn.heads import LinearHead, MLPHead
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart.images import ImageError, is_image_name, load_image
+from headstart.data.images import ImageError, is_image_name, load_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -263,10 +263,10 @@ def test_extraction_decodes_jpegs_in_draft_mode_and_the_key_says_so(tmp_path):
     which is why the option is part of the feature cache key."""
     import torch
 
-    from headstart.backbones import get_backbone
-    from headstart.engine import EngineChoice
-    from headstart.decoding import _Images, decode_side, split_transform
-    from headstart.features import make_namespace
+    from headstart.nets.registry import get_backbone
+    from headstart.engines.engine import EngineChoice
+    from headstart.data.decoding import _Images, decode_side, split_transform
+    from headstart.engines.features import make_namespace
 
     prep = get_backbone("mobilenet_v2").preprocessing.scaled(64)
     transform = prep.transform()

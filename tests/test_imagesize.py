@@ -8,8 +8,13 @@ import pytest
 
 import headstart
 from conftest import write_image_folder
-from headstart.data import ImageData, Sample, load_data
-from headstart.imagesize import FE_SHARE, RULE, auto_image_size, size_for, sizing_strategy
+from headstart.data.folders import ImageData, Sample, load_data
+from headstart.data.image_size import FE_SHARE, RULE, size_for
+from headstart.strategies import auto_image_size, get_strategy
+
+
+def sizing_strategy(data, strategy):
+    return get_strategy(strategy).sizing(data)
 
 SIDES = (8, 28, 64, 200, 400)
 
@@ -37,8 +42,9 @@ def test_auto_sizes_as_feature_extraction_only_when_that_choice_is_known_before_
     assert sizing_strategy(_data(99), "auto")[0] == "feature-extraction"  # auto.MIN_PER_CLASS is 100
     assert "99 training images in the smallest class" in sizing_strategy(_data(99), "auto")[1]
     assert sizing_strategy(_data(100), "auto")[0] == "fine-tune"
-    for strategy in ("feature-extraction", "fine-tune", "scratch"):
-        assert sizing_strategy(_data(5), strategy)[0] == strategy
+    for strategy, rule in (("feature-extraction", "feature-extraction"), ("fine-tune", "fine-tune"),
+                           ("scratch", "fine-tune")):
+        assert sizing_strategy(_data(5), strategy)[0] == rule
 
 
 def test_auto_image_size_reads_the_images_and_says_why(tmp_path):

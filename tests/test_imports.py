@@ -15,13 +15,16 @@ import headstart
 PACKAGE = Path(headstart.__file__).parent
 
 
-def _module_name(path: Path) -> str:
-    return "headstart" if path.name == "__init__.py" else f"headstart.{path.stem}"
+def _module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(("headstart",) + parts)
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """module -> the package modules it imports anywhere in its source (functions, conditionals, ...)."""
-    modules = {_module_name(p): p for p in sorted(package.glob("*.py"))}
+    modules = {_module_name(p, package): p for p in sorted(package.rglob("*.py"))}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         edges: set[str] = set()
@@ -29,8 +32,10 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: every module here sits directly in the package
-                    base = "headstart" + (f".{node.module}" if node.module else "")
+                if node.level:  # relative to the importing module's package
+                    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                    here = here[: len(here) - node.level + 1]
+                    base = ".".join(here + ([node.module] if node.module else []))
                 else:
                     base = node.module or ""
                 # `from . import x` imports the submodule x when there is one, else reads x from __init__.
@@ -66,7 +71,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_package_import_graph_has_no_cycle():
     graph = import_graph()
-    assert len(graph) >= 20 and "headstart.heads" in graph["headstart.training"]  # the walk sees the package
+    assert len(graph) >= 20 and "headstart.learn.heads" in graph["headstart.strategies.fitting"]  # the walk sees the package
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -78,3 +83,55 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
     graph = import_graph(tmp_path)
     assert graph["headstart.a"] == {"headstart.b"} and graph["headstart.b"] == {"headstart.a"}
     assert find_cycle(graph) == ["headstart.a", "headstart.b", "headstart.a"]
+
+
+# The layers, lowest first: a module imports only modules of its own layer or of layers below it.
+# The face (the package's lazy exports, the CLI) sits above everything and may import any layer.
+LAYERS = [
+    ("base", ["headstart._version", "headstart.settings", "headstart.errors", "headstart.cpu", "headstart.fileio",
+              "headstart.quiet", "headstart.progress", "headstart.memory", "headstart.faults",
+              "headstart.distributed"]),
+    ("data", ["headstart.data"]),
+    ("nets", ["headstart.nets"]),
+    ("engines", ["headstart.engines"]),
+    ("learn", ["headstart.learn"]),
+    ("models", ["headstart.models"]),
+    ("reports", ["headstart.reports"]),
+    ("strategies", ["headstart.strategies"]),
+    ("runs", ["headstart.runs"]),
+    ("serve", ["headstart.serve"]),
+    ("face", ["headstart", "headstart.__main__", "headstart.cli"]),
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of a module: the longest entry that is the module or a package holding it."""
+    hits = [(len(prefix), i) for i, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+            if module == prefix or prefix != "headstart" and module.startswith(prefix + ".")]
+    if not hits:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_imports.py")
+    return max(hits)[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]})"
+                  for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+
+
+def test_every_module_imports_only_its_own_layer_or_those_below():
+    graph = import_graph()
+    assert {layer_of(m) for m in graph} == set(range(len(LAYERS)))  # every layer has modules
+    assert upward_imports(graph) == []
+
+
+def test_an_upward_import_is_found(tmp_path):
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "errors.py").write_text("")
+    for pkg, body in (("data", "from ..runs import train\n"), ("runs", "from headstart.data import folders\n")):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "data" / "folders.py").write_text("def f():\n    from ..runs import train\n")
+    (tmp_path / "runs" / "train.py").write_text("from headstart.data import folders\n")
+    graph = import_graph(tmp_path)
+    assert graph["headstart.data.folders"] == {"headstart.runs.train"}
+    assert upward_imports(graph) == ["headstart.data.folders (data) imports headstart.runs.train (runs)"]

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from headstart.backbones import get_backbone
-from headstart.data import scan_folder
-from headstart.engine import ENGINES, EngineChoice, choose_engine, make_engine
+from headstart.nets.registry import get_backbone
+from headstart.data.folders import scan_folder
+from headstart.engines.engine import ENGINES, EngineChoice, choose_engine, make_engine
 from headstart.errors import HeadstartError
-from headstart.features import FeatureCache, extract, image_key, make_namespace, namespace_key
-from headstart.quantize import calibration_from, calibration_paths
-from headstart.weights import load_backbone
+from headstart.engines.features import FeatureCache, extract, image_key, make_namespace, namespace_key
+from headstart.engines.quantize import calibration_from, calibration_paths
+from headstart.nets.weights import load_backbone
 
 from conftest import MEASURED
 
@@ -93,7 +93,7 @@ def test_the_rule_never_picks_int8_itself_and_routes_it_to_a_converted_engine(fa
 @pytest.mark.slow
 def test_a_bundle_predicts_with_int8(fmnist_tiny, tmp_path):
     import headstart
-    from headstart.bundle import load
+    from headstart.models.bundle import load
 
     run = headstart.train(fmnist_tiny / "train", strategy="feature-extraction", precision="int8", image_size=32,
                           workers=0, out=tmp_path / "run", cache_dir=tmp_path / "cache")
@@ -125,7 +125,7 @@ def test_the_weight_type_follows_the_cpu_and_names_the_calibration(monkeypatch, 
     """Without VNNI, u8 x s8 products saturate (quantize.py): weights are uint8 there, int8 with VNNI, and the
     two quantisations are different features, so different calibration digests."""
     from headstart import cpu
-    from headstart.quantize import options
+    from headstart.engines.quantize import options
 
     digests = {}
     for flags, weights in (({"avx2"}, "uint8"), ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, "int8")):

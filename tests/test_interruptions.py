@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import headstart
-from headstart import features as features_mod
+from headstart.engines import features as features_mod
 
 from conftest import write_image_folder
 from reliability_helpers import CliChild, TINY

@@ -12,8 +12,8 @@ from conftest import write_image_folder
 from sklearn.datasets import load_digits
 
 import headstart
-from headstart.heads import MLPHead
-from headstart.loop import (HISTORY_COLUMNS, EarlyStopping, HistoryCSV, History, OnEpochEnd, TimeBudget,
+from headstart.learn.heads import MLPHead
+from headstart.learn.loop import (HISTORY_COLUMNS, EarlyStopping, HistoryCSV, History, OnEpochEnd, TimeBudget,
                             read_history_csv, run_epochs)
 
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 import headstart
-from headstart import engine as engine_mod
-from headstart import model as model_mod
-from headstart.images import ImageError
-from headstart.model import Model, Prediction
+from headstart.engines import engine as engine_mod
+from headstart.models import model as model_mod
+from headstart.data.images import ImageError
+from headstart.models.model import Model, Prediction
 
 from conftest import write_image_folder
 from test_cli import run_cli
@@ -151,8 +151,8 @@ def test_openvino_gives_each_thread_its_own_infer_request():
 
 
 def test_bundle_module_keeps_saving_and_loading(tiny, tmp_path):
-    from headstart.bundle import Model as BundleModel
-    from headstart.bundle import load, save
+    from headstart.models.bundle import Model as BundleModel
+    from headstart.models.bundle import load, save
 
     run, images = tiny
     model = load(run)

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 import headstart
-from headstart.data import scan_folder
-from headstart.images import MAX_PIXELS, ImageError, load_image
+from headstart.data.folders import scan_folder
+from headstart.data.images import MAX_PIXELS, ImageError, load_image
 
 from conftest import write_image_folder
 from reliability_helpers import BLUE, BOMBS, GREEN, RED, TINY, WHITE, _rgb
@@ -120,8 +120,8 @@ def test_enormous_dimensions_are_refused_from_the_header(tmp_path, monkeypatch):
 def test_enormous_dimensions_keep_memory_bounded(tmp_path):
     """In a fresh process capped at 1 GiB of address space, loading every bomb peaks far below it.
 
-    images.py imports only numpy, Pillow and quiet.py, so they are loaded alone (not via the package, whose
-    __init__ imports torch): as modules of a bare package "hs" whose path is headstart's folder.
+    data/images.py imports only numpy, Pillow and quiet.py, so they are loaded alone (not via the package):
+    as modules of a bare package "hs" whose path is headstart's folder, with a bare "hs.data" beside it.
     """
     for name, data in BOMBS.items():
         (tmp_path / name).write_bytes(data)
@@ -130,7 +130,10 @@ import importlib, resource, sys, types
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 sys.modules["hs"] = hs = types.ModuleType("hs")
 hs.__path__ = [{str(Path(headstart.__file__).parent)!r}]
-images = importlib.import_module("hs.images")
+sys.modules["hs.data"] = data = types.ModuleType("hs.data")
+data.__path__ = [{str(Path(headstart.__file__).parent / "data")!r}]
+sys.modules["headstart"] = hs  # data/images.py imports headstart.quiet
+images = importlib.import_module("hs.data.images")
 assert "torch" not in sys.modules
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for name in {sorted(BOMBS)!r}:
@@ -217,7 +220,7 @@ def test_devices_named_like_images_are_refused(tmp_path, device):
 
 
 def test_automatic_image_size_does_not_open_a_fifo(tmp_path):
-    from headstart.training import auto_image_size
+    from headstart.runs.train import auto_image_size
 
     root = write_image_folder(tmp_path / "data", n_per_class=3, size=(20, 20))
     os.mkfifo(root / "cat" / "a pipe.png")

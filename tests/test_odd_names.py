@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from headstart.data import scan_folder, split_of
-from headstart.images import load_image
+from headstart.data.folders import scan_folder, split_of
+from headstart.data.images import load_image
 
 from conftest import tree_digest
 from reliability_helpers import BLUE, GREEN, RED, TINY, _png

@@ -7,7 +7,7 @@ import pytest
 
 import headstart
 from conftest import write_image_folder
-from headstart import predict
+from headstart.runs import predict
 from headstart.errors import DataError
 from headstart.settings import Runtime
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart.images import load_image
+from headstart.data.images import load_image
 from headstart.quiet import quiet
 
 

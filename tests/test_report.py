@@ -110,7 +110,7 @@ def test_headstart_report_rebuilds_the_same_files(run, tmp_path):
 
 
 def test_an_image_gone_since_the_run_is_still_listed(run, tmp_path):
-    from headstart.report_html import write_reports
+    from headstart.reports.html import write_reports
 
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
@@ -141,7 +141,7 @@ def test_a_run_without_a_test_split_says_so(run, tmp_path):
 
 @pytest.fixture(scope="module")
 def compare_dir(fmnist_tiny, tmp_path_factory, one_torch_thread) -> Path:
-    from headstart.compare import compare
+    from headstart.runs.compare import compare
 
     out = tmp_path_factory.mktemp("compare") / "cmp"
     compare(fmnist_tiny, out=out, strategies=["feature-extraction-linear"], image_size=32, workers=0)

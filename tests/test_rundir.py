@@ -9,7 +9,10 @@ import pytest
 
 import headstart
 from conftest import write_image_folder
-from headstart import rundir, training
+from headstart.runs import context
+from headstart.learn import checkpoints
+from headstart.runs import rundir
+from headstart.runs import train as training
 from headstart.errors import HeadstartError
 
 TINY = dict(strategy="feature-extraction", image_size=32, workers=0, weights="none", cache_dir="none",
@@ -21,13 +24,13 @@ def test_two_runs_at_once_in_two_threads_each_log_only_their_own_lines(tmp_path,
     data = {name: write_image_folder(tmp_path / f"data-{name}", n_per_class=6, size=(16, 16), seed=i)
             for i, name in enumerate(("alpha", "bravo"))}
     both_logging = threading.Barrier(2, timeout=120)
-    real_load_data = training.load_data
+    real_load_data = context.load_data
 
     def load_data_together(*args, **kw):  # both runs are inside their log before either logs its data
         both_logging.wait()
         return real_load_data(*args, **kw)
 
-    monkeypatch.setattr(training, "load_data", load_data_together)
+    monkeypatch.setattr(context, "load_data", load_data_together)
     results, errors = {}, []
 
     def run(name):
@@ -105,9 +108,9 @@ def test_building_publishes_on_success_and_replaces_an_older_run(tmp_path):
     with rundir.building(final) as partial:
         assert partial.name.startswith("run.partial-") and partial.parent == final.parent
         (partial / "metrics.json").write_text("{}")
-        rundir.start_checkpoints(final, {"data": "x"}, resume=False)
+        checkpoints.start_checkpoints(final, {"data": "x"}, resume=False)
     assert (final / "metrics.json").is_file() and (final / "train.log").is_file()
-    assert not rundir.checkpoint_dir(final).exists()  # published: checkpoints gone
+    assert not checkpoints.checkpoint_dir(final).exists()  # published: checkpoints gone
     with rundir.building(final) as partial:
         (partial / "new").write_text("x")
     assert sorted(p.name for p in final.iterdir()) == ["new", "train.log"]
@@ -129,8 +132,8 @@ def test_ctrl_c_with_a_checkpoint_keeps_it_and_says_how_to_resume(tmp_path):
     final = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt, match="--resume"):
         with rundir.building(final):
-            ckpt = rundir.start_checkpoints(final, {"data": "x"}, resume=False)
+            ckpt = checkpoints.start_checkpoints(final, {"data": "x"}, resume=False)
             (ckpt / "last.pt").write_bytes(b"x")
             raise KeyboardInterrupt
-    assert (rundir.checkpoint_dir(final) / "last.pt").is_file() and not final.exists()
-    assert rundir.resume_settings(final) == ({"data": "x"}, rundir.checkpoint_dir(final) / "config.json")
+    assert (checkpoints.checkpoint_dir(final) / "last.pt").is_file() and not final.exists()
+    assert rundir.resume_settings(final) == ({"data": "x"}, checkpoints.checkpoint_dir(final) / "config.json")

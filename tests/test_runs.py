@@ -120,7 +120,7 @@ def test_copies_across_splits_are_counted_and_warned_about(run_with_copies):
 
 
 def test_a_clean_split_reports_no_copies(fmnist_tiny):
-    from headstart.datachecks import content_digests, cross_split_copies
+    from headstart.data.checks import content_digests, cross_split_copies
 
     paths = sorted(str(p) for p in fmnist_tiny.rglob("*.png"))
     splits = [Path(p).parts[-3] for p in paths]
@@ -170,7 +170,7 @@ def test_report_states_the_run_and_links_its_plots(run_with_copies):
 
 
 def test_report_gives_auto_strategy_reasons(tmp_path):
-    from headstart.runreport import render_markdown, run_summary
+    from headstart.reports.markdown import render_markdown, run_summary
 
     config = {"data_summary": {"root": "/d", "layout": "classes", "classes": ["a", "b"], "n_images": 10,
                                "splits": {"train": 8, "val": 1, "test": 1}}, "labels": None,

@@ -177,7 +177,7 @@ def test_images(fmnist_tiny) -> list[Path]:
 def expected(run_dir, test_images, workdir, one_torch_thread):
     """What `headstart predict --top-k 3` answers for each file, computed one file at a time."""
     from headstart import load
-    from headstart.predict import predict_files
+    from headstart.runs.predict import predict_files
 
     model = load(run_dir)
     out = {}
@@ -219,7 +219,7 @@ def test_predict_answers_what_headstart_predict_answers(server, test_images, exp
 def test_a_photo_is_decoded_as_predict_decodes_it(server, run_dir, test_images, workdir, one_torch_thread):
     """A large EXIF-rotated JPEG: predict decodes it in draft mode and turns it; so must the server."""
     from headstart import load
-    from headstart.predict import predict_files
+    from headstart.runs.predict import predict_files
 
     im = Image.open(test_images[0]).convert("RGB").resize((600, 450), Image.BILINEAR)
     exif = Image.Exif()
@@ -428,7 +428,7 @@ def test_a_gray_upload_decodes_as_one_channel_and_answers_as_its_rgb_copy(run_di
     import torch
 
     from headstart import load
-    from headstart.serve import Predictor
+    from headstart.serve.app import Predictor
 
     predictor = Predictor(load(run_dir), engine="onnxruntime", precision="fp32", cache_dir=workdir / "cache")
     decoded = [predictor.decode(p.read_bytes()) for p in test_images]
@@ -503,7 +503,8 @@ def test_a_port_in_use_is_exit_2_naming_it(run_dir, workdir):
 @pytest.mark.slow
 def test_host_0000_says_it_is_reachable_from_the_network(run_dir, workdir, monkeypatch, capsys, one_torch_thread):
     """The CLI path with uvicorn replaced: nothing but 127.0.0.1 is ever bound by this suite."""
-    from headstart import cli, serve
+    from headstart import cli
+    from headstart.serve import app as serve
 
     calls = []
     monkeypatch.setattr(serve, "run_server", lambda app, **kw: calls.append(kw))
@@ -518,7 +519,7 @@ def test_host_0000_says_it_is_reachable_from_the_network(run_dir, workdir, monke
     assert "add --token" not in serve.exposure_note("0.0.0.0", 8123, "t")
     assert serve.exposure_note("::1", 8000, None) is None and serve.exposure_note("localhost", 8000, None) is None
     from headstart import load
-    from headstart.engine import choose_engine
+    from headstart.engines.engine import choose_engine
 
     bundle = run_dir / "model"  # a bare bundle has no run metrics; a run directory has them
     assert serve.model_info(load(bundle), choose_engine(), bundle)["metrics"] is None
@@ -531,7 +532,7 @@ def test_host_0000_says_it_is_reachable_from_the_network(run_dir, workdir, monke
 def test_the_page_has_no_external_url():
     from importlib import resources
 
-    page = resources.files("headstart").joinpath("static/index.html").read_text()
+    page = resources.files("headstart.serve").joinpath("static/index.html").read_text()
     assert "http:" not in page and "https:" not in page and "//cdn" not in page and "src=\"//" not in page
 
 
@@ -643,7 +644,7 @@ def test_a_failure_inside_inference_is_a_json_500_and_the_next_request_works(tes
 
     import torch
 
-    from headstart import serve
+    from headstart.serve import app as serve
 
     class Flaky:
         """Decodes for real; its network fails once, as a broken engine would."""

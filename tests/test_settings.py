@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 import headstart
-from headstart import cli, engine, finetune, settings
+from headstart.strategies import configure, list_strategies
+from headstart import cli, settings
+from headstart.engines import engine
+from headstart.learn import finetune
 from headstart.errors import HeadstartError
 from headstart.settings import FineTuneSettings, Runtime, TrainConfig
 from test_cli import run_cli
@@ -20,12 +23,12 @@ def test_the_cli_offers_the_modules_choices():
     parser = cli.get_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
     actions = {a.dest: a for a in train._actions}
-    assert tuple(actions["strategy"].choices) == settings.STRATEGIES
+    assert list(actions["strategy"].choices) == list_strategies()
     assert tuple(actions["engine"].choices) == ("auto", *engine.ENGINES)
     assert tuple(actions["augment"].choices) == finetune.AUGMENTS
     assert tuple(actions["schedule"].choices) == finetune.SCHEDULES
     assert engine.ENGINES is settings.ENGINES and finetune.FineTuneSettings is FineTuneSettings
-    from headstart import heads
+    from headstart.learn import heads
 
     assert tuple(heads.HEADS) == settings.HEADS == tuple(actions["head"].choices)  # settings.py stays torch-free
 
@@ -34,7 +37,7 @@ def test_every_fine_tuning_field_is_a_train_flag_and_reaches_train(monkeypatch, 
     flags = {f.name for f in FineTuneSettings.cli_fields()}
     assert flags == {f.name for f in dataclasses.fields(FineTuneSettings)} - {"batch_size"}
     seen = {}
-    monkeypatch.setattr("headstart.training.train", lambda data, **kw: seen.update(kw) or (_ for _ in ()).throw(
+    monkeypatch.setattr("headstart.runs.train.train", lambda data, **kw: seen.update(kw) or (_ for _ in ()).throw(
         HeadstartError("stop")))
     args = ["--unfreeze", "3", "--epochs", "2", "--lr", "0.01", "--lr-head", "0.1", "--lr-decay", "0.5",
             "--optimizer", "adam", "--weight-decay", "0", "--label-smoothing", "0", "--schedule", "constant",
@@ -49,7 +52,7 @@ def test_every_fine_tuning_field_is_a_train_flag_and_reaches_train(monkeypatch, 
                                 "sampler": "balanced"}
     assert set(seen) == {f.name for f in dataclasses.fields(TrainConfig)} - {"data", "resume", "finetune_given"}
     # and train's config takes exactly them, typed
-    cfg = TrainConfig(data="x", strategy="fine-tune", finetune=seen["finetune"]).validate()
+    cfg = configure(TrainConfig(data="x", strategy="fine-tune", finetune=seen["finetune"]))
     assert cfg.finetune.unfreeze == 3 and cfg.finetune.time_budget == 120.0
 
 
@@ -90,14 +93,14 @@ def test_rules_the_cli_enforced_now_hold_for_the_api(image_folder, tmp_path):
 
 
 def test_finetune_is_typed_after_validation():
-    cfg = TrainConfig(data="x", strategy="scratch", finetune={"epochs": 3}).validate()
+    cfg = configure(TrainConfig(data="x", strategy="scratch", finetune={"epochs": 3}))
     assert isinstance(cfg.finetune, FineTuneSettings)
     assert (cfg.finetune.epochs, cfg.finetune.unfreeze, cfg.finetune.bn_update) == (3, "all", True)  # scratch's own
     assert cfg.finetune_given == ("epochs",) and cfg.weights == "none" and cfg.backbone == "small_cnn"
-    assert TrainConfig(data="x", strategy="feature-extraction").validate().finetune is None
+    assert configure(TrainConfig(data="x", strategy="feature-extraction")).finetune is None
     given = FineTuneSettings(epochs=2)
-    assert TrainConfig(data="x", strategy="fine-tune", finetune=given).validate().finetune.epochs == 2
-    d = TrainConfig(data="x", strategy="fine-tune", finetune={"lr": 0.5}).validate().to_dict()
+    assert configure(TrainConfig(data="x", strategy="fine-tune", finetune=given)).finetune.epochs == 2
+    d = configure(TrainConfig(data="x", strategy="fine-tune", finetune={"lr": 0.5})).to_dict()
     assert d["finetune"]["lr"] == 0.5 and "finetune_given" not in d  # config.json's layout: a plain dict
     assert json.loads(json.dumps(d)) == d
 
@@ -116,7 +119,7 @@ def test_runtime_takes_the_older_loose_keywords_and_checks_them():
 
 def _saved_config(**changes) -> dict:
     """What a fine-tuning run saves for --resume (finetune_run._resumable_config), changed."""
-    d = TrainConfig(data="/data", strategy="scratch", out="/runs/r").validate().to_dict()
+    d = configure(TrainConfig(data="/data", strategy="scratch", out="/runs/r")).to_dict()
     d.pop("resume")
     d.update(changes)
     return d
@@ -155,7 +158,7 @@ def test_a_saved_config_missing_an_optional_key_takes_its_default(tmp_path):
     """Keys an older version did not write: that version did what the default does."""
     saved = _saved_config()
     del saved["tensorboard"], saved["finetune"]["sampler"]
-    cfg = TrainConfig.from_saved(saved, tmp_path / "config.json")
+    cfg = configure(TrainConfig.from_saved(saved, tmp_path / "config.json"))
     assert cfg.tensorboard is False and cfg.finetune.sampler is None and cfg.finetune.epochs == 15
 
 

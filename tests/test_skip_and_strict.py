@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import headstart.strategies.fitting
 import headstart
-from headstart.images import load_image
+from headstart.data.images import load_image
 
 from conftest import MEASURED, tree_digest, write_image_folder
 from reliability_helpers import BOMBS, TINY, _png, _rgb
@@ -158,7 +159,7 @@ def test_messy_folder_trains_like_the_clean_one_names_every_bad_file_and_is_not_
 
 
 def test_strict_stops_before_training_and_lists_every_skipped_file(tmp_path, monkeypatch):
-    import headstart.training
+    import headstart.runs.train
 
     data = write_image_folder(tmp_path / "data", n_per_class=6, size=(8, 8))
     junk = add_junk(data / "cat", "j")
@@ -169,8 +170,8 @@ def test_strict_stops_before_training_and_lists_every_skipped_file(tmp_path, mon
     assert len(skipped) == len(junk) + 1
 
     fits = []
-    real = headstart.training.make_head
-    monkeypatch.setattr(headstart.training, "make_head", lambda *a, **k: fits.append(1) or real(*a, **k))
+    real = headstart.strategies.fitting.make_head
+    monkeypatch.setattr(headstart.strategies.fitting, "make_head", lambda *a, **k: fits.append(1) or real(*a, **k))
     code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "strict", "--strict")
     assert code == 2 and "Traceback" not in stderr
     message = stderr[stderr.index("headstart: error: --strict"):]

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import write_image_folder
 
-from headstart import decoding
-from headstart.backbones import get_backbone, seeded_init
-from headstart.engine import EngineChoice, installed, make_engine
-from headstart.features import CHUNK, FeatureCache, extract, make_namespace
+from headstart.data import decoding
+from headstart.nets.registry import get_backbone, seeded_init
+from headstart.engines.engine import EngineChoice, installed, make_engine
+from headstart.engines.features import CHUNK, FeatureCache, extract, make_namespace
 
 ENTRY = get_backbone("mobilenet_v2")
 PRE = ENTRY.preprocessing.scaled(32)
@@ -107,7 +107,7 @@ def test_fine_tuning_boundary_in_two_streams_is_one_streams(engine, paths, two_t
     two streams give bitwise one stream's activations and mirror images, and skip the same file."""
     from torch import nn
 
-    from headstart.finetune import FineTuneNet, compute_boundary
+    from headstart.learn.finetune import FineTuneNet, compute_boundary
 
     net = FineTuneNet(ENTRY, seeded_init(ENTRY, 0), nn.Linear(ENTRY.feature_dim, 2), 2)
     net.frozen_engine = Recording(make_engine(net.frozen, engine.choice), delay=0.02)
@@ -162,7 +162,7 @@ def test_openvino_compiles_one_stream_per_caller_for_streams(tmp_path):
 
 FIRST_CALLS = """
 import sys, threading, numpy as np, torch
-from headstart.engine import EngineChoice, make_engine
+from headstart.engines.engine import EngineChoice, make_engine
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
 engine = make_engine(model, EngineChoice("openvino", "fp32", "cpu", "test"), sys.argv[1])
 runner = engine._compile(engine._onnx_file((16, 16)), 1)  # compiled as extraction's streams compile it

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import headstart
-from headstart.backbones import Preprocessing, get_backbone, list_backbones, sequence
+from headstart.nets.registry import Preprocessing, get_backbone, list_backbones, sequence
 from headstart.errors import BundleError, HeadstartError, WeightsNotFoundError
-from headstart.weights import load_backbone
+from headstart.nets.weights import load_backbone
 
 from test_cli import run_cli
 
@@ -134,7 +134,7 @@ def test_trains_with_a_local_state_dict_and_the_bundle_predicts(timm_run):
 
 def test_timm_bundle_exports_to_onnx_with_crop_pct_mode_and_interpolation(timm_run, tmp_path):
     pytest.importorskip("onnx")
-    from headstart.export import export_onnx
+    from headstart.runs.export import export_onnx
 
     out, _, _ = timm_run
     path = export_onnx(out, tmp_path / "onnx")

@@ -11,11 +11,13 @@ import pytest
 from PIL import Image
 
 from conftest import write_image_folder
-from headstart import training
-from headstart.backbones import get_backbone
-from headstart.data import load_data
+from headstart.runs import context, outputs
+from headstart.strategies import configure
+from headstart.runs import train as training
+from headstart.nets.registry import get_backbone
+from headstart.data.folders import load_data
 from headstart.errors import DataError, HeadstartError
-from headstart.features import Extraction
+from headstart.engines.features import Extraction
 from headstart.settings import TrainConfig
 
 
@@ -47,16 +49,16 @@ def test_auto_image_size_without_readable_sizes_keeps_the_default(tmp_path):
 def test_choose_image_size_takes_an_asked_size_as_given(tmp_path):
     data = _data(write_image_folder(tmp_path / "d", n_per_class=2, size=(8, 8)))
     entry = get_backbone("mobilenet_v2")
-    assert training.choose_image_size(TrainConfig(data="x", image_size=48), entry, data) == (48, "asked for")
-    assert training.choose_image_size(TrainConfig(data="x", image_size="48"), entry, data) == (48, "asked for")
-    assert training.choose_image_size(TrainConfig(data="x"), entry, data)[0] == 160  # auto, 2 images per class
-    assert training.choose_image_size(TrainConfig(data="x", strategy="fine-tune"), entry, data)[0] == 64
+    assert context.choose_image_size(TrainConfig(data="x", image_size=48), entry, data) == (48, "asked for")
+    assert context.choose_image_size(TrainConfig(data="x", image_size="48"), entry, data) == (48, "asked for")
+    assert context.choose_image_size(TrainConfig(data="x"), entry, data)[0] == 160  # auto, 2 images per class
+    assert context.choose_image_size(TrainConfig(data="x", strategy="fine-tune"), entry, data)[0] == 64
 
 
 def test_write_splits_lists_every_image_with_its_split_and_status(tmp_path):
     data = _data(write_image_folder(tmp_path / "d", n_per_class=5))
     keys = [f"k{i}" if i % 3 else None for i in range(len(data.samples))]
-    training.write_splits(tmp_path / "splits.csv", data, Extraction(keys=keys))
+    (tmp_path / "splits.csv").write_text(outputs.splits_csv(data, Extraction(keys=keys)))
     with open(tmp_path / "splits.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == [s.path for s in data.samples]
@@ -71,19 +73,19 @@ def test_check_skipped_lists_every_unused_file_and_strict_stops(tmp_path):
     data.ignored.append({"path": "notes.txt", "reason": "not an image file"})
     ext = Extraction(keys=[None] + ["k"] * (len(data.samples) - 1), failures={data.samples[0].path: "damaged"})
     bad_rows = [{"path": "row 3", "reason": "no label"}]
-    skipped = training.check_skipped(TrainConfig(data="x"), bad_rows, data, ext)
+    skipped = context.check_skipped(TrainConfig(data="x"), bad_rows, data, ext)
     assert [s["path"] for s in skipped] == ["row 3", "notes.txt", data.samples[0].path]
     with pytest.raises(DataError, match=r"--strict: 3 unusable files.*\n  row 3: no label"):
-        training.check_skipped(TrainConfig(data="x", strict=True), bad_rows, data, ext)
+        context.check_skipped(TrainConfig(data="x", strict=True), bad_rows, data, ext)
     clean = Extraction(keys=["k"] * len(data.samples))
     data.ignored.clear()
-    assert training.check_skipped(TrainConfig(data="x", strict=True), [], data, clean) == []
+    assert context.check_skipped(TrainConfig(data="x", strict=True), [], data, clean) == []
 
 
 def _features(data, readable):
     samples = [s for s, ok in zip(data.samples, readable) if ok]
     split = np.array([s.split for s in samples])
-    return training.Features(ext=None, cache=None, classes=data.classes, paths=[s.path for s in data.samples],
+    return context.Features(ext=None, cache=None, classes=data.classes, paths=[s.path for s in data.samples],
                              samples=samples, X=np.zeros((len(samples), 2)),
                              y=np.array([s.label for s in samples]), tr=split == "train", va=split == "val",
                              te=split == "test")
@@ -91,32 +93,32 @@ def _features(data, readable):
 
 def test_check_training_classes_warns_about_a_lost_class_and_refuses_one_left(tmp_path, caplog):
     data = _data(write_image_folder(tmp_path / "d", n_per_class=6, classes=("a", "b", "c")))
-    training.check_training_classes(data, _features(data, [True] * len(data.samples)))  # all fine: silent
+    context.check_training_classes(data, _features(data, [True] * len(data.samples)))  # all fine: silent
     no_c = [data.classes[s.label] != "c" or s.split != "train" for s in data.samples]
     with caplog.at_level(logging.WARNING, logger="headstart"):
-        training.check_training_classes(data, _features(data, no_c))
+        context.check_training_classes(data, _features(data, no_c))
     assert "classes ['c'] have no readable training image left" in caplog.text
     only_a = [data.classes[s.label] == "a" or s.split != "train" for s in data.samples]
     with pytest.raises(DataError, match="fewer than two classes"):
-        training.check_training_classes(data, _features(data, only_a))
+        context.check_training_classes(data, _features(data, only_a))
 
 
 def test_load_run_data_refuses_a_single_class(tmp_path):
     root = write_image_folder(tmp_path / "d", n_per_class=3, classes=("only",))
     with pytest.raises(DataError, match="single class \\(only\\).*at least two"):
-        training.load_run_data(TrainConfig(data=str(root)).validate())
+        context.load_run_data(configure(TrainConfig(data=str(root))))
 
 
 def test_resolve_backbone_fills_in_and_checks_unfreeze():
-    cfg = TrainConfig(data="x", strategy="fine-tune").validate()
+    cfg = configure(TrainConfig(data="x", strategy="fine-tune"))
     entry = training.resolve_backbone(cfg)
     assert cfg.finetune.unfreeze == min(entry.default_unfreeze, len(entry.blocks))
-    cfg = TrainConfig(data="x", strategy="fine-tune", finetune={"unfreeze": 99}).validate()
+    cfg = configure(TrainConfig(data="x", strategy="fine-tune", finetune={"unfreeze": 99}))
     with pytest.raises(HeadstartError, match=r"--unfreeze 99: mobilenet_v2 has \d+ blocks"):
         training.resolve_backbone(cfg)
-    cfg = TrainConfig(data="x", strategy="scratch").validate()
+    cfg = configure(TrainConfig(data="x", strategy="scratch"))
     assert training.resolve_backbone(cfg).name == "small_cnn" and cfg.finetune.unfreeze == "all"
-    cfg = TrainConfig(data="x", strategy="feature-extraction").validate()
+    cfg = configure(TrainConfig(data="x", strategy="feature-extraction"))
     training.resolve_backbone(cfg)
     assert cfg.finetune is None
 

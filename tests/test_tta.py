@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 import headstart
-from headstart.auto import choose_tta
-from headstart.bundle import META
-from headstart.bundle import save as save_bundle
+from headstart.strategies.auto import choose_tta
+from headstart.models.bundle import META
+from headstart.models.bundle import save as save_bundle
 from headstart.errors import BundleError, HeadstartError
-from headstart.heads import softmax
-from headstart.images import load_image
+from headstart.learn.heads import softmax
+from headstart.data.images import load_image
 
 TINY = dict(image_size=32, workers=0, seed=0)
 FP32 = dict(engine="torch", precision="fp32")
@@ -99,7 +99,7 @@ def test_bundle_round_trip_keeps_tta_and_older_bundles_load_without(flip_run, tm
 
 
 def test_the_server_averages_the_views_too(flip_run, fmnist_tiny):
-    from headstart.serve import Predictor
+    from headstart.serve.app import Predictor
 
     model = flip_run[0].model
     paths = _test_paths(fmnist_tiny, 3)
@@ -112,7 +112,7 @@ def test_the_server_averages_the_views_too(flip_run, fmnist_tiny):
 def test_the_onnx_export_computes_the_flip_average(flip_run, fmnist_tiny, tmp_path):
     import onnxruntime as ort
 
-    from headstart.export import export_onnx
+    from headstart.runs.export import export_onnx
 
     model = flip_run[0].model
     path = export_onnx(model, tmp_path / "onnx")

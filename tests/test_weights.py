@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstart import weights as weights_mod
-from headstart.backbones import get_backbone, seeded_init
+from headstart.nets import weights as weights_mod
+from headstart.nets.registry import get_backbone, seeded_init
 from headstart.errors import WeightsMismatchError, WeightsNotFoundError
-from headstart.weights import hub_cache_path, load_backbone, package_path, sha256_file
+from headstart.nets.weights import hub_cache_path, load_backbone, package_path, sha256_file
 
 MOBILENET = get_backbone("mobilenet_v2")
 RESNET18 = get_backbone("resnet18")
@@ -73,7 +73,7 @@ def test_corrupt_hub_file_is_skipped_with_a_note_and_the_package_file_used(hub_d
     assert corrupt.parent.parent == hub_dir
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(b"\0" * 4096)  # what an interrupted copy leaves behind
-    with caplog.at_level(logging.WARNING, logger="headstart.weights"):
+    with caplog.at_level(logging.WARNING, logger="headstart.nets.weights"):
         _, info = load_backbone(MOBILENET)
     assert info.kind == "imagenet"
     assert Path(info.path) == package_path(MOBILENET)
@@ -157,7 +157,7 @@ def test_user_file_with_matching_keys_loads_as_kind_file(tmp_path, caplog):
     torch.manual_seed(7)
     other = MOBILENET.build()  # full classifier: the keys a torchvision checkpoint has
     path = _save_state_dict(other, tmp_path / "my_mobilenet.pth")
-    with caplog.at_level(logging.WARNING, logger="headstart.weights"):
+    with caplog.at_level(logging.WARNING, logger="headstart.nets.weights"):
         model, info = load_backbone(MOBILENET, str(path))
     assert info.kind == "file"
     assert info.sha256 == sha256_file(path) != MOBILENET.weights.sha256
@@ -272,7 +272,7 @@ def test_safetensors_weights_file_loads_without_unpickling(tmp_path, monkeypatch
         raise AssertionError("a .safetensors file went through torch.load")
 
     monkeypatch.setattr(torch, "load", refuse)
-    with caplog.at_level(logging.WARNING, logger="headstart.weights"):
+    with caplog.at_level(logging.WARNING, logger="headstart.nets.weights"):
         model, info = load_backbone(MOBILENET, path)
     # Not torchvision's file byte for byte, so it is a "file" of its own hash, loaded as keys and shapes match.
     assert (info.kind, Path(info.path), info.sha256) == ("file", path, sha256_file(path))

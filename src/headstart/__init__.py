@@ -10,30 +10,30 @@ from __future__ import annotations
 import importlib
 import typing
 
-from ._version import __version__
+from headstart._version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "get_backbone": "backbones", "list_backbones": "backbones",
-    "Ensemble": "bundle", "Model": "bundle", "load": "bundle",
-    "resume": "training", "train": "training",
-    "evaluate": "predict",
-    "report": "report_html",
+    "get_backbone": "nets.registry", "list_backbones": "nets.registry",
+    "Ensemble": "models.bundle", "Model": "models.bundle", "load": "models.bundle",
+    "resume": "runs.train", "train": "runs.train",
+    "evaluate": "runs.predict",
+    "report": "reports.html",
     "FineTuneSettings": "settings", "Runtime": "settings", "TrainConfig": "settings",
-    "extract_features": "extraction",
+    "extract_features": "runs.extract",
 }
 
 __all__ = ["__version__", "train", "resume", "load", "evaluate", "report", "extract_features", "Model", "Ensemble",
            "get_backbone", "list_backbones", "Runtime", "FineTuneSettings", "TrainConfig"]
 
 if typing.TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
-    from .backbones import get_backbone, list_backbones
-    from .bundle import Ensemble, Model, load
-    from .extraction import extract_features
-    from .predict import evaluate
-    from .report_html import report
-    from .settings import FineTuneSettings, Runtime, TrainConfig
-    from .training import resume, train
+    from headstart.nets.registry import get_backbone, list_backbones
+    from headstart.models.bundle import Ensemble, Model, load
+    from headstart.runs.extract import extract_features
+    from headstart.runs.predict import evaluate
+    from headstart.reports.html import report
+    from headstart.settings import FineTuneSettings, Runtime, TrainConfig
+    from headstart.runs.train import resume, train
 
 
 def __getattr__(name: str):

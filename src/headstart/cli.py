@@ -22,13 +22,14 @@ import logging
 import os
 import sys
 
-from . import progress
-from ._version import __version__
-from .errors import HeadstartError, Interrupted
-from .settings import (CLASS_WEIGHTS, DEVICES, ENGINES, HEADS, PRECISIONS, STRATEGIES, TTAS, FineTuneSettings, Runtime,
+from headstart import progress
+from headstart._version import __version__
+from headstart.errors import HeadstartError, Interrupted
+from headstart.settings import (CLASS_WEIGHTS, DEVICES, ENGINES, HEADS, PRECISIONS, TTAS, FineTuneSettings, Runtime,
                        TrainConfig, parse_duration)
-from .settings import ENSEMBLE
-from .text import count
+from headstart.settings import ENSEMBLE
+from headstart.strategies import compare_rows, list_strategies
+from headstart.progress import count
 
 log = logging.getLogger("headstart")
 
@@ -77,7 +78,7 @@ def get_parser() -> argparse.ArgumentParser:
     t.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV)")
     t.add_argument("--backbone", default=None,
                    help="see `headstart backbones` (default mobilenet_v2; small_cnn for scratch)")
-    t.add_argument("--strategy", default="auto", choices=STRATEGIES,
+    t.add_argument("--strategy", default="auto", choices=list_strategies(),
                    help="default auto: feature extraction or fine-tuning, chosen from the data, with its reasons "
                         "in the log and config.json")
     t.add_argument("--head", default="linear", choices=HEADS)
@@ -123,8 +124,7 @@ def get_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="train scratch, feature extraction (linear, mlp) and fine-tuning side by side")
     cp.add_argument("data")
     cp.add_argument("--out", required=True, help="folder for the runs, compare.json and compare.png")
-    cp.add_argument("--strategies", default=None, help="comma-separated subset of: " + ", ".join(
-        ["scratch", "feature-extraction-linear", "feature-extraction-mlp", "fine-tune"]))
+    cp.add_argument("--strategies", default=None, help="comma-separated subset of: " + ", ".join(compare_rows()))
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--image-size", type=_size, default="auto")
     cp.add_argument("--workers", type=int, default=None)
@@ -248,7 +248,7 @@ def _finetune_args(group) -> None:
 
 
 def cmd_train(a) -> int:
-    from .training import resume, train
+    from headstart.runs.train import resume, train
 
     if a.resume:
         return _print_run(resume(a.resume), a.json)
@@ -262,7 +262,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_extract(a) -> int:
-    from .extraction import extract_features
+    from headstart.runs.extract import extract_features
 
     rt = _runtime(a)
     r = extract_features(a.data, labels=a.labels, backbone=a.backbone, weights=a.weights, image_size=a.image_size,
@@ -290,7 +290,7 @@ def _print_run(run, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"run_dir": str(run.run_dir), **run.metrics}, indent=2))
         return 0
-    from .reporting import format_report
+    from headstart.reports.tables import format_report
 
     if "test" in run.metrics:
         print(format_report(run.metrics["test"]))
@@ -305,7 +305,7 @@ def _print_run(run, as_json: bool) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .compare import compare, format_table
+    from headstart.runs.compare import compare, format_table
 
     names = [n.strip() for n in a.strategies.split(",")] if a.strategies else None
     budget = {"finetune": {"epochs": a.epochs}} if a.epochs is not None else {}
@@ -316,8 +316,8 @@ def cmd_compare(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .reporting import format_report
-    from .predict import evaluate
+    from headstart.reports.tables import format_report
+    from headstart.runs.predict import evaluate
 
     metrics = evaluate(a.run, a.data, labels=a.labels, runtime=_runtime(a))
     print(json.dumps(metrics, indent=2) if a.json else format_report(metrics))
@@ -325,8 +325,8 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    from .bundle import load
-    from .predict import predict_files
+    from headstart.models.bundle import load
+    from headstart.runs.predict import predict_files
 
     rows, skipped = predict_files(load(a.run), a.inputs, top_k=a.top_k, runtime=_runtime(a))
     if a.json:
@@ -350,14 +350,14 @@ def cmd_predict(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    from .serve import serve
+    from headstart.serve.app import serve
 
     return serve(a.run, host=a.host, port=a.port, max_upload_mb=a.max_upload_mb, token=a.token, top_k=a.top_k,
                  log_level="warning" if a.quiet else "info", runtime=_runtime(a))
 
 
 def cmd_report(a) -> int:
-    from .report_html import report
+    from headstart.reports.html import report
 
     for path in report(a.run):
         print(path)
@@ -365,11 +365,11 @@ def cmd_report(a) -> int:
 
 
 def cmd_backbones(a) -> int:
-    from .backbones import get_backbone, list_backbones
-    from .weights import weights_available
+    from headstart.nets.registry import get_backbone, list_backbones
+    from headstart.nets.weights import weights_available
 
     if a.timm is not None:
-        from .timm_backbones import list_timm
+        from headstart.nets.timm_models import list_timm
 
         rows = list_timm(a.timm)
         print(f"{'name':<40} {'input':>5}  weights")
@@ -395,7 +395,7 @@ def _weights_status(b, where: str | None) -> str:
 
 
 def cmd_cache(a) -> int:
-    from .features import cache_info, clear_cache
+    from headstart.engines.features import cache_info, clear_cache
 
     info = clear_cache(a.cache_dir) if a.action == "clear" else cache_info(a.cache_dir)
     if a.json:
@@ -419,7 +419,7 @@ def cmd_cache(a) -> int:
 
 
 def cmd_datasets(a) -> int:
-    from .datasets import prepare
+    from headstart.data.datasets import prepare
 
     kw = {k: v for k, v in (("per_class", a.per_class), ("test_per_class", a.test_per_class)) if v}
     summary = prepare(a.name, a.out, progress=progress.enabled(), **kw)
@@ -431,7 +431,7 @@ def cmd_datasets(a) -> int:
 def cmd_export(a) -> int:
     from pathlib import Path
 
-    from .export import export_onnx
+    from headstart.runs.export import export_onnx
 
     out = Path(a.out) if a.out else Path(a.run) / "onnx"
     path = export_onnx(a.run, out, opset=a.opset, dynamic_batch=a.dynamic_batch, overwrite=a.overwrite)

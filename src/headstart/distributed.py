@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import HeadstartError
+from headstart.errors import HeadstartError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def session(device: str = "auto") -> Iterator[Launch]:
 def _label_console(launch: Launch) -> None:
     """Console lines name their rank; ranks other than 0 show warnings only and no progress bars
     (rank 0 reports the job: its log, the world size, the run directory)."""
-    from . import progress
+    from headstart import progress
 
     for handler in logging.getLogger("headstart").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):

@@ -79,3 +79,11 @@ class Progress:
 
 def bar(total: int, desc: str, unit: str = "img", disable: bool = False) -> Progress:
     return Progress(total, desc, unit, disable)
+
+
+# Counts in words for logs and messages: "1 image", "2 images", "1 class".
+IRREGULAR = {"class": "classes", "batch": "batches"}
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun if n == 1 else IRREGULAR.get(noun, noun + 's')}"

@@ -22,9 +22,8 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import HeadstartError
+from headstart.errors import HeadstartError
 
-STRATEGIES = ("auto", "feature-extraction", "fine-tune", "scratch", "ensemble")
 HEADS = ("linear", "mlp")
 CLASS_WEIGHTS = ("balanced",)
 DEVICES = ("auto", "cpu", "cuda")
@@ -205,9 +204,8 @@ class TrainConfig:
                        workers=self.workers, cache_dir=self.cache_dir)
 
     def validate(self) -> "TrainConfig":
-        """Check every rule that needs no backbone or data, and fill in what the strategy implies."""
-        if self.strategy not in STRATEGIES:
-            raise HeadstartError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}.")
+        """Check every rule that needs no backbone, data or strategy (the strategy's own rules and what it
+        implies are its entry's: strategies.registry.configure applies both)."""
         if self.head not in HEADS:
             raise HeadstartError(f"--head must be one of {', '.join(HEADS)}; got {self.head!r}.")
         if self.tta not in TTAS:
@@ -217,44 +215,6 @@ class TrainConfig:
         self.runtime  # noqa: B018 -- checks device, engine, precision, batch size and workers
         given = self.finetune.to_dict() if isinstance(self.finetune, FineTuneSettings) else dict(self.finetune or {})
         self.finetune_given = tuple(sorted(given))
-        if self.strategy == "feature-extraction" and given:
-            raise HeadstartError(f"fine-tuning settings ({', '.join(_flag(k) for k in sorted(given))}) apply to "
-                                 "--strategy fine-tune, scratch or auto only; drop them, or choose one of those "
-                                 "strategies.")
-        if self.strategy == "ensemble" and "epochs" not in given:
-            given["epochs"] = ENSEMBLE.finetune_epochs  # the fine-tuning member's, unless --epochs says
-        if self.strategy in ("ensemble", "auto"):
-            self.scratch_epochs = ENSEMBLE.scratch_epochs if self.scratch_epochs is None else self.scratch_epochs
-            if isinstance(self.scratch_epochs, bool) or not isinstance(self.scratch_epochs, int) \
-                    or self.scratch_epochs < 1:
-                raise HeadstartError(f"--scratch-epochs must be a whole number of at least 1, not "
-                                     f"{self.scratch_epochs!r}.")
-        elif self.scratch_epochs is not None:
-            raise HeadstartError("--scratch-epochs sets the scratch member of --strategy ensemble (or auto); drop "
-                                 "it, or choose one of those strategies.")
-        if self.strategy == "scratch":
-            if self.weights not in (None, "none"):
-                raise HeadstartError("--strategy scratch trains from a random initialisation; drop --weights.")
-            self.weights = "none"
-            self.backbone = self.backbone or "small_cnn"
-            given = {**SCRATCH_DEFAULTS, **given}
-        self.backbone = self.backbone or "mobilenet_v2"
-        if self.strategy == "feature-extraction":
-            self.finetune = None
-        else:
-            names = {f.name for f in fields(FineTuneSettings)}
-            unknown = sorted(set(given) - names)
-            if unknown:
-                raise HeadstartError(f"unknown fine-tuning settings {unknown}; they are {', '.join(sorted(names))}.")
-            self.finetune = FineTuneSettings(**given).validate()
-        if self.strategy == "ensemble" and (self.resume or self.weights == "none"):
-            raise HeadstartError("--strategy ensemble trains a fine-tuned member on pretrained weights and a "
-                                 "scratch member; it has no --resume and no --weights none. Start it again "
-                                 "without them.")
-        if self.cv is not None and self.strategy in ("fine-tune", "scratch", "ensemble"):
-            raise HeadstartError(f"--cv cross-validates the head on cached features; it does not apply to --strategy "
-                                 f"{self.strategy} (each fold would train the network again). Drop --cv, or use "
-                                 "--strategy feature-extraction.")
         if self.cv is not None and self.cv < 2:
             raise HeadstartError(f"--cv {self.cv}: K-fold cross-validation needs 2 <= K (and no more folds than "
                                  "train + validation images); pass --cv 2 or more.")

@@ -1,0 +1,1 @@
+"""What trains: heads (estimators and torch modules), fine-tuning, the epoch loop, distributed training."""

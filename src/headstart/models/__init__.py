@@ -1,0 +1,1 @@
+"""A trained model in use: Model, Ensemble, and the bundle on disk."""

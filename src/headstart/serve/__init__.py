@@ -1,0 +1,1 @@
+"""`headstart serve`: the HTTP API and its page."""
