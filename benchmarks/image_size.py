@@ -96,7 +96,7 @@ def fixed_accuracies(root: Path, csvs: dict[int, Path], cache: Path, log, sizes=
     added to `out` (and `save` called) after each, so a stopped run keeps its numbers."""
     from headstart.nets.registry import get_backbone
     from headstart.data.folders import load_data
-    from headstart.engines.engine import choose_engine, make_engine
+    from headstart.engines.rule import choose_engine, make_engine
     from headstart.engines.features import FeatureCache, extract, make_namespace
     from headstart.learn.heads import make_head
     from headstart.nets.weights import load_backbone

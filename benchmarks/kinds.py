@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headstart.engines.engine import bf16_units, cpu_flags
+from headstart.cpu import cpu_flags
 
 # The kinds the project is run on, in README order; another CPU gets its own file and section.
+from headstart.engines.rule import bf16_units
 KINDS = {"avx2": "AVX2, no AVX-512, no native bf16",
          "avx512_bf16": "AVX-512 with native bf16 (AVX512-BF16, no AMX)",
          "avx512_amx": "AVX-512 with native bf16 and AMX tiles (bf16 and int8 matrix units)"}

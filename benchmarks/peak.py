@@ -24,7 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from headstart.engines.engine import cpu_flags, installed, native_bf16, openvino_compile
+from headstart.cpu import cpu_flags
+from headstart.engines.openvino_engine import openvino_compile
+from headstart.engines.rule import installed, native_bf16
 
 PRECISIONS = ("fp32", "bf16", "int8")
 

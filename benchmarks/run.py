@@ -38,7 +38,9 @@ from benchmarks import scaling as scale_out  # noqa: E402
 from benchmarks.peak import Peaks  # noqa: E402
 from benchmarks.baselines import plain  # noqa: E402
 from headstart.nets.registry import get_backbone  # noqa: E402
-from headstart.engines.engine import EngineChoice, call_batch, installed, make_engine, native_bf16  # noqa: E402
+from headstart.engines.choice import EngineChoice  # noqa: E402
+from headstart.engines.onnx_engine import call_batch
+from headstart.engines.rule import installed, make_engine, native_bf16
 from headstart.learn.precision import PAYS  # noqa: E402
 from headstart.nets.weights import load_backbone  # noqa: E402
 
@@ -208,7 +210,7 @@ def _auto_size_setup(data: Path, strategy: str = "auto", size: int | None = None
     """What `headstart train DATA --strategy STRATEGY` extracts with by default: the training images, the
     automatic image size for that strategy (or `size`), the rule's engine, batch and workers."""
     from headstart.data.folders import load_data
-    from headstart.engines.engine import choose_engine
+    from headstart.engines.rule import choose_engine
     from headstart.settings import Runtime
     from headstart.runs.train import auto_image_size
 
@@ -495,7 +497,7 @@ MEMORY_SCRIPT = """
 import sys
 from pathlib import Path
 from headstart.nets.registry import get_backbone
-from headstart.engines.engine import choose_engine, make_engine
+from headstart.engines.rule import choose_engine, make_engine
 from headstart.engines.features import FeatureCache, extract, make_namespace
 from headstart.nets.weights import load_backbone
 folder, n, cache = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])

@@ -61,7 +61,7 @@ def _fill_cache(folder: Path, cache: Path) -> None:
     from headstart.nets.registry import get_backbone
     from headstart.data.folders import scan_folder
     from headstart.data.checks import content_digests
-    from headstart.engines.engine import choose_engine
+    from headstart.engines.rule import choose_engine
     from headstart.engines.features import CHUNK, FeatureCache, image_key, make_namespace
     from headstart.nets.weights import load_backbone
 

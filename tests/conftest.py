@@ -120,17 +120,22 @@ def tree_digest(root: Path) -> dict[str, tuple]:
 def count_network_batches(monkeypatch) -> list[int]:
     """Batch sizes every backbone engine is called with from now on, whichever engine runs.
 
-    Every class of headstart.engines.engine with a `__call__` of its own is patched (TorchEngine and the
-    converted engines' base class today), so a new engine is counted without editing this.
+    Every class of the engine modules (headstart.engines.*_engine) with a `__call__` of its own is patched
+    (TorchEngine and the converted engines' base class today), so a new engine is counted without editing this.
     """
+    import importlib
     import inspect
+    import pkgutil
 
-    from headstart.engines import engine
+    import headstart.engines
+    from headstart.engines import onnx_engine, torch_engine
 
+    modules = [importlib.import_module(f"headstart.engines.{m.name}") for m in pkgutil.iter_modules(
+        headstart.engines.__path__) if m.name.endswith("_engine")]
     sizes: list[int] = []
-    patched = [cls for _, cls in inspect.getmembers(engine, inspect.isclass)
-               if cls.__module__ == engine.__name__ and "__call__" in vars(cls)]
-    assert engine.TorchEngine in patched and engine._ConvertedEngine in patched, patched
+    patched = [cls for module in modules for _, cls in inspect.getmembers(module, inspect.isclass)
+               if cls.__module__ == module.__name__ and "__call__" in vars(cls)]
+    assert torch_engine.TorchEngine in patched and onnx_engine._ConvertedEngine in patched, patched
     for cls in patched:
         real = vars(cls)["__call__"]
         monkeypatch.setattr(cls, "__call__",
@@ -172,7 +177,7 @@ def fake_cpu(monkeypatch):
     import sys
 
     from headstart import cpu
-    from headstart.engines import engine
+    from headstart.engines import rule as engine
 
     def fake(native_bf16: bool, missing: tuple[str, ...] = (), amx: bool = False):
         flags = {"avx2", "avx512f", "avx512_bf16"} if native_bf16 else {"avx2"}

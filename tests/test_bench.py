@@ -54,7 +54,7 @@ def test_reported_peak_is_above_every_engine_in_a_short_run(tmp_path):
     from benchmarks import run
     from benchmarks.baselines import plain
     from headstart.nets.registry import get_backbone
-    from headstart.engines.engine import installed
+    from headstart.engines.rule import installed
     from headstart.nets.weights import load_backbone
 
     model, _ = load_backbone(get_backbone("resnet50"), "none", seed=0)

@@ -17,7 +17,7 @@ import pytest
 
 import headstart
 from headstart import cli
-from headstart.engines.engine import choose_engine
+from headstart.engines.rule import choose_engine
 
 from conftest import MEASURED, count_network_batches, tree_digest, write_image_folder
 

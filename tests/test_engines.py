@@ -15,7 +15,8 @@ import torch
 from headstart.nets.spec import PIPELINE
 from headstart.nets.registry import get_backbone
 from headstart.data.folders import scan_folder
-from headstart.engines.engine import ENGINES, EngineChoice, choose_engine, make_engine
+from headstart.engines.choice import EngineChoice
+from headstart.engines.rule import ENGINES, choose_engine, make_engine
 from headstart.engines.features import FeatureCache, extract, make_namespace
 from headstart.nets.weights import load_backbone
 
@@ -52,7 +53,8 @@ def _rgb(path):
 ALTSTACK_SCRIPT = """
 import gc, os, signal, subprocess, sys
 import torch
-from headstart.engines.engine import EngineChoice, make_engine
+from headstart.engines.choice import EngineChoice
+from headstart.engines.rule import make_engine
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
 x = torch.randn(2, 3, 16, 16)
 choice = EngineChoice("openvino", "fp32", "cpu", "test")
@@ -85,7 +87,7 @@ print("survived")
 def test_openvino_engines_freed_in_any_order_leave_signals_working(tmp_path):
     """Each OpenVINO Core's CPU plugin swaps the thread's alternate signal stack and unmaps its own when
     freed; two freed first-in-first-out left an unmapped stack, and the next Python signal handler (a
-    DataLoader's SIGCHLD) killed the process with SIGSEGV. engine.keep_signal_stack puts the stack back;
+    DataLoader's SIGCHLD) killed the process with SIGSEGV. signal_stack.keep_signal_stack puts the stack back;
     a forked child still compiles (one Core for the whole process would hang it)."""
     proc = subprocess.run([sys.executable, "-c", ALTSTACK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                           timeout=300)
@@ -95,7 +97,7 @@ def test_openvino_engines_freed_in_any_order_leave_signals_working(tmp_path):
 @pytest.mark.slow
 def test_openvino_matches_torch_fp32(images, tmp_path):
     """The same check for OpenVINO, in its own process: tearing OpenVINO down inside this long pytest process
-    once crashed a later test with SIGSEGV (the plugins' alternate signal stacks: engine.keep_signal_stack)."""
+    once crashed a later test with SIGSEGV (the plugins' alternate signal stacks: signal_stack.keep_signal_stack)."""
     script = (
         "import sys, json; sys.path.insert(0, sys.argv[1]); import test_engines as t; "
         "import torch; torch.set_num_threads(1); "
@@ -143,7 +145,7 @@ def check_engine(name, reference, tmp_path) -> float:
 def test_converted_engines_run_a_batch_in_calls_of_call_batch_images(reference, monkeypatch, tmp_path):
     """A batch runs as consecutive calls of `call_batch` images (cache-sized activations), whose features are
     each call's own, in order; and the feature cache's key says how many images a call took."""
-    import headstart.engines.engine as engine_mod
+    import headstart.engines.onnx_engine as engine_mod
 
     model, info, x, want = reference
     engine = make_engine(model, EngineChoice("onnxruntime", "fp32", "cpu", "test"), tmp_path / "cache")
@@ -198,13 +200,13 @@ def test_converted_engines_normalise_uint8_pixels_in_their_own_graph(reference, 
 
 
 def test_call_batch_is_a_power_of_two_that_shrinks_as_images_grow():
-    from headstart.engines.engine import call_batch
+    from headstart.engines.onnx_engine import call_batch
 
     sizes = [16, 32, 64, 96, 128, 160, 224, 299, 384, 512]
     calls = [call_batch(s, s) for s in sizes]
     assert all(c in (1, 2, 4, 8, 16, 32, 64) for c in calls)
     assert calls == sorted(calls, reverse=True) and calls[0] == 64 and calls[-1] == 1
-    assert call_batch(128, 128) == 8  # the FMNIST-TL bench size: the measured best (engine.CALL_PIXELS)
+    assert call_batch(128, 128) == 8  # the FMNIST-TL bench size: the measured best (onnx_engine.CALL_PIXELS)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import headstart
-from headstart.engines.engine import native_bf16
+from headstart.engines.rule import native_bf16
 from headstart.models.bundle import save as save_bundle
 from headstart.errors import HeadstartError
 from headstart.runs.export import export_onnx

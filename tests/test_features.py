@@ -13,13 +13,9 @@ from PIL import Image
 
 from headstart.engines import features as features_mod
 from headstart.nets.registry import get_backbone
-from headstart.engines.engine import (
-    EngineChoice,
-    choose_engine,
-    cpu_flags,
-    make_engine,
-    native_bf16,
-)
+from headstart.cpu import cpu_flags
+from headstart.engines.choice import EngineChoice
+from headstart.engines.rule import choose_engine, make_engine, native_bf16
 from headstart.data.checks import content_digests
 from headstart.errors import HeadstartError
 from headstart.engines.features import (

@@ -14,7 +14,7 @@ from torch import nn
 
 import headstart
 from headstart.nets.registry import get_backbone
-from headstart.engines.engine import choose_engine, make_engine
+from headstart.engines.rule import choose_engine, make_engine
 from headstart.learn.finetune import Boundary, FineTuneNet, FineTuneSettings, fit, trainable_state
 from headstart.data.images import load_image
 from headstart.nets.weights import load_backbone

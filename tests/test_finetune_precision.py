@@ -106,7 +106,8 @@ def test_trim_and_status():
 
 @pytest.mark.slow  # an ONNX export and two compilations
 def test_release_frees_the_session_and_the_engine_still_runs(one_torch_thread, tmp_path):
-    from headstart.engines.engine import EngineChoice, make_engine
+    from headstart.engines.choice import EngineChoice
+    from headstart.engines.rule import make_engine
 
     model, _ = load_backbone(ENTRY)
     engine = make_engine(model, EngineChoice("onnxruntime", "fp32", "cpu", "test"), tmp_path)
@@ -124,7 +125,7 @@ def test_a_fine_tune_run_records_its_precision_and_releases_both_sessions(fmnist
     """The extraction session and the frozen part's session are freed before the epochs (issue 15:
     together 0.8 GB of ONNX Runtime arena held through fine-tuning); the precision's choice and reason
     land in config.json and metrics.json."""
-    from headstart.engines.engine import _ConvertedEngine
+    from headstart.engines.onnx_engine import _ConvertedEngine
 
     fake_cpu(native_bf16=True)  # still fp32: the recorded measurement (1.32x) is under the 1.5x that pays
     released = []

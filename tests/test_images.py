@@ -264,7 +264,7 @@ def test_extraction_decodes_jpegs_in_draft_mode_and_the_key_says_so(tmp_path):
     import torch
 
     from headstart.nets.registry import get_backbone
-    from headstart.engines.engine import EngineChoice
+    from headstart.engines.choice import EngineChoice
     from headstart.data.decoding import _Images, decode_side, split_transform
     from headstart.engines.features import make_namespace
 

@@ -7,7 +7,8 @@ import pytest
 
 from headstart.nets.registry import get_backbone
 from headstart.data.folders import scan_folder
-from headstart.engines.engine import ENGINES, EngineChoice, choose_engine, make_engine
+from headstart.engines.choice import EngineChoice
+from headstart.engines.rule import ENGINES, choose_engine, make_engine
 from headstart.errors import HeadstartError
 from headstart.engines.features import FeatureCache, extract, image_key, make_namespace, namespace_key
 from headstart.engines.quantize import calibration_from, calibration_paths

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import headstart
-from headstart.engines import engine as engine_mod
+from headstart.engines import onnx_engine, openvino_engine
 from headstart.models import model as model_mod
 from headstart.data.images import ImageError
 from headstart.models.model import Model, Prediction
@@ -91,12 +91,12 @@ def test_the_engine_is_built_once_per_choice(tiny, monkeypatch):
     run, images = tiny
     model = headstart.load(run)
     built, compiled, digests = [], [], []
-    real_make, real_compile, real_digest = model_mod.make_engine, engine_mod.OnnxRuntimeEngine._compile, \
-        engine_mod.model_digest
+    real_make, real_compile, real_digest = model_mod.make_engine, onnx_engine.OnnxRuntimeEngine._compile, \
+        onnx_engine.model_digest
     monkeypatch.setattr(model_mod, "make_engine", lambda *a, **k: built.append(a[1]) or real_make(*a, **k))
-    monkeypatch.setattr(engine_mod.OnnxRuntimeEngine, "_compile",
+    monkeypatch.setattr(onnx_engine.OnnxRuntimeEngine, "_compile",
                         lambda self, path, threads: compiled.append(path) or real_compile(self, path, threads))
-    monkeypatch.setattr(engine_mod, "model_digest", lambda m: digests.append(1) or real_digest(m))
+    monkeypatch.setattr(onnx_engine, "model_digest", lambda m: digests.append(1) or real_digest(m))
     for _ in range(3):
         model.predict(images[:2], cache_dir="none", workers=0, engine="onnxruntime", precision="fp32")
     assert len(built) == 1 and len(compiled) == 1 and len(digests) == 1  # main: 3 engines, 3 sessions, 3 hashes
@@ -140,7 +140,7 @@ def test_openvino_gives_each_thread_its_own_infer_request():
             made.append(object())
             return made[-1]
 
-    requests = engine_mod._PerThreadRequests(Compiled())
+    requests = openvino_engine._PerThreadRequests(Compiled())
     mine = requests.get()
     assert requests.get() is mine  # one per thread, reused
     other = []

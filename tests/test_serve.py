@@ -519,7 +519,7 @@ def test_host_0000_says_it_is_reachable_from_the_network(run_dir, workdir, monke
     assert "add --token" not in serve.exposure_note("0.0.0.0", 8123, "t")
     assert serve.exposure_note("::1", 8000, None) is None and serve.exposure_note("localhost", 8000, None) is None
     from headstart import load
-    from headstart.engines.engine import choose_engine
+    from headstart.engines.rule import choose_engine
 
     bundle = run_dir / "model"  # a bare bundle has no run metrics; a run directory has them
     assert serve.model_info(load(bundle), choose_engine(), bundle)["metrics"] is None

@@ -12,7 +12,7 @@ import pytest
 import headstart
 from headstart.strategies import configure, list_strategies
 from headstart import cli, settings
-from headstart.engines import engine
+from headstart.engines import rule as engine
 from headstart.learn import finetune
 from headstart.errors import HeadstartError
 from headstart.settings import FineTuneSettings, Runtime, TrainConfig

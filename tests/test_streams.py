@@ -15,7 +15,8 @@ from conftest import write_image_folder
 
 from headstart.data import decoding
 from headstart.nets.registry import get_backbone, seeded_init
-from headstart.engines.engine import EngineChoice, installed, make_engine
+from headstart.engines.choice import EngineChoice
+from headstart.engines.rule import installed, make_engine
 from headstart.engines.features import CHUNK, FeatureCache, extract, make_namespace
 
 ENTRY = get_backbone("mobilenet_v2")
@@ -162,7 +163,8 @@ def test_openvino_compiles_one_stream_per_caller_for_streams(tmp_path):
 
 FIRST_CALLS = """
 import sys, threading, numpy as np, torch
-from headstart.engines.engine import EngineChoice, make_engine
+from headstart.engines.choice import EngineChoice
+from headstart.engines.rule import make_engine
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
 engine = make_engine(model, EngineChoice("openvino", "fp32", "cpu", "test"), sys.argv[1])
 runner = engine._compile(engine._onnx_file((16, 16)), 1)  # compiled as extraction's streams compile it

@@ -211,7 +211,7 @@ def _engine_args(p: argparse.ArgumentParser, workers: bool = False) -> None:
     d = Runtime()
     p.add_argument("--device", default=d.device, choices=DEVICES)
     p.add_argument("--engine", default=d.engine, choices=("auto", *ENGINES),
-                   help="inference engine for the frozen backbone (default auto: engine.choose_engine's rule)")
+                   help="inference engine for the frozen backbone (default auto: chosen from the installed engines and the CPU's bf16 support)")
     p.add_argument("--precision", default=d.precision, choices=("auto", *PRECISIONS),
                    help="int8: the frozen backbone quantised, calibrated on 256 training images (feature "
                         "extraction; README \"int8\")")

@@ -1,6 +1,6 @@
 """The CPU's feature flags, read once per call from /proc/cpuinfo.
 
-Its own module because two places decide by them (engine.py's precision rule, quantize.py's weight
+Its own module because two places decide by them (engines/rule.py's precision rule, quantize.py's weight
 type) and one must not import the other. Tests fake a CPU kind by replacing `cpu.cpu_flags`.
 """
 

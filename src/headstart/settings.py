@@ -27,7 +27,7 @@ from headstart.errors import HeadstartError
 HEADS = ("linear", "mlp")
 CLASS_WEIGHTS = ("balanced",)
 DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("onnxruntime", "openvino", "torch")  # in the order the automatic rule tries them (engine.py)
+ENGINES = ("onnxruntime", "openvino", "torch")  # in the order the automatic rule tries them (engines/rule.py)
 PRECISIONS = ("fp32", "bf16", "int8")  # int8: quantize.py, feature extraction on a converted engine
 AUGMENTS = ("none", "flip", "light", "standard")
 BOUNDARY_AUGMENTS = ("none", "flip")  # these keep the boundary cache: flips are computed once, too
@@ -124,7 +124,7 @@ class Runtime:
     """How the backbone runs: the same settings for training, evaluate, predict and serve."""
 
     device: str = "auto"  # auto, cpu or cuda
-    engine: str = "auto"  # auto or one of ENGINES; auto follows engine.choose_engine's fixed rule
+    engine: str = "auto"  # auto or one of ENGINES; auto follows engines/rule.py's fixed rule
     precision: str = "auto"  # auto or one of PRECISIONS
     batch_size: int = 64  # images per network call
     workers: int | None = None  # image decoding processes; None fits the cores

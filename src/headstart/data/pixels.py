@@ -3,7 +3,7 @@
 Images are decoded, resized and cropped to uint8 (backbone_spec.SplitClassification.decode); `Normalize`
 turns a batch of them into the float32 tensor the network takes, with torchvision's operations in its order
 (convert_image_dtype, then normalize), so bitwise its result. An engine is handed the uint8 batch and this
-`Normalize` (engine.py): torch runs it before the network; a converted engine (ONNX Runtime, OpenVINO) runs
+`Normalize` (engines/): torch runs it before the network; a converted engine (ONNX Runtime, OpenVINO) runs
 the same operations as the first nodes of its own graph (exported with them, engine._ConvertedEngine; put
 in front of an int8 model, `in_front_of`), where OpenVINO folds them into the first convolution. Measured on the AMX machine (2026-12-01, MobileNetV2 at
 160 px, 64 gray FMNIST-sized images per batch, two 1-thread streams, a script, best of 3 x 4 s): OpenVINO bf16

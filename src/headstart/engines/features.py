@@ -37,7 +37,7 @@ from headstart.nets.spec import PIPELINE
 from headstart.errors import HeadstartError
 from headstart.fileio import atomic_path, write_json
 from headstart.data.decoding import default_streams, default_workers, map_batches
-from headstart.engines.engine import call_batch
+from headstart.engines.onnx_engine import call_batch
 from headstart.data.images import DECODER_OPTIONS
 from headstart.fileio import default_cache_dir
 
@@ -352,7 +352,7 @@ def _compute_streams(engine, transform, paths: list[str], keys: list[str], cache
 
 
 # What headstart writes under a cache folder: pooled features, backbones converted for ONNX Runtime or
-# OpenVINO (engine.py), `datasets prepare`'s downloads and the file digests of each data root
+# OpenVINO (engines/), `datasets prepare`'s downloads and the file digests of each data root
 # (datachecks.py). `cache clear` removes these and nothing else.
 CACHE_PARTS = ("features", "engines", "downloads", "digests")
 

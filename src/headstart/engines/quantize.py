@@ -1,6 +1,6 @@
 """int8: post-training static quantisation of the frozen backbone, calibrated on the user's own images.
 
-ONNX Runtime's `quantize_static` turns the fp32 ONNX export (engine.py) into a QDQ model:
+ONNX Runtime's `quantize_static` turns the fp32 ONNX export (onnx_engine.py) into a QDQ model:
 weights int8 per output channel, activations uint8 with ranges measured (min-max) on
 CALIBRATION_IMAGES training images, chosen evenly over the sorted training paths so the
 same data always gives the same model. Both converted engines run that file: ONNX Runtime

@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from headstart import distributed, faults, progress
 from headstart.nets.registry import Backbone, Preprocessing, sequence
-from headstart.engines.engine import model_digest
+from headstart.engines.onnx_engine import model_digest
 from headstart.errors import HeadstartError
 from headstart.fileio import atomic_path
 from headstart.learn.precision import FineTunePrecision
@@ -72,7 +72,7 @@ class FineTuneNet(nn.Module):
         self.top_names = [name for name, _ in layers[cut:]]  # block name or None, per module of `top`
         self.trainable_blocks = [name for name in self.top_names if name]
         self.bn_update = bn_update
-        # Optional: a faster engine (engine.py) running a converted copy of `frozen`; outputs agree
+        # Optional: a faster engine (engines/) running a converted copy of `frozen`; outputs agree
         # with it within the engines' parity tolerance. None runs `frozen` itself.
         self.frozen_engine: Callable | None = None
         self.frozen.requires_grad_(False)

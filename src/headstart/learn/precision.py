@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from headstart.engines.engine import bf16_units, native_bf16
+from headstart.engines.rule import bf16_units, native_bf16
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 built once per (engine, precision, device, cache folder) and reused by every later call:
 building it costs, with ONNX Runtime, a hash of every backbone tensor and a new session.
 A Model may be called from several threads at once (a server): the engine table is filled
-under a lock, and the engines themselves are safe to share (engine.py).
+under a lock, and the engines themselves are safe to share (engines/).
 
 Every input gets an answer in input order. An unusable one (missing, not an image, damaged)
 is a `Prediction` with its `error` from `predict`, a NaN row from `predict_proba(...,
@@ -33,7 +33,8 @@ from PIL import Image
 from torch import nn
 
 from headstart.nets.registry import Backbone, Preprocessing
-from headstart.engines.engine import EngineChoice, choose_engine, make_engine, resolve_device
+from headstart.engines.choice import EngineChoice
+from headstart.engines.rule import choose_engine, make_engine, resolve_device
 from headstart.errors import HeadstartError
 from headstart.engines.features import FeatureCache, cache_root_of, extract, make_namespace
 from headstart.learn.head_modules import softmax

@@ -32,7 +32,7 @@ from torch import nn
 from headstart._version import __version__
 from headstart.models.bundle import Model, load
 from headstart.models.ensemble import AVERAGING, Ensemble, is_model
-from headstart.engines.engine import ONNX_EXPORT_LOCK
+from headstart.engines.onnx_engine import ONNX_EXPORT_LOCK
 from headstart.errors import HeadstartError
 from headstart.fileio import atomic_path, write_json
 from headstart.data.images import ALPHA_BACKGROUND, MAX_PIXELS

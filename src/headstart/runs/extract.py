@@ -13,7 +13,7 @@ import os
 from headstart import distributed
 from headstart.nets.registry import get_backbone
 from headstart.data.folders import check_input, load_data
-from headstart.engines.engine import choose_engine, make_engine
+from headstart.engines.rule import choose_engine, make_engine
 from headstart.errors import HeadstartError
 from headstart.engines.features import FeatureCache, cache_root_of, extract, make_namespace
 from headstart.nets.weights import load_backbone

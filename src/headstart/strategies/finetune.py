@@ -15,7 +15,7 @@ from headstart import distributed, memory
 from headstart.learn import precision as finetune_precision
 from headstart.nets.registry import count_parameters
 from headstart.errors import HeadstartError
-from headstart.engines.engine import choose_engine, make_engine
+from headstart.engines.rule import choose_engine, make_engine
 from headstart.data.decoding import default_workers
 from headstart.engines.features import cache_root_of
 from headstart.learn.heads import class_weights
