@@ -60,13 +60,20 @@ def _names(action: argparse.Action) -> str:
     return f"`{action.metavar or action.dest}`"
 
 
-def _rows(actions) -> list[str]:
+def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """The help as `--help` prints it: `%(default)s` and the like filled in by argparse itself."""
+    if not action.help:
+        return ""
+    return argparse.HelpFormatter(parser.prog)._expand_help(action)
+
+
+def _rows(parser: argparse.ArgumentParser, actions) -> list[str]:
     rows = ["| argument | what | default | choices |", "|---|---|---|---|"]
     for action in actions:
         if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
             continue
         choices = ", ".join(f"`{c}`" for c in action.choices) if action.choices else ""
-        rows.append(f"| {_names(action)} | {_cell(action.help or '')} | {_default(action)} | {choices} |")
+        rows.append(f"| {_names(action)} | {_cell(_help(parser, action))} | {_default(action)} | {choices} |")
     return rows
 
 
@@ -74,10 +81,10 @@ def _arguments(parser: argparse.ArgumentParser) -> list[str]:
     """One table for the command's own arguments, then one per titled group (e.g. fine-tuning)."""
     own = [a for g in parser._action_groups if g.title in ("positional arguments", "options")
            for a in g._group_actions]
-    lines = _rows(own)
+    lines = _rows(parser, own)
     for group in parser._action_groups:
         if group.title not in ("positional arguments", "options") and group._group_actions:
-            lines += ["", f"**{_cell(group.title)}**", "", *_rows(group._group_actions)]
+            lines += ["", f"**{_cell(group.title)}**", "", *_rows(parser, group._group_actions)]
     return lines
 
 
@@ -85,7 +92,9 @@ def _usage(parser: argparse.ArgumentParser) -> str:
     """The usage as `--help` prints it, wrapped at 72 columns (the width of a page) whatever the terminal."""
     formatter = argparse.HelpFormatter(parser.prog, width=72)
     formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups)
-    return formatter.format_help().strip().removeprefix("usage: ")
+    first, *rest = formatter.format_help().strip().splitlines()
+    prefix = len("usage: ")  # argparse indents the continuation lines under the program's name after it
+    return "\n".join([first[prefix:], *(line[prefix:] for line in rest)])
 
 
 def cli_reference() -> str:
