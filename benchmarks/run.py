@@ -456,7 +456,7 @@ def finetune_epoch(data: Path, work: Path, size: int, unfreeze: int, max_batches
 
 def finetune_bf16(data: Path, work: Path, epochs: int, smoke: bool) -> dict:
     """fp32 against bf16-autocast fine-tuning (issue 15 item 3), the same short run each (`--epochs`), on a CPU
-    with native bf16 only: elsewhere torch emulates bf16, and the rule (finetune_precision.choose) never picks it.
+    with native bf16 only: elsewhere torch emulates bf16, and the rule (finetune_precision.choose_precision) never picks it.
     The fp32 run goes first and fills the feature cache; epochs are compared by their median seconds."""
     if not native_bf16():
         return {"measured": False, "reason": "not measured: no native bf16"}

@@ -18,15 +18,9 @@ from headstart.engines.choice import EngineChoice
 from headstart.engines.rule import choose_engine, make_engine, native_bf16
 from headstart.data.checks import content_digests
 from headstart.errors import HeadstartError
-from headstart.engines.features import (
-    FeatureCache,
-    cache_info,
-    clear_cache,
-    default_cache_dir,
-    extract,
-    make_namespace,
-    namespace_key,
-)
+from headstart.engines.features import FeatureCache, extract, make_namespace, namespace_key
+from headstart.fileio import default_cache_dir
+from headstart.runs.cache import cache_info, clear_cache
 from headstart.data.images import load_image
 from headstart.nets.weights import load_backbone
 

@@ -14,7 +14,7 @@ from headstart import memory
 from headstart.learn import precision as finetune_precision
 from headstart.nets.registry import get_backbone
 from headstart.learn.finetune import FineTuneNet, FineTuneSettings, compute_boundary, fit
-from headstart.learn.precision import choose
+from headstart.learn.precision import choose_precision as choose
 from headstart.nets.weights import load_backbone
 
 ENTRY = get_backbone("mobilenet_v2")

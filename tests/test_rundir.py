@@ -85,11 +85,11 @@ def test_the_logger_level_is_restored_by_the_last_run_out(tmp_path):
 
 def test_choose_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     (tmp_path / "r").mkdir()
-    assert rundir.choose(tmp_path / "r", overwrite=False) == tmp_path / "r"  # empty: fine
+    assert rundir.choose_run_dir(tmp_path / "r", overwrite=False) == tmp_path / "r"  # empty: fine
     (tmp_path / "r" / "x").write_text("x")
     with pytest.raises(HeadstartError, match="already exists.*--overwrite"):
-        rundir.choose(tmp_path / "r", overwrite=False)
-    assert rundir.choose(tmp_path / "r", overwrite=True) == tmp_path / "r"
+        rundir.choose_run_dir(tmp_path / "r", overwrite=False)
+    assert rundir.choose_run_dir(tmp_path / "r", overwrite=True) == tmp_path / "r"
 
 
 def test_check_outside_refuses_out_or_cache_inside_the_data(tmp_path):

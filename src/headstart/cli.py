@@ -395,7 +395,7 @@ def _weights_status(b, where: str | None) -> str:
 
 
 def cmd_cache(a) -> int:
-    from headstart.engines.features import cache_info, clear_cache
+    from headstart.runs.cache import cache_info, clear_cache
 
     info = clear_cache(a.cache_dir) if a.action == "clear" else cache_info(a.cache_dir)
     if a.json:

@@ -83,7 +83,7 @@ class FineTuneSettings:
     time_budget: float | None = field(default=None, metadata=_help("e.g. 90s, 10m, 1h (seconds)",
                                                                     parse=parse_duration))
     sampler: str | None = field(default=None, metadata=_help("draw classes equally often", choices=SAMPLERS))
-    # The unfrozen blocks' and head's arithmetic: auto follows finetune_precision.choose (fp32 until a
+    # The unfrozen blocks' and head's arithmetic: auto follows finetune_precision.choose_precision (fp32 until a
     # measurement on a native-bf16 CPU shows bf16 pays); bf16 is torch's CPU autocast.
     ft_precision: str = field(default="auto", metadata=_help(
         "precision of the trained blocks and head (auto: fp32 unless measured faster)", choices=FT_PRECISIONS))

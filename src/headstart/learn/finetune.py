@@ -331,7 +331,7 @@ def fit(net: FineTuneNet, s: FineTuneSettings, *, seed: int, train_data, val: Bo
     `train_data` is a Boundary (augmentation off) or an AugmentedImages data set. Returns the
     history; the best weights (by `s.early_stop_metric`) are loaded into `net` at the end.
     `callbacks` (loop.py: history.csv, TensorBoard) see every epoch, those before a resume too.
-    `precision` (finetune_precision.choose; default fp32) is the training forward pass's autocast and
+    `precision` (finetune_precision.choose_precision; default fp32) is the training forward pass's autocast and
     layout; validation runs in fp32, as the saved model is scored.
     """
     t0 = time.perf_counter()

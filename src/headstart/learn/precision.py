@@ -81,7 +81,7 @@ class FineTunePrecision:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
 
-def choose(requested: str = "auto", channels_last: bool = False, device: str = "cpu",
+def choose_precision(requested: str = "auto", channels_last: bool = False, device: str = "cpu",
            measured: Measured | None = None) -> FineTunePrecision:
     """The fixed rule (module docstring). `measured` defaults to MEASURED for this CPU's bf16 units."""
     if requested == "fp32":

@@ -14,13 +14,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
-import torch
 import torchvision
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from headstart.nets import timm_models as timm_backbones
 # An entry's types (Backbone and Preprocessing are imported from here throughout the package).
+from headstart.nets.small_cnn import SmallCNN
 from headstart.nets.spec import Backbone, Preprocessing, WeightsFile, seeded_init  # noqa: F401
 from headstart.errors import HeadstartError
 
@@ -244,29 +244,6 @@ def _register_lite(name: str) -> Backbone:
 
 for _name in _LITE:
     _register_lite(_name)
-
-
-class SmallCNN(nn.Module):
-    """The from-scratch baseline: three conv blocks (2 x conv-BN-ReLU, max-pool) and global pooling.
-
-    `--strategy scratch` puts the usual head (linear or Dense 256 -> Dense N) on top and
-    trains everything with the fine-tuning loop.
-    """
-
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128)):
-        super().__init__()
-        blocks, c_in = [], 3
-        for c in widths:
-            blocks.append(nn.Sequential(
-                nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                nn.MaxPool2d(2)))
-            c_in = c
-        self.features = nn.Sequential(*blocks)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x))
 
 
 register(Backbone(

@@ -85,7 +85,7 @@ def timm_backbone(name: str) -> Backbone:
         preprocessing_source=f"timm pretrained_cfg of {cfg.get('architecture', model_name)}"
                              f"{'.' + cfg['tag'] if cfg.get('tag') else ''}",
         adapt_state_dict=lambda sd: _drop_classifier(sd, classifier),
-        find_weights=partial(weights_available, model_name),
+        find_weights=partial(timm_weights_available, model_name),
     )
     entry = dataclasses.replace(entry, load_pretrained=partial(load_pretrained, entry))
     _ENTRIES[key] = entry
@@ -213,7 +213,7 @@ def _hf_cached(repo_id: str) -> Path | None:
     return None
 
 
-def weights_available(model_name: str) -> str | None:
+def timm_weights_available(model_name: str) -> str | None:
     for _, path in local_candidates(model_name):
         if path is not None and path.is_file():
             return str(path)
@@ -281,6 +281,6 @@ def list_timm(pattern: str) -> list[dict]:
     for name in timm.list_models(pattern or "*"):
         cfg = _cfg(name)
         rows.append({"name": PREFIX + name, "input": cfg.get("input_size", (None,))[-1],
-                     "weights": weights_available(name) if cfg else None})
+                     "weights": timm_weights_available(name) if cfg else None})
     return rows
 

@@ -1,7 +1,7 @@
 """A prepared run: the data, its splits, the image size and why, the weights, the engine, the feature
 cache and the features, made once by `prepare` and read by every later step.
 
-`train`, the other ranks under torchrun (`train.help_rank`) and `headstart extract` prepare the
+`train`, the other ranks under torchrun (`train.train_other_rank`) and `headstart extract` prepare the
 same way, so a feature `extract` caches is the one `train` finds, and a strategy's `fit`
 (strategies/registry.py) reads everything from one `RunContext` instead of eleven parameters.
 """

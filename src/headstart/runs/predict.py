@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -13,9 +12,10 @@ import numpy as np
 from headstart.models.bundle import load
 from headstart.data.folders import collect_images, load_data
 from headstart.data.checks import read_splits, seen_in_training
-from headstart.errors import DataError, HeadstartError
+from headstart.errors import DataError
 from headstart.models.ensemble import Ensemble, is_model
 from headstart.models.model import Model, features_of
+from headstart.runs.rundir import read_run_config, run_dir_of
 from headstart.settings import Runtime
 
 log = logging.getLogger(__name__)
@@ -98,48 +98,6 @@ def run_test_split(model: Model, run_dir: Path, untrained=()):
     return [p for p, _ in pairs], np.array([index[c] for _, c in pairs], dtype=np.int64), []
 
 
-def _run_dir_of(model) -> Path | None:
-    """The run directory a model path names (one holding config.json and splits.csv), else None."""
-    if is_model(model):
-        return None
-    path = Path(model).expanduser()
-    return path if (path / "config.json").is_file() and (path / "splits.csv").is_file() else None
-
-
-def _run_config(run_dir: Path | None) -> dict:
-    """What evaluate reads of a run's config.json: the engine it asked for and its classes, checked.
-
-    An unreadable file is as good as none (the model bundle is what is scored); a readable one that
-    does not match gives a HeadstartError naming the run, the key and what to do.
-    """
-    if run_dir is None:
-        return {}
-    source = run_dir / "config.json"
-    try:
-        config = json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(config, dict):
-        return {}
-    what = (f"; fix it in {source}, or evaluate the run's model folder {run_dir / 'model'} with DATA, which "
-            "does not read config.json.")
-    requested = config.get("requested_engine", {})
-    if not isinstance(requested, dict):
-        raise DataError(f"{source}: key 'requested_engine' should be an object, not {requested!r}{what}")
-    for key, value in requested.items():
-        if key not in ("device", "engine", "precision"):
-            raise DataError(f"{source}: key 'requested_engine.{key}' is not an engine setting (device, engine, "
-                            f"precision){what}")
-        try:
-            Runtime(**{key: value})
-        except HeadstartError as exc:
-            raise DataError(f"{source}: key 'requested_engine.{key}': {exc}{what}") from None
-    classes = config.get("classes", [])
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{source}: key 'classes' should be a list of class names, not {classes!r}{what}")
-    return config
-
-
 def evaluate(model: Model | Ensemble | str | os.PathLike, data=None, *, labels=None, runtime: Runtime | None = None,
              **kw) -> dict:
     """Metrics of `model` on a folder (or labels CSV): accuracy, per class, confusion matrix, skipped files.
@@ -150,8 +108,8 @@ def evaluate(model: Model | Ensemble | str | os.PathLike, data=None, *, labels=N
     backbone; its fields may also be given as keywords (device, engine, precision, batch_size, ...).
     """
     runtime = Runtime.of(runtime, **kw)
-    run_dir = _run_dir_of(model)
-    config = _run_config(run_dir)
+    run_dir = run_dir_of(model)
+    config = read_run_config(run_dir)
     model = model if is_model(model) else load(model)
     runtime = Runtime.of(runtime, **{name: value for name, value in config.get("requested_engine", {}).items()
                                      if getattr(runtime, name) == "auto"})

@@ -27,8 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from headstart.errors import HeadstartError, Interrupted
+from headstart.errors import DataError, HeadstartError, Interrupted
 from headstart.learn.checkpoints import checkpoint_dir
+from headstart.settings import Runtime
 
 log = logging.getLogger("headstart")
 
@@ -39,7 +40,7 @@ _level_users = 0
 _level_saved = logging.NOTSET
 
 
-def choose(out: str | os.PathLike | None, overwrite: bool) -> Path:
+def choose_run_dir(out: str | os.PathLike | None, overwrite: bool) -> Path:
     """The final run directory: `out`, or runs/<timestamp>; an existing non-empty one only with overwrite."""
     final = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     final = final.expanduser().absolute()
@@ -68,6 +69,49 @@ def resume_settings(run: str | os.PathLike) -> tuple[dict, Path]:
     except ValueError as exc:
         raise HeadstartError(f"--resume {run}: {path} is not valid JSON ({exc}); the checkpoint folder is damaged, "
                              "so start the run again without --resume.") from None
+
+
+def run_dir_of(model) -> Path | None:
+    """The run directory a model path names (one holding config.json and splits.csv), else None (a loaded
+    model, a bundle folder, anything else)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    path = Path(model).expanduser()
+    return path if (path / "config.json").is_file() and (path / "splits.csv").is_file() else None
+
+
+def read_run_config(run_dir: Path | None) -> dict:
+    """What evaluate reads of a run's config.json: the engine it asked for and its classes, checked.
+
+    An unreadable file is as good as none (the model bundle is what is scored); a readable one that
+    does not match gives a HeadstartError naming the run, the key and what to do.
+    """
+    if run_dir is None:
+        return {}
+    source = run_dir / "config.json"
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    what = (f"; fix it in {source}, or evaluate the run's model folder {run_dir / 'model'} with DATA, which "
+            "does not read config.json.")
+    requested = config.get("requested_engine", {})
+    if not isinstance(requested, dict):
+        raise DataError(f"{source}: key 'requested_engine' should be an object, not {requested!r}{what}")
+    for key, value in requested.items():
+        if key not in ("device", "engine", "precision"):
+            raise DataError(f"{source}: key 'requested_engine.{key}' is not an engine setting (device, engine, "
+                            f"precision){what}")
+        try:
+            Runtime(**{key: value})
+        except HeadstartError as exc:
+            raise DataError(f"{source}: key 'requested_engine.{key}': {exc}{what}") from None
+    classes = config.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{source}: key 'classes' should be a list of class names, not {classes!r}{what}")
+    return config
 
 
 def in_this_run(fn: Callable) -> Callable:

@@ -7,7 +7,7 @@ directory holds the resolved config, metrics, splits, skipped files, model bundl
 predictions, plots, report and log of a finished run.
 
 Under torchrun (distributed.py) every rank calls `train`: the ranks share the extraction and the
-fine-tuning, rank 0 runs every step and writes the run, and the other ranks run `help_rank`'s
+fine-tuning, rank 0 runs every step and writes the run, and the other ranks run `train_other_rank`'s
 steps only (the shared ones) and write nothing into it.
 
 The test split is scored by the saved bundle, loaded back as `evaluate` loads it, through
@@ -99,11 +99,11 @@ def _train_or_help(cfg: TrainConfig) -> Run | None:
         check_tensorboard()  # before anything is written
     check_input(cfg.data, cfg.labels)  # a wrong path is named before anything (runs/ included) is created
     cache_root = cache_root_of(cfg.cache_dir)
-    final = rundir.choose(cfg.out, cfg.overwrite)
+    final = rundir.choose_run_dir(cfg.out, cfg.overwrite)
     final = distributed.broadcast_object(final, "agreeing on the run directory")  # runs/<time> is rank 0's
     rundir.check_outside(cfg.data, cfg.labels, final, cache_root)  # before anything is written
     if not distributed.is_main():
-        help_rank(cfg, entry, Place(None, final, cache_root))
+        train_other_rank(cfg, entry, Place(None, final, cache_root))
         return None
     with rundir.building(final) as out:
         run = _train(cfg, entry, Place(out, final, cache_root))
@@ -169,7 +169,7 @@ def run_member(cfg: TrainConfig, cache_root: Path | None, out: Path) -> Run:
     return _train(cfg, resolve_backbone(cfg), Place(out, out, cache_root), member=True)
 
 
-def help_rank(cfg: TrainConfig, entry, place: Place) -> None:
+def train_other_rank(cfg: TrainConfig, entry, place: Place) -> None:
     """A rank other than 0 under torchrun: the preparation and its share of the extraction, then the strategy's
     fit when it trains the backbone (the collectives rank 0 meets there); rank 0 saves, scores and writes."""
     torch.manual_seed(cfg.seed)
@@ -219,7 +219,7 @@ def resolved_config(ctx: RunContext, fitted: Fitted) -> dict:
         # what evaluate uses for this run unless told otherwise, so it scores as the run did
         "requested_engine": {"device": cfg.device, "engine": cfg.engine, "precision": cfg.precision},
         "feature_dim": ctx.entry.feature_dim, "versions": _versions(), "command": sys.argv,
-        # what --ft-precision became, and why (learn/precision.choose); None without phase 2
+        # what --ft-precision became, and why (learn/precision.choose_precision); None without phase 2
         "finetune_precision": (fitted.metrics.get("fine_tune") or {}).get("precision"),
     }
 

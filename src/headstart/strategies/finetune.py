@@ -53,7 +53,7 @@ def run_fine_tune(ctx, head: nn.Module, cols: np.ndarray) -> FineTuneOutcome:
              ", ".join(net.trainable_blocks) or "none", count_parameters(net, trainable_only=True),
              distributed.world_size())
     choice = choose_engine(rt.device, rt.engine, rt.precision)
-    precision = finetune_precision.choose(s.ft_precision, s.channels_last, choice.device)
+    precision = finetune_precision.choose_precision(s.ft_precision, s.channels_last, choice.device)
     log.info("trained blocks and head in %s%s (%s)", precision.precision,
              ", channels-last" if precision.channels_last else "", precision.reason)
     if choice.engine != "torch" and len(net.frozen):
