@@ -157,9 +157,28 @@ def test_ctrl_c_during_fine_tuning_keeps_the_checkpoints_and_resumes(tmp_path, o
     import torch
 
     assert torch.load(tmp_path / "cut.checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    # The same command again does not throw the checkpoints away: it refuses and names both ways on.
+    code, _, stderr = run_cli(*args, "--out", tmp_path / "cut")
+    assert code == 2 and f"headstart train --resume {tmp_path / 'cut'}" in stderr and "--overwrite" in stderr
+    assert (tmp_path / "cut.checkpoints" / "last.pt").is_file()
     code, resumed, stderr = run_cli("train", "--resume", tmp_path / "cut", "--json")
     assert code == 0, stderr
     assert "resumed fine-tuning after epoch 1" in stderr
     assert json.loads(resumed)["fine_tune"]["epochs_run"] == 3
     assert headstart.load(tmp_path / "cut").classes == ["a", "b"]
     assert not (tmp_path / "cut.checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_checkpoint_keeps_nothing(tmp_path, one_torch_thread):
+    """Interrupted in the first epoch, before any checkpoint: "nothing partial was kept" is true, so the same
+    command runs again from the start without --overwrite."""
+    data = write_image_folder(tmp_path / "data", n_per_class=70, classes=("a", "b"), size=(12, 12))
+    args = ("train", data, "--strategy", "scratch", "--epochs", "2", "--workers", "0", "--cache-dir", "none",
+            "--out", tmp_path / "cut")
+    code, _, stderr = CliChild(tmp_path, *args, fault="sigint-step:1", new_session=True).finish()
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "headstart: interrupted; nothing partial was kept."
+    assert not (tmp_path / "cut.checkpoints").exists() and not (tmp_path / "cut").exists()
+    code, _, stderr = run_cli(*args)
+    assert code == 0, stderr

@@ -49,6 +49,17 @@ def choose_run_dir(out: str | os.PathLike | None, overwrite: bool) -> Path:
     return final
 
 
+def check_not_interrupted(final: Path, resume: bool, overwrite: bool) -> None:
+    """Training again into a run that was interrupted would throw its checkpoints away without a word: refuse,
+    naming both ways on (resume it, or start again with overwrite, which deletes them)."""
+    ckpt = checkpoint_dir(final) / "last.pt"
+    if ckpt.is_file() and not resume and not overwrite:
+        raise HeadstartError(f"the run {final} was interrupted, and {ckpt.parent} keeps the checkpoint of its last "
+                             f"finished epoch. Continue it with: headstart train --resume {final} (in Python: "
+                             f"headstart.resume({str(final)!r})), or start it again with --overwrite "
+                             "(overwrite=True), which deletes the checkpoints.")
+
+
 def check_outside(data: str, labels: str | None, out: Path, cache: Path | None) -> None:
     """Nothing is written into the user's data: neither the run nor the cache may sit inside it."""
     given = Path(labels or data).resolve()  # checked to exist by check_input
@@ -207,9 +218,11 @@ def building(final: Path) -> Iterator[Path]:
                 folder.rmdir()
             except OSError:
                 break
+        ckpt = checkpoint_dir(final) / "last.pt"
+        if not ckpt.is_file():  # stopped before the first epoch's checkpoint: its folder holds nothing to resume
+            shutil.rmtree(ckpt.parent, ignore_errors=True)
         if isinstance(exc, OSError):  # a full disk, a permission, a vanished file: the environment, not a bug
             raise environment_error(exc, final) from exc
-        ckpt = checkpoint_dir(final) / "last.pt"
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted) and ckpt.is_file():
             raise Interrupted(f"fine-tuning checkpoints of the last finished epoch are kept in {ckpt.parent}; "
                               f"continue with: headstart train --resume {final}") from exc

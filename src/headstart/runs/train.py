@@ -101,6 +101,7 @@ def _train_or_help(cfg: TrainConfig) -> Run | None:
     cache_root = cache_root_of(cfg.cache_dir)
     final = rundir.choose_run_dir(cfg.out, cfg.overwrite)
     final = distributed.broadcast_object(final, "agreeing on the run directory")  # runs/<time> is rank 0's
+    rundir.check_not_interrupted(final, cfg.resume, cfg.overwrite)
     rundir.check_outside(cfg.data, cfg.labels, final, cache_root)  # before anything is written
     if not distributed.is_main():
         train_other_rank(cfg, entry, Place(None, final, cache_root))
