@@ -184,3 +184,17 @@ def test_report_gives_auto_strategy_reasons(tmp_path):
     assert "feature-extraction (asked: auto" in text and "only 8 training images" in text
     assert "96 px (96 px: median image side 24 px)" in text and "No test split" in text
     assert "None: every file found was used." in text
+
+
+def test_evaluate_runs_the_engine_and_precision_the_run_was_trained_with(image_folder, tmp_path):
+    """Not only the automatic engine: a run trained with engine torch and fp32 (never the automatic choice, which
+    is a converted engine) is evaluated through them, and says so, unless evaluate is told otherwise."""
+    run = headstart.train(image_folder, strategy="feature-extraction", backbone="small_cnn", weights="none",
+                          image_size=32, workers=0, engine="torch", precision="fp32", out=tmp_path / "run",
+                          cache_dir=tmp_path / "cache", test_fraction=0.3)
+    assert run.config["engine"]["engine"] == "torch"
+    own = headstart.evaluate(tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert own["engine"]["engine"] == "torch" and own["engine"]["precision"] == "fp32"
+    assert own["accuracy"] == run.metrics["test"]["accuracy"]
+    asked = headstart.evaluate(tmp_path / "run", engine="onnxruntime", cache_dir="none")
+    assert asked["engine"]["engine"] == "onnxruntime"

@@ -15,6 +15,7 @@ from headstart.data.checks import read_splits, seen_in_training
 from headstart.errors import DataError
 from headstart.models.ensemble import Ensemble, is_model
 from headstart.models.model import Model, features_of
+from headstart.engines.rule import choose_engine
 from headstart.runs.rundir import read_run_config, run_dir_of
 from headstart.settings import Runtime
 
@@ -140,4 +141,6 @@ def evaluate(model: Model | Ensemble | str | os.PathLike, data=None, *, labels=N
 
     metrics = compute_metrics(y[keep], model.proba_from_features(feats), model.classes, skipped=skipped)
     metrics["seen_in_training"] = seen
+    # Which engine computed these numbers: the run's own unless others were asked for (`requested_engine`).
+    metrics["engine"] = choose_engine(runtime.device, runtime.engine, runtime.precision).to_dict()
     return metrics
