@@ -114,10 +114,11 @@ def test_ctrl_c_stops_cleanly_with_a_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuning_killed_mid_epoch_resumes_to_the_same_final_metrics(tmp_path, one_torch_thread):
+@pytest.mark.parametrize("head", ["linear", "mlp"])  # the MLP's dropout draws random numbers: the RNG must resume
+def test_fine_tuning_killed_mid_epoch_resumes_to_the_same_final_metrics(head, tmp_path, one_torch_thread):
     data = write_image_folder(tmp_path / "data", n_per_class=70, classes=("a", "b"), size=(12, 12))
-    args = ("train", data, "--strategy", "scratch", "--epochs", "3", "--patience", "5", "--workers", "0",
-            "--cache-dir", "none", "--json")
+    args = ("train", data, "--strategy", "scratch", "--head", head, "--epochs", "3", "--patience", "5",
+            "--workers", "0", "--cache-dir", "none", "--json")
     code, whole, stderr = run_cli(*args, "--out", tmp_path / "whole")
     assert code == 0, stderr
     steps = json.loads(whole)["fine_tune"]["history"]
