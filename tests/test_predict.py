@@ -26,10 +26,25 @@ def test_expand_inputs_keeps_the_given_order_and_sorts_inside_folders(tmp_path):
     (root / "a" / "deeper" / "z.png").write_bytes((root / "a" / "a_000.png").read_bytes())
     (root / "a" / "notes.txt").write_text("not an image")
     single = root / "b" / "b_001.png"
-    paths = predict.expand_inputs([single, root / "a", tmp_path / "missing.png"])
+    ignored = []
+    paths = predict.expand_inputs([single, root / "a", tmp_path / "missing.png"], ignored)
     assert paths[0] == str(single.absolute()) and paths[-1] == str((tmp_path / "missing.png").absolute())
     folder = paths[1:-1]
     assert folder == sorted(folder) and len(folder) == 3 and not any(p.endswith(".txt") for p in folder)
+    assert ignored == [{"path": str(root / "a" / "notes.txt"), "reason": "not an image file extension"}]
+
+
+def test_predict_on_a_folder_lists_its_non_image_files_as_skipped(model, small_run, tmp_path, caplog):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = sorted((small_run.parent / "data").rglob("*.png"))[:2]
+    for p in images:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    rows, skipped = predict.predict_files(model, [folder], runtime=RT)
+    assert len(rows) == 2
+    assert skipped == [{"path": str(folder / "notes.txt"), "reason": "not an image file extension"}]
+    assert f"skipping {folder / 'notes.txt'}: not an image file extension" in caplog.text
 
 
 def test_predict_files_answers_in_input_order_and_lists_what_it_skipped(model, small_run, tmp_path):

@@ -274,13 +274,15 @@ def load_data(path: str | os.PathLike, *, labels: str | os.PathLike | None = Non
     return scan_folder(path, val_fraction=val_fraction, test_fraction=test_fraction, classes=classes), []
 
 
-def collect_images(inputs: list[str | os.PathLike]) -> list[str]:
-    """Files and folders (searched recursively) to a sorted list of image paths, for predict."""
+def collect_images(inputs: list[str | os.PathLike], ignored: list[dict] | None = None) -> list[str]:
+    """Files and folders (searched recursively) to a sorted list of image paths, for predict; what a folder
+    holds that is not taken (non-image files, links to folders) goes into `ignored` as {path, reason}."""
     out: list[str] = []
+    ignored = [] if ignored is None else ignored
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            out.extend(os.fspath(Path(q).absolute()) for q in _walk_images(p, []))
+            out.extend(os.fspath(Path(q).absolute()) for q in _walk_images(p, ignored))
         elif p.is_file():
             out.append(os.fspath(p.absolute()))
         else:

@@ -22,13 +22,14 @@ from headstart.settings import Runtime
 log = logging.getLogger(__name__)
 
 
-def expand_inputs(inputs: Sequence) -> list[str]:
+def expand_inputs(inputs: Sequence, ignored: list[dict] | None = None) -> list[str]:
     """Predict's inputs as image paths: folders searched recursively (sorted), anything else kept as
-    given, so that a missing or unusable file is reported in its place like any other bad input."""
+    given, so that a missing or unusable file is reported in its place like any other bad input. What a
+    folder holds that is not an image (a notes.txt) goes into `ignored` as {path, reason}."""
     paths: list[str] = []
     for item in inputs:
         p = Path(item).expanduser()
-        paths.extend(collect_images([p]) if p.is_dir() else [os.fspath(p.absolute())])
+        paths.extend(collect_images([p], ignored) if p.is_dir() else [os.fspath(p.absolute())])
     return paths
 
 
@@ -39,10 +40,13 @@ def predict_files(model: Model, inputs: Sequence, *, top_k: int = 1, runtime: Ru
 
     `runtime` runs the backbone; its fields may also be given as keywords (device, engine, ...)."""
     runtime = Runtime.of(runtime, **kw)
-    paths = expand_inputs(list(inputs))
+    ignored: list[dict] = []
+    paths = expand_inputs(list(inputs), ignored)
+    for item in ignored:  # every input that is not predicted is accounted for, named inputs and folders alike
+        log.warning("skipping %s: %s", item["path"], item["reason"])
     if not paths:
         raise DataError(f"no images found in {', '.join(map(str, inputs))}.")
-    rows, skipped = [], []
+    rows, skipped = [], list(ignored)
     for pred in model.predict(paths, top_k=top_k, runtime=runtime, desc="predict"):
         if pred.ok:
             rows.append({"path": pred.input, "predictions": [{"class": c, "probability": p} for c, p in pred.top]})
