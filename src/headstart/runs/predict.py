@@ -16,6 +16,7 @@ from headstart.data.checks import read_splits, seen_in_training
 from headstart.errors import DataError, HeadstartError
 from headstart.models.ensemble import Ensemble, is_model
 from headstart.models.model import Model, features_of
+from headstart.engines.features import cache_root_of
 from headstart.settings import Runtime
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,26 @@ def predict_files(model: Model, inputs: Sequence, *, top_k: int = 1, runtime: Ru
         else:
             skipped.append({"path": pred.input, "reason": pred.error})
     return rows, skipped
+
+
+def engine_used(model: Model | Ensemble, runtime: Runtime | None = None, **kw) -> dict:
+    """The engine, precision and device that compute `model`'s numbers under `runtime` (the engine
+    `predict_files` and `evaluate` run with the same runtime), as predict's JSON and CSV state them: on a
+    CPU with native bf16 the automatic precision is bf16, whose probabilities differ from fp32's by more
+    than rounding, so a probability is only reproducible with its engine and precision known."""
+    rt = Runtime.of(runtime, **kw)
+    engines = model.engine(rt.device, rt.engine, rt.precision, cache_root_of(rt.cache_dir))  # built once, then reused
+    return describe_engines([e.choice for e in (engines if isinstance(engines, list) else [engines])])
+
+
+def describe_engines(choices: Sequence) -> dict:
+    """{"engine", "precision", "device"} of the EngineChoices of a model, one per ensemble member: a field the
+    members differ in (a member trained on int8 features keeps int8) gives each one's value, joined by "+"."""
+    out = {}
+    for key in ("engine", "precision", "device"):
+        values = [getattr(c, key) for c in choices]
+        out[key] = values[0] if len(set(values)) == 1 else "+".join(values)
+    return out
 
 
 def evaluation_samples(model: Model, data, labels=None, untrained=()):
