@@ -419,7 +419,7 @@ def test_schemathesis_finds_the_server_true_to_its_openapi_document(server, tmp_
     done = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{server.origin}/openapi.json", "--checks", "all",
          "--max-examples", "25", "--seed", "0", "--workers", "1", "--generation-database", "none",
-         "--request-timeout", "60", "--header", AUTH["Authorization"].join(("Authorization: ", "")), "--no-color"],
+         "--request-timeout", "60", "--header", f"Authorization: {AUTH['Authorization']}", "--no-color"],
         cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_HOOKS": str(hooks)}, capture_output=True, text=True,
         timeout=300)
     assert done.returncode == 0 and "No issues found" in done.stdout, (done.stdout + done.stderr)[-8000:]
