@@ -181,7 +181,8 @@ def test_predict_json_and_csv(trained, fmnist_small, tmp_path):
     assert result["skipped"][0]["path"] == str(broken) and "broken.jpg" in stderr
     code, stdout, _ = run_cli("predict", out, one, "--csv", "--top-k", "2")
     rows = list(csv.reader(io.StringIO(stdout)))
-    assert rows[0] == ["path", "class1", "probability1", "class2", "probability2"] and rows[1][0] == str(one)
+    assert rows[0] == ["path", "class1", "probability1", "class2", "probability2", "engine", "precision"]
+    assert rows[1][0] == str(one) and rows[1][-2:] == [result["engine"]["engine"], result["engine"]["precision"]]
 
 
 @pytest.mark.slow

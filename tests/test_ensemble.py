@@ -146,8 +146,17 @@ def test_serve_answers_the_ensembles_probabilities(members):
     got = predictor.submit(decoded).result(timeout=120)
     want = ensemble.predict_proba(images, cache_dir="none")
     assert np.allclose(got, want, atol=1e-5)
-    info = model_info(ensemble, predictor.engine.choice, bundle)
+    # One averaging: the server hands the members' features to the ensemble, so whatever the ensemble does with
+    # them is the server's answer too; here its mean with the columns reversed, a change no answer could hide.
+    ensemble.proba_from_features = lambda feats: np.mean(ensemble.member_probas(feats), axis=0)[:, ::-1]
+    got = predictor.submit(decoded).result(timeout=120)
+    assert np.allclose(got, ensemble.predict_proba(images, cache_dir="none"), atol=1e-5)
+    assert not np.allclose(got, want, atol=1e-3)
+    info = model_info(ensemble, predictor.choices, bundle)
     assert info["strategy"] == "ensemble" and [m["image_size"] for m in info["members"]] == [32, 48]
+    choices = [e.choice for e in ensemble.engine(cache_root=None)]
+    assert [m["engine"] for m in info["members"]] == [c.to_dict() for c in choices]
+    assert (info["engine"]["engine"], info["engine"]["precision"]) == (choices[0].engine, choices[0].precision)
 
 
 # ------------------------------------------------------------------------------------------------ settings, auto

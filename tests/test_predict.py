@@ -126,3 +126,37 @@ def test_predicting_from_a_saved_model_does_not_import_scikit_learn(small_run):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\t" in proc.stdout  # the prediction line: path, class, probability
+
+
+def test_predict_json_and_csv_say_which_engine_and_precision_computed_the_numbers(small_run, capsys):
+    """On a native-bf16 CPU the automatic precision is bf16, whose probabilities differ from fp32's beyond
+    rounding: the output says what computed it, asked for or chosen by the rule."""
+    import csv
+    import io
+    import json
+
+    from headstart import cli
+    from headstart.engines.rule import choose_engine
+
+    image = str(sorted((small_run.parent / "data").rglob("*.png"))[0])
+    auto = choose_engine("cpu")
+    for flags, want in ((["--engine", "torch", "--precision", "fp32"], ("torch", "fp32")),
+                        ([], (auto.engine, auto.precision))):
+        common = ["predict", str(small_run), image, "--device", "cpu", "--cache-dir", "none", *flags]
+        assert cli.main(common + ["--json"]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert (answer["engine"]["engine"], answer["engine"]["precision"], answer["engine"]["device"]) == (*want, "cpu")
+        assert answer["predictions"][0]["path"] == image
+        assert cli.main(common + ["--csv", "--top-k", "2"]) == 0
+        rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+        assert rows[0][-2:] == ["engine", "precision"] and rows[1][0] == image and tuple(rows[1][-2:]) == want
+
+
+def test_an_ensembles_engines_are_stated_member_by_member_where_they_differ():
+    from headstart.engines.choice import EngineChoice
+
+    fp32 = EngineChoice("onnxruntime", "fp32", "cpu", "rule")
+    int8 = EngineChoice("onnxruntime", "int8", "cpu", "the head learnt int8 features")
+    assert predict.describe_engines([fp32]) == {"engine": "onnxruntime", "precision": "fp32", "device": "cpu"}
+    assert predict.describe_engines([int8, fp32]) == {"engine": "onnxruntime", "precision": "int8+fp32",
+                                                      "device": "cpu"}

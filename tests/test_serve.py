@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,8 @@ from PIL import Image
 
 from conftest import MEASURED
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # git-ignored
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "s3cret-token"
@@ -257,6 +259,8 @@ def test_bad_requests_get_a_4xx_json_that_says_what_is_wrong(server, test_images
         (upload(server), 400, "no file"),
         (request(server, "POST", "/predict", b"", AUTH), 400, "no file"),
         (upload(server, ("a.png", png), query="?top_k=many"), 400, "top_k"),
+        (upload(server, ("a.png", png), query="?top_k=0"), 400, "top_k: must be at least 1, not 0"),
+        (upload(server, ("a.png", png), query="?top_k=-1"), 400, "top_k: must be at least 1, not -1"),
         (request(server, "GET", "/nowhere", headers=AUTH), 404, "Not Found"),
         (request(server, "POST", "/predict", b"--nope\r\ngarbage", {**AUTH, "Content-Type":
                  "multipart/form-data; boundary=other"}), 400, "multipart"),
@@ -328,6 +332,25 @@ def test_a_body_over_the_limit_gets_413_without_being_buffered(server, test_imag
 
 
 @pytest.mark.slow
+def test_a_content_length_over_the_limit_is_refused_before_the_body_is_read(server):
+    """The header alone gets the 413: 3 MiB announced, not one byte sent. A server that read the body first
+    would wait for bytes that never come (its streaming count refuses only what it has read), so no
+    answer would arrive before the client's timeout, which fails the test."""
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    try:
+        c.putrequest("POST", "/predict")
+        for k, v in {**AUTH, "Content-Type": "application/octet-stream", "Content-Length": str(3 * 2**20)}.items():
+            c.putheader(k, v)
+        c.endheaders()  # and no body
+        r = c.getresponse()
+        body = json.loads(r.read())
+    finally:
+        c.close()
+    assert r.status == 413 and f"request body of {3 * 2**20:,} bytes is over the server's limit of " \
+        f"{MAX_UPLOAD_MB} MB" in body["error"], body
+
+
+@pytest.mark.slow
 def test_no_temporary_file_is_left_behind(server, test_images):
     """Parts over 1 MB are spooled to disk by the form parser: even those are gone after the request."""
     deleted_before = server.deleted_open_files()
@@ -380,6 +403,31 @@ def test_model_describes_the_model_and_the_run(server, run_dir):
     assert request(server, "GET", "/docs")[0] in (401, 404)  # no Swagger UI from a CDN
     assert request(server, "GET", "/docs", headers=AUTH)[0] == 404
     assert request(server, "GET", "/redoc", headers=AUTH)[0] == 404
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_the_server_true_to_its_openapi_document(server, tmp_path):
+    """Schemathesis (property-based requests made from /openapi.json) with every check, against the live server
+    and its token: each answer is documented with its body, schema-valid requests are served and invalid
+    ones refused, undeclared methods get 405 with `Allow`, requests without the token 401. Bounded: 25
+    examples per operation and phase, fixed seed; its hooks (named by schemathesis.toml) send real images."""
+    config = (ROOT / "schemathesis.toml").read_text()
+    hooks = ROOT / re.search(r'^hooks\s*=\s*"([^"]+)"', config, re.M).group(1)
+    assert hooks.is_file(), hooks
+    served_before = request(server, "GET", "/model", headers=AUTH)[1]["served"]["images"]
+    # Run in tmp_path: Schemathesis keeps its caches (.schemathesis, .hypothesis) in the working folder.
+    done = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{server.origin}/openapi.json", "--checks", "all",
+         "--max-examples", "25", "--seed", "0", "--workers", "1", "--generation-database", "none",
+         "--request-timeout", "60", "--header", f"Authorization: {AUTH['Authorization']}", "--no-color"],
+        cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_HOOKS": str(hooks)}, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0 and "No issues found" in done.stdout, (done.stdout + done.stderr)[-8000:]
+    assert "4 selected / 4 total" in done.stdout, done.stdout[-3000:]
+    served = request(server, "GET", "/model", headers=AUTH)[1]["served"]["images"] - served_before
+    MEASURED.append(f"serve: Schemathesis, all checks: {re.search(r'[0-9]+ generated', done.stdout).group(0)} "
+                    f"test cases, {served} images classified")
+    assert served > 0  # its images were classified, not only refused
 
 
 @pytest.mark.slow
@@ -548,6 +596,7 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
     shoe = test_images[0]
     want = expected[shoe.name][0]["class"]
     requests: list[str] = []
+    console: list[tuple] = []  # the errors the browser's console shows, uncaught exceptions included
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -556,6 +605,9 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 900, "height": 400})
             page.on("request", lambda r: requests.append(r.url))
+            page.on("console", lambda m: console.append((m.text, m.location.get("url", "")))
+                    if m.type == "error" else None)
+            page.on("pageerror", lambda exc: console.append((f"uncaught: {exc}", "")))
             # Listening from the start turns on Playwright's file-chooser interception before any key is
             # pressed; enabled only by expect_file_chooser, the first Enter raced it (2 in 20 missed here).
             page.on("filechooser", lambda chooser: None)
@@ -577,6 +629,7 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
             expect(card.locator(".row").first).to_contain_text(want)
             expect(card.locator(".row")).to_have_count(3)
             expect(page.locator(".card", has_text="notes.png").locator(".error")).to_contain_text("not an image")
+            expect(page.locator(".card .name")).to_have_text([shoe.name, "notes.png"])  # in the order chosen
             # Drag and drop: a Trouser image dropped on the zone gets its own card.
             trouser = test_images[1]
             dropped = page.evaluate_handle(
@@ -586,7 +639,7 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
             page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
             expect(page.locator(".card", has_text=trouser.name).locator(".row").first).to_contain_text(
                 expected[trouser.name][0]["class"])
-            expect(page.locator(".card")).to_have_count(3)
+            expect(page.locator(".card .name")).to_have_text([shoe.name, "notes.png", trouser.name])
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "serve-page.png"))
         finally:
@@ -595,6 +648,11 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
     assert any(u.endswith("/predict?top_k=3") for u in requests), requests
     outside = [u for u in requests if not (u.startswith(server.origin + "/") or u.startswith("blob:" + server.origin))]
     assert outside == [], outside
+    # The browser logs every answer that is not 2xx; the two this test asked for are all there is: the 401
+    # before the token was given and the 415 for the text file. No favicon 404, no script error.
+    answers = {(text.partition("responded with a status of ")[2][:3], url.removeprefix(server.origin))
+               for text, url in console}
+    assert answers == {("401", "/model"), ("415", "/predict?top_k=3")} and len(console) == 2, console
 
 
 def test_serve_errors_before_binding_exit_2_with_the_fix(tmp_path, monkeypatch, capsys):
@@ -604,16 +662,25 @@ def test_serve_errors_before_binding_exit_2_with_the_fix(tmp_path, monkeypatch, 
     assert "no model found at" in capsys.readouterr().err
     assert cli.main(["serve", str(tmp_path), "--max-upload-mb", "0"]) == 2
     assert "--max-upload-mb must be a positive" in capsys.readouterr().err
+    assert cli.main(["serve", str(tmp_path), "--top-k", "0"]) == 2
+    assert "--top-k must be at least 1" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
     assert cli.main(["serve", str(tmp_path)]) == 2
     assert "pip install 'headstart[serve]'" in capsys.readouterr().err
 
 
 def _asgi_post(app, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
-    """One request straight into an ASGI app (for a fault no real client can cause)."""
+    """One POST straight into an ASGI app (for a fault no real client can cause): its status and JSON."""
+    status, _, data = _asgi(app, "POST", path, body, headers)
+    return status, json.loads(data)
+
+
+def _asgi(app, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """One request straight into an ASGI app: status, headers (lower-case names) and body."""
     import asyncio
 
     sent = []
+    headers = headers or {}
 
     async def go():
         messages = [{"type": "http.request", "body": body, "more_body": False}]
@@ -624,7 +691,7 @@ def _asgi_post(app, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path.split("?")[0], "raw_path": path.split("?")[0].encode(),
                  "query_string": path.partition("?")[2].encode(), "root_path": "",
                  "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
@@ -635,7 +702,56 @@ def _asgi_post(app, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
             pass  # Starlette re-raises after answering, for the server's log
     asyncio.run(go())
     start = next(m for m in sent if m["type"] == "http.response.start")
-    return start["status"], json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    return (start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]},
+            b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+class _NoModel:
+    """A predictor for requests that never reach the network."""
+
+    model = type("M", (), {"classes": ["a", "b"]})()
+
+    def stats(self):
+        return {"images": 0, "batches": 0}
+
+
+def test_undeclared_methods_get_405_with_allow_and_top_k_below_1_gets_400():
+    from headstart.serve import app as serve
+
+    app = serve.Guard(serve.create_app(_NoModel(), {}), max_bytes=2**20)
+    for path, allowed in (("/", "GET, HEAD"), ("/healthz", "GET, HEAD"), ("/model", "GET, HEAD"),
+                          ("/predict", "POST")):
+        if path != "/predict":
+            assert _asgi(app, "HEAD", path)[0] == 200
+        for method in ("TRACE", "PUT", "DELETE", "PATCH", "OPTIONS") + (("GET", "HEAD") if path == "/predict" else ()):
+            status, headers, body = _asgi(app, method, path)
+            assert status == 405 and set(headers.get("allow", "").split(", ")) == set(allowed.split(", ")), (
+                method, path, status, headers)
+            assert json.loads(body) == {"error": "Method Not Allowed"}
+    for k in ("0", "-1"):
+        status, _, body = _asgi(app, "POST", f"/predict?top_k={k}", b"x", {"content-type": "image/png"})
+        assert status == 400 and json.loads(body)["error"] == f"query top_k: must be at least 1, not {k}"
+
+
+def test_the_openapi_document_lists_the_token_only_when_it_is_required():
+    from headstart.serve import app as serve
+
+    for secured in (False, True):
+        app = serve.Guard(serve.create_app(_NoModel(), {}, secured=secured, max_upload_mb=2), max_bytes=2**20,
+                          token="t" if secured else None)
+        status, _, body = _asgi(app, "GET", "/openapi.json", headers={"authorization": "Bearer t"})
+        doc = json.loads(body)
+        predict = doc["paths"]["/predict"]["post"]
+        assert status == 200 and predict["requestBody"]["required"]
+        assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/octet-stream"}
+        assert "limit (2 MB)" in predict["responses"]["413"]["description"]
+        classes = predict["responses"]["200"]["content"]["application/json"]["schema"]
+        assert classes["properties"]["results"]["items"]["properties"]["predictions"]["items"]["properties"][
+            "class"]["enum"] == ["a", "b"]
+        locked = {f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m, op in ops.items()
+                  if "401" in op["responses"] and op.get("security")}
+        assert locked == ({"GET /model", "POST /predict"} if secured else set())
+        assert ("components" in doc) == secured
 
 
 @pytest.mark.slow

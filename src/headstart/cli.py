@@ -326,17 +326,21 @@ def cmd_evaluate(a) -> int:
 
 def cmd_predict(a) -> int:
     from headstart.models.bundle import load
-    from headstart.runs.predict import predict_files
+    from headstart.runs.predict import engine_used, predict_files
 
-    rows, skipped = predict_files(load(a.run), a.inputs, top_k=a.top_k, runtime=_runtime(a))
+    model, runtime = load(a.run), _runtime(a)
+    rows, skipped = predict_files(model, a.inputs, top_k=a.top_k, runtime=runtime)
+    engine = engine_used(model, runtime)  # what computed the numbers: bf16 and fp32 differ beyond rounding
     if a.json:
-        print(json.dumps({"predictions": rows, "skipped": skipped}, indent=2))
+        print(json.dumps({"engine": engine, "predictions": rows, "skipped": skipped}, indent=2))
     elif a.csv:
         w = csv.writer(sys.stdout)
         k = len(rows[0]["predictions"]) if rows else a.top_k
-        w.writerow(["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("class", "probability")])
+        w.writerow(["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("class", "probability")]
+                   + ["engine", "precision"])
         for r in rows:
-            w.writerow([r["path"]] + [v for p in r["predictions"] for v in (p["class"], f"{p['probability']:.6f}")])
+            w.writerow([r["path"]] + [v for p in r["predictions"] for v in (p["class"], f"{p['probability']:.6f}")]
+                       + [engine["engine"], engine["precision"]])
     else:
         for r in rows:
             preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])

@@ -15,7 +15,7 @@ from headstart.data.checks import read_splits, seen_in_training
 from headstart.errors import DataError
 from headstart.models.ensemble import Ensemble, is_model
 from headstart.models.model import Model, features_of
-from headstart.engines.rule import choose_engine
+from headstart.engines.features import cache_root_of
 from headstart.runs.rundir import read_run_config, run_dir_of
 from headstart.settings import Runtime
 
@@ -53,6 +53,26 @@ def predict_files(model: Model, inputs: Sequence, *, top_k: int = 1, runtime: Ru
         else:
             skipped.append({"path": pred.input, "reason": pred.error})
     return rows, skipped
+
+
+def engine_used(model: Model | Ensemble, runtime: Runtime | None = None, **kw) -> dict:
+    """The engine, precision and device that compute `model`'s numbers under `runtime` (the engine
+    `predict_files` and `evaluate` run with the same runtime), as predict's JSON and CSV state them: on a
+    CPU with native bf16 the automatic precision is bf16, whose probabilities differ from fp32's by more
+    than rounding, so a probability is only reproducible with its engine and precision known."""
+    rt = Runtime.of(runtime, **kw)
+    engines = model.engine(rt.device, rt.engine, rt.precision, cache_root_of(rt.cache_dir))  # built once, then reused
+    return describe_engines([e.choice for e in (engines if isinstance(engines, list) else [engines])])
+
+
+def describe_engines(choices: Sequence) -> dict:
+    """{"engine", "precision", "device"} of the EngineChoices of a model, one per ensemble member: a field the
+    members differ in (a member trained on int8 features keeps int8) gives each one's value, joined by "+"."""
+    out = {}
+    for key in ("engine", "precision", "device"):
+        values = [getattr(c, key) for c in choices]
+        out[key] = values[0] if len(set(values)) == 1 else "+".join(values)
+    return out
 
 
 def evaluation_samples(model: Model, data, labels=None, untrained=()):
@@ -146,5 +166,5 @@ def evaluate(model: Model | Ensemble | str | os.PathLike, data=None, *, labels=N
     metrics = compute_metrics(y[keep], model.proba_from_features(feats), model.classes, skipped=skipped)
     metrics["seen_in_training"] = seen
     # Which engine computed these numbers: the run's own unless others were asked for (`requested_engine`).
-    metrics["engine"] = choose_engine(runtime.device, runtime.engine, runtime.precision).to_dict()
+    metrics["engine"] = engine_used(model, runtime)
     return metrics

@@ -23,6 +23,10 @@ Decisions:
   itself (static HTML holding no model data; it asks for the token) need `Authorization: Bearer`.
 - No CDN: FastAPI's /docs and /redoc (Swagger UI and ReDoc from a CDN) are turned off; the page
   is one file with its CSS and JS inline.
+- /openapi.json is the document contract.py writes out (it says why), checked against the live server
+  by Schemathesis in the tests. An undeclared method gets 405 with `Allow`; GET routes answer HEAD.
+- An ensemble is served through its own `proba_from_features`, from its members' features side by
+  side: one averaging for predict, evaluate and the server.
 """
 
 import asyncio
@@ -48,6 +52,8 @@ from headstart.settings import Runtime
 from headstart.data.decoding import decode_side, stack_pixels
 from headstart.engines.features import cache_root_of
 from headstart.data.images import ImageError, load_image
+from headstart.runs.predict import describe_engines
+from headstart.serve import contract
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +109,20 @@ class Predictor:
     def stats(self) -> dict:
         return {"images": self.engine.n_images, "batches": self.engine.n_batches}
 
+    @property
+    def choices(self) -> list:
+        """The EngineChoice of each part: the model's, or each ensemble member's."""
+        return [engine.choice for _, _, engine in self._parts]
+
     def _proba(self, images: list) -> np.ndarray:
-        probas = []
+        feats = []
         for k, (model, _, engine) in enumerate(self._parts):  # one part, or an ensemble's members
             batch = stack_pixels([im if self._single else im[k] for im in images])  # (n, 3 or 1, crop, crop) uint8
-            feats = [model.batch_features(engine, batch[i:i + self.batch_size])  # every test-time view
-                     for i in range(0, len(batch), self.batch_size)]
-            probas.append(model.proba_from_features(np.concatenate(feats)))  # (n, n_classes)
-        return probas[0] if self._single else np.mean(probas, axis=0)  # an ensemble: the mean, as Ensemble's
+            feats.append(np.concatenate([model.batch_features(engine, batch[i:i + self.batch_size])  # every view
+                                         for i in range(0, len(batch), self.batch_size)]))
+        # The members' features side by side, as Ensemble.features gives them: the model's own
+        # proba_from_features averages an ensemble, the one averaging predict and evaluate use too.
+        return self.model.proba_from_features(np.concatenate(feats, axis=1))  # (n, n_classes)
 
     def _batches(self) -> None:
         while True:
@@ -135,20 +147,26 @@ class Predictor:
 
 
 def model_info(model, engine_choice, source: Path) -> dict:
-    """What GET /model answers: classes, backbone, input, engine, and the run's test metrics if a run."""
+    """What GET /model answers: classes, backbone, input, engine, and the run's test metrics if a run.
+
+    `engine_choice`: the EngineChoice that computes the numbers, or one per ensemble member (Predictor.choices).
+    """
+    choices = engine_choice if isinstance(engine_choice, (list, tuple)) else [engine_choice]
     if isinstance(model, Ensemble):
         members = model.members
+        choices = choices * len(members) if len(choices) == 1 else choices
+        engine = {**describe_engines(choices), "reason": "; ".join(dict.fromkeys(c.reason for c in choices))}
         info = {"source": source.resolve().name, "backbone": " + ".join(m.entry.name for m in members),
                 "strategy": model.strategy, "tta": model.tta, "classes": list(model.classes),
                 "image_size": "/".join(str(m.preprocessing.crop_size) for m in members),
                 "members": [{"name": model.name(i), "backbone": m.entry.name, "strategy": m.strategy, "tta": m.tta,
-                             "image_size": m.preprocessing.crop_size, "preprocessing": m.preprocessing.to_dict()}
-                            for i, m in enumerate(members)],
-                "engine": engine_choice.to_dict(), "metrics": None}
+                             "image_size": m.preprocessing.crop_size, "preprocessing": m.preprocessing.to_dict(),
+                             "engine": c.to_dict()} for i, (m, c) in enumerate(zip(members, choices))],
+                "engine": engine, "metrics": None}
     else:
         info = {"source": source.resolve().name, "backbone": model.entry.name, "strategy": model.strategy,
                 "tta": model.tta, "classes": list(model.classes), "image_size": model.preprocessing.crop_size,
-                "preprocessing": model.preprocessing.to_dict(), "engine": engine_choice.to_dict(), "metrics": None}
+                "preprocessing": model.preprocessing.to_dict(), "engine": choices[0].to_dict(), "metrics": None}
     try:
         metrics = json.loads((source / "metrics.json").read_text(encoding="utf-8"))
         test = metrics.get("test") or {}
@@ -245,7 +263,10 @@ async def _send_json(send, status: int, body: dict, headers=()) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3):
+def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3, secured: bool = False,
+               max_upload_mb: float | None = None):
+    """The FastAPI app; `secured` and `max_upload_mb` say what the Guard in front of it enforces (--token,
+    --max-upload-mb), for the OpenAPI document."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
@@ -254,9 +275,15 @@ def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3):
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
 
-    app = FastAPI(title="headstart", docs_url=None, redoc_url=None)  # both load their JS from a CDN
+    from headstart._version import __version__
+
+    app = FastAPI(title="headstart", version=__version__, docs_url=None, redoc_url=None)  # both: JS from a CDN
     page = resources.files("headstart.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     classes = predictor.model.classes
+    document = contract.document(title=app.title, version=app.version, classes=list(classes),
+                                 default_top_k=default_top_k, max_files=MAX_FILES, max_upload_mb=max_upload_mb,
+                                 secured=secured)
+    app.openapi = lambda: document  # what /openapi.json answers (contract.py says why it is written out)
 
     def error(status: int, message: str, **extra) -> JSONResponse:
         return JSONResponse({"error": message, **extra}, status_code=status)
@@ -270,8 +297,8 @@ def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3):
         return error(413, str(exc))
 
     @app.exception_handler(HTTPException)
-    async def _http_error(request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail))
+    async def _http_error(request, exc: HTTPException):  # 404, and 405 with its Allow header (RFC 9110)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _bug(request, exc: Exception):  # the traceback goes to the log; the client gets JSON
@@ -281,22 +308,25 @@ def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3):
     async def _invalid(request, exc: RequestValidationError):
         return error(400, "; ".join(f"{' '.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
-    @app.get("/", response_class=HTMLResponse)
+    # HEAD with every GET (RFC 9110: a general-purpose server supports both; uvicorn leaves the body out).
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index():
         return page
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/model")
+    @app.api_route("/model", methods=["GET", "HEAD"])
     async def model():
         return {**info, "top_k": default_top_k, "served": predictor.stats()}
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = default_top_k, name: str = "body"):
+        if top_k < 1:
+            raise ApiError(400, f"query top_k: must be at least 1, not {top_k}")
         uploads = await _uploads(request, name)
-        k = max(1, min(top_k, len(classes)))  # as `headstart predict`
+        k = min(top_k, len(classes))  # more than the model has: all of them, as `headstart predict`
         decoded, failed = [], []
         for filename, data in uploads:
             try:
@@ -351,15 +381,19 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: flo
 
     if not max_upload_mb > 0:
         raise HeadstartError(f"--max-upload-mb must be a positive number of MB, not {max_upload_mb}.")
+    if top_k < 1:
+        raise HeadstartError(f"--top-k must be at least 1 (classes per image), not {top_k}.")
     source = Path(path).expanduser()
     model = load(source)
     predictor = Predictor(model, runtime)
-    app = create_app(predictor, model_info(model, predictor.engine.choice, source), default_top_k=top_k)
+    app = create_app(predictor, model_info(model, predictor.choices, source), default_top_k=top_k,
+                     secured=bool(token), max_upload_mb=max_upload_mb)
     note = exposure_note(host, port, token)
     if note:
         print(note, file=sys.stderr, flush=True)
+    engine = describe_engines(predictor.choices)
     print(f"headstart serve: {source} ({info_name(model)}, {len(model.classes)} classes, "
-          f"{predictor.engine.choice.engine} {predictor.engine.choice.precision}) on http://{host}:{port}/",
+          f"{engine['engine']} {engine['precision']}) on http://{host}:{port}/",
           file=sys.stderr, flush=True)
     run_server(Guard(app, max_bytes=int(max_upload_mb * 2**20), token=token), host=host, port=port,
                log_level=log_level)
