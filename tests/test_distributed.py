@@ -232,6 +232,11 @@ def test_each_ranks_bad_image_is_in_the_runs_skipped_list(feature_extraction_run
     def skipped(run):
         return sorted(Path(s["path"]).name for s in json.loads((work / run / "skipped.json").read_text()))
     assert skipped("fe2") == skipped("fe1") == ["00000-broken.png", "99999-broken.png"]
+    # Each is warned about once by the job, not once per rank.
+    stderr = (work / "two" / "err0.txt").read_text() + (work / "two" / "err1.txt").read_text()
+    assert [line for line in stderr.splitlines() if "skipping" in line and "broken.png" in line and
+            "00000" in line].__len__() == 1, stderr[-3000:]
+    assert sum("skipping" in line and "99999-broken.png" in line for line in stderr.splitlines()) == 1
 
 
 @pytest.mark.slow

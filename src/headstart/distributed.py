@@ -108,9 +108,19 @@ def session(device: str = "auto") -> Iterator[Launch]:
         dist.destroy_process_group()
 
 
+# `log.warning(..., extra=SAME_ON_EVERY_RANK)`: a fact every rank finds alike (a skipped file, an empty class
+# folder), printed by rank 0 alone instead of once per rank.
+SAME_ON_EVERY_RANK = {"same_on_every_rank": True}
+
+
+def _rank0_says_it(record: logging.LogRecord) -> bool:
+    return not getattr(record, "same_on_every_rank", False)
+
+
 def _label_console(launch: Launch) -> None:
-    """Console lines name their rank; ranks other than 0 show warnings only and no progress bars
-    (rank 0 reports the job: its log, the world size, the run directory)."""
+    """Console lines name their rank; ranks other than 0 show warnings only (not those every rank finds
+    alike: SAME_ON_EVERY_RANK) and no progress bars (rank 0 reports the job: its log, the world size, the
+    run directory)."""
     from headstart import progress
 
     for handler in logging.getLogger("headstart").handlers:
@@ -120,6 +130,7 @@ def _label_console(launch: Launch) -> None:
                                                    .replace("%(levelname)s:", f"%(levelname)s: rank {launch.rank}:")))
             if launch.rank:
                 handler.setLevel(max(handler.level, logging.WARNING))
+                handler.addFilter(_rank0_says_it)
     if launch.rank:
         progress.set_quiet(True)
 

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from headstart.distributed import SAME_ON_EVERY_RANK
 from headstart.errors import DataError
 from headstart.data.images import is_image_name
 
@@ -248,7 +249,7 @@ def read_labels_csv(csv_path: str | os.PathLike, *, val_fraction: float = 0.1, t
         raise DataError(f"labels file {csv_path} lists no usable image ({len(bad)} rows unusable). "
                         "Expected rows of path,label with paths relative to the CSV.")
     for b in bad:
-        log.warning("skipping %s: %s", b["path"], b["reason"])
+        log.warning("skipping %s: %s", b["path"], b["reason"], extra=SAME_ON_EVERY_RANK)
     return _make_data(csv_path, rows, "csv", [], classes), bad
 
 

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from headstart.distributed import SAME_ON_EVERY_RANK
 from headstart import distributed, faults, progress
 from headstart.nets.spec import PIPELINE
 from headstart.errors import HeadstartError
@@ -274,7 +275,7 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
              f", {result.n_computed} computed in {result.seconds:.1f}s "
              f"({result.n_computed / max(result.seconds, 1e-9):.0f} images/s)" if todo else "")
     for p, reason in failures.items():
-        log.warning("skipping %s: %s", p, reason)
+        log.warning("skipping %s: %s", p, reason, extra=SAME_ON_EVERY_RANK)
     return result
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.distributed import SAME_ON_EVERY_RANK
 from headstart import distributed
 from headstart.data.checks import content_digests, cross_split_copies, warn_cross_split_copies
 from headstart.data.folders import ImageData, load_data
@@ -114,7 +115,7 @@ def load_run_data(cfg: TrainConfig, cache_root: Path | None = None) -> tuple[Ima
              count(len(data.classes), "class"), summary["splits"]["train"], summary["splits"]["val"],
              summary["splits"]["test"])
     for item in data.ignored:
-        log.warning("skipping %s: %s", item["path"], item["reason"])
+        log.warning("skipping %s: %s", item["path"], item["reason"], extra=SAME_ON_EVERY_RANK)
     all_paths = [s.path for s in data.samples]
     summary["duplicates_across_splits"] = cross_split_copies(all_paths, [s.split for s in data.samples],
                                                              content_digests(all_paths, cache_root=cache_root))
