@@ -195,6 +195,29 @@ def check_training_classes(data: ImageData, feats: Features) -> None:
                         "lower --val-fraction/--test-fraction.")
 
 
+def check_split_classes(data: ImageData, feats: Features) -> None:
+    """Warn about classes with no readable validation or test image (in a split that has some), with each
+    class's counts: the test scores average over the classes that have test images, so such a class is
+    left out of them, and validation (early stopping, the choices made on it) does not see it."""
+    n = len(data.classes)
+    counts = {name: np.bincount(feats.y[mask], minlength=n) for name, mask in
+              (("train", feats.tr), ("val", feats.va), ("test", feats.te))}
+    what = {"val": ("validation", "validation accuracy, early stopping and the choices made on validation "
+                                  "cannot see such a class", "--val-fraction"),
+            "test": ("test", "the test scores leave such a class out (macro-F1 and balanced accuracy are means "
+                             "over the classes with test images)", "--test-fraction")}
+    for split, (words, effect, flag) in what.items():
+        if not counts[split].any():  # no such split at all: said elsewhere (or asked for)
+            continue
+        missing = [i for i in range(n) if counts[split][i] == 0]
+        if missing:
+            listing = ", ".join(f"{data.classes[i]} (train {counts['train'][i]}, val {counts['val'][i]}, "
+                                f"test {counts['test'][i]} readable images)" for i in missing)
+            log.warning("%s without %s images: %s; %s. Add %s images of %s (or raise %s).",
+                        "class" if len(missing) == 1 else "classes", words, listing, effect, words,
+                        "it" if len(missing) == 1 else "them", flag)
+
+
 def epoch_logs(cfg: TrainConfig, out: Path | None) -> list:
     """The per-epoch logs of the run: history.csv, and TensorBoard event files with --tensorboard."""
     if out is None:  # a helper rank under torchrun writes no logs
@@ -217,6 +240,7 @@ def prepare(cfg: TrainConfig, entry, place: Place, loaded: tuple | None = None) 
     feats = run_features(cfg, engine, cache, prep.transform(), data)
     skipped = check_skipped(cfg, bad_rows, data, feats.ext)
     check_training_classes(data, feats)
+    check_split_classes(data, feats)
     return RunContext(cfg=cfg, entry=entry, place=place, data=data, summary=summary, image_size=image_size,
                       size_reason=size_reason, prep=prep, winfo=winfo, choice=choice, engine=engine, feats=feats,
                       skipped=skipped, epoch_logs=epoch_logs(cfg, place.out))
