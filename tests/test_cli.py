@@ -110,7 +110,7 @@ def test_second_identical_train_runs_no_forward_pass(trained, fmnist_small, tmp_
                                    "--workers", "0")
     assert code == 0, stderr
     assert calls == [], stderr
-    assert "500/500 features from cache" in stderr
+    assert "extracting: all 500 features from cache" in stderr
     first = json.loads((trained[0] / "metrics.json").read_text())["test"]
     second = json.loads((tmp_path / "again" / "metrics.json").read_text())["test"]
     assert second == first  # same inputs and seed, same numbers

@@ -9,6 +9,7 @@ same way, so a feature `extract` caches is the one `train` finds, and a strategy
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 from headstart import distributed
 from headstart.data.checks import content_digests, cross_split_copies, warn_cross_split_copies
 from headstart.data.folders import ImageData, load_data
+from headstart.data.images import is_image_name
 from headstart.engines.engine import choose_engine, make_engine
 from headstart.engines.features import FeatureCache, extract, image_key, make_namespace
 from headstart.engines.quantize import Int8Source, calibration_from
@@ -172,15 +174,29 @@ def run_features(cfg: TrainConfig, engine, cache: FeatureCache, transform, data:
 
 
 def check_skipped(cfg: TrainConfig, bad_rows: list[dict], data: ImageData, ext) -> list[dict]:
-    """Every file not used, with why; with --strict, any of them stops the run."""
+    """Every file not used, with why; with --strict, any unusable image stops the run.
+
+    Which files are images is decided by their extension first: a README.txt or notes.csv in a class folder
+    is listed as skipped but never stops a --strict run. What stops it: an image file that could not be
+    decoded, a CSV row that cannot be used, an image at the class level, a folder that was not followed or
+    could not be listed (it may hold images)."""
     # Unusable CSV rows, non-image files and links the scan passed over (hidden files are not data
     # and are not listed), and images that could not be decoded.
     skipped = bad_rows + data.ignored + [{"path": p, "reason": r} for p, r in ext.failures.items()]
-    if skipped and cfg.strict:
-        listing = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
-        raise DataError(f"--strict: {len(skipped)} unusable files, nothing trained (drop --strict to skip them "
-                        f"and go on):\n{listing}")
+    unusable = bad_rows + [s for s in data.ignored if not _not_an_image(s["path"])] + skipped[
+        len(bad_rows) + len(data.ignored):]
+    if unusable and cfg.strict:
+        listing = "\n".join(f"  {s['path']}: {s['reason']}" for s in unusable)
+        others = len(skipped) - len(unusable)
+        note = f" ({count(others, 'other file')}, not images by extension, skipped as always)" if others else ""
+        raise DataError(f"--strict: {count(len(unusable), 'unusable image file')}, nothing trained{note}; drop "
+                        f"--strict to skip them and go on:\n{listing}")
     return skipped
+
+
+def _not_an_image(path: str) -> bool:
+    """A file whose extension says it is no image (README.txt); a folder or a link to one may hold images."""
+    return not is_image_name(os.path.basename(path)) and not os.path.isdir(path)
 
 
 def check_training_classes(data: ImageData, feats: Features) -> None:
