@@ -354,10 +354,12 @@ def cmd_extract(a) -> int:
         return 0
     rate = lambda v: f"{v:.1f} images/s" if v else "-"  # noqa: E731
     for x in r["ranks"]:
-        print(f"rank {x['rank']}: {count(x['computed'], 'image')} computed in {x['seconds']:.1f}s "
-              f"({rate(x['images_per_second'])})")
-    print(f"in all: {count(r['images'], 'image')}, {r['from_cache']} from cache, {r['computed']} computed in "
-          f"{r['seconds']:.1f}s ({rate(r['images_per_second'])}) on world size {r['world_size']}; "
+        print(f"rank {x['rank']}: " + (f"{count(x['computed'], 'image')} computed in {x['seconds']:.1f}s "
+                                       f"({rate(x['images_per_second'])})" if x["computed"] else "none to compute"))
+    # "all N from cache", not "N from cache, 0 computed in 0.1s (-)" (issue 29)
+    done = (f"{r['from_cache']} from cache, {r['computed']} computed in {r['seconds']:.1f}s "
+            f"({rate(r['images_per_second'])})" if r["computed"] else f"all {r['from_cache']} from cache")
+    print(f"in all: {count(r['images'], 'image')}, {done} on world size {r['world_size']}; "
           f"skipped {count(r['failed'], 'file')}; cache {r['cache_dir']} ({r['backbone']} {r['image_size']}px "
           f"{r['engine']}/{r['precision']})")
     return 0
