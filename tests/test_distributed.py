@@ -314,3 +314,9 @@ def test_extract_fills_the_cache_only_and_reports_throughput(image_folder, tmp_p
                      "--engine", "torch", "--weights", "none", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert (again["from_cache"], again["computed"], again["world_size"]) == (12, 0, 1)
+    # everything cached: said plainly, not "12 from cache, 0 computed in 0.0s (-)" (issue 29)
+    assert cli.main(["extract", str(image_folder), "--image-size", "32", "--cache-dir", str(cache), "--workers", "0",
+                     "--engine", "torch", "--weights", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 0: none to compute" in out and "in all: 12 images, all 12 from cache on world size 1" in out
+    assert "0 computed" not in out

@@ -40,7 +40,7 @@ def _assert_plain_json(obj):
         for value in obj:
             _assert_plain_json(value)
     else:
-        assert type(obj) in (str, int, float, bool), type(obj)
+        assert obj is None or type(obj) in (str, int, float, bool), type(obj)
 
 
 def _assert_png(path: Path):
@@ -100,12 +100,40 @@ def test_subset_of_classes_keeps_every_class():
     assert m["accuracy"] == pytest.approx(3 / 4)
     # Mean recall over the classes present in y_true only: a 1/2, c 2/2.
     assert m["balanced_accuracy"] == pytest.approx(0.75)
+    # Macro-F1 likewise: a 1/(1 + 0.5 * (0 + 1)) = 2/3, c 2 * 1 * 1 / 2 = 1; b, d and e have no images.
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["classes_without_test_images"] == ["b", "d", "e"]
     assert [row["class"] for row in m["per_class"]] == classes
     assert [row["support"] for row in m["per_class"]] == [2, 0, 2, 0, 0]
+    # b was predicted once, wrongly, but with no images of it there is nothing to score: null, not 0.
+    assert m["per_class"][1] == {"class": "b", "precision": None, "recall": None, "f1": None, "support": 0}
     assert len(m["confusion_matrix"]) == 5
     assert all(len(row) == 5 for row in m["confusion_matrix"])
     assert sum(map(sum, m["confusion_matrix"])) == 4
     assert set(m["top_k_accuracy"]) == {"3"}
+
+
+def test_a_class_without_test_images_is_left_out_of_macro_f1_and_says_so(tmp_path):
+    """Issue 29: a class with no test images counted as F1 0 pulled macro-F1 down (0.7444 where the classes
+    with test images averaged 0.93). The mean covers the classes with images, every report names the rest,
+    and no report shows 0.0000 for them."""
+    with_owl = compute_metrics(Y_TRUE, PROBA, CLASSES)
+    keep = Y_TRUE != 3  # the owl image gone: owl is a class of the model with no test image
+    m = compute_metrics(Y_TRUE[keep], PROBA[keep], CLASSES)
+    f1 = {row["class"]: row["f1"] for row in m["per_class"]}
+    assert f1["owl"] is None and m["classes_without_test_images"] == ["owl"]
+    assert m["macro_f1"] == pytest.approx(np.mean([f1[c] for c in ("cat", "dog", "fox")]))
+    assert m["macro_f1"] > with_owl["macro_f1"]  # the old mean, over four classes, counted owl as 0
+    assert with_owl["classes_without_test_images"] == []
+
+    text = format_report(m)
+    assert "mean over the 3 of 4 classes with test images; no test images: owl" in text
+    owl_row = next(line for line in text.splitlines() if line.startswith("owl "))
+    assert "no test images" in owl_row and "0.0000" not in owl_row
+    write_report_markdown(m, tmp_path / "r.md")
+    md = (tmp_path / "r.md").read_text()
+    assert "| owl | no test images | - | - | 0 |" in md
+    assert "| cat | 1.0000 | 0.5000 | 0.6667 | 2 |" in md  # a present class keeps its numbers
 
 
 def test_confusion_matrix_sums_to_n():
@@ -325,3 +353,61 @@ def test_metrics_carry_the_accuracy_interval(metrics):
     correct = round(metrics["accuracy"] * metrics["n_images"])
     assert metrics["accuracy_ci95"] == wilson_interval(correct, metrics["n_images"])
     assert "accuracy, 95% interval" in format_report(metrics)
+
+
+# --------------------------------------------------------------------------- a class with no test images, end to end
+
+
+def _folder_with_a_class_split_2_1_0(root: Path) -> Path:
+    """train/val/test folders: three classes with images in every split, `tiny` (3 images: 2 train, 1 val,
+    0 test) and `wee` (2 train, 0 val, 1 test)."""
+    from conftest import write_image_folder
+
+    classes = ("ant", "bee", "cow", "tiny", "wee")
+    for split, n, seed in (("train", 8, 0), ("val", 3, 1), ("test", 4, 2)):
+        write_image_folder(root / split, n_per_class=n, classes=classes, size=(12, 10), seed=seed)
+    for split, keep in (("train", {"tiny": 2, "wee": 2}), ("val", {"tiny": 1, "wee": 0}), ("test", {"tiny": 0, "wee": 1})):
+        for name, k in keep.items():
+            for f in sorted((root / split / name).iterdir())[k:]:
+                f.unlink()
+    return root
+
+
+def test_a_class_with_no_test_images_train_evaluate_and_the_reports(tmp_path):
+    import headstart
+    from test_cli import run_cli
+
+    data = _folder_with_a_class_split_2_1_0(tmp_path / "data")
+    run = tmp_path / "run"
+    code, stdout, stderr = run_cli("train", data, "--strategy", "feature-extraction", "--backbone", "small_cnn",
+                                   "--weights", "none", "--image-size", "32", "--workers", "0", "--engine", "torch",
+                                   "--cache-dir", "none", "--out", run, "--json")
+    assert code == 0, stderr
+    # train names the class and its counts, for the test split and for validation
+    assert "class without test images: tiny (train 2, val 1, test 0 readable images)" in stderr
+    assert "class without validation images: wee (train 2, val 0, test 1 readable images)" in stderr
+
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert json.loads(stdout)["test"] == test
+    scored = [row["f1"] for row in test["per_class"] if row["class"] != "tiny"]
+    assert test["classes_without_test_images"] == ["tiny"]
+    assert test["macro_f1"] == pytest.approx(np.mean(scored))  # the mean over the classes with test images
+    assert next(r for r in test["per_class"] if r["class"] == "tiny") == {
+        "class": "tiny", "precision": None, "recall": None, "f1": None, "support": 0}
+
+    # evaluate, through the API and the command (JSON and text), says the same
+    evaluated = headstart.evaluate(run, cache_dir="none")
+    assert evaluated["macro_f1"] == test["macro_f1"]
+    assert evaluated["classes_without_test_images"] == ["tiny"]
+    code, stdout, stderr = run_cli("evaluate", run, "--json", "--cache-dir", "none")
+    assert code == 0, stderr
+    assert json.loads(stdout)["macro_f1"] == test["macro_f1"]
+    assert "no images of classes ['tiny']" in stderr and "left out of macro-F1" in stderr
+    assert "no test images: tiny" in format_report(evaluated)  # evaluate's text output
+
+    # both reports show the class as having no test images, not as 0
+    md = (run / "report.md").read_text()
+    assert "| tiny | no test images | - | - | 0 |" in md and "no test images: tiny" in md
+    page = (run / "report.html").read_text()
+    row = page[page.index("<td>tiny</td>"):][:300]
+    assert "no test images" in row and "0.0000" not in row.split("</tr>")[0]

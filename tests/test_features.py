@@ -103,6 +103,31 @@ def test_second_run_reads_everything_from_the_cache(backbone, paths, tmp_path):
     assert np.array_equal(cache.get(second.keys), computed)
 
 
+def test_the_log_says_plainly_when_every_feature_is_cached(backbone, paths, tmp_path, caplog):
+    """Issue 29: with every image's features cached and two files that cannot be read (tried again on each run,
+    since failures are not cached), the log said "computing 2" and then "0 computed (0 images/s)"."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    everything = paths + [str(tmp_path / "empty.png"), str(tmp_path / "cut.jpg")]
+    ns = _namespace(backbone[1])
+    with caplog.at_level(logging.INFO, logger="headstart.engines.features"):
+        first = _extract(_engine(backbone), everything, FeatureCache(tmp_path / "cache", ns), desc="extracting")
+    assert (first.n_computed, len(first.failures)) == (10, 2)
+    assert "extracting: 0/12 from cache, 12 to read and compute" in caplog.text
+    assert "extracting: 0/12 features from cache, 10 computed in " in caplog.text
+    assert "images/s); 2 files could not be read" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="headstart.engines.features"):
+        second = _extract(_engine(backbone), everything, FeatureCache(tmp_path / "cache", ns), desc="extracting")
+    assert (second.n_computed, second.n_cached, len(second.failures)) == (0, 10, 2)
+    assert "extracting: all 10 features from cache; 2 files could not be read" in caplog.text
+    assert "0 computed" not in caplog.text and "images/s" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="headstart.engines.features"):
+        _extract(_engine(backbone), paths, FeatureCache(tmp_path / "cache", ns), desc="extracting")
+    assert "extracting: all 10 features from cache\n" in caplog.text + "\n" and "to read" not in caplog.text
+
+
 def test_features_match_the_engine_in_input_order(backbone, paths):
     """The cache hands back each image's own features, whatever order the paths come in."""
     _, info = backbone

@@ -61,7 +61,7 @@ def test_every_fine_tuning_field_is_a_train_flag_and_reaches_train(monkeypatch, 
     ({"epochs": 3}, "feature-extraction", "--epochs.*fine-tune"),
     ({"augment": "heavy"}, "fine-tune", "--augment must be one of none, flip, light, standard"),
     ({"sampler": "uniform"}, "auto", "--sampler must be one of balanced"),
-    ({"epochs": 0}, "scratch", "--epochs must be at least 1"),
+    ({"epochs": 0}, "scratch", "--epochs must be a whole number of at least 1, not 0"),
 ])
 def test_the_api_and_the_cli_refuse_the_same_settings_with_the_same_words(finetune, strategy, match, image_folder,
                                                                           tmp_path, capsys):
@@ -90,6 +90,99 @@ def test_rules_the_cli_enforced_now_hold_for_the_api(image_folder, tmp_path):
     with pytest.raises(HeadstartError, match="--cv 1: K-fold cross-validation needs 2 <= K"):
         headstart.train(image_folder, strategy="feature-extraction", cv=1, out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+IMPOSSIBLE = [  # (flags, the words of the refusal); issue 29: --image-size 0 was refused only after the scan
+    (["--image-size", "0"], "--image-size must be a whole number of at least 16 and at most 2048, not 0"),
+    (["--image-size", "-5"], "--image-size must be a whole number of at least 16"),
+    (["--image-size", "100000"], "--image-size must be a whole number of at least 16 and at most 2048"),
+    (["--val-fraction", "1.5"], "--val-fraction must be a number of at least 0 and below 1, not 1.5"),
+    (["--val-fraction", "nan"], "--val-fraction must be a number of at least 0 and below 1, not nan"),
+    (["--test-fraction", "-0.1"], "--test-fraction must be a number of at least 0 and below 1"),
+    (["--val-fraction", "0.5", "--test-fraction", "0.5"],
+     "--val-fraction 0.5 and --test-fraction 0.5 leave no training images; their sum must be below 1"),
+    (["--seed", "-1"], "--seed must be a whole number of at least 0 and at most 4294967295"),
+    (["--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0"),
+    (["--workers", "-1"], "--workers must be a whole number of at least 0 and at most 256, not -1"),
+    (["--workers", "100000"], "--workers must be a whole number of at least 0 and at most 256"),
+    (["--strategy", "feature-extraction", "--cv", "1"], "--cv 1: K-fold cross-validation needs 2 <= K"),
+    (["--strategy", "fine-tune", "--epochs", "0"], "--epochs must be a whole number of at least 1, not 0"),
+    (["--strategy", "fine-tune", "--lr", "0"], "--lr must be a positive number, not 0.0"),
+    (["--strategy", "fine-tune", "--lr-head", "inf"], "--lr-head must be a positive number, not inf"),
+    (["--strategy", "fine-tune", "--label-smoothing", "1"], "--label-smoothing must be a number of at least 0 and below 1"),
+    (["--strategy", "fine-tune", "--weight-decay", "-0.5"], "--weight-decay must be a number of at least 0"),
+    (["--strategy", "fine-tune", "--patience", "0"], "--patience must be a whole number of at least 1"),
+    (["--strategy", "fine-tune", "--time-budget", "0s"], "--time-budget must be a positive number"),
+    (["--strategy", "ensemble", "--scratch-epochs", "0"], "--scratch-epochs must be a whole number of at least 1"),
+]
+
+
+@pytest.mark.parametrize("flags, words", IMPOSSIBLE, ids=[" ".join(f) for f, _ in IMPOSSIBLE])
+def test_impossible_values_are_refused_before_the_folder_is_scanned(flags, words, image_folder, tmp_path, monkeypatch):
+    """The CLI and the API refuse them with the same words, before the data folder is listed or anything made."""
+    from headstart.data import folders
+
+    scans = []
+    monkeypatch.setattr(folders, "scan_folder", lambda *a, **k: scans.append(a) or pytest.fail("scanned"))
+    code, _, stderr = run_cli("train", image_folder, "--out", tmp_path / "r", *flags)
+    assert code == 2 and f"headstart: error: {words}" in stderr, stderr
+    assert "Traceback" not in stderr and "[headstart]" not in stderr  # not one line of work logged
+    # the API: the same settings as keywords, the same words
+    import typing
+
+    hints = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(FineTuneSettings)}
+    kw = {}
+    for flag, text in zip(flags[::2], flags[1::2]):
+        name = flag[2:].replace("-", "_")
+        kind = float if float in (hints[name], *typing.get_args(hints[name])) else int
+        value = text if name in ("strategy", "time_budget") else kind(text)  # as argparse types them
+        if name in {f.name for f in dataclasses.fields(FineTuneSettings)}:
+            kw.setdefault("finetune", {})[name] = value
+        else:
+            kw[name] = value
+    with pytest.raises(HeadstartError) as refused:
+        headstart.train(image_folder, out=tmp_path / "r", **kw)
+    assert words in str(refused.value)
+    assert scans == [] and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", [True, "3", 2.5, None])
+def test_a_limit_takes_numbers_of_its_kind_only(value):
+    """`Limit.accepts`: a bool is no number, a string is not parsed, a whole number is whole (None: not set)."""
+    if value is None:
+        settings.check_limits(epochs=None)  # nothing to check
+        return
+    with pytest.raises(HeadstartError, match="--epochs must be a whole number of at least 1"):
+        settings.check_limits(epochs=value)
+
+
+def test_every_numeric_limit_says_its_range_in_words():
+    words = {name: limit.words() for name, limit in settings.LIMITS.items()}
+    assert words["image_size"] == "a whole number of at least 16 and at most 2048"
+    assert words["val_fraction"] == "a number of at least 0 and below 1"
+    assert words["lr"] == "a positive number" and words["top_k"] == "a whole number of at least 1"
+    assert settings.LIMITS["port"].accepts(65535) and not settings.LIMITS["port"].accepts(65536)
+    assert settings.LIMITS["val_fraction"].accepts(0) and not settings.LIMITS["val_fraction"].accepts(1.0)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["predict", "no-such-run", "x.png", "--top-k", "0"], "--top-k must be a whole number of at least 1, not 0"),
+    (["predict", "no-such-run", "x.png", "--batch-size", "0"], "--batch-size must be a whole number of at least 1"),
+    (["serve", "no-such-run", "--port", "70000"], "--port must be a whole number of at least 1 and at most 65535"),
+    (["serve", "no-such-run", "--top-k", "-1"], "--top-k must be a whole number of at least 1, not -1"),
+    (["evaluate", "no-such-run", "--batch-size", "-3"], "--batch-size must be a whole number of at least 1"),
+    (["extract", "no-such-folder", "--image-size", "0"], "--image-size must be a whole number of at least 16"),
+    (["extract", "no-such-folder", "--workers", "-1"], "--workers must be a whole number of at least 0"),
+    (["compare", "no-such-folder", "--out", "OUT", "--epochs", "0"], "--epochs must be a whole number of at least 1"),
+    (["compare", "no-such-folder", "--out", "OUT", "--seed", "-2"], "--seed must be a whole number of at least 0"),
+    (["datasets", "prepare", "fashion-mnist", "OUT", "--per-class", "0"], "per_class must be a positive whole number"),
+])
+def test_the_other_commands_refuse_impossible_values_before_any_work(args, words, tmp_path, monkeypatch):
+    """Before the run is loaded (no 'does not exist' about it), the folder read or --out made."""
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli(*args)
+    assert code == 2 and words in stderr, stderr
+    assert "does not exist" not in stderr and not (tmp_path / "OUT").exists()
 
 
 def test_finetune_is_typed_after_validation():

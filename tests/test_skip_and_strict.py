@@ -175,7 +175,34 @@ def test_strict_stops_before_training_and_lists_every_skipped_file(tmp_path, mon
     code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "strict", "--strict")
     assert code == 2 and "Traceback" not in stderr
     message = stderr[stderr.index("headstart: error: --strict"):]
-    assert f"{len(skipped)} unusable files, nothing trained" in message
-    for s in skipped:
+    # Only images stop a --strict run: the notes and the stray text file are no images by their extension.
+    others = [s for s in skipped if s["path"].endswith(".txt")]
+    assert len(others) == 2
+    images = [s for s in skipped if s not in others]
+    assert f"{len(images)} unusable image files, nothing trained (2 other files, not images by extension" in message
+    for s in images:
         assert f"  {s['path']}: {s['reason']}" in message
+    for s in others:
+        assert s["path"] not in message
     assert fits == [] and not (tmp_path / "strict").exists()
+
+
+def test_strict_does_not_refuse_a_folder_for_its_readme(tmp_path):
+    """Issue 29: --strict refused a folder because of a README.txt in a class folder. Which files are images is
+    decided by extension first; the others are listed as skipped, with their reason, and never stop the run."""
+    data = write_image_folder(tmp_path / "data", n_per_class=6, size=(8, 8))
+    (data / "cat" / "README.txt").write_text("photos from the garden")
+    (data / "dog" / "notes.csv").write_text("name,colour\n")
+    (data / "LICENSE").write_text("CC-BY")  # at the class level, no extension
+    code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "strict", "--strict", "--cache-dir", "none")
+    assert code == 0, stderr
+    skipped = json.loads((tmp_path / "strict" / "skipped.json").read_text())
+    assert sorted(s["path"] for s in skipped) == sorted(str(p) for p in (
+        data / "cat" / "README.txt", data / "dog" / "notes.csv", data / "LICENSE"))
+    assert {s["reason"] for s in skipped} == {"not an image file extension", "file at the class level (not inside a "
+                                                                              "class folder)"}
+    # an image that cannot be read still stops it, named alone
+    (data / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    code, _, stderr = run_cli("train", data, *TINY, "--out", tmp_path / "strict2", "--strict", "--cache-dir", "none")
+    assert code == 2 and "--strict: 1 unusable image file, nothing trained (3 other files" in stderr
+    assert f"  {data / 'dog' / 'broken.jpg'}: " in stderr and not (tmp_path / "strict2").exists()

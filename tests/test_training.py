@@ -75,8 +75,10 @@ def test_check_skipped_lists_every_unused_file_and_strict_stops(tmp_path):
     bad_rows = [{"path": "row 3", "reason": "no label"}]
     skipped = context.check_skipped(TrainConfig(data="x"), bad_rows, data, ext)
     assert [s["path"] for s in skipped] == ["row 3", "notes.txt", data.samples[0].path]
-    with pytest.raises(DataError, match=r"--strict: 3 unusable files.*\n  row 3: no label"):
+    with pytest.raises(DataError, match=r"--strict: 2 unusable image files, nothing trained \(1 other file, not "
+                                        r"images by extension, skipped as always\).*\n  row 3: no label") as refused:
         context.check_skipped(TrainConfig(data="x", strict=True), bad_rows, data, ext)
+    assert "notes.txt" not in str(refused.value)  # not an image by its extension: skipped, never refused
     clean = Extraction(keys=["k"] * len(data.samples))
     data.ignored.clear()
     assert context.check_skipped(TrainConfig(data="x", strict=True), [], data, clean) == []

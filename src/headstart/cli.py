@@ -15,19 +15,20 @@ from __future__ import annotations
 import argparse
 import atexit
 import csv
+import difflib
 import functools
 import gc
 import json
 import logging
 import os
+import re
 import sys
 
 from headstart import progress
 from headstart._version import __version__
 from headstart.errors import HeadstartError, Interrupted
-from headstart.settings import (CLASS_WEIGHTS, DEVICES, ENGINES, HEADS, PRECISIONS, TTAS, FineTuneSettings, Runtime,
-                       TrainConfig, parse_duration)
-from headstart.settings import ENSEMBLE
+from headstart.settings import (CLASS_WEIGHTS, DEVICES, ENGINES, ENSEMBLE, HEADS, LIMITS, PRECISIONS, SCRATCH_DEFAULTS,
+                                TTAS, FineTuneSettings, Runtime, TrainConfig, check_limits, parse_duration)
 from headstart.strategies import compare_rows, list_strategies
 from headstart.progress import count
 
@@ -52,8 +53,9 @@ def _duration(value: str) -> float:
 
 class _Parser(argparse.ArgumentParser):
     """No prefix matching (`--epoch 3` is an error, not `--epochs`), and an unknown argument is reported
-    by the (sub)command that got it, with that command's usage: argparse's default hands a subcommand's
-    leftovers to the top-level parser, whose usage does not show the subcommand's flags."""
+    by the (sub)command that got it: argparse's default hands a subcommand's leftovers to the top-level
+    parser, whose usage does not show the subcommand's flags. A misspelt flag or choice names the closest
+    one; a command whose usage runs to many lines points to its --help instead of printing them all."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
@@ -62,11 +64,40 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = [f"did you mean {close[0]}?" for x in extras if x.startswith("-")
+                     for close in [difflib.get_close_matches(x.split("=", 1)[0], flags, n=1)] if close]
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; {' '.join(hints)}" if hints else ""))
         return namespace, extras
+
+    def error(self, message):
+        choice = re.match(r"argument .*: invalid choice: '(.*)' \(choose from (.*)\)$", message)
+        if choice:
+            offered = re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), offered, n=1)
+            message += f"; did you mean {close[0]!r}?" if close else ""
+        usage = self.format_usage()
+        if usage.count("\n") > 3:  # `train`'s runs to 30 lines
+            usage = f"usage: {self.prog} [options] ... (`{self.prog} --help` lists them)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
+
+
+_CACHE_DIR_HELP = ("feature cache folder; 'none' keeps features in memory only (default: $XDG_CACHE_HOME/headstart, "
+                   "else ~/.cache/headstart)")
+_LABELS_HELP = "CSV of path,label[,split], paths relative to the CSV (default: none; the class folders name the classes)"
+_IMAGE_SIZE_HELP = (f"crop size in pixels ({LIMITS['image_size'].low}-{LIMITS['image_size'].high}) or 'auto' "
+                    "(default: auto: the backbone's own size, or a smaller one for much smaller images; the log "
+                    "says why)")
+_WEIGHTS_HELP = ("'imagenet', 'none' (random init) or a weights file (default: imagenet: the file from a given path, "
+                 "the torch cache, an installed package, or its download address, in that order)")
+_SEED_HELP = ("seed of everything random in training (initialisation, shuffling, augmentation); the splits come "
+              "from the file names, not the seed (default: %(default)s)")
+_WORKERS_HELP = "image decoding processes (default: chosen from the CPU cores)"
 
 
 def get_parser() -> argparse.ArgumentParser:
+    from headstart.data.images import IMAGE_EXTENSIONS  # numpy and PIL, loaded already; not torch
+
     p = _Parser(prog="headstart", description="Transfer learning for image classification.")
     p.add_argument("--version", action="version", version=f"headstart {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results; no progress bars")
@@ -75,93 +106,116 @@ def get_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model on an image folder and write a run directory")
     t.add_argument("data", nargs="?", help="DATA/<class>/..., DATA/train|val|test/<class>/..., or the CSV's folder")
-    t.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV)")
+    t.add_argument("--labels", help=_LABELS_HELP)
     t.add_argument("--backbone", default=None,
-                   help="see `headstart backbones` (default mobilenet_v2; small_cnn for scratch)")
+                   help="the pretrained network to start from; `headstart backbones` lists them (default: "
+                        "mobilenet_v2; small_cnn with --strategy scratch)")
     t.add_argument("--strategy", default="auto", choices=list_strategies(),
-                   help="default auto: feature extraction or fine-tuning, chosen from the data, with its reasons "
-                        "in the log and config.json")
-    t.add_argument("--head", default="linear", choices=HEADS)
-    t.add_argument("--weights", default=None,
-                   help="'imagenet' (default: search the usual places), 'none' (random init), or a file")
-    t.add_argument("--image-size", type=_size, default="auto",
-                   help="crop size in pixels; 'auto' (default) keeps the backbone's unless images are small")
-    t.add_argument("--val-fraction", type=float, default=0.1)
-    t.add_argument("--test-fraction", type=float, default=0.1)
-    t.add_argument("--class-weight", choices=CLASS_WEIGHTS, default=None, help="weight classes by inverse frequency")
-    t.add_argument("--seed", type=int, default=0)
+                   help="how to train (default: auto: feature extraction or fine-tuning, chosen from the data, with "
+                        "its reasons in the log and config.json)")
+    t.add_argument("--head", default="linear", choices=HEADS,
+                   help="the classifier on the backbone's features: linear (logistic regression) or mlp (one "
+                        "hidden layer) (default: %(default)s)")
+    t.add_argument("--weights", default=None, help=_WEIGHTS_HELP)
+    t.add_argument("--image-size", type=_size, default="auto", help=_IMAGE_SIZE_HELP)
+    t.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the images held out for validation, from 0 to below 1, when DATA has no val/ "
+                        "folder (default: %(default)s)")
+    t.add_argument("--test-fraction", type=float, default=0.1,
+                   help="share of the images held out for the test scores, from 0 to below 1, when DATA has no "
+                        "test/ folder (default: %(default)s)")
+    t.add_argument("--class-weight", choices=CLASS_WEIGHTS, default=None,
+                   help="balanced: weigh classes by inverse frequency (default: every image counts the same)")
+    t.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     _engine_args(t, workers=True)
-    t.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    t.add_argument("--out", default=None, help="run directory (default: runs/<date and time>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    t.add_argument("--strict", action="store_true", help="stop if any image is unusable instead of skipping it")
-    t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    t.add_argument("--strict", action="store_true",
+                   help="stop before training if any image file cannot be used (unreadable, truncated, empty, a "
+                        "CSV row naming a missing file, ...). Which files are images is decided by their extension ("
+                        + " ".join(sorted(IMAGE_EXTENSIONS)) + "); other files (README.txt, notes) never stop the "
+                        "run: they are listed as skipped, with the reason, as without --strict (default: skip "
+                        "unusable images, list them and go on)")
+    t.add_argument("--json", action="store_true", help="print the run directory and its metrics as JSON")
     t.add_argument("--cv", type=int, default=None, metavar="K",
                    help="feature extraction: also report K-fold accuracy (mean and spread) of the head on the "
-                        "cached train + val features")
+                        "cached train + val features (default: no cross-validation)")
     t.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files into RUN/tensorboard (pip install 'headstart[tensorboard]')")
     t.add_argument("--tta", choices=TTAS, default="auto",
                    help="test-time views: 'flip' averages each image's probabilities with its mirror image's "
-                        "(2 backbone passes per image); 'auto' (default) keeps flips when they pay on validation")
-    f = t.add_argument_group("fine-tuning (--strategy fine-tune)")
+                        "(2 backbone passes per image) (default: auto: flips when they pay on validation)")
+    f = t.add_argument_group("fine-tuning (--strategy fine-tune, scratch, ensemble, and auto when it fine-tunes)")
     _finetune_args(f)
     f.add_argument("--scratch-epochs", type=int, default=None,
-                   help="--strategy ensemble (and auto's ensemble): epochs of the scratch member (default "
+                   help="--strategy ensemble (and auto's ensemble): epochs of the scratch member (default: "
                         f"{ENSEMBLE.scratch_epochs}; the fine-tuned member's are --epochs, default "
                         f"{ENSEMBLE.finetune_epochs})")
     f.add_argument("--resume", metavar="RUN", default=None,
-                   help="continue the interrupted fine-tuning run RUN from its last checkpoint")
+                   help="continue the interrupted fine-tuning run RUN from its last checkpoint, with the settings "
+                        "it was started with (default: start a new run)")
 
     xt = sub.add_parser("extract", help="only fill the feature cache (for large jobs; runs under torchrun too)")
     xt.add_argument("data", help="an image folder as for train, or the CSV's folder with --labels")
-    xt.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV)")
-    xt.add_argument("--backbone", default="mobilenet_v2")
-    xt.add_argument("--weights", default=None)
-    xt.add_argument("--image-size", type=_size, default="auto")
+    xt.add_argument("--labels", help=_LABELS_HELP)
+    xt.add_argument("--backbone", default="mobilenet_v2",
+                    help="the network whose features to cache; `headstart backbones` lists them (default: "
+                         "%(default)s)")
+    xt.add_argument("--weights", default=None, help=_WEIGHTS_HELP)
+    xt.add_argument("--image-size", type=_size, default="auto", help=_IMAGE_SIZE_HELP)
     xt.add_argument("--json", action="store_true", help="print the counts and throughput as JSON")
     _engine_args(xt, workers=True)
 
     cp = sub.add_parser("compare", help="train scratch, feature extraction (linear, mlp) and fine-tuning side by side")
-    cp.add_argument("data")
-    cp.add_argument("--out", required=True, help="folder for the runs, compare.json and compare.png")
-    cp.add_argument("--strategies", default=None, help="comma-separated subset of: " + ", ".join(compare_rows()))
-    cp.add_argument("--seed", type=int, default=0)
-    cp.add_argument("--image-size", type=_size, default="auto")
-    cp.add_argument("--workers", type=int, default=None)
+    cp.add_argument("data", help="an image folder, as for train")
+    cp.add_argument("--out", required=True, help="folder for the runs, compare.json and compare.png (required)")
+    cp.add_argument("--strategies", default=None,
+                    help="comma-separated subset of: " + ", ".join(compare_rows()) + " (default: all of them)")
+    cp.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
+    cp.add_argument("--image-size", type=_size, default="auto", help=_IMAGE_SIZE_HELP)
+    cp.add_argument("--workers", type=int, default=None, help=_WORKERS_HELP)
     cp.add_argument("--epochs", type=int, default=None,
-                    help="epochs of scratch and fine-tune (default: each its own, 15 and 14, with early stopping)")
-    cp.add_argument("--overwrite", action="store_true")
-    cp.add_argument("--json", action="store_true")
+                    help="epochs of scratch and fine-tune (default: each its own, "
+                         f"{SCRATCH_DEFAULTS['epochs']} and {FineTuneSettings.epochs}, with early stopping)")
+    cp.add_argument("--overwrite", action="store_true",
+                    help="train every strategy again in an --out folder that holds runs already")
+    cp.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a folder")
     e.add_argument("run", help="run directory or model bundle")
     e.add_argument("data", nargs="?", default=None,
-                   help="folder of class subfolders (a folder with splits is evaluated on test/); default: the "
-                        "run's own test split, from its splits.csv")
-    e.add_argument("--labels", help="CSV of path,label")
-    e.add_argument("--json", action="store_true")
+                   help="folder of class subfolders (a folder with splits is evaluated on test/) (default: the "
+                        "run's own test split, from its splits.csv)")
+    e.add_argument("--labels", help="CSV of path,label, paths relative to the CSV (default: none; the class "
+                                    "folders name the classes)")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _engine_args(e)
 
     pr = sub.add_parser("predict", help="classify image files and folders")
     pr.add_argument("run", help="run directory or model bundle")
-    pr.add_argument("inputs", nargs="+", help="image files and folders")
-    pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
+    pr.add_argument("--top-k", type=int, default=1,
+                    help="classes per image, most probable first (default: %(default)s)")
     fmt = pr.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true",
+                     help="print the predictions and the skipped files as JSON (default: one line per image)")
+    fmt.add_argument("--csv", action="store_true",
+                     help="print CSV: the path, then the class and probability of each of the top k")
     _engine_args(pr)
 
     sv = sub.add_parser("serve", help="serve a trained model over HTTP, with a page to try it in a browser "
                                       "(needs headstart[serve])")
     sv.add_argument("run", help="run directory or model bundle")
     sv.add_argument("--host", default="127.0.0.1",
-                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body, in MB (default 20)")
+                    help="address to bind (default: 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0,
+                    help="largest request body, in MB (default: %(default)g)")
     sv.add_argument("--token", default=os.environ.get("HEADSTART_TOKEN"),
                     help="require `Authorization: Bearer TOKEN` on every request but /healthz and the page "
                          "(default: $HEADSTART_TOKEN, else none)")
-    sv.add_argument("--top-k", type=int, default=3, help="classes per image when a request does not say (?top_k=)")
+    sv.add_argument("--top-k", type=int, default=3,
+                    help="classes per image when a request does not say (?top_k=) (default: %(default)s)")
     _engine_args(sv)
 
     rp = sub.add_parser("report", help="rebuild report.md and report.html of a run (compare.html of a compare "
@@ -171,30 +225,32 @@ def get_parser() -> argparse.ArgumentParser:
     bb = sub.add_parser("backbones", help="list the backbones, their sizes and whether weights are available")
     bb.add_argument("--timm", metavar="PATTERN", default=None,
                     help="list timm's models matching PATTERN instead (wildcards, e.g. 'resnet*'); "
-                         "use them as --backbone timm:NAME")
+                         "use them as --backbone timm:NAME (default: list headstart's own backbones)")
 
     c = sub.add_parser("cache", help="inspect or clear the cache (features, converted backbones, downloads)")
-    c.add_argument("action", choices=["info", "clear"])
-    c.add_argument("--cache-dir", default=None)
-    c.add_argument("--json", action="store_true")
+    c.add_argument("action", choices=["info", "clear"],
+                   help="info: what the cache holds and its size; clear: delete all of it")
+    c.add_argument("--cache-dir", default=None,
+                   help="the cache folder (default: $XDG_CACHE_HOME/headstart, else ~/.cache/headstart)")
+    c.add_argument("--json", action="store_true", help="print the answer as JSON")
 
     d = sub.add_parser("datasets", help="write built-in data sets as image folders")
-    d.add_argument("action", choices=["prepare"])
-    d.add_argument("name", help="fashion-mnist")
+    d.add_argument("action", choices=["prepare"], help="prepare: write the data set as image folders")
+    d.add_argument("name", help="the data set: fashion-mnist")
     d.add_argument("out", help="folder to write")
     d.add_argument("--per-class", type=int, default=None,
-                   help="keep the first N training images of each class (1000 gives FMNIST-TL)")
+                   help="keep the first N training images of each class (1000 gives FMNIST-TL) (default: all)")
     d.add_argument("--test-per-class", type=int, default=None,
                    help="keep the first N test images of each class (default: the whole test set)")
 
     x = sub.add_parser("export", help="write a trained model as ONNX, with a JSON stating its preprocessing")
     x.add_argument("run", help="run directory or model bundle")
-    x.add_argument("--format", default="onnx", choices=["onnx"])
-    x.add_argument("--out", default=None, help="folder to write model.onnx into (default RUN/onnx)")
-    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    x.add_argument("--format", default="onnx", choices=["onnx"], help="file format (default: %(default)s, the only one)")
+    x.add_argument("--out", default=None, help="folder to write model.onnx into (default: RUN/onnx)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     batch = x.add_mutually_exclusive_group()
     batch.add_argument("--dynamic-batch", dest="dynamic_batch", action="store_true", default=True,
-                       help="any batch size (default)")
+                       help="any batch size (the default)")
     batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false", help="batch size fixed at 1")
     x.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
 
@@ -209,17 +265,20 @@ def get_parser() -> argparse.ArgumentParser:
 def _engine_args(p: argparse.ArgumentParser, workers: bool = False) -> None:
     """The Runtime settings as flags, defaults and choices from settings.Runtime."""
     d = Runtime()
-    p.add_argument("--device", default=d.device, choices=DEVICES)
+    p.add_argument("--device", default=d.device, choices=DEVICES,
+                   help="where the network runs (default: %(default)s: cuda when PyTorch sees a GPU, else cpu)")
     p.add_argument("--engine", default=d.engine, choices=("auto", *ENGINES),
-                   help="inference engine for the frozen backbone (default auto: chosen from the installed engines and the CPU's bf16 support)")
+                   help="what runs the frozen backbone (default: auto: torch on a GPU; on a CPU openvino where it "
+                        f"has native bf16, else the first installed of {', '.join(ENGINES)})")
     p.add_argument("--precision", default=d.precision, choices=("auto", *PRECISIONS),
-                   help="int8: the frozen backbone quantised, calibrated on 256 training images (feature "
-                        "extraction; README \"int8\")")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+                   help="arithmetic of the frozen backbone; int8 quantises it, calibrated on 256 training images "
+                        "(feature extraction only) (default: auto: bf16 on a CPU with native bf16 units, unless "
+                        "onnxruntime runs it; else fp32)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per network call (default: %(default)s)")
     if workers:
-        p.add_argument("--workers", type=int, default=d.workers,
-                       help="image decoding processes (default: fits the cores)")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="feature cache folder ('none' to disable)")
+        p.add_argument("--workers", type=int, default=d.workers, help=_WORKERS_HELP)
+    p.add_argument("--cache-dir", default=d.cache_dir, help=_CACHE_DIR_HELP)
 
 
 def _runtime(a) -> Runtime:
@@ -234,7 +293,7 @@ def _finetune_args(group) -> None:
 
     hints = typing.get_type_hints(FineTuneSettings)
     for f in FineTuneSettings.cli_fields():
-        kw = {"default": None, "help": f.metadata.get("help")}
+        kw = {"default": None, "help": f"{f.metadata['help']} ({_finetune_default(f)})"}
         if hints[f.name] is bool:
             kw["action"] = "store_true"
         elif "choices" in f.metadata:
@@ -245,6 +304,26 @@ def _finetune_args(group) -> None:
             kw["type"] = hints[f.name]
         # anything else (unfreeze: a number or "all") stays a string; FineTuneSettings.validate parses it
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _finetune_default(f) -> str:
+    """A fine-tuning flag's default in words: the field's, and where a strategy sets another (scratch's from
+    SCRATCH_DEFAULTS, the ensemble's epochs from ENSEMBLE)."""
+    def said(value) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    default = f.metadata.get("default_words") or said(f.default)
+    others = {}
+    if f.name in SCRATCH_DEFAULTS and SCRATCH_DEFAULTS[f.name] != f.default:
+        others["scratch"] = said(SCRATCH_DEFAULTS[f.name])
+    if f.name == "epochs":
+        others["ensemble and auto's ensemble (the fine-tuned member)"] = said(ENSEMBLE.finetune_epochs)
+    if not others:
+        return f"default: {default}"
+    return (f"default: {default} with --strategy fine-tune or auto, "
+            + ", ".join(f"{v} with {k}" for k, v in others.items()))
 
 
 def cmd_train(a) -> int:
@@ -275,10 +354,12 @@ def cmd_extract(a) -> int:
         return 0
     rate = lambda v: f"{v:.1f} images/s" if v else "-"  # noqa: E731
     for x in r["ranks"]:
-        print(f"rank {x['rank']}: {count(x['computed'], 'image')} computed in {x['seconds']:.1f}s "
-              f"({rate(x['images_per_second'])})")
-    print(f"in all: {count(r['images'], 'image')}, {r['from_cache']} from cache, {r['computed']} computed in "
-          f"{r['seconds']:.1f}s ({rate(r['images_per_second'])}) on world size {r['world_size']}; "
+        print(f"rank {x['rank']}: " + (f"{count(x['computed'], 'image')} computed in {x['seconds']:.1f}s "
+                                       f"({rate(x['images_per_second'])})" if x["computed"] else "none to compute"))
+    # "all N from cache", not "N from cache, 0 computed in 0.1s (-)" (issue 29)
+    done = (f"{r['from_cache']} from cache, {r['computed']} computed in {r['seconds']:.1f}s "
+            f"({rate(r['images_per_second'])})" if r["computed"] else f"all {r['from_cache']} from cache")
+    print(f"in all: {count(r['images'], 'image')}, {done} on world size {r['world_size']}; "
           f"skipped {count(r['failed'], 'file')}; cache {r['cache_dir']} ({r['backbone']} {r['image_size']}px "
           f"{r['engine']}/{r['precision']})")
     return 0
@@ -328,7 +409,9 @@ def cmd_predict(a) -> int:
     from headstart.models.bundle import load
     from headstart.runs.predict import engine_used, predict_files
 
-    model, runtime = load(a.run), _runtime(a)
+    check_limits(top_k=a.top_k)  # these two before the model is loaded
+    runtime = _runtime(a)
+    model = load(a.run)
     rows, skipped = predict_files(model, a.inputs, top_k=a.top_k, runtime=runtime)
     engine = engine_used(model, runtime)  # what computed the numbers: bf16 and fp32 differ beyond rounding
     if a.json:
@@ -354,6 +437,7 @@ def cmd_predict(a) -> int:
 
 
 def cmd_serve(a) -> int:
+    check_limits(top_k=a.top_k, port=a.port)  # before torch is imported and the model loaded and warmed up
     from headstart.serve.app import serve
 
     return serve(a.run, host=a.host, port=a.port, max_upload_mb=a.max_upload_mb, token=a.token, top_k=a.top_k,
@@ -425,7 +509,7 @@ def cmd_cache(a) -> int:
 def cmd_datasets(a) -> int:
     from headstart.data.datasets import prepare
 
-    kw = {k: v for k, v in (("per_class", a.per_class), ("test_per_class", a.test_per_class)) if v}
+    kw = {k: v for k, v in (("per_class", a.per_class), ("test_per_class", a.test_per_class)) if v is not None}
     summary = prepare(a.name, a.out, progress=progress.enabled(), **kw)
     print(f"{a.name}: {summary['n_train']} train and {summary['n_test']} test images in {summary['out_dir']} "
           f"(from {summary['source']})")

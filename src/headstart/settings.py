@@ -17,6 +17,8 @@ This module imports nothing heavy (no torch), so `headstart --help` stays quick.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -37,6 +39,73 @@ EARLY_STOP_METRICS = ("val_loss", "val_accuracy")
 SAMPLERS = ("balanced",)
 FT_PRECISIONS = ("auto", "fp32", "bf16")  # fine-tuning's trainable part (finetune_precision.py)
 TTAS = ("auto", "none", "flip")  # test-time views: auto (training.choose_test_views), the image, or it and its mirror
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The numbers a numeric setting accepts. The settings check them as they are made (`check`), the API's
+    and the CLI's alike, before any folder is scanned; `words` is how the error and `--help` say it."""
+
+    kind: type  # int (a whole number) or float
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False  # `high` itself is refused
+    positive: bool = False  # above `low` (0), not equal to it
+    why: str = ""  # why the bound, where it is not obvious
+
+    def words(self) -> str:
+        what = "a whole number" if self.kind is int else "a number"
+        if self.positive:
+            return f"a positive {what[2:]}"
+        if self.low is not None and self.high is not None:
+            return f"{what} of at least {self.low} and {'below' if self.high_open else 'at most'} {self.high}"
+        return f"{what} of at least {self.low}" if self.low is not None else what
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (numbers.Integral if self.kind is int else numbers.Real)):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or self.positive and value == self.low):
+            return False
+        return self.high is None or value < self.high or value == self.high and not self.high_open
+
+    def check(self, name: str, value) -> None:
+        if not self.accepts(value):
+            why = f" ({self.why})" if self.why else ""
+            raise HeadstartError(f"{_flag(name)} must be {self.words()}, not {value!r}{why}.")
+
+
+# Every numeric setting's limits, by setting name (the same name in TrainConfig, FineTuneSettings, Runtime and
+# the commands' flags): impossible values are refused before any work, with these words.
+LIMITS = {
+    "image_size": Limit(int, 16, 2048, why="16 px is the least a backbone runs at; they are trained at "
+                                           "224-300 px, and memory grows with the square of the size"),
+    "val_fraction": Limit(float, 0, 1, high_open=True),
+    "test_fraction": Limit(float, 0, 1, high_open=True),
+    "seed": Limit(int, 0, 2**32 - 1, why="NumPy's and scikit-learn's seeds"),
+    "batch_size": Limit(int, 1),
+    "workers": Limit(int, 0, 256, why="each is a process"),
+    "cv": Limit(int, 2),
+    "scratch_epochs": Limit(int, 1),
+    "epochs": Limit(int, 1),
+    "lr": Limit(float, 0, positive=True),
+    "lr_head": Limit(float, 0, positive=True),
+    "lr_decay": Limit(float, 0, positive=True),
+    "weight_decay": Limit(float, 0),
+    "label_smoothing": Limit(float, 0, 1, high_open=True),
+    "patience": Limit(int, 1),
+    "time_budget": Limit(float, 0, positive=True),
+    "top_k": Limit(int, 1),
+    "port": Limit(int, 1, 65535),
+}
+
+
+def check_limits(**values) -> None:
+    """Each given setting against its LIMITS entry (None: not set, nothing to check)."""
+    for name, value in values.items():
+        if value is not None:
+            LIMITS[name].check(name, value)
 
 
 def parse_duration(value) -> float | None:
@@ -63,32 +132,47 @@ class FineTuneSettings:
     # Defaults from FMNIST-TL measurements (README, "Fine-tuning"): 8 MobileNetV2 blocks, up to 14
     # epochs, flips (which keep the boundary cache), label smoothing 0.1 and early stopping on
     # validation accuracy gave 0.9117 test accuracy in 12 min 24 s from a cold cache.
-    unfreeze: int | str | None = field(default=None, metadata=_help("top blocks to train, a number or 'all'"))
-    epochs: int = 14
-    lr: float = field(default=1e-4, metadata=_help("rate of the unfrozen blocks (textbook: 1e-5)"))
-    lr_head: float = 1e-3
-    lr_decay: float = field(default=1.0, metadata=_help("discriminative rates: x per block further down"))
-    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS})
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
+    # `help` is the flag's --help line; `default_words` says a default that is not a plain value.
+    unfreeze: int | str | None = field(default=None, metadata=_help(
+        "top blocks of the backbone to train, a number or 'all'",
+        default_words="a number chosen for each backbone"))
+    epochs: int = field(default=14, metadata=_help(
+        "passes over the training images, at most (early stopping may end sooner)"))
+    lr: float = field(default=1e-4, metadata=_help("learning rate of the unfrozen blocks (textbook: 1e-5)"))
+    lr_head: float = field(default=1e-3, metadata=_help("learning rate of the head"))
+    lr_decay: float = field(default=1.0, metadata=_help(
+        "each block further down trains at this times the rate of the block above it (1: all alike)"))
+    optimizer: str = field(default="adamw", metadata=_help("the optimizer", choices=OPTIMIZERS))
+    weight_decay: float = field(default=1e-4, metadata=_help("weight decay (a pull of the weights towards 0)"))
+    label_smoothing: float = field(default=0.1, metadata=_help(
+        "share of each training label spread over the other classes (0: none)"))
+    schedule: str = field(default="cosine", metadata=_help("how the learning rate changes over the epochs",
+                                                           choices=SCHEDULES))
     # mirror images: right for photos and clothes; use "none" for text or digits
-    augment: str = field(default="flip", metadata={"choices": AUGMENTS})
+    augment: str = field(default="flip", metadata=_help(
+        "random changes to training images: flip mirrors them (right for photos and clothes, wrong for text or "
+        "digits); light and standard also crop, standard also changes colours", choices=AUGMENTS))
     bn_update: bool = field(default=False, metadata=_help(
-        "let BatchNorm statistics in the unfrozen blocks adapt (default: keep ImageNet's)"))
-    early_stop_metric: str = field(default="val_accuracy", metadata={"choices": EARLY_STOP_METRICS})
-    patience: int = 4
+        "let BatchNorm statistics in the unfrozen blocks adapt", default_words="off: keep ImageNet's"))
+    early_stop_metric: str = field(default="val_accuracy", metadata=_help(
+        "what early stopping watches on the validation images", choices=EARLY_STOP_METRICS))
+    patience: int = field(default=4, metadata=_help("epochs without improvement before early stopping"))
     # The training batch; not a CLI flag: --batch-size is the extraction batch (Runtime).
     batch_size: int = field(default=64, metadata={"cli": False})
-    time_budget: float | None = field(default=None, metadata=_help("e.g. 90s, 10m, 1h (seconds)",
-                                                                    parse=parse_duration))
-    sampler: str | None = field(default=None, metadata=_help("draw classes equally often", choices=SAMPLERS))
+    time_budget: float | None = field(default=None, metadata=_help(
+        "stop training after the epoch that passes this time, e.g. 90s, 10m, 1h", parse=parse_duration,
+        default_words="none"))
+    sampler: str | None = field(default=None, metadata=_help(
+        "balanced: draw classes equally often", choices=SAMPLERS,
+        default_words="none: every image once per epoch"))
     # The unfrozen blocks' and head's arithmetic: auto follows finetune_precision.choose_precision (fp32 until a
     # measurement on a native-bf16 CPU shows bf16 pays); bf16 is torch's CPU autocast.
     ft_precision: str = field(default="auto", metadata=_help(
-        "precision of the trained blocks and head (auto: fp32 unless measured faster)", choices=FT_PRECISIONS))
+        "arithmetic of the trained blocks and head; auto: fp32 unless bf16 was measured faster on this kind "
+        "of CPU", choices=FT_PRECISIONS))
     channels_last: bool = field(default=False, metadata=_help(
-        "run the trained blocks on channels-last activations"))
+        "run the trained blocks on channels-last activations (a memory layout; faster on some CPUs)",
+        default_words="off"))
 
     def validate(self) -> "FineTuneSettings":
         if isinstance(self.unfreeze, str) and self.unfreeze != "all":
@@ -101,13 +185,12 @@ class FineTuneSettings:
             value = getattr(self, f.name)
             if choices and value not in choices and not (value is None and f.default is None):
                 raise HeadstartError(f"{_flag(f.name)} must be one of {', '.join(choices)}, not {value!r}.")
-        if self.epochs < 1:
-            raise HeadstartError("--epochs must be at least 1.")
         try:
             self.time_budget = parse_duration(self.time_budget)
         except ValueError:
             raise HeadstartError(f"--time-budget: not a duration: {self.time_budget!r} (use e.g. 90s, 10m, "
                                  "1h)") from None
+        check_limits(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in LIMITS})
         return self
 
     def to_dict(self) -> dict:
@@ -136,11 +219,7 @@ class Runtime:
         for name, choices in (("engine", ("auto", *ENGINES)), ("precision", ("auto", *PRECISIONS))):
             if getattr(self, name) not in choices:
                 raise HeadstartError(f"--{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}.")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise HeadstartError(f"--batch-size must be a whole number of at least 1, not {self.batch_size!r}.")
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
-                                         or self.workers < 0):
-            raise HeadstartError(f"--workers must be a whole number of at least 0, not {self.workers!r}.")
+        check_limits(batch_size=self.batch_size, workers=self.workers)
 
     @classmethod
     def of(cls, runtime: "Runtime | None" = None, **kw) -> "Runtime":
@@ -213,9 +292,21 @@ class TrainConfig:
         if self.class_weight is not None and self.class_weight not in CLASS_WEIGHTS:
             raise HeadstartError(f"--class-weight must be {' or '.join(CLASS_WEIGHTS)}; got {self.class_weight!r}.")
         self.runtime  # noqa: B018 -- checks device, engine, precision, batch size and workers
+        if isinstance(self.image_size, str) and self.image_size != "auto":
+            try:
+                self.image_size = int(self.image_size)
+            except ValueError:
+                raise HeadstartError(f"--image-size takes a number of pixels or 'auto', not {self.image_size!r}.") \
+                    from None
+        check_limits(image_size=None if self.image_size == "auto" else self.image_size,
+                     val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed,
+                     scratch_epochs=self.scratch_epochs)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise HeadstartError(f"--val-fraction {self.val_fraction} and --test-fraction {self.test_fraction} "
+                                 "leave no training images; their sum must be below 1.")
         given = self.finetune.to_dict() if isinstance(self.finetune, FineTuneSettings) else dict(self.finetune or {})
         self.finetune_given = tuple(sorted(given))
-        if self.cv is not None and self.cv < 2:
+        if self.cv is not None and not LIMITS["cv"].accepts(self.cv):
             raise HeadstartError(f"--cv {self.cv}: K-fold cross-validation needs 2 <= K (and no more folds than "
                                  "train + validation images); pass --cv 2 or more.")
         return self

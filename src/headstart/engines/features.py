@@ -33,6 +33,7 @@ from safetensors.numpy import save_file
 
 from headstart.distributed import SAME_ON_EVERY_RANK
 from headstart import distributed, faults, progress
+from headstart.progress import count
 from headstart.nets.spec import PIPELINE
 from headstart.errors import HeadstartError
 from headstart.fileio import atomic_path, write_json
@@ -252,7 +253,8 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
     n_cached = sum(1 for k in keys if k is not None) - len(todo)
     n_unreadable = 0  # of the to-do list; files that could not even be stat'ed were never in it
     if todo:
-        log.info("%s: %d/%d from cache, computing %d", desc, n_cached, len(paths), len(todo))
+        # "to read": a file that cannot be decoded is known only once read (failures are not cached)
+        log.info("%s: %d/%d from cache, %d to read and compute", desc, n_cached, len(paths), len(todo))
         todo_paths = [p for p, _ in todo]
         device = getattr(getattr(engine, "choice", None), "device", "cpu")
         if workers is None:
@@ -271,12 +273,24 @@ def extract(engine, transform: Callable, paths: Sequence[str], cache: FeatureCac
         keys = [None if p in failures else k for p, k in zip(paths, keys)]
     result = Extraction(keys, failures, n_cached, len(todo) - n_unreadable, time.perf_counter() - t0,
                         getattr(bad, "ranks", []) if todo else [])
-    log.info("%s: %d/%d features from cache%s", desc, n_cached, len(paths),
-             f", {result.n_computed} computed in {result.seconds:.1f}s "
-             f"({result.n_computed / max(result.seconds, 1e-9):.0f} images/s)" if todo else "")
+    log.info("%s: %s", desc, _summary(result, len(paths)))
     for p, reason in failures.items():
         log.warning("skipping %s: %s", p, reason, extra=SAME_ON_EVERY_RANK)
     return result
+
+
+def _summary(result: Extraction, n: int) -> str:
+    """What an extraction did, in plain words: "all 43 features from cache" when nothing was computed, never
+    "0 computed (0 images/s)" (issue 29: files that cannot be read are tried again each run and are not
+    features; they are warned about one by one)."""
+    unreadable = f"; {count(len(result.failures), 'file')} could not be read" if result.failures else ""
+    if not result.n_computed:
+        if not result.n_cached:
+            return f"no features: none of the {count(n, 'file')} could be read"
+        return f"all {result.n_cached} features from cache{unreadable}"
+    rate = result.n_computed / max(result.seconds, 1e-9)
+    return (f"{result.n_cached}/{n} features from cache, {result.n_computed} computed in {result.seconds:.1f}s "
+            f"({rate:.0f} images/s){unreadable}")
 
 
 class _Failures(dict):

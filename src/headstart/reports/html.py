@@ -26,6 +26,7 @@ from urllib.parse import quote
 from headstart.errors import HeadstartError
 from headstart.fileio import write_text
 from headstart.reports.markdown import run_summary, write_run_report
+from headstart.reports.tables import macro_f1_text, score_cells
 
 THUMB = 96  # pixels, the longer side of a worst-error thumbnail: 16 of them stay under ~150 KB
 WORST = 16  # as many as worst_errors.png shows
@@ -237,10 +238,9 @@ def _test_sections(m: dict) -> list[str]:
         low, high = m["accuracy_ci95"]
         accuracy += f" (95% interval {low:.4f} - {high:.4f})"
     rows = [["images", str(m["n_images"])], ["accuracy", accuracy],
-            ["balanced accuracy", f"{m['balanced_accuracy']:.4f}"], ["macro F1", f"{m['macro_f1']:.4f}"]]
+            ["balanced accuracy", f"{m['balanced_accuracy']:.4f}"], ["macro F1", macro_f1_text(m)]]
     rows += [[f"top-{k} accuracy", f"{v:.4f}"] for k, v in m["top_k_accuracy"].items()]
-    per_class = [[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
-                 for r in m["per_class"]]
+    per_class = [[r["class"], *score_cells(r), r["support"]] for r in m["per_class"]]
     return ["<h3>Metrics</h3>", _facts(rows),
             '<p class="muted">The 95% interval is the Wilson score interval of the accuracy on this many test '
             "images: two runs whose intervals overlap are not clearly different.</p>",

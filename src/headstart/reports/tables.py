@@ -1,7 +1,7 @@
 """Text reports of a metrics dict (from `metrics.compute_metrics`): the terminal report and Markdown.
 
 `markdown_sections`, `markdown_table` and `markdown_skipped` are shared with the run's
-report.md (`runreport`). Every file is written atomically through `headstart.fileio`.
+report.md (`reports.markdown`). Every file is written atomically through `headstart.fileio`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from headstart.fileio import write_text
 
 # Keeps the confusion matrix of a 10-class report inside a 120-column terminal.
 REPORT_WIDTH = 120
+NO_TEST_IMAGES = "no test images"  # a class's scores when the evaluated images hold none of it
 
 
 
@@ -36,12 +37,31 @@ def _summary_rows(metrics: dict) -> list[tuple[str, str]]:
         rows.append(("accuracy, 95% interval", f"{low:.4f} - {high:.4f}"))
     rows += [
         ("balanced accuracy", f"{metrics['balanced_accuracy']:.4f}"),
-        ("macro F1", f"{metrics['macro_f1']:.4f}"),
+        ("macro F1", macro_f1_text(metrics)),
     ]
     rows += [(f"top-{k} accuracy", f"{v:.4f}") for k, v in metrics["top_k_accuracy"].items()]
     if metrics["skipped"]:
         rows.append(("skipped images", str(len(metrics["skipped"]))))
     return rows
+
+
+def macro_f1_text(metrics: dict) -> str:
+    """Macro-F1, and over which classes when some had no test images (they are not in the mean)."""
+    text = f"{metrics['macro_f1']:.4f}"
+    left_out = metrics.get("classes_without_test_images") or []  # metrics saved before issue 29 have none
+    if left_out:
+        n = len(metrics["classes"])
+        text += (f" (mean over the {n - len(left_out)} of {n} classes with test images; no test images: "
+                 f"{', '.join(left_out)})")
+    return text
+
+
+def score_cells(row: dict) -> list[str]:
+    """A per-class row's precision, recall and F1 as text: a class with no test images has none, and says so
+    rather than showing 0 (older metrics stored 0 for it)."""
+    if not row["support"]:
+        return [NO_TEST_IMAGES, "-", "-"]
+    return [f"{row[k]:.4f}" for k in ("precision", "recall", "f1")]
 
 
 def _format_summary(metrics: dict) -> str:
@@ -54,6 +74,9 @@ def _format_per_class(per_class: list[dict]) -> str:
     name_w = max(len("class"), *(len(row["class"]) for row in per_class))
     lines = [f"{'class':<{name_w}}  precision  recall      f1  support"]
     for row in per_class:
+        if not row["support"]:
+            lines.append(f"{row['class']:<{name_w}}  {NO_TEST_IMAGES:<25}  {row['support']:7d}")
+            continue
         lines.append(
             f"{row['class']:<{name_w}}  {row['precision']:9.4f}  {row['recall']:6.4f}"
             f"  {row['f1']:6.4f}  {row['support']:7d}"
@@ -110,7 +133,7 @@ def _markdown_summary(metrics: dict) -> str:
 
 def _markdown_per_class(metrics: dict) -> str:
     rows = [
-        [r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
+        [r["class"], *score_cells(r), r["support"]]
         for r in metrics["per_class"]
     ]
     header = ["class", "precision", "recall", "F1", "support"]

@@ -24,6 +24,7 @@ from headstart.fileio import write_json
 from headstart.reports.plots import new_figure, save_png
 from headstart.reports.html import write_compare_html
 from headstart.learn.checkpoints import checkpoint_dir
+from headstart.settings import LIMITS, TrainConfig, check_limits
 from headstart.strategies import compare_rows, get_strategy
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ def compare(data: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, s
     unknown = [n for n in names if n not in rows_of]
     if unknown:
         raise HeadstartError(f"unknown strategies {unknown}; choose from {', '.join(rows_of)}.")
+    # What train would refuse, refused before `out` is made: the settings, and the fine-tuning budget's numbers.
+    TrainConfig(data=os.fspath(data), seed=seed, **common).validate()
+    budget = common.get("finetune") or {}
+    check_limits(**{k: v for k, v in (budget.items() if isinstance(budget, dict) else ()) if k in LIMITS})
     out = Path(out).expanduser().absolute()
     settings = {"data": os.fspath(Path(data).expanduser().absolute()), "seed": seed,
                 **{k: v for k, v in sorted(common.items()) if k not in ("workers",)}}  # workers change no number

@@ -9,15 +9,17 @@ same way, so a feature `extract` caches is the one `train` finds, and a strategy
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from headstart.distributed import SAME_ON_EVERY_RANK
 from headstart import distributed
 from headstart.data.checks import content_digests, cross_split_copies, warn_cross_split_copies
 from headstart.data.folders import ImageData, load_data
+from headstart.data.images import is_image_name
+from headstart.distributed import SAME_ON_EVERY_RANK
 from headstart.engines.rule import choose_engine, make_engine
 from headstart.engines.features import FeatureCache, extract, image_key, make_namespace
 from headstart.engines.quantize import Int8Source, calibration_from
@@ -173,15 +175,29 @@ def run_features(cfg: TrainConfig, engine, cache: FeatureCache, transform, data:
 
 
 def check_skipped(cfg: TrainConfig, bad_rows: list[dict], data: ImageData, ext) -> list[dict]:
-    """Every file not used, with why; with --strict, any of them stops the run."""
+    """Every file not used, with why; with --strict, any unusable image stops the run.
+
+    Which files are images is decided by their extension first: a README.txt or notes.csv in a class folder
+    is listed as skipped but never stops a --strict run. What stops it: an image file that could not be
+    decoded, a CSV row that cannot be used, an image at the class level, a folder that was not followed or
+    could not be listed (it may hold images)."""
     # Unusable CSV rows, non-image files and links the scan passed over (hidden files are not data
     # and are not listed), and images that could not be decoded.
     skipped = bad_rows + data.ignored + [{"path": p, "reason": r} for p, r in ext.failures.items()]
-    if skipped and cfg.strict:
-        listing = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
-        raise DataError(f"--strict: {len(skipped)} unusable files, nothing trained (drop --strict to skip them "
-                        f"and go on):\n{listing}")
+    unusable = bad_rows + [s for s in data.ignored if not _not_an_image(s["path"])] + skipped[
+        len(bad_rows) + len(data.ignored):]
+    if unusable and cfg.strict:
+        listing = "\n".join(f"  {s['path']}: {s['reason']}" for s in unusable)
+        others = len(skipped) - len(unusable)
+        note = f" ({count(others, 'other file')}, not images by extension, skipped as always)" if others else ""
+        raise DataError(f"--strict: {count(len(unusable), 'unusable image file')}, nothing trained{note}; drop "
+                        f"--strict to skip them and go on:\n{listing}")
     return skipped
+
+
+def _not_an_image(path: str) -> bool:
+    """A file whose extension says it is no image (README.txt); a folder or a link to one may hold images."""
+    return not is_image_name(os.path.basename(path)) and not os.path.isdir(path)
 
 
 def check_training_classes(data: ImageData, feats: Features) -> None:
@@ -194,6 +210,29 @@ def check_training_classes(data: ImageData, feats: Features) -> None:
     if len(np.unique(y[tr])) < 2:
         raise DataError("the training split has fewer than two classes with readable images; add images or "
                         "lower --val-fraction/--test-fraction.")
+
+
+def check_split_classes(data: ImageData, feats: Features) -> None:
+    """Warn about classes with no readable validation or test image (in a split that has some), with each
+    class's counts: the test scores average over the classes that have test images, so such a class is
+    left out of them, and validation (early stopping, the choices made on it) does not see it."""
+    n = len(data.classes)
+    counts = {name: np.bincount(feats.y[mask], minlength=n) for name, mask in
+              (("train", feats.tr), ("val", feats.va), ("test", feats.te))}
+    what = {"val": ("validation", "validation accuracy, early stopping and the choices made on validation "
+                                  "cannot see such a class", "--val-fraction"),
+            "test": ("test", "the test scores leave such a class out (macro-F1 and balanced accuracy are means "
+                             "over the classes with test images)", "--test-fraction")}
+    for split, (words, effect, flag) in what.items():
+        if not counts[split].any():  # no such split at all: said elsewhere (or asked for)
+            continue
+        missing = [i for i in range(n) if counts[split][i] == 0]
+        if missing:
+            listing = ", ".join(f"{data.classes[i]} (train {counts['train'][i]}, val {counts['val'][i]}, "
+                                f"test {counts['test'][i]} readable images)" for i in missing)
+            log.warning("%s without %s images: %s; %s. Add %s images of %s (or raise %s).",
+                        "class" if len(missing) == 1 else "classes", words, listing, effect, words,
+                        "it" if len(missing) == 1 else "them", flag, extra=SAME_ON_EVERY_RANK)
 
 
 def epoch_logs(cfg: TrainConfig, out: Path | None) -> list:
@@ -218,6 +257,7 @@ def prepare(cfg: TrainConfig, entry, place: Place, loaded: tuple | None = None) 
     feats = run_features(cfg, engine, cache, prep.transform(), data)
     skipped = check_skipped(cfg, bad_rows, data, feats.ext)
     check_training_classes(data, feats)
+    check_split_classes(data, feats)
     return RunContext(cfg=cfg, entry=entry, place=place, data=data, summary=summary, image_size=image_size,
                       size_reason=size_reason, prep=prep, winfo=winfo, choice=choice, engine=engine, feats=feats,
                       skipped=skipped, epoch_logs=epoch_logs(cfg, place.out))

@@ -17,6 +17,7 @@ from headstart.engines.rule import choose_engine, make_engine
 from headstart.errors import HeadstartError
 from headstart.engines.features import FeatureCache, cache_root_of, extract, make_namespace
 from headstart.nets.weights import load_backbone
+from headstart.settings import TrainConfig
 
 
 def extract_features(data: str | os.PathLike, *, labels: str | None = None, backbone: str = "mobilenet_v2",
@@ -24,6 +25,10 @@ def extract_features(data: str | os.PathLike, *, labels: str | None = None, back
                      batch_size: int = 64, workers: int | None = None, device: str = "auto", engine: str = "auto",
                      precision: str = "auto", cache_dir: str | None = None) -> dict:
     """Compute the features of every image under `data` into the cache; return counts and throughput."""
+    # The settings train would refuse, refused as train does: before the folder is scanned.
+    TrainConfig(data=os.fspath(data), labels=labels, backbone=backbone, weights=weights, image_size=image_size,
+                seed=seed, batch_size=batch_size, workers=workers, device=device, engine=engine, precision=precision,
+                cache_dir=cache_dir).validate()
     with distributed.session(device):
         root = cache_root_of(cache_dir)
         if root is None:

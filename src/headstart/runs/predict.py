@@ -104,8 +104,8 @@ def _known(model: Model, pairs: list[tuple[str, str]], untrained, where) -> list
         pairs = [(p, c) for p, c in pairs if c in model.classes]
     missing = [c for c in model.classes if c not in present]
     if missing:
-        log.warning("%s has no images of classes %s; per-class scores for them are 0 and not meaningful.",
-                    where, missing)
+        log.warning("%s has no images of classes %s; they have no per-class scores and are left out of macro-F1 "
+                    "and balanced accuracy (listed as classes_without_test_images).", where, missing)
     return pairs
 
 
