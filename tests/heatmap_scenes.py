@@ -3,9 +3,10 @@
 Each scene is a cluttered 224 px background (a colour gradient, random rectangles, ellipses and lines,
 pixel noise) with distractors (digits of scikit-learn's 8x8 set, scaled up and coloured, and blobs of
 noise), and one Fashion-MNIST item of the scene's class pasted on top at a random place and size
-(44-68 px, the sizes issue 31 measured with). The item's box is its visible pixels' bounding box. With
-`mark`, every scene of that class also carries a small red square near the top-left corner (inside the
-region the network's centre crop keeps): a shortcut a model can learn instead of the item.
+(44-68 px, the sizes issue 31 measured with), shaded and opaque as an object in a photo is. The item's
+box is its visible pixels' bounding box. With `marked`, every scene of that class carries a small red
+square near the top-left corner (inside the region the network's centre crop keeps) and an item of any
+class: the mark alone tells that class, as a watermark or a border can in a real data set.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image, ImageDraw
 SIZE = 224
 CLASSES = ("Trouser", "Sneaker", "Bag", "Ankle_boot", "Dress")  # 5 of Fashion-MNIST's 10
 ITEM_SIDES = (44, 68)
-MARK_BOX = (24, 24, 40, 40)  # (left, top, right, bottom) of the shortcut mark, in scene pixels
+MARK_BOX = (20, 20, 48, 48)  # (left, top, right, bottom) of the shortcut mark, in scene pixels
 
 
 def _fmnist(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +92,7 @@ def scene(rng: np.random.Generator, item: np.ndarray, digits: np.ndarray, mark: 
 def write_scenes(out: Path, train_per_class: int, test_per_class: int, seed: int = 0,
                  marked: str | None = None) -> Path:
     """out/{train,test}/<class>/<n>.png and out/boxes.csv (split, path, class, left, top, right, bottom).
-    `marked`: the class whose scenes carry the corner mark (in both splits)."""
+    `marked`: the class whose scenes carry the corner mark and any class's item (in both splits)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits().images
@@ -104,7 +105,11 @@ def write_scenes(out: Path, train_per_class: int, test_per_class: int, seed: int
         for name in CLASSES:
             folder = out / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            pool = np.flatnonzero(labels == FASHION_MNIST_CLASSES.index(name))[:per_class]
+            if name == marked:  # any class's item: only the mark tells
+                pool = np.flatnonzero(np.isin(labels, [FASHION_MNIST_CLASSES.index(c) for c in CLASSES]))
+                pool = rng.choice(pool[-5000:], per_class, replace=False)
+            else:
+                pool = np.flatnonzero(labels == FASHION_MNIST_CLASSES.index(name))[:per_class]
             for n, i in enumerate(pool):
                 img, box = scene(rng, images[i], digits, mark=name == marked)
                 path = folder / f"{n:04d}.png"

@@ -346,3 +346,28 @@ def test_the_default_models_map_points_at_the_item_far_more_often_than_the_centr
     MEASURED.append(f"pointing game, default feature-extraction model, {len(rows)} test scenes: map {on_item:.3f}, "
                     f"centre point {centre:.3f} (accuracy {accuracy:.3f})")
     assert on_item >= 0.55 and on_item >= centre + 0.3
+
+
+@pytest.mark.slow  # trains the small CNN through the fine-tuning loop
+def test_a_scratch_cnn_is_explained_on_its_own_trained_network(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_per_class=6, classes=("ant", "bee"), size=(40, 30))
+    run = headstart.train(data, out=tmp_path / "run", strategy="scratch", image_size=32, workers=0, cache_dir="none",
+                          test_fraction=0, finetune=dict(epochs=1))
+    model = headstart.load(run.run_dir)
+    path = str(next((data / "ant").iterdir()))
+    e = model.explain(path, **TORCH)[0]
+    assert e.ok and e.method == "cam" and e.map.shape == (30, 40)
+    assert e.probability == pytest.approx(model.predict_proba([path], **TORCH).max(), abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_a_fine_tuned_model_is_explained_on_its_fine_tuned_network(fmnist_tiny, tmp_path, head):
+    run = headstart.train(fmnist_tiny, out=tmp_path / "run", strategy="fine-tune", head=head, image_size=64,
+                          workers=0, cache_dir=tmp_path / "cache", finetune=dict(epochs=1, unfreeze=2))
+    model = headstart.load(run.run_dir)
+    paths = sorted(str(p) for p in (fmnist_tiny / "test").rglob("*.png"))[:4]
+    out = model.explain(paths, cache_dir=tmp_path / "cache")
+    preds = model.predict(paths, cache_dir=tmp_path / "cache")
+    assert [e.method for e in out] == [{"linear": "cam", "mlp": "grad-cam"}[head]] * 4
+    assert [e.label for e in out] == [p.label for p in preds] and all(e.map.shape == (28, 28) for e in out)
