@@ -19,6 +19,7 @@ Decisions:
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -107,12 +108,14 @@ def explaining(data: Path, work: Path, smoke: bool = False) -> dict:
         if head == "mlp":
             row["pytorch_grad_cam_eager_ms"] = grad_cam_package_ms(model, images, min(rounds, 10))
         out["heads"][head] = row
+    out["load_average"] = round(os.getloadavg()[0], 1)  # other work on the machine slows both sides alike
     return out
 
 
 def markdown(r: dict) -> list[str]:
     lines = ["", f"Explaining one image ({r['image']}, {r['image_size']} px network, {r['rounds']} calls each, median) "
-             "against predicting it, through `Model.explain` and `Model.predict`, feature cache off:", "",
+             "against predicting it, through `Model.explain` and `Model.predict`, feature cache off"
+             + (f" (load average {r['load_average']} at the end)" if "load_average" in r else "") + ":", "",
              "| head | map | engine | predict ms | explain ms | explain / predict |", "|---|---|---|---|---|---|"]
     for head, row in r["heads"].items():
         lines.append(f"| {head} | {row['method']} | {row['engine']} | {row['predict_ms']:.1f} | {row['explain_ms']:.1f} "

@@ -5,7 +5,7 @@ pixel noise) with distractors (digits of scikit-learn's 8x8 set, scaled up and c
 noise), and one Fashion-MNIST item of the scene's class pasted on top at a random place and size
 (44-68 px, the sizes issue 31 measured with), shaded and opaque as an object in a photo is. The item's
 box is its visible pixels' bounding box. With `marked`, every scene of that class carries a small red
-square near the top-left corner (inside the region the network's centre crop keeps) and an item of any
+square with a white one inside, a logo, near the top-left corner (inside the region the network's centre crop keeps) and an item of any
 class: the mark alone tells that class, as a watermark or a border can in a real data set.
 """
 
@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 SIZE = 224
 CLASSES = ("Trouser", "Sneaker", "Bag", "Ankle_boot", "Dress")  # 5 of Fashion-MNIST's 10
 ITEM_SIDES = (44, 68)
-MARK_BOX = (20, 20, 48, 48)  # (left, top, right, bottom) of the shortcut mark, in scene pixels
+MARK_BOX = (20, 20, 44, 44)  # (left, top, right, bottom) of the shortcut mark, in scene pixels
 
 
 def _fmnist(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +84,11 @@ def scene(rng: np.random.Generator, item: np.ndarray, digits: np.ndarray, mark: 
     xy = tuple(int(v) for v in rng.integers(0, SIZE - side, 2))
     colour = tuple(int(c) for c in rng.integers(120, 256, 3))
     box = _paste(img, item, side, xy, colour, textured=True)
-    if mark:
-        ImageDraw.Draw(img).rectangle(MARK_BOX, fill=(230, 20, 20))
+    if mark:  # a logo: a red square with a white one inside
+        draw = ImageDraw.Draw(img)
+        draw.rectangle(MARK_BOX, fill=(230, 20, 20))
+        left, top, right, bottom = MARK_BOX
+        draw.rectangle((left + 7, top + 7, right - 7, bottom - 7), fill=(255, 255, 255))
     return img, box
 
 
