@@ -283,7 +283,6 @@ class Model:
             out.append(Prediction(_name(item, i), [(self.classes[j], float(p[j])) for j in order]))
         return out
 
-
     def explain(self, images, class_: str | None = None, runtime: Runtime | None = None,
                 **kw) -> list[Explanation]:
         """Where the model looked: one Explanation per input, in input order, with the map of `class_` (the
