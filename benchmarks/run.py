@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import kinds, scale, serving  # noqa: E402
+from benchmarks import explaining, kinds, scale, serving  # noqa: E402
 from benchmarks import scaling as scale_out  # noqa: E402
 from benchmarks.peak import Peaks  # noqa: E402
 from benchmarks.baselines import plain  # noqa: E402
@@ -46,12 +46,13 @@ from headstart.nets.weights import load_backbone  # noqa: E402
 
 HEADSTART = [Path(sys.executable).with_name("headstart")]
 SECTIONS = ["peak", "extraction", "decoding", "pipeline", "int8", "end_to_end", "finetune_epoch", "finetune_bf16",
-            "memory", "scale", "serve", "scaling"]
+            "memory", "scale", "serve", "scaling", "explain"]
 SECTION_KEYS = {"peak": ["peak_gflops"], "extraction": ["extraction", "peak_gflops"], "decoding": ["decoding"],
                 "pipeline": ["pipeline"], "int8": ["int8"],
                 "end_to_end": ["end_to_end", "e2e_repeats"], "finetune_epoch": ["finetune_epoch"],
                 "finetune_bf16": ["finetune_bf16"],
-                "memory": ["memory"], "scale": ["scale"], "serve": ["serve"], "scaling": ["scaling"]}
+                "memory": ["memory"], "scale": ["scale"], "serve": ["serve"], "scaling": ["scaling"],
+                "explain": ["explain"]}
 ENGINES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 
 
@@ -632,6 +633,8 @@ def markdown(r: dict) -> str:
         lines += serving.markdown(r["serve"])
     if r.get("scaling"):
         lines += scale_out.markdown(r["scaling"])
+    if r.get("explain"):
+        lines += explaining.markdown(r["explain"])
     return "\n".join(lines) + "\n"
 
 
@@ -825,6 +828,13 @@ def main(argv=None) -> int:
         result["scaling"] = scale_out.scaling(data, work, 32 if smoke else 96, 8)
         log(f"scaling: {result['scaling']}")
         section_seconds["scaling"] = round(time.perf_counter() - t_section, 1)
+    if "explain" in sections:
+        t_section = time.perf_counter()
+        data = prepare(data_dir / ("fmnist-smoke" if smoke else "fmnist-explain"), 4 if smoke else 20,
+                       2 if smoke else 5)
+        result["explain"] = explaining.explaining(data, work, smoke=smoke)
+        log(f"explain: {result['explain']}")
+        section_seconds["explain"] = round(time.perf_counter() - t_section, 1)
     total = time.perf_counter() - t_start
     result["section_seconds"] = section_seconds
     json_path, md_path = kinds.results_paths(out_dir, result["machine"]["cpu_kind"])

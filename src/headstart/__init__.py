@@ -18,17 +18,19 @@ _EXPORTS = {
     "Ensemble": "models.bundle", "Model": "models.bundle", "load": "models.bundle",
     "resume": "runs.train", "train": "runs.train",
     "evaluate": "runs.predict",
+    "explain_files": "runs.explain",
     "report": "reports.html",
     "FineTuneSettings": "settings", "Runtime": "settings", "TrainConfig": "settings",
     "extract_features": "runs.extract",
 }
 
-__all__ = ["__version__", "train", "resume", "load", "evaluate", "report", "extract_features", "Model", "Ensemble",
-           "get_backbone", "list_backbones", "Runtime", "FineTuneSettings", "TrainConfig"]
+__all__ = ["__version__", "train", "resume", "load", "evaluate", "report", "extract_features", "explain_files",
+           "Model", "Ensemble", "get_backbone", "list_backbones", "Runtime", "FineTuneSettings", "TrainConfig"]
 
 if typing.TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
     from headstart.nets.registry import get_backbone, list_backbones
     from headstart.models.bundle import Ensemble, Model, load
+    from headstart.runs.explain import explain_files
     from headstart.runs.extract import extract_features
     from headstart.runs.predict import evaluate
     from headstart.reports.html import report

@@ -254,6 +254,8 @@ def get_parser() -> argparse.ArgumentParser:
     batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false", help="batch size fixed at 1")
     x.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
 
+    _explain_parser(sub)
+
     # --quiet/--verbose also work after the command (`headstart train DATA -q`); SUPPRESS keeps
     # a subcommand's unset flag from overwriting one given before the command.
     for sp in sub.choices.values():
@@ -530,6 +532,40 @@ def cmd_export(a) -> int:
 COMMANDS = {"train": cmd_train, "extract": cmd_extract, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "serve": cmd_serve, "report": cmd_report, "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets,
             "export": cmd_export}
+
+
+# --- explain ---------------------------------------------------------------------------------
+
+def _explain_parser(sub) -> None:
+    ex = sub.add_parser("explain", help="heatmaps of where the model looked: per image, an overlay PNG and the raw "
+                                        "map (.npy), named after the file")
+    ex.add_argument("run", help="run directory or model bundle")
+    ex.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
+    ex.add_argument("--class", dest="class_", metavar="NAME", default=None,
+                    help="draw the map of this class (default: each image's predicted class)")
+    ex.add_argument("--out", default=None, help="folder to write into (default RUN/explain); not inside an "
+                                                "input folder")
+    ex.add_argument("--json", action="store_true", help="print the rows and the skipped inputs as JSON")
+    _engine_args(ex)
+
+
+def cmd_explain(a) -> int:
+    from headstart.runs.explain import explain_files
+
+    rows, skipped = explain_files(a.run, a.inputs, a.out, class_=a.class_, runtime=_runtime(a))
+    if a.json:
+        print(json.dumps({"explained": rows, "skipped": skipped}, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['path']}\t{r['class']} {r['probability']:.3f}\t{r['overlay']}")
+    if not rows:  # each skipped input was warned about as it was read
+        print(f"headstart: error: none of the {len(skipped)} inputs could be explained (see the warnings above).",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS["explain"] = cmd_explain
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:

@@ -38,6 +38,8 @@ from headstart.engines.rule import choose_engine, make_engine, resolve_device
 from headstart.errors import HeadstartError
 from headstart.engines.features import FeatureCache, cache_root_of, extract, make_namespace
 from headstart.learn.head_modules import softmax
+from headstart.heatmaps.cam import FeatureMapNet
+from headstart.heatmaps.explain import Explanation, Member as HeatmapMember, explain as explain_images
 from headstart.data.images import ImageError, to_rgb
 from headstart.engines.quantize import Int8Source
 from headstart.settings import Runtime
@@ -129,6 +131,25 @@ class Model:
             if key not in self._engines:
                 self._engines[key] = make_engine(self.backbone, choice, cache_root, self.int8)
             return self._engines[key]
+
+    def map_engine(self, device: str = "auto", engine: str = "auto", precision: str = "auto", cache_root=None):
+        """An engine, as `engine` chooses it, running the backbone up to its global average pooling: uint8
+        pixels -> the last feature map, which heatmaps are drawn on (heatmaps/cam.py). An int8 model's map
+        comes from its fp32 backbone: its bundle keeps only the quantised pooled network."""
+        if precision == "int8" or (precision == "auto" and self.int8 is not None):
+            precision = "fp32"
+        choice = choose_engine(device, engine, precision)
+        key = ("map", choice.engine, choice.precision, choice.device,
+               None if cache_root is None else os.fspath(cache_root))
+        with self._engines_lock:
+            if key not in self._engines:
+                self._engines[key] = make_engine(FeatureMapNet(self.entry, self.backbone), choice, cache_root)
+            return self._engines[key]
+
+    def heatmap_member(self, runtime: Runtime) -> HeatmapMember:
+        """This model as heatmaps/explain.py needs it."""
+        eng = self.map_engine(runtime.device, runtime.engine, runtime.precision, cache_root_of(runtime.cache_dir))
+        return HeatmapMember(eng, self.head, self.preprocessing, mirrored=self.tta == "flip")
 
     def namespace(self, choice: EngineChoice, view: str = "image") -> dict:
         ns = make_namespace(self.entry.name, self.backbone_identity or self.weights.identity(), self.preprocessing,
@@ -262,6 +283,18 @@ class Model:
             order = np.argsort(-p, kind="stable")[:k]
             out.append(Prediction(_name(item, i), [(self.classes[j], float(p[j])) for j in order]))
         return out
+
+    def explain(self, images, class_: str | None = None, runtime: Runtime | None = None,
+                **kw) -> list[Explanation]:
+        """Where the model looked: one Explanation per input, in input order, with the map of `class_` (the
+        predicted class when None) at the image's own size as decoded, or the input's error as `predict`
+        reports it. A linear head gets CAM (exact: the map's mean over the network's grid is the class's
+        logit minus its bias), any other head Grad-CAM at the same layer; test-time flips average the
+        mirror image's map, flipped back (heatmaps/cam.py). `runtime` and keywords as for `predict_proba`."""
+        rt = Runtime.of(runtime, **kw)
+        items = as_inputs(images)
+        return explain_images([self.heatmap_member(rt)], self.classes, items,
+                              [_name(item, i) for i, item in enumerate(items)], class_, rt.batch_size)
 
 
 def features_of(model, images: list, runtime: Runtime | None = None,

@@ -65,6 +65,19 @@ class Preprocessing:
         """The transform's last part, which the engine runs (pixels.py)."""
         return Normalize(self.mean, self.std)
 
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """Where the network's input lies in an image of this size: (left, top, right, bottom) as fractions of
+        the image's width and height, by `transform().decode`'s resize and centre crop (torchvision's sizes
+        and offsets). A fraction outside [0, 1] is padding the crop added around a too small image."""
+        if self.crop_mode == "center":  # the short side to resize_size, the long one in proportion (truncated)
+            short, long = sorted((width, height))
+            new_long = int(self.resize_size * long / short)
+            rw, rh = (self.resize_size, new_long) if width <= height else (new_long, self.resize_size)
+        else:
+            rw = rh = self.resize_size
+        top, left = int(round((rh - self.crop_size) / 2.0)), int(round((rw - self.crop_size) / 2.0))
+        return left / rw, top / rh, (left + self.crop_size) / rw, (top + self.crop_size) / rh
+
     def transform(self) -> "SplitClassification":
         return SplitClassification(
             crop_size=self.crop_size,
@@ -192,6 +205,34 @@ class Backbone:
     def create(self) -> nn.Module:
         """The feature extractor with random weights: image batch (B, 3, H, W) -> (B, feature_dim)."""
         return self.strip_head(self.build())
+
+    def feature_map_layers(self, model: nn.Module) -> list[tuple[str | None, nn.Module]]:
+        """The layers of `model` (this entry's `layers`) before its global average pooling: applied in turn
+        they give the last feature map (B, feature_dim, h, w), whose mean over h and w is `model(x)`.
+        Class activation maps are drawn on it. A network that does not end in parameter-free global average
+        pooling (a vision transformer, a head with a norm after the pooling) has no such map: HeadstartError."""
+        try:
+            layers = self.layers(model)
+        except HeadstartError:
+            layers = []
+        pools = [i for i, (_, m) in enumerate(layers) if is_global_average_pool(m)]
+        after = [m for _, m in layers[pools[-1] + 1:]] if pools else []
+        if not pools or any(True for m in after for _ in m.parameters()):
+            raise HeadstartError(f"{self.name} does not end in global average pooling over a feature map, so "
+                                 "headstart cannot draw a class activation map of it; heatmaps need a convolutional "
+                                 "backbone (mobilenet_v2, resnet, efficientnet, vgg16, small_cnn, or a timm CNN).")
+        return layers[:pools[-1]]
+
+
+def is_global_average_pool(module: nn.Module) -> bool:
+    """torch's AdaptiveAvgPool2d to 1x1, or timm's SelectAdaptivePool2d averaging a channels-first map (its
+    other pool types, max or avg+max, do not keep a map's mean; a channels-last map is not (B, C, h, w))."""
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return module.output_size in (1, (1, 1))
+    if type(module).__name__ == "SelectAdaptivePool2d" and getattr(module, "pool_type", None) == "avg":
+        inner = module.pool  # timm: nn.AdaptiveAvgPool2d, or FastAdaptiveAvgPool with the spatial dims it means
+        return is_global_average_pool(inner) or tuple(getattr(inner, "dim", ())) == (2, 3)
+    return False
 
 
 def seeded_init(entry: Backbone, seed: int) -> nn.Module:
