@@ -87,7 +87,7 @@ def test_choose_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     (tmp_path / "r").mkdir()
     assert rundir.choose_run_dir(tmp_path / "r", overwrite=False) == tmp_path / "r"  # empty: fine
     (tmp_path / "r" / "x").write_text("x")
-    with pytest.raises(HeadstartError, match="already exists.*--overwrite"):
+    with pytest.raises(HeadstartError, match="already exists.*`overwrite=True`"):
         rundir.choose_run_dir(tmp_path / "r", overwrite=False)
     assert rundir.choose_run_dir(tmp_path / "r", overwrite=True) == tmp_path / "r"
 

@@ -198,3 +198,26 @@ def test_evaluate_runs_the_engine_and_precision_the_run_was_trained_with(image_f
     assert own["accuracy"] == run.metrics["test"]["accuracy"]
     asked = headstart.evaluate(tmp_path / "run", engine="onnxruntime", cache_dir="none")
     assert asked["engine"]["engine"] == "onnxruntime"
+
+
+def test_train_from_python_shows_the_clis_lines_and_speaks_python(image_folder, tmp_path):
+    """A script or notebook with no logging set up sees the run's progress and summary on stderr, and
+    `verbose=False` silences them; an error names Python keywords, not flags."""
+    import subprocess
+    import sys
+
+    script = (f"import headstart\n"
+              f"headstart.train({str(image_folder)!r}, strategy='feature-extraction', backbone='small_cnn', "
+              f"weights='none', image_size=32, workers=0, cache_dir='none', out={str(tmp_path / 'run')!r}, "
+              f"overwrite=True, verbose=VERBOSE)\n")
+    for verbose in ("None", "False"):
+        done = subprocess.run([sys.executable, "-c", script.replace("VERBOSE", verbose)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        shown = "[headstart] data " in done.stderr and "[headstart] run written to" in done.stderr
+        assert shown is (verbose == "None"), done.stderr
+    with pytest.raises(headstart.errors.HeadstartError) as refused:
+        headstart.train(image_folder, out=tmp_path / "run", verbose=False)
+    assert "pass another `out` or `overwrite=True`" in str(refused.value)
+    code, _, stderr = run_cli("train", image_folder, "--out", tmp_path / "run")
+    assert code == 2 and "pass another --out or --overwrite" in stderr

@@ -26,7 +26,7 @@ import sys
 
 from headstart import progress
 from headstart._version import __version__
-from headstart.errors import HeadstartError, Interrupted
+from headstart.errors import HeadstartError, Interrupted, speaking_cli
 from headstart.settings import (CLASS_WEIGHTS, DEVICES, ENGINES, ENSEMBLE, HEADS, LIMITS, PRECISIONS, SCRATCH_DEFAULTS,
                                 TTAS, FineTuneSettings, Runtime, TrainConfig, check_limits, parse_duration)
 from headstart.strategies import compare_rows, list_strategies
@@ -607,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_quiet(args.quiet)
     _setup_logging(args.quiet, args.verbose)
     try:
-        code = COMMANDS[args.command](args)
+        with speaking_cli():  # errors name flags (--overwrite), not Python keywords (overwrite=True)
+            code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
         return code
     except HeadstartError as exc:

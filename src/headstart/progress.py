@@ -87,3 +87,59 @@ IRREGULAR = {"class": "classes", "batch": "batches"}
 
 def count(n: int, noun: str) -> str:
     return f"{n} {noun if n == 1 else IRREGULAR.get(noun, noun + 's')}"
+
+
+_console_lock = threading.Lock()
+_console = {"users": 0, "handler": None, "level": logging.NOTSET}
+
+
+class _Console:
+    """`with console(verbose):` around a Python API call (train, evaluate, compare): the progress and summary
+    lines the CLI prints, on stderr, for a caller who set up no logging (a notebook, a script).
+
+    It does nothing when the CLI (or the caller) already put a handler on the "headstart" logger or on
+    the root logger: their settings decide. `verbose=False` silences the lines below WARNING for the call;
+    so does the caller's own `logging.getLogger("headstart").setLevel(logging.WARNING)`. Counted, like
+    quiet(), so that calls in several threads at once add one handler and the last one out removes it.
+    """
+
+    def __init__(self, verbose: bool | None = None):
+        self.verbose = verbose
+        self.silenced = False
+
+    def __enter__(self):
+        logger = logging.getLogger("headstart")
+        with _console_lock:
+            if self.verbose is False:
+                self.silenced, self.saved = True, logger.level
+                logger.setLevel(logging.WARNING)
+                return self
+            if _console["users"] == 0 and (logger.handlers or logging.getLogger().handlers):
+                return self  # logging is set up already: the CLI's handler, or the caller's
+            if _console["users"] == 0:
+                handler = logging.StreamHandler(sys.stderr)
+                handler.setFormatter(logging.Formatter("[headstart] %(message)s"))
+                _console.update(handler=handler, level=logger.level)
+                logger.addHandler(handler)
+                if logger.level == logging.NOTSET:  # else the caller chose a level: keep it
+                    logger.setLevel(logging.INFO)
+            _console["users"] += 1
+            self.counted = True
+        return self
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger("headstart")
+        with _console_lock:
+            if self.silenced:
+                logger.setLevel(self.saved)
+            elif getattr(self, "counted", False):
+                _console["users"] -= 1
+                if _console["users"] == 0:
+                    logger.removeHandler(_console["handler"])
+                    logger.setLevel(_console["level"])
+                    _console["handler"] = None
+        return False
+
+
+def console(verbose: bool | None = None) -> _Console:
+    return _Console(verbose)

@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from headstart.errors import HeadstartError, Interrupted
+from headstart.errors import HeadstartError, Interrupted, option
 from headstart.fileio import write_json
 from headstart.reports.plots import new_figure, save_png
 from headstart.reports.html import write_compare_html
@@ -58,7 +58,7 @@ def compare(data: str | os.PathLike, *, out: str | os.PathLike, seed: int = 0, s
     resume = _resumable(out, settings)
     if out.exists() and any(out.iterdir()) and not overwrite and not resume:
         raise HeadstartError(f"{out} already exists and does not hold an unfinished compare of {data} with these "
-                             "settings; pass another --out or --overwrite.")
+                             f"settings; pass another {option('out', None)} or {option('overwrite')}.")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / SETTINGS, settings)
     for name in rows_of:  # leftovers of a run killed outright (SIGKILL), which could not clean up

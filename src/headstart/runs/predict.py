@@ -17,6 +17,7 @@ from headstart.models.ensemble import Ensemble, is_model
 from headstart.models.model import Model, features_of
 from headstart.engines.features import cache_root_of
 from headstart.runs.rundir import read_run_config, run_dir_of
+from headstart.progress import console
 from headstart.settings import Runtime
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,23 @@ def run_test_split(model: Model, run_dir: Path, untrained=()):
 
 
 def evaluate(model: Model | Ensemble | str | os.PathLike, data=None, *, labels=None, runtime: Runtime | None = None,
-             **kw) -> dict:
+             verbose: bool | None = None, **kw) -> dict:
     """Metrics of `model` on a folder (or labels CSV): accuracy, per class, confusion matrix, skipped files.
 
     Without `data`, a run directory is evaluated on its own test split (from its splits.csv). A run's
     engine settings are used unless others are given, so the numbers are the run's own. Files the run
     trained or validated on are counted ("seen_in_training") and warned about. `runtime` runs the
     backbone; its fields may also be given as keywords (device, engine, precision, batch_size, ...).
+    The CLI's progress and warning lines go to stderr through logging unless `verbose=False` (or
+    logging was set up by the caller, whose handlers and levels then decide).
     """
+    with console(verbose):
+        return _evaluate(model, data, labels=labels, runtime=runtime, **kw)
+
+
+def _evaluate(model: Model | Ensemble | str | os.PathLike, data=None, *, labels=None, runtime: Runtime | None = None,
+             **kw) -> dict:
+    """`evaluate` without the console (see there)."""
     runtime = Runtime.of(runtime, **kw)
     run_dir = run_dir_of(model)
     config = read_run_config(run_dir)

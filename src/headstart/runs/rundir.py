@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from headstart.errors import DataError, HeadstartError, Interrupted
+from headstart.errors import DataError, HeadstartError, Interrupted, in_cli, option
 from headstart.learn.checkpoints import checkpoint_dir
 from headstart.settings import Runtime
 
@@ -45,7 +45,8 @@ def choose_run_dir(out: str | os.PathLike | None, overwrite: bool) -> Path:
     final = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     final = final.expanduser().absolute()
     if final.exists() and any(final.iterdir()) and not overwrite:
-        raise HeadstartError(f"run directory {final} already exists; pass another --out or --overwrite.")
+        raise HeadstartError(f"run directory {final} already exists; pass another {option('out', None)} or "
+                             f"{option('overwrite')}.")
     return final
 
 
@@ -54,10 +55,10 @@ def check_not_interrupted(final: Path, resume: bool, overwrite: bool) -> None:
     naming both ways on (resume it, or start again with overwrite, which deletes them)."""
     ckpt = checkpoint_dir(final) / "last.pt"
     if ckpt.is_file() and not resume and not overwrite:
+        how = f"headstart train --resume {final}" if in_cli() else f"headstart.resume({str(final)!r})"
         raise HeadstartError(f"the run {final} was interrupted, and {ckpt.parent} keeps the checkpoint of its last "
-                             f"finished epoch. Continue it with: headstart train --resume {final} (in Python: "
-                             f"headstart.resume({str(final)!r})), or start it again with --overwrite "
-                             "(overwrite=True), which deletes the checkpoints.")
+                             f"finished epoch. Continue it with: {how}, or start it again with {option('overwrite')}, "
+                             "which deletes the checkpoints.")
 
 
 def check_outside(data: str, labels: str | None, out: Path, cache: Path | None) -> None:

@@ -32,7 +32,7 @@ import sklearn
 import torch
 import torchvision
 
-from headstart import distributed, memory
+from headstart import distributed, memory, progress
 from headstart._version import __version__
 from headstart.data.image_size import RULE as IMAGE_SIZE_RULE
 from headstart.engines.features import cache_root_of
@@ -75,17 +75,19 @@ def _versions() -> dict:
             "pillow": PIL.__version__, "platform": platform.platform()}
 
 
-def train(data: str | os.PathLike, **settings) -> Run | None:
+def train(data: str | os.PathLike, *, verbose: bool | None = None, **settings) -> Run | None:
     """Train a model on an image folder (or labels CSV) and write its run directory.
 
     Settings are the fields of TrainConfig (backbone, strategy, head, image_size, seed, out, ...);
     `strategy` is any registered strategy (`headstart.strategies.list_strategies()`); `finetune`
     takes a FineTuneSettings or a dict of its fields. Under torchrun, rank 0 returns the run and
-    the other ranks None.
+    the other ranks None. The CLI's progress and summary lines go to stderr through logging unless
+    `verbose=False` (or logging was set up by the caller, whose handlers and levels then decide).
     """
-    cfg = configure(TrainConfig(data=os.fspath(data), **settings))
-    with distributed.session(cfg.device):
-        return _train_or_help(cfg)
+    with progress.console(verbose):
+        cfg = configure(TrainConfig(data=os.fspath(data), **settings))
+        with distributed.session(cfg.device):
+            return _train_or_help(cfg)
 
 
 def _train_or_help(cfg: TrainConfig) -> Run | None:
@@ -112,13 +114,13 @@ def _train_or_help(cfg: TrainConfig) -> Run | None:
     return run
 
 
-def resume(run_dir: str | os.PathLike) -> Run:
+def resume(run_dir: str | os.PathLike, *, verbose: bool | None = None) -> Run:
     """Continue an interrupted fine-tuning run from its last checkpoint, with the settings it was started with."""
     saved, source = rundir.resume_settings(run_dir)
     cfg = configure(TrainConfig.from_saved(saved, source))  # a clear message if this version cannot read them
     settings = cfg.to_dict()
     settings.update(out=os.fspath(Path(run_dir).expanduser().absolute()), resume=True)
-    return train(settings.pop("data"), **settings)
+    return train(settings.pop("data"), verbose=verbose, **settings)
 
 
 def _train(cfg: TrainConfig, entry, place: Place, member: bool = False) -> Run:
