@@ -134,7 +134,7 @@ def train_ensemble(cfg: TrainConfig, decision: dict, data: ImageData, place, run
         keep = [p not in failures for p in test_paths]
         test_paths, y_test = [p for p, k in zip(test_paths, keep) if k], y_test[np.array(keep, dtype=bool)]
         proba = model.proba_from_features(feats)
-    metrics = _metrics(first, runs, members_info, scores["ensemble"] if members_info else None, kept,
+    metrics = _metrics(first, runs, members_info, scores["ensemble"] if members_info else None,
                        (y_test, proba, model))
     config = _config(cfg, first, decision, model, final)
     if members_info:
@@ -162,10 +162,12 @@ def _member_info(name: str, run, val: dict, wall: float) -> dict:
             "val": val, "wall_seconds": wall, "test_accuracy": test.get("accuracy")}
 
 
-def _metrics(first, runs: dict, members_info: list, ens_val: dict | None, kept: bool, test: tuple) -> dict:
+def _metrics(first, runs: dict, members_info: list, ens_val: dict | None, test: tuple) -> dict:
     """metrics.json: the kept model's validation and test scores, and each member's (metrics["ensemble"]);
-    `test` is (labels, probabilities, model) of the test split. The caller adds the run's wall time."""
+    `test` is (labels, probabilities, model) of the test split, the model the ensemble when it was kept. The
+    caller adds the run's wall time."""
     y_test, proba, model = test
+    kept = isinstance(model, Ensemble)
     m = first.metrics
     metrics = {k: m[k] for k in ("duplicates_across_splits", "extraction", "n_train", "n_val", "n_test") if k in m}
     metrics["head_seconds"] = round(sum(r.metrics.get("head_seconds", 0) for r in runs.values()), 2)
