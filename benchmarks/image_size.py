@@ -1,4 +1,4 @@
-"""The image-size rule against every fixed size, on small-image data sets (README, "Choosing the image size").
+"""The image-size rule against every fixed size, on small-image data sets (docs/guides/data.md, "Choosing the image size").
 
     python benchmarks/image_size.py                       # both sets, 5 seeds: fixed sizes, then the rule's runs
     python benchmarks/image_size.py --part fixed          # only the fixed sizes (needs no headstart change)

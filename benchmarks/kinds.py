@@ -1,9 +1,8 @@
-"""Results per CPU kind, side by side: benchmarks/results-<kind>.{json,md} and the README's tables.
+"""Results per CPU kind, side by side: benchmarks/results-<kind>.{json,md}.
 
-headstart's rule picks its engine and precision from the CPU's flags (engine.native_bf16), so
+headstart's rule picks its engine and precision from the CPU's flags (engines/rule.native_bf16), so
 numbers from one kind say little about the other: `make bench` files its results under the
-kind it ran on, and the README shows every kind, with "not measured yet on this kind" where
-no run has been recorded.
+kind it ran on, and the docs' "Benchmarks per CPU kind" page includes every kind's file.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from headstart.cpu import cpu_flags
 
-# The kinds the project is run on, in README order; another CPU gets its own file and section.
+# The kinds the project is run on, in the docs' order; another CPU gets its own file and section.
 from headstart.engines.rule import bf16_units
 KINDS = {"avx2": "AVX2, no AVX-512, no native bf16",
          "avx512_bf16": "AVX-512 with native bf16 (AVX512-BF16, no AMX)",
@@ -41,16 +40,3 @@ def kind_of(machine: dict) -> str:
 
 def results_paths(out_dir: Path, kind: str) -> tuple[Path, Path]:
     return out_dir / f"results-{kind}.json", out_dir / f"results-{kind}.md"
-
-
-def readme_section(out_dir: Path) -> str:
-    """Every kind's table (the Markdown `make bench` wrote for it) under its own heading."""
-    kinds = dict(KINDS)
-    for md in sorted(out_dir.glob("results-*.md")):
-        kinds.setdefault(md.stem.removeprefix("results-"), md.stem.removeprefix("results-"))
-    parts = []
-    for kind, title in kinds.items():
-        _, md = results_paths(out_dir, kind)
-        body = md.read_text() if md.is_file() else "Not measured yet on this kind.\n"
-        parts.append(f"#### CPU kind `{kind}`: {title}\n\n{body}")
-    return "\n".join(parts)

@@ -5,7 +5,7 @@ machine, in the same session, and reported as ratios against the plain baselines
 benchmarks/baselines/ (written as the tutorials write them). Each timing is the median of
 `--repeats` runs taken in alternating order. Results go to benchmarks/results-<kind>.json and
 a Markdown table in benchmarks/results-<kind>.md, one pair per CPU kind (kinds.py: avx2,
-avx512_bf16), and the README's performance section shows every kind side by side.
+avx512_bf16), which the docs' "Benchmarks per CPU kind" page (docs/guides/benchmarks.md) includes side by side.
 
     python benchmarks/run.py                 # the full suite (under 60 min on 2 cores)
     python benchmarks/run.py --smoke         # a few images, tiny sizes, results in a temp folder
@@ -688,15 +688,6 @@ def peak_text(peak: dict) -> str:
     return "peak per precision, each engine's \"of peak\" against its own: " + ", ".join(parts)
 
 
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        readme.write_text(f"{head}{start}\n{table}{end}{tail}")
-
 
 def prepare(out: Path, per_class: int | None, test_per_class: int | None = None) -> Path:
     from headstart.data.datasets import prepare_fashion_mnist
@@ -848,8 +839,6 @@ def main(argv=None) -> int:
     table = markdown(result)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(table)
-    if not smoke:
-        update_readme(kinds.readme_section(out_dir))
     print(table)
     log(f"wrote {json_path} and {md_path}")
     log(f"total {total / 60:.1f} min ({', '.join(sorted(sections))}); per section (s): {section_seconds}")

@@ -28,16 +28,6 @@ def test_cpu_kind_from_flags():
     assert kinds.kind_of({"avx512": True, "native_bf16": True}) == "avx512_bf16"
 
 
-def test_readme_shows_every_kind_and_says_which_is_not_measured(tmp_path):
-    (tmp_path / "results-avx2.md").write_text("Measured by `make bench` on 2026-11-30: AMD EPYC\n")
-    text = kinds.readme_section(tmp_path)
-    avx2, bf16, amx = text.index("`avx2`"), text.index("`avx512_bf16`"), text.index("`avx512_amx`")
-    assert "AMD EPYC" in text[avx2:bf16]
-    assert "Not measured yet on this kind." in text[bf16:amx]
-    assert "Not measured yet on this kind." in text[amx:]
-    assert text.count("Not measured yet") == 2
-
-
 def test_theoretical_flops_per_cycle():
     assert flops_per_cycle("fp32", AVX2) == 32  # 8 lanes x FMA (2) x 2 units
     assert flops_per_cycle("fp32", AVX512_BF16) == 64

@@ -7,7 +7,7 @@ activations of a 64-image batch); the boundary activations' engine another +0.38
 top (the activations themselves were 149 MiB), so the process entered epoch 1 at 2.0 GB and
 peaked at 2.37 GB. Each engine session is now released once its work is done (engine.release)
 and the freed heap is handed back with glibc's malloc_trim: freed small blocks otherwise stay
-in the process's heaps. Released, epoch 1 started at 1.06 GB (README "Fine-tuning").
+in the process's heaps. Released, epoch 1 started at 1.06 GB (docs/guides/fine-tuning.md).
 
 HEADSTART_MEMLOG=1 logs VmRSS, RssAnon, RssFile and the high-water mark at each point a step
 calls `note` (tracemalloc does not see torch's or ONNX Runtime's allocations).

@@ -129,7 +129,7 @@ def _help(text: str, **more) -> dict:
 
 @dataclass
 class FineTuneSettings:
-    # Defaults from FMNIST-TL measurements (README, "Fine-tuning"): 8 MobileNetV2 blocks, up to 14
+    # Defaults from FMNIST-TL measurements (docs/guides/fine-tuning.md): 8 MobileNetV2 blocks, up to 14
     # epochs, flips (which keep the boundary cache), label smoothing 0.1 and early stopping on
     # validation accuracy gave 0.9117 test accuracy in 12 min 24 s from a cold cache.
     # `help` is the flag's --help line; `default_words` says a default that is not a plain value.

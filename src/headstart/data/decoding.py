@@ -5,7 +5,7 @@ leaves a core free (a GPU runs it, or its threads do not take every core), and i
 the network's batches, when its threads take every core. Beside an engine whose threads hold every core, a
 worker costs more than its own CPU time: ONNX Runtime's and OpenMP's parallel loops wait at each barrier for
 the thread the worker pushed off its core. Measured on 2 cores (MobileNetV2, 128 px, 3,000 FMNIST-TL images,
-median of 4 alternating runs, README "Speed"): 249 images/s with one worker, 359 in the main process, against
+median of 4 alternating runs, docs/guides/speed.md): 249 images/s with one worker, 359 in the main process, against
 484 for the engine alone. Decoding each batch in 2 forked processes between the engine's calls (pixels in
 shared memory) was measured too and reached 311: not kept.
 

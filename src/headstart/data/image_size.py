@@ -10,7 +10,7 @@ images are upsampled, by how much depending on the strategy, since they pay diff
 - `--strategy auto` sizes before phase 1: as feature extraction when auto's choice is already
   known to be feature extraction (a class under auto.MIN_PER_CLASS training images), else as
   fine-tuning; scratch keeps the fine-tuning rule, which is the small CNN's native 32 px.
-The measurements behind FE_SHARE (RULE, recorded in config.json as `image_size_rule`; README,
+The measurements behind FE_SHARE (RULE, recorded in config.json as `image_size_rule`; docs/guides/data.md,
 "Choosing the image size"): MobileNetV2 features, linear head, test accuracy by size:
 FMNIST-TL (28 px) 0.8720 at 128, 0.8772 at 160, 0.8809 at 224 (160 px extracts at about twice
 224's rate); digits (8 px, mean of 5 seeds) 0.9767 at 160 px, 0.9761 at 224. Validation (180 images on digits) ranked
@@ -36,7 +36,7 @@ RULE = {
             "(a multiple of 32, at least 64); otherwise the backbone's size",
     "measured": "MobileNetV2 features, linear head, test accuracy by image size: FMNIST-TL (28 px) 128 px 0.8720, "
                 "160 px 0.8772, 224 px 0.8809; digits (8 px, mean of 5 seeds) 32 px 0.9317, 160 px 0.9767, "
-                "224 px 0.9761; README, 'Choosing the image size' (benchmarks/image_size.py)",
+                "224 px 0.9761; docs/guides/data.md, 'Choosing the image size' (benchmarks/image_size.py)",
 }
 
 

@@ -1,6 +1,6 @@
 """Decoding one image file into an RGB PIL image, or a clear reason why not.
 
-Choices (documented in the README):
+Choices (documented in docs/guides/data.md and docs/guides/reliability.md):
 - only the first frame of animated or multi-page files is used;
 - EXIF orientation is applied;
 - transparency is composited onto a white background (ALPHA_BACKGROUND), not dropped;

@@ -63,7 +63,7 @@ def installed(engine: str) -> bool:
 
 
 def choose_engine(device: str = "auto", engine: str = "auto", precision: str = "auto") -> EngineChoice:
-    """The fixed rule (README "Speed" and benchmarks/results-<kind>.md have the measurements behind it).
+    """The fixed rule (docs/guides/speed.md and benchmarks/results-<kind>.md have the measurements behind it).
 
     CUDA: torch. CPU: OpenVINO in bf16 where the CPU has native bf16 (fastest measured there),
     else ONNX Runtime fp32 (6.9x plain PyTorch on MobileNetV2 at 224 px on an AVX2 CPU, 2.3x on
@@ -72,7 +72,7 @@ def choose_engine(device: str = "auto", engine: str = "auto", precision: str = "
     Precision `auto` is bf16 only on a CPU with native bf16 and an engine that runs it (OpenVINO,
     torch); ONNX Runtime gets fp32. It is never int8: int8 is adopted by default only where it is
     faster and keeps FMNIST-TL test accuracy within 0.3 points of fp32; on the AVX2 kind it kept
-    accuracy (README "int8": 0.8690 against 0.8717) but was not shown faster (0.9x at load 17);
+    accuracy (docs/guides/speed.md, "int8": 0.8690 against 0.8717) but was not shown faster (0.9x at load 17);
     on the native-bf16 kind it was 1.10x bf16 end to end at -0.13 points, too little to make
     every user's features depend on a calibration. `--precision int8` asks for it (ONNX Runtime or OpenVINO, calibrated on the
     training images, quantize.py). So the rule never refuses a choice of its own: on a native-bf16

@@ -17,7 +17,7 @@ The features of a flipped model are the two views side by side, (n, 2 * feature_
 every path that goes features -> probabilities (run, evaluate, predict, serve) averages the
 same way; the mirror view has its own feature-cache namespace. On FMNIST-TL the fine-tuned
 MobileNetV2 went from 0.9094 to 0.9126 test accuracy on the bf16 kind (issue 14), for one
-more pass of the backbone per image (README, "Test-time flips").
+more pass of the backbone per image (docs/guides/fine-tuning.md, "Test-time flips").
 """
 
 from __future__ import annotations

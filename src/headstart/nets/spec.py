@@ -189,7 +189,7 @@ class Backbone:
     gflops_224: float  # torchvision's GFLOPS meta (multiply-adds) at 224 px
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
-    default_unfreeze: int = 2  # top blocks fine-tuning trains by default (README: how each was chosen)
+    default_unfreeze: int = 2  # top blocks fine-tuning trains by default (docs/guides/backbones.md: how each was chosen)
     preprocessing_source: str = "torchvision"  # where `preprocessing` comes from (module docstring)
     # Turns a weights file's state dict into this model's (None: used as it is); timm drops the classifier.
     adapt_state_dict: Callable[[dict], dict] | None = None

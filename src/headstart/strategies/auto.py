@@ -7,14 +7,14 @@ The rule, applied after phase 1 (the head on frozen features, which both strateg
    least SEPARATED) -> feature extraction: fine-tuning has almost nothing left to win;
 3. a --time-budget that the fine-tuning estimate exceeds -> feature extraction;
 4. otherwise fine-tuning.
-Behind the thresholds (README, "--strategy auto"): on FMNIST-TL (1,000 images per class,
+Behind the thresholds (docs/guides/strategies.md, "--strategy auto"): on FMNIST-TL (1,000 images per class,
 probe validation accuracy 0.874) fine-tuning the top 4 / 8 blocks raised test accuracy
 from 0.872 to 0.888 / 0.903; on 30 images per class it moved nothing reliably.
 
 `--tta auto` (choose_tta), applied to the saved model after training: a network trained on
 mirror images (--augment flip, the fine-tuning default) keeps test-time flips when they
 lower the validation log loss without lowering validation accuracy; feature extraction and
-networks trained without flips keep one view unless `--tta flip` asks (README, "Test-time
+networks trained without flips keep one view unless `--tta flip` asks (docs/guides/fine-tuning.md, "Test-time
 flips", has the FMNIST-TL numbers behind this).
 
 The ensemble (choose_ensemble, applied before anything is trained): when the images are small
@@ -28,7 +28,7 @@ run at a large size, cost many times more and learn little from few images: no e
 
 No backbone choice: on FMNIST-TL the frozen features of MobileNetV2, EfficientNet-Lite0 and
 Lite1 gave 0.8720, 0.8720 and 0.8735 test accuracy (overlapping 95% intervals), the Lites
-extracting at about half MobileNetV2's rate (README, "Each real backbone on FMNIST-TL"):
+extracting at about half MobileNetV2's rate (docs/results.md, "Each real backbone on FMNIST-TL"):
 no choice among them pays for its cost, so the default backbone stays MobileNetV2.
 """
 
