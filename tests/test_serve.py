@@ -663,7 +663,7 @@ def test_serve_errors_before_binding_exit_2_with_the_fix(tmp_path, monkeypatch, 
     assert cli.main(["serve", str(tmp_path), "--max-upload-mb", "0"]) == 2
     assert "--max-upload-mb must be a positive" in capsys.readouterr().err
     assert cli.main(["serve", str(tmp_path), "--top-k", "0"]) == 2
-    assert "--top-k must be at least 1" in capsys.readouterr().err
+    assert "--top-k must be a whole number of at least 1" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
     assert cli.main(["serve", str(tmp_path)]) == 2
     assert "pip install 'headstart[serve]'" in capsys.readouterr().err
