@@ -735,6 +735,38 @@ def test_explain_and_predict_at_once_answer_as_alone(server, test_images, expect
             assert_same(r["predictions"], expected[name])
 
 
+@pytest.mark.slow
+def test_an_ensemble_explains_the_class_it_predicts(run_dir, test_images, workdir, one_torch_thread):
+    """Members that decode an image at two sizes (64 px, and 96 px with flips): /explain draws the mean of
+    their maps (Ensemble.explain) for the class /predict answers, at the image's size."""
+    import dataclasses
+
+    from headstart import load
+    from headstart.models.ensemble import Ensemble
+    from headstart.serve import app as serve
+
+    small = load(run_dir)
+    wide = dataclasses.replace(load(run_dir), tta="flip", preprocessing=small.preprocessing.scaled(96))
+    ensemble = Ensemble([small, wide], names=["64 px", "96 px, flips"])
+    predictor = serve.Predictor(ensemble, engine="onnxruntime", precision=PRECISION, cache_dir=workdir / "cache")
+    app = serve.Guard(serve.create_app(predictor, {}), max_bytes=2**20)
+    for p in test_images[:2]:
+        data = p.read_bytes()
+        status, predicted = _asgi_post(app, f"/predict?top_k=1&name={p.name}", data, {"content-type": "image/png"})
+        assert status == 200, predicted
+        status, body = _asgi_post(app, f"/explain?format=both&name={p.name}", data, {"content-type": "image/png"})
+        assert status == 200, body
+        (r,) = body["results"]
+        assert r["class"] == predicted["results"][0]["predictions"][0]["class"]
+        assert r["probability"] == predicted["results"][0]["predictions"][0]["probability"]
+        assert r["method"] == "mean of cam, cam" and png_of(r).size == (28, 28)
+        (own,) = ensemble.explain([p], class_=r["class"], engine="onnxruntime", precision=PRECISION,
+                                  cache_dir=workdir / "cache")
+        values = map_of(r)
+        assert np.array_equal(np.isnan(values), np.isnan(own.map))
+        assert np.nanmax(np.abs(values - own.map)) <= 1e-4 * np.nanmax(np.abs(own.map))
+
+
 # --- the page, in a real browser ----------------------------------------------------------------------------------
 
 

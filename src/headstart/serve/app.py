@@ -83,7 +83,7 @@ class Viewed:
     """An upload decoded for /explain: what `Predictor.decode` gives (`pixels`), the decoded image the map is
     drawn on, and the image's own (width, height) as decoded in full, EXIF orientation applied."""
 
-    pixels: object
+    pixels: torch.Tensor | tuple[torch.Tensor, ...]
     image: Image.Image
     size: tuple[int, int]
 
@@ -93,7 +93,8 @@ class Predictor:
 
     One thread runs the network: it takes the oldest waiting request and every other one already
     queued (up to `batch_size` images) as one batch. A lone request is a batch of its own, with no
-    wait; under load, requests that arrive while a batch runs go together in the next one.
+    wait; under load, requests that arrive while a batch runs go together in the next one. Maps
+    (`explain`) are drawn on that thread too, one image at a time, in their turn between batches.
     """
 
     def __init__(self, model, runtime: Runtime | None = None, **kw):
@@ -108,7 +109,6 @@ class Predictor:
         self.transform, self.engine = self._parts[0][1], self._parts[0][2]
         self._runtime = rt
         self._sides = [decode_side(t) for _, t, _ in self._parts]
-        self.min_side = self._sides[0]
         # The map is drawn on the image as the member that decodes it largest does (None: in full).
         self._map_part = max(range(len(self._sides)), key=lambda k: self._sides[k] or float("inf"))
         self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
