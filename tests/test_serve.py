@@ -1,12 +1,14 @@
 """`headstart serve` end to end: a real server process on a free 127.0.0.1 port, a real browser.
 
 The server runs a tiny feature-extraction run (Fashion-MNIST, 64 px, real MobileNetV2 weights)
-and is asked what `headstart predict` answers for the same files. The page is driven in Debian's
-headless Chromium through Playwright; a missing browser fails the test, it does not skip.
+and is asked what `headstart predict` answers for the same files, and where the model looked (the maps
+`Model.explain` draws). The page is driven in Debian's headless Chromium through Playwright; a missing
+browser fails the test, it does not skip.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import json
@@ -142,9 +144,13 @@ def multipart(*files: tuple[str, bytes], field: str = "file") -> tuple[bytes, di
     return out.getvalue(), {"Content-Type": f"multipart/form-data; boundary={boundary}", **AUTH}
 
 
-def upload(server: Server, *files: tuple[str, bytes], query: str = "", conn=None):
+def upload(server: Server, *files: tuple[str, bytes], query: str = "", conn=None, path: str = "/predict"):
     body, headers = multipart(*files)
-    return request(server, "POST", "/predict" + query, body, headers, conn)
+    return request(server, "POST", path + query, body, headers, conn)
+
+
+def explain(server: Server, *files: tuple[str, bytes], query: str = "", conn=None):
+    return upload(server, *files, query=query, conn=conn, path="/explain")
 
 
 @pytest.fixture(scope="module")
@@ -288,11 +294,12 @@ def test_bad_requests_get_a_4xx_json_that_says_what_is_wrong(server, test_images
     assert request(server, "GET", "/healthz")[0] == 200
 
 
-def _send_big(server: Server, body_size: int, chunked: bool, as_form_part: bool = False) -> tuple[int, dict]:
+def _send_big(server: Server, body_size: int, chunked: bool, as_form_part: bool = False,
+              path: str = "/predict") -> tuple[int, dict]:
     """POST about body_size bytes, with Content-Length or chunked; the server may answer before the end."""
     c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
-        c.putrequest("POST", "/predict")
+        c.putrequest("POST", path)
         c.putheader("Authorization", AUTH["Authorization"])
         c.putheader("Content-Type", "multipart/form-data; boundary=xyz" if as_form_part else "application/octet-stream")
         c.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(body_size))))
@@ -423,7 +430,7 @@ def test_schemathesis_finds_the_server_true_to_its_openapi_document(server, tmp_
         cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_HOOKS": str(hooks)}, capture_output=True, text=True,
         timeout=300)
     assert done.returncode == 0 and "No issues found" in done.stdout, (done.stdout + done.stderr)[-8000:]
-    assert "4 selected / 4 total" in done.stdout, done.stdout[-3000:]
+    assert "5 selected / 5 total" in done.stdout, done.stdout[-3000:]
     served = request(server, "GET", "/model", headers=AUTH)[1]["served"]["images"] - served_before
     MEASURED.append(f"serve: Schemathesis, all checks: {re.search(r'[0-9]+ generated', done.stdout).group(0)} "
                     f"test cases, {served} images classified")
@@ -574,6 +581,192 @@ def test_host_0000_says_it_is_reachable_from_the_network(run_dir, workdir, monke
     assert serve.model_info(load(run_dir), choose_engine(), run_dir)["metrics"]["test"]["n_images"] == 40
 
 
+# --- where the model looked: /explain ------------------------------------------------------------------------------
+
+
+def png_of(result: dict) -> Image.Image:
+    im = Image.open(io.BytesIO(base64.b64decode(result["png"])))
+    im.load()
+    return im
+
+
+def map_of(result: dict) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in result["map"]], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def maps(run_dir, test_images, workdir, one_torch_thread) -> dict:
+    """`Model.explain`'s map of each test image, in this process, as the server's engine runs it."""
+    from headstart import load
+
+    model = load(run_dir)
+    return {p.name: e for p, e in zip(test_images, model.explain(test_images, cache_dir=workdir / "cache",
+                                                                   precision=PRECISION))}
+
+
+@pytest.mark.slow
+def test_explain_answers_predicts_class_with_the_models_map_at_the_images_size(server, test_images, expected, maps):
+    for p in test_images:
+        status, body = explain(server, (p.name, p.read_bytes()), query="?format=both")
+        assert status == 200, body
+        (r,) = body["results"]
+        want = expected[p.name][0]
+        assert r["name"] == p.name and r["class"] == want["class"] and r["predicted"]["class"] == want["class"]
+        assert r["probability"] == r["predicted"]["probability"]
+        assert abs(r["probability"] - want["probability"]) <= 1e-5
+        assert r["method"] == "cam"  # the run's head is linear
+        with Image.open(p) as im:
+            size = im.size  # 28 x 28: under 256 px, the map has the image's own size
+        assert (r["width"], r["height"]) == (r["image_width"], r["image_height"]) == size
+        png, values = png_of(r), map_of(r)
+        assert png.format == "PNG" and png.mode == "RGBA" and png.size == size
+        assert values.shape == (size[1], size[0])
+        # The model's own map (Model.explain on the file), to the 5 digits answered; the PNG is transparent
+        # exactly where the centre crop cut the image away (NaN, null in the JSON) and drawn elsewhere.
+        own = maps[p.name]
+        assert own.class_ == want["class"]
+        assert np.array_equal(np.isnan(values), np.isnan(own.map))
+        top = np.nanmax(np.abs(own.map))
+        assert np.nanmax(np.abs(values - own.map)) <= 1e-4 * top
+        alpha = np.asarray(png)[..., 3]
+        assert np.array_equal(alpha == 0, np.isnan(values)) and (alpha > 0).any()
+        assert np.unique(alpha).tolist() == [0, 128]
+    # Another class's map, on request; the predicted class is still said.
+    shoe, trouser = test_images[0], test_images[1]
+    status, body = explain(server, (shoe.name, shoe.read_bytes()), query="?class=Trouser&format=array")
+    assert status == 200, body
+    (r,) = body["results"]
+    assert r["class"] == "Trouser" and r["predicted"]["class"] == expected[shoe.name][0]["class"]
+    assert r["probability"] < r["predicted"]["probability"] and "png" not in r and len(r["map"]) == 28
+    # Several files in one request, in the order sent; one image as the raw body; the PNG alone by default.
+    status, body = explain(server, *[(p.name, p.read_bytes()) for p in test_images])
+    assert status == 200 and [r["name"] for r in body["results"]] == [p.name for p in test_images]
+    assert [r["class"] for r in body["results"]] == [expected[p.name][0]["class"] for p in test_images]
+    assert all("png" in r and "map" not in r for r in body["results"])
+    status, body = request(server, "POST", f"/explain?name={trouser.name}", trouser.read_bytes(), AUTH)
+    assert status == 200 and body["results"][0]["name"] == trouser.name
+    assert body["results"][0]["class"] == expected[trouser.name][0]["class"]
+
+
+@pytest.mark.slow
+def test_explain_of_a_photo_is_its_map_at_most_256_px_a_side(server, run_dir, test_images, workdir,
+                                                              one_torch_thread):
+    """A large EXIF-rotated JPEG: /predict's class, and the model's map of the whole file (placed on the
+    600 x 450 photo as the user sees it) shrunk to 192 x 256: the server draws it on the draft-decoded
+    image, so the two agree to interpolation, not to the digit."""
+    from headstart import load
+    from headstart.runs.predict import predict_files
+
+    im = Image.open(test_images[0]).convert("RGB").resize((600, 450), Image.BILINEAR)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter: shown 450 wide, 600 high
+    photo = workdir / "explain-photo.jpg"
+    im.save(photo, quality=92, exif=exif)
+    model = load(run_dir)
+    rows, _ = predict_files(model, [photo], top_k=1, cache_dir=workdir / "predict-cache", precision=PRECISION)
+    (own,) = model.explain([photo], cache_dir=workdir / "cache", precision=PRECISION)
+    status, body = explain(server, ("photo.jpg", photo.read_bytes()), query="?format=both")
+    assert status == 200, body
+    (r,) = body["results"]
+    assert r["class"] == rows[0]["predictions"][0]["class"] == own.class_
+    assert (r["image_width"], r["image_height"]) == (450, 600) and (r["width"], r["height"]) == (192, 256)
+    assert png_of(r).size == (192, 256)
+    values = map_of(r)
+    assert values.shape == (256, 192) and own.map.shape == (600, 450)
+    shrunk = np.asarray(Image.fromarray(own.map).resize((192, 256), Image.BILINEAR))
+    both = np.isfinite(values) & np.isfinite(shrunk)
+    assert both.mean() > 0.5 and abs(np.isnan(values).mean() - np.isnan(shrunk).mean()) < 0.02
+    assert np.abs(values - shrunk)[both].max() <= 0.05 * np.abs(shrunk[both]).max()
+
+
+@pytest.mark.slow
+def test_explain_refuses_what_predict_refuses_and_an_unknown_class(server, test_images):
+    png = test_images[0].read_bytes()
+    body, headers = multipart(("a.png", png))
+    status, answer = request(server, "POST", "/explain", body, {"Content-Type": headers["Content-Type"]})
+    assert status == 401 and "token" in answer["error"]
+    cases = [
+        (explain(server, ("notes.txt", b"these are not pixels\n" * 50)), 415, "notes.txt: not an image"),
+        (explain(server, ("cut.png", png[: len(png) // 2])), 422, "cut.png: truncated file"),
+        (explain(server, ("huge.png", _png_header_only(20_000, 20_000))), 422, "huge.png: too many pixels"),
+        (explain(server, ("empty.png", b"")), 400, "empty.png: empty file"),
+        (explain(server), 400, "no file"),
+        (request(server, "POST", "/explain", b"", AUTH), 400, "curl -F file=@shoe.png .../explain"),
+        (explain(server, ("a.png", png), query="?class=Unicorn"), 400,
+         "query class: class 'Unicorn' is not one of the model's classes (Ankle_boot, Bag,"),
+        (explain(server, ("a.png", png), query="?class=trouser"), 400, "not one of the model's classes"),
+        (explain(server, ("a.png", png), query="?format=jpeg"), 400, "query format: one of png, array, both"),
+        (explain(server, *[(f"{i}.png", png) for i in range(65)]), 400, "Too many files"),
+        (_send_big(server, 3 * 2**20, chunked=False, path="/explain"), 413, f"limit of {MAX_UPLOAD_MB} MB"),
+        (_send_big(server, 3 * 2**20, chunked=True, path="/explain"), 413, f"limit of {MAX_UPLOAD_MB} MB"),
+    ]
+    for (status, answer), want_status, want in cases:
+        assert status == want_status and isinstance(answer, dict) and want in answer["error"], (status, answer)
+    status, answer = explain(server, ("good.png", png), ("bad.png", b"GIF89a nonsense"))
+    assert status == 415 and [f["name"] for f in answer["files"]] == ["bad.png"], answer
+    assert request(server, "GET", "/healthz")[0] == 200
+
+
+@pytest.mark.slow
+def test_explain_and_predict_at_once_answer_as_alone(server, test_images, expected):
+    """Maps are drawn on the inference thread between predict batches: 48 requests of both kinds from 8
+    threads all answer what each answers alone."""
+    images = [(p.name, p.read_bytes()) for p in test_images]
+    local = threading.local()
+
+    def one(i: int):
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        name, data = images[i % len(images)]
+        status, body = upload(server, (name, data), query="?top_k=3", conn=local.conn,
+                              path="/explain" if i % 2 else "/predict")
+        return i, name, status, body
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(48)))
+    for i, name, status, body in answers:
+        assert status == 200, body
+        (r,) = body["results"]
+        if i % 2:
+            assert r["class"] == expected[name][0]["class"]
+            assert abs(r["probability"] - expected[name][0]["probability"]) <= 1e-5
+            assert png_of(r).size == (28, 28)
+        else:
+            assert_same(r["predictions"], expected[name])
+
+
+@pytest.mark.slow
+def test_an_ensemble_explains_the_class_it_predicts(run_dir, test_images, workdir, one_torch_thread):
+    """Members that decode an image at two sizes (64 px, and 96 px with flips): /explain draws the mean of
+    their maps (Ensemble.explain) for the class /predict answers, at the image's size."""
+    import dataclasses
+
+    from headstart import load
+    from headstart.models.ensemble import Ensemble
+    from headstart.serve import app as serve
+
+    small = load(run_dir)
+    wide = dataclasses.replace(load(run_dir), tta="flip", preprocessing=small.preprocessing.scaled(96))
+    ensemble = Ensemble([small, wide], names=["64 px", "96 px, flips"])
+    predictor = serve.Predictor(ensemble, engine="onnxruntime", precision=PRECISION, cache_dir=workdir / "cache")
+    app = serve.Guard(serve.create_app(predictor, {}), max_bytes=2**20)
+    for p in test_images[:2]:
+        data = p.read_bytes()
+        status, predicted = _asgi_post(app, f"/predict?top_k=1&name={p.name}", data, {"content-type": "image/png"})
+        assert status == 200, predicted
+        status, body = _asgi_post(app, f"/explain?format=both&name={p.name}", data, {"content-type": "image/png"})
+        assert status == 200, body
+        (r,) = body["results"]
+        assert r["class"] == predicted["results"][0]["predictions"][0]["class"]
+        assert r["probability"] == predicted["results"][0]["predictions"][0]["probability"]
+        assert r["method"] == "mean of cam, cam" and png_of(r).size == (28, 28)
+        (own,) = ensemble.explain([p], class_=r["class"], engine="onnxruntime", precision=PRECISION,
+                                  cache_dir=workdir / "cache")
+        values = map_of(r)
+        assert np.array_equal(np.isnan(values), np.isnan(own.map))
+        assert np.nanmax(np.abs(values - own.map)) <= 1e-4 * np.nanmax(np.abs(own.map))
+
+
 # --- the page, in a real browser ----------------------------------------------------------------------------------
 
 
@@ -640,12 +833,40 @@ def test_the_page_in_headless_chromium(server, test_images, expected, tmp_path):
             expect(page.locator(".card", has_text=trouser.name).locator(".row").first).to_contain_text(
                 expected[trouser.name][0]["class"])
             expect(page.locator(".card .name")).to_have_text([shoe.name, "notes.png", trouser.name])
+            # Where it looked: off by default; switched on, each classified card gets one overlay, the heatmap
+            # of its predicted class laid over its thumbnail (the text file's card gets none).
+            switch = page.get_by_role("switch", name="Show where it looked")
+            expect(switch).not_to_be_checked()
+            bare = card.locator(".thumb").screenshot()
+            switch.check()
+            expect(page.locator(".card .overlay")).to_have_count(2)
+            bag = test_images[2]
+            page.set_input_files("#files", str(bag))  # chosen while on: its card gets one too
+            expect(page.locator(".card .overlay")).to_have_count(3)
+            expect(page.locator(".card .name")).to_have_text([shoe.name, "notes.png", trouser.name, bag.name])
+            expect(page.locator(".card", has_text="notes.png").locator(".overlay")).to_have_count(0)
+            for p in (shoe, trouser, bag):
+                photo = page.locator(".card", has_text=p.name).locator(".photo")
+                overlay = page.locator(".card", has_text=p.name).locator(".overlay")
+                expect(overlay).to_have_count(1)
+                expect(overlay).to_be_visible()
+                expect(overlay).to_have_attribute("alt", f"Where the model looked for {expected[p.name][0]['class']}")
+                page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=overlay.element_handle())
+                assert overlay.evaluate("(img) => [img.naturalWidth, img.naturalHeight]") == [28, 28]
+                assert overlay.bounding_box() == photo.bounding_box()  # over the thumbnail, the same box
+            assert card.locator(".thumb").screenshot() != bare  # drawn: the thumbnail looks different
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "serve-page.png"))
+            switch.uncheck()
+            expect(page.locator(".card .overlay:visible")).to_have_count(0)
+            assert card.locator(".thumb").screenshot() == bare
+            switch.check()  # shown again, not asked for again
+            expect(page.locator(".card .overlay:visible")).to_have_count(3)
         finally:
             expect.set_options(timeout=5_000)  # Playwright's default, for any later test
             browser.close()
     assert any(u.endswith("/predict?top_k=3") for u in requests), requests
+    assert sum(u == server.origin + "/explain" for u in requests) == 3, requests  # one per image card
     outside = [u for u in requests if not (u.startswith(server.origin + "/") or u.startswith("blob:" + server.origin))]
     assert outside == [], outside
     # The browser logs every answer that is not 2xx; the two this test asked for are all there is: the 401
@@ -715,15 +936,16 @@ class _NoModel:
         return {"images": 0, "batches": 0}
 
 
-def test_undeclared_methods_get_405_with_allow_and_top_k_below_1_gets_400():
+def test_undeclared_methods_get_405_with_allow_and_bad_queries_get_400():
     from headstart.serve import app as serve
 
     app = serve.Guard(serve.create_app(_NoModel(), {}), max_bytes=2**20)
     for path, allowed in (("/", "GET, HEAD"), ("/healthz", "GET, HEAD"), ("/model", "GET, HEAD"),
-                          ("/predict", "POST")):
-        if path != "/predict":
+                          ("/predict", "POST"), ("/explain", "POST")):
+        posted = allowed == "POST"
+        if not posted:
             assert _asgi(app, "HEAD", path)[0] == 200
-        for method in ("TRACE", "PUT", "DELETE", "PATCH", "OPTIONS") + (("GET", "HEAD") if path == "/predict" else ()):
+        for method in ("TRACE", "PUT", "DELETE", "PATCH", "OPTIONS") + (("GET", "HEAD") if posted else ()):
             status, headers, body = _asgi(app, method, path)
             assert status == 405 and set(headers.get("allow", "").split(", ")) == set(allowed.split(", ")), (
                 method, path, status, headers)
@@ -731,6 +953,12 @@ def test_undeclared_methods_get_405_with_allow_and_top_k_below_1_gets_400():
     for k in ("0", "-1"):
         status, _, body = _asgi(app, "POST", f"/predict?top_k={k}", b"x", {"content-type": "image/png"})
         assert status == 400 and json.loads(body)["error"] == f"query top_k: must be at least 1, not {k}"
+    # Refused before the body is read, let alone decoded: this predictor could decode nothing.
+    for query, want in (("class=c", "query class: class 'c' is not one of the model's classes (a, b)"),
+                        ("class=", "query class: class '' is not one of the model's classes"),
+                        ("format=svg", "query format: one of png, array, both, not 'svg'")):
+        status, _, body = _asgi(app, "POST", f"/explain?{query}", b"x", {"content-type": "image/png"})
+        assert status == 400 and json.loads(body)["error"].startswith(want), body
 
 
 def test_the_openapi_document_lists_the_token_only_when_it_is_required():
@@ -750,7 +978,16 @@ def test_the_openapi_document_lists_the_token_only_when_it_is_required():
             "class"]["enum"] == ["a", "b"]
         locked = {f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m, op in ops.items()
                   if "401" in op["responses"] and op.get("security")}
-        assert locked == ({"GET /model", "POST /predict"} if secured else set())
+        assert locked == ({"GET /model", "POST /predict", "POST /explain"} if secured else set())
+        explain = doc["paths"]["/explain"]["post"]
+        assert explain["requestBody"] == predict["requestBody"]
+        assert set(explain["responses"]) == set(predict["responses"]) == {"200", "400", "413", "415", "422", "500"} | (
+            {"401"} if secured else set())
+        query = {q["name"]: q["schema"] for q in explain["parameters"]}
+        assert query["class"]["enum"] == ["a", "b"] and query["format"]["enum"] == list(serve.FORMATS)
+        result = explain["responses"]["200"]["content"]["application/json"]["schema"]["properties"]["results"]["items"]
+        assert "limit (2 MB)" in explain["responses"]["413"]["description"]
+        assert f"fit {serve.MAP_SIDE} px" in result["properties"]["width"]["description"]
         assert ("components" in doc) == secured
 
 

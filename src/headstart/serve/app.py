@@ -27,10 +27,20 @@ Decisions:
   by Schemathesis in the tests. An undeclared method gets 405 with `Allow`; GET routes answer HEAD.
 - An ensemble is served through its own `proba_from_features`, from its members' features side by
   side: one averaging for predict, evaluate and the server.
+- `POST /explain` goes /predict's way (body forms, decoding, errors, limits, token) and takes its class
+  and probability from /predict's own numbers, so the two never disagree (an int8 model's maps come from
+  its fp32 backbone: Model.map_engine). The map is `Model.explain`'s (`Ensemble.explain`'s) of that
+  class, on the image decoded as /predict decodes it, one image per call on the inference thread: a map
+  is as large as the image it is placed on, and predict batches go between two maps. It is answered at
+  the image's size as decoded (EXIF applied), at most MAP_SIDE px a side: as a PNG coloured as
+  `headstart explain` draws it (heatmaps/overlay.py), transparent where the centre crop cut the image
+  away, and/or as numbers. The map engine is converted and warmed up with the other before the port opens.
 """
 
 import asyncio
+import base64
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -39,6 +49,7 @@ import queue
 import sys
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -52,12 +63,29 @@ from headstart.settings import Runtime
 from headstart.data.decoding import decode_side, stack_pixels
 from headstart.engines.features import cache_root_of
 from headstart.data.images import ImageError, load_image
+from headstart.heatmaps.explain import class_index
+from headstart.heatmaps.overlay import ALPHA, shown
+from headstart.heatmaps.placement import displayed_size
+from headstart.quiet import quiet
 from headstart.runs.predict import describe_engines
 from headstart.serve import contract
 
 log = logging.getLogger(__name__)
 
 MAX_FILES = 64  # per request
+MAP_SIDE = 256  # the longest side of a map /explain answers: a thumbnail's overlay, not the photo's
+FORMATS = ("png", "array", "both")  # what /explain answers each map as
+COLOURS = "jet"  # matplotlib's colour map, as heatmaps/overlay.py draws the overlays of `headstart explain`
+
+
+@dataclass(frozen=True)
+class Viewed:
+    """An upload decoded for /explain: what `Predictor.decode` gives (`pixels`), the decoded image the map is
+    drawn on, and the image's own (width, height) as decoded in full, EXIF orientation applied."""
+
+    pixels: torch.Tensor | tuple[torch.Tensor, ...]
+    image: Image.Image
+    size: tuple[int, int]
 
 
 class Predictor:
@@ -65,7 +93,8 @@ class Predictor:
 
     One thread runs the network: it takes the oldest waiting request and every other one already
     queued (up to `batch_size` images) as one batch. A lone request is a batch of its own, with no
-    wait; under load, requests that arrive while a batch runs go together in the next one.
+    wait; under load, requests that arrive while a batch runs go together in the next one. Maps
+    (`explain`) are drawn on that thread too, one image at a time, in their turn between batches.
     """
 
     def __init__(self, model, runtime: Runtime | None = None, **kw):
@@ -78,25 +107,38 @@ class Predictor:
         self._parts = [(m, m.preprocessing.transform(), m.engine(rt.device, rt.engine, rt.precision,
                                                                  cache_root_of(rt.cache_dir))) for m in members]
         self.transform, self.engine = self._parts[0][1], self._parts[0][2]
+        self._runtime = rt
         self._sides = [decode_side(t) for _, t, _ in self._parts]
-        self.min_side = self._sides[0]
+        # The map is drawn on the image as the member that decodes it largest does (None: in full).
+        self._map_part = max(range(len(self._sides)), key=lambda k: self._sides[k] or float("inf"))
         self._decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         blank = Image.new("RGB", (max(m.preprocessing.crop_size for m in members),) * 2)
-        self._proba([self._decode_all(blank)])  # converts the backbones now
+        self._proba([self._pixels([blank] * len(self._parts))])  # converts the backbones now
+        self.model.explain(blank, runtime=rt)  # and the networks the maps are drawn from
         threading.Thread(target=self._batches, name="headstart-inference", daemon=True).start()
 
     def decode(self, data: bytes) -> torch.Tensor:
         """(3, crop, crop) uint8 from an image file's bytes, (1, crop, crop) for a grayscale one (resized as one
-        channel, as extraction does: a third of the work, the same pixels); raises ImageError saying why not."""
+        channel, as extraction does: a third of the work, the same pixels), a tuple of them for an ensemble
+        (one per member, each decoded as predict decodes it for that member); raises ImageError saying why not."""
         with self._decoding:
-            if self._single:
-                return self.transform.decode(load_image(data, self.min_side, gray=True))
-            return self._decode_all(data)
+            return self._pixels(self._images(data))
 
-    def _decode_all(self, data) -> tuple[torch.Tensor, ...]:
-        """Each member's (3 or 1, crop, crop) uint8 of the same image (bytes, decoded for each as predict does)."""
-        images = [load_image(data, side, gray=True) if isinstance(data, bytes) else data for side in self._sides]
+    def decode_for_map(self, data: bytes) -> Viewed:
+        """As `decode`, with what `explain` needs too, from the same decoding."""
+        with self._decoding:
+            images = self._images(data)
+            with quiet():  # the header again (load_image read it): Pillow's notes on odd EXIF are not news
+                size = displayed_size(io.BytesIO(data))
+            return Viewed(self._pixels(images), images[self._map_part], size)
+
+    def _images(self, data: bytes) -> list[Image.Image]:
+        """The image decoded for each part, as predict decodes it (draft size, EXIF, gray kept as one channel)."""
+        by_side = {side: load_image(data, side, gray=True) for side in dict.fromkeys(self._sides)}
+        return [by_side[side] for side in self._sides]
+
+    def _pixels(self, images: list[Image.Image]):
         out = tuple(t.decode(im) for (_, t, _), im in zip(self._parts, images))
         return out[0] if self._single else out
 
@@ -104,6 +146,19 @@ class Predictor:
         """A future of the (n, n_classes) probabilities of decoded images."""
         future: Future = Future()
         self._queue.put((images, future))
+        return future
+
+    def explain(self, viewed: Viewed, class_: str) -> Future:
+        """A future of (map, method): the model's map of `class_` over a decoded upload, (height, width) float32 at
+        `map_size(viewed.size)`, NaN where the centre crop cut the image away; drawn on the inference thread."""
+        def work():
+            (e,) = self.model.explain([viewed.image], class_=class_, runtime=self._runtime)
+            if not e.ok:  # the image decode_for_map gave back: it was decoded once already
+                raise RuntimeError(f"explaining a decoded image failed: {e.error}")
+            return resized(e.map, map_size(viewed.size)), e.method
+
+        future: Future = Future()
+        self._queue.put((work, future))
         return future
 
     def stats(self) -> dict:
@@ -125,15 +180,23 @@ class Predictor:
         return self.model.proba_from_features(np.concatenate(feats, axis=1))  # (n, n_classes)
 
     def _batches(self) -> None:
+        held = None  # work (a map) taken from the queue while a batch was being gathered: it goes next
         while True:
-            jobs = [self._queue.get()]
-            n = len(jobs[0][0])
+            job, held = held or self._queue.get(), None
+            if callable(job[0]):
+                self._work(*job)
+                continue
+            jobs, n = [job], len(job[0])
             while n < self.batch_size:
                 try:
-                    jobs.append(self._queue.get_nowait())
+                    job = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                n += len(jobs[-1][0])
+                if callable(job[0]):
+                    held = job
+                    break
+                jobs.append(job)
+                n += len(job[0])
             try:
                 proba = self._proba([im for images, _ in jobs for im in images])
             except Exception as exc:  # noqa: BLE001 - handed to the requests, which answer 500
@@ -144,6 +207,51 @@ class Predictor:
             for images, future in jobs:
                 future.set_result(proba[start:start + len(images)])
                 start += len(images)
+
+    @staticmethod
+    def _work(work, future: Future) -> None:
+        try:
+            future.set_result(work())
+        except Exception as exc:  # noqa: BLE001 - handed to the request, which answers 500
+            future.set_exception(exc)
+
+
+def map_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the map /explain answers for an image of `size`: the same, or at most MAP_SIDE a side."""
+    width, height = size
+    scale = min(1.0, MAP_SIDE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resized(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The (height, width) map at `size` (width, height), resampled bilinearly (averaging when it shrinks); a
+    pixel that takes from beyond the crop's edge stays NaN."""
+    if heatmap.shape == (size[1], size[0]):
+        return heatmap.astype(np.float32, copy=False)
+    return np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize(size, Image.BILINEAR))
+
+
+def heatmap_png(heatmap: np.ndarray) -> bytes:
+    """The map as an RGBA PNG to lay over its image: coloured as heatmaps/overlay.py draws it (the positive
+    part, scaled to its maximum) at ALPHA opacity, transparent where the model did not see the image."""
+    from matplotlib import colormaps
+
+    values = shown(heatmap)  # 0 to 1, NaN kept
+    rgba = colormaps[COLOURS](np.nan_to_num(values), bytes=True)  # (h, w, 4) uint8
+    rgba[..., 3] = np.where(np.isnan(values), 0, round(ALPHA * 255))
+    out = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(out, format="PNG")
+    return out.getvalue()
+
+
+def heatmap_rows(heatmap: np.ndarray) -> list[list[float | None]]:
+    """The map as JSON rows: its values to 5 significant digits of its largest magnitude (a 256 px map is
+    about 0.6 MB so, 1.3 MB with float32's full digits), null where it is NaN."""
+    finite = np.abs(heatmap[np.isfinite(heatmap)])
+    top = float(finite.max()) if finite.size else 0.0
+    decimals = 4 - int(np.floor(np.log10(top))) if top > 0 else 0
+    rows = np.round(heatmap.astype(np.float64), decimals).tolist()
+    return [[None if v != v else v for v in row] for row in rows]  # v != v: NaN
 
 
 def model_info(model, engine_choice, source: Path) -> dict:
@@ -267,7 +375,7 @@ def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3, secu
                max_upload_mb: float | None = None):
     """The FastAPI app; `secured` and `max_upload_mb` say what the Guard in front of it enforces (--token,
     --max-upload-mb), for the OpenAPI document."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, Query, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -282,7 +390,7 @@ def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3, secu
     classes = predictor.model.classes
     document = contract.document(title=app.title, version=app.version, classes=list(classes),
                                  default_top_k=default_top_k, max_files=MAX_FILES, max_upload_mb=max_upload_mb,
-                                 secured=secured)
+                                 secured=secured, map_side=MAP_SIDE)
     app.openapi = lambda: document  # what /openapi.json answers (contract.py says why it is written out)
 
     def error(status: int, message: str, **extra) -> JSONResponse:
@@ -327,15 +435,7 @@ def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3, secu
             raise ApiError(400, f"query top_k: must be at least 1, not {top_k}")
         uploads = await _uploads(request, name)
         k = min(top_k, len(classes))  # more than the model has: all of them, as `headstart predict`
-        decoded, failed = [], []
-        for filename, data in uploads:
-            try:
-                decoded.append(await run_in_threadpool(predictor.decode, data))
-            except ImageError as exc:
-                failed.append({"name": filename, "error": str(exc), "status": _status_of(str(exc))})
-        if failed:
-            first = failed[0]
-            raise ApiError(first["status"], f"{first['name']}: {first['error']}", failed)
+        decoded = await _decoded(uploads, predictor.decode)
         proba = await asyncio.wrap_future(predictor.submit(decoded))
         results = []
         for (filename, _), p in zip(uploads, proba):
@@ -343,6 +443,55 @@ def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3, secu
             results.append({"name": filename,
                             "predictions": [{"class": classes[j], "probability": float(p[j])} for j in order]})
         return {"results": results}
+
+    @app.post("/explain")
+    async def explain(request: Request, class_: str | None = Query(None, alias="class"), format: str = "png",
+                      name: str = "body"):
+        if format not in FORMATS:
+            raise ApiError(400, f"query format: one of {', '.join(FORMATS)}, not {format!r}")
+        try:
+            wanted = class_index(classes, class_)
+        except HeadstartError as exc:
+            raise ApiError(400, f"query class: {exc}") from None
+        uploads = await _uploads(request, name)
+        viewed = await _decoded(uploads, predictor.decode_for_map)
+        # The class and its probability are /predict's own numbers for these images (module docstring).
+        proba = await asyncio.wrap_future(predictor.submit([v.pixels for v in viewed]))
+        predicted = np.argmax(proba, axis=1)  # the first of equals, as /predict's stable sort
+        targets = predicted if wanted is None else np.full(len(viewed), wanted)
+        maps = await asyncio.gather(*(asyncio.wrap_future(predictor.explain(v, classes[t]))
+                                      for v, t in zip(viewed, targets)))
+
+        def answer() -> dict:
+            results = []
+            for (filename, _), v, p, t, j, (heatmap, method) in zip(uploads, viewed, proba, targets, predicted, maps):
+                result = {"name": filename, "class": classes[t], "probability": float(p[t]),
+                          "predicted": {"class": classes[j], "probability": float(p[j])}, "method": method,
+                          "width": heatmap.shape[1], "height": heatmap.shape[0],
+                          "image_width": v.size[0], "image_height": v.size[1]}
+                if format in ("png", "both"):
+                    result["png"] = base64.b64encode(heatmap_png(heatmap)).decode("ascii")
+                if format in ("array", "both"):
+                    result["map"] = heatmap_rows(heatmap)
+                results.append(result)
+            return {"results": results}
+
+        # Straight to JSON: FastAPI's encoder would walk each of a map's numbers in Python first.
+        return JSONResponse(await run_in_threadpool(answer))
+
+    async def _decoded(uploads: list[tuple[str, bytes]], decode) -> list:
+        """Each upload through `decode`, in the threadpool; an ApiError naming every file that cannot be used,
+        with the first one's status."""
+        decoded, failed = [], []
+        for filename, data in uploads:
+            try:
+                decoded.append(await run_in_threadpool(decode, data))
+            except ImageError as exc:
+                failed.append({"name": filename, "error": str(exc), "status": _status_of(str(exc))})
+        if failed:
+            first = failed[0]
+            raise ApiError(first["status"], f"{first['name']}: {first['error']}", failed)
+        return decoded
 
     async def _uploads(request: Request, name: str) -> list[tuple[str, bytes]]:
         try:
@@ -360,7 +509,7 @@ def create_app(predictor: Predictor, info: dict, *, default_top_k: int = 3, secu
             raise ApiError(400, "the client went away before the whole request was sent") from None
         if not uploads:
             raise ApiError(400, "no file: send images as multipart form files (curl -F file=@shoe.png "
-                                ".../predict) or one image as the request body")
+                                f"...{request.url.path}) or one image as the request body")
         return uploads
 
     return app
