@@ -120,24 +120,26 @@ def find_issues(ctx, folds: int, seed: int) -> dict:
     t = time.perf_counter()
     lab = label_issues(Z, feats.y, classes, folds, seed)
     notes += lab["notes"]
-    for i, score, sug in sorted(zip(lab["flagged"], lab["score"], lab["suggested"]), key=lambda r: -r[1]):
-        rows.append(row(i, "label", score, suggested=classes[sug]))
     seconds["labels"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    st = stray_scores(feats.X, feats.y, relabel=dict(zip(lab["flagged"].tolist(), lab["suggested"].tolist())))
+    seconds["strays"] = round(time.perf_counter() - t, 2)
+    strays = set(st["listed"].tolist())  # a flagged file that fits no class either is a stray, listed once as such
+    for i, score, sug in sorted(zip(lab["flagged"], lab["score"], lab["suggested"]), key=lambda r: -r[1]):
+        if int(i) not in strays:
+            rows.append(row(i, "label", score, suggested=classes[sug]))
 
     t = time.perf_counter()
     idx = np.flatnonzero(ok)
     fingers = np.stack([looks[i].finger for i in idx]) if len(idx) else np.zeros((0, 2, 1, 1), np.float32)
-    cop = near_copies(feats.X[idx], fingers, [splits[i] for i in idx], [names[i] for i in idx]) if len(idx) > 1 \
+    cop = near_copies(Z[idx], fingers, [splits[i] for i in idx], [names[i] for i in idx]) if len(idx) > 1 \
         else {"rows": [], "info": {}}
     for p, q, kind, s in cop["rows"]:
         rows.append(row(idx[p], kind, s, partner=names[idx[q]]))
     seconds["near_copies"] = round(time.perf_counter() - t, 2)
 
-    t = time.perf_counter()
-    st = stray_scores(feats.X, feats.y, relabel=dict(zip(lab["flagged"].tolist(), lab["suggested"].tolist())))
     for i in sorted(st["listed"], key=lambda i: -st["distance"][i]):
         rows.append(row(i, "stray", st["score"][i]))
-    seconds["strays"] = round(time.perf_counter() - t, 2)
 
     checks = {}
     scores = check_scores(looks)

@@ -47,7 +47,8 @@ def candidate_pairs(X: np.ndarray, spectra: np.ndarray, k: int = NEIGHBOURS) -> 
 
 
 def near_copies(X: np.ndarray, fingers: np.ndarray, splits: list[str], names: list[str]) -> dict:
-    """Pairs of near copies among images with features `X` (n, d) and fingerprints (n, 2, F, F) (Look.finger).
+    """Pairs of near copies among images with features `X` (n, d: the principal components the label check
+    uses, a fifth of the search's cost on MobileNetV2's 1,280) and fingerprints (n, 2, F, F) (Look.finger).
 
     Returns {"rows": [(path index, partner index, kind, similarity)], "info": {...}}; `names` orders a pair."""
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from headstart.learn.heads import LinearHead
 log = logging.getLogger("headstart")
 
 DIMS = 256
+FIT_ROWS = 8000  # the components are fitted on at most this many images, then every image is projected
 MAX_GIVEN = 0.07
 FILTER = "low_self_confidence"
 
@@ -44,7 +45,9 @@ def reduced(X: np.ndarray, dims: int = DIMS, seed: int = 0) -> np.ndarray:
         return np.asarray(X, np.float32)
     from sklearn.decomposition import PCA
 
-    return PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(X).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    sample = X if len(X) <= FIT_ROWS else X[np.sort(rng.choice(len(X), FIT_ROWS, replace=False))]
+    return PCA(dims, svd_solver="randomized", random_state=seed).fit(sample).transform(X).astype(np.float32)
 
 
 def out_of_fold(Z: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int = 0) -> tuple[np.ndarray, dict]:

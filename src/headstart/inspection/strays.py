@@ -7,7 +7,8 @@ and a plain nearest-neighbour distance put 1 of 60 planted digits in the top 120
 their class's images, 20 neighbours reach past the few strays any class holds.
 
 A wrong label also sits far from its given class: a file the label check flags is left out of the stray
-list when it fits the class the check suggests (by that class's fence), and kept when it fits none.
+list when it fits the class the check suggests (by that class's fence); when it fits none it is a stray,
+and listed as one only (not as a label issue).
 Leaving the wrong labels out lifted the planted digits in the top 120 from 31 to 44 of 60 (docs/inspect.md). Measured and not kept, on the same set: distance to
 the nearest class mean (shared-covariance Mahalanobis, 64-256 principal components): 0-3 of 60 in the
 top 120, since the digits lie near one class and the components describe clothes; the residual off
