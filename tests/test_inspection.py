@@ -137,6 +137,18 @@ def _clusters(n_per_class=60, k=4, d=24, seed=0):
     return X.astype(np.float32), y, rng
 
 
+def test_the_principal_components_are_scikit_learns():
+    from sklearn.decomposition import PCA
+
+    from headstart.inspection.labels import reduced
+
+    rng = np.random.default_rng(2)
+    X = (rng.normal(size=(500, 40)) @ rng.normal(size=(40, 300)) + rng.normal(size=(500, 300))).astype(np.float32)
+    Z = reduced(X, dims=20)
+    ref = PCA(20, svd_solver="full").fit_transform(X)
+    assert Z.shape == (500, 20) and np.allclose(np.abs(Z), np.abs(ref), atol=2e-2 * np.abs(ref).max())
+
+
 def test_out_of_fold_probabilities_find_moved_labels_and_suggest_the_class():
     from headstart.inspection.labels import label_issues
 

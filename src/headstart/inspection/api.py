@@ -115,7 +115,7 @@ def find_issues(ctx, folds: int, seed: int) -> dict:
     ok = np.array([x is not None for x in looks], bool)
 
     t = time.perf_counter()
-    Z = reduced(feats.X, seed=seed)  # the label check's and the stray score's space
+    Z = reduced(feats.X)  # the label check's and the copy search's space
     seconds["components"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     lab = label_issues(Z, feats.y, classes, folds, seed)

@@ -34,20 +34,25 @@ from headstart.learn.heads import LinearHead
 log = logging.getLogger("headstart")
 
 DIMS = 256
-FIT_ROWS = 8000  # the components are fitted on at most this many images, then every image is projected
 MAX_GIVEN = 0.07
 FILTER = "low_self_confidence"
 
 
-def reduced(X: np.ndarray, dims: int = DIMS, seed: int = 0) -> np.ndarray:
-    """`X` on its first `dims` principal components (all of X when it has no more), float32."""
+def reduced(X: np.ndarray, dims: int = DIMS) -> np.ndarray:
+    """`X` on its first `dims` principal components (all of X when it has no more), float32.
+
+    From the eigenvectors of the features' covariance (d x d): for FMNIST-TL's 20,120 x 1,280 features one
+    matrix product and one symmetric eigendecomposition, where scikit-learn's randomized PCA took 21-63 s
+    on the loaded machine."""
     if X.shape[1] <= dims or len(X) <= dims:
         return np.asarray(X, np.float32)
-    from sklearn.decomposition import PCA
-
-    rng = np.random.default_rng(seed)
-    sample = X if len(X) <= FIT_ROWS else X[np.sort(rng.choice(len(X), FIT_ROWS, replace=False))]
-    return PCA(dims, svd_solver="randomized", random_state=seed).fit(sample).transform(X).astype(np.float32)
+    X = np.asarray(X, np.float32)
+    mean = X.mean(axis=0)
+    centred = X - mean
+    cov = (centred.T @ centred).astype(np.float64) / len(X)
+    _, vectors = np.linalg.eigh(cov)  # ascending eigenvalues
+    top = vectors[:, ::-1][:, :dims].astype(np.float32)
+    return centred @ top
 
 
 def out_of_fold(Z: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int = 0) -> tuple[np.ndarray, dict]:
