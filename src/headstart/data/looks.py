@@ -33,7 +33,7 @@ from headstart.data.images import ImageError, load_image
 
 FINGER = 32  # fingerprint side, pixels
 ZOOM = 0.88  # the fingerprint's cropped view keeps this share of each side
-COPY_SIM = 0.97  # spectrum_similarity from which two files are the same picture (docs/inspect.md)
+COPY_SIM = 0.975  # spectrum_similarity from which two files are the same picture (docs/inspect.md)
 SPECTRUM = 8  # spatial frequencies of the copy descriptor, each way
 CHECK_SIDE = 64  # cleanvision measures blur at most 64 px (MAX_RESOLUTION_FOR_BLURRY_DETECTION)
 THREADS = 2

@@ -73,7 +73,7 @@ def inspect(data: str | os.PathLike, *, labels: str | os.PathLike | None = None,
     entry = resolve_backbone(cfg)
     ctx = prepare(cfg, entry, Place(None, out, cache_root), load_run_data(cfg, cache_root))
     t_features = time.perf_counter() - t0
-    found = find_issues(ctx, folds, seed)
+    found = find_issues(ctx, folds, seed, out)
     found["summary"]["seconds"] = {"data_and_features": round(t_features, 2), **found["summary"]["seconds"],
                                    "total": round(time.perf_counter() - t0, 2)}
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def inspect(data: str | os.PathLike, *, labels: str | os.PathLike | None = None,
     return Inspection(out, found["rows"], found["summary"])
 
 
-def find_issues(ctx, folds: int, seed: int) -> dict:
+def find_issues(ctx, folds: int, seed: int, out: Path | None = None) -> dict:
     """Every check on a prepared run context: {"rows": issues.csv's rows, "summary": ..., "base": DATA's folder}."""
     data, feats = ctx.data, ctx.feats
     base = os.path.dirname(data.root) if data.layout == "csv" else data.root
@@ -177,7 +177,8 @@ def find_issues(ctx, folds: int, seed: int) -> dict:
         "score": "how sure each finding is, higher is surer: label 1 - cleanlab's label quality; leak and "
                  "near-duplicate the pair's picture similarity; stray the share of images nearer to their class; "
                  "image checks 1 - cleanvision's score",
-        "act": f"headstart train {base} --exclude <OUT>/issues.csv [--exclude-kinds label,leak]",
+        "act": f"headstart train {base} --exclude {out / 'issues.csv' if out else '<OUT>/issues.csv'} "
+               "[--exclude-kinds label,leak]",
         "seconds": seconds,
     }
     return {"rows": rows, "summary": summary, "base": base}

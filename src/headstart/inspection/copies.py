@@ -9,8 +9,9 @@ times not among the 20 nearest, since a thousand trousers all look alike to an I
 descriptor found 45 of them first, and most of the rest are the cropped ones its cropped view finds.
 Each proposed pair is then judged as pictures by the similarity of their spectra (data/looks.py), whole
 and cropped: a pair is a copy when it reaches COPY_SIM. On the 20,120 images of FMNIST-TL with 60
-planted copies, 0.97 kept 53 of them and 86 other pairs, most of them different garments photographed
-alike (FMNIST is full of lookalikes); 0.96 kept 57 and 516 others (docs/inspect.md).
+planted copies, among the candidate pairs 0.975 kept 52 of them and 36 other pairs, most of them
+different garments photographed alike (FMNIST is full of lookalikes); 0.97 kept 53 and 86 others, 0.96
+57 and 516 (docs/inspect.md). Requiring a feature similarity as well only lost copies.
 
 Rows: a leak's `path` is the validation or test image and its `partner` the train image it copies;
 a near duplicate's `path` is the later file of the pair (train before val before test, then by
