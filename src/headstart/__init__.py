@@ -22,15 +22,18 @@ _EXPORTS = {
     "report": "reports.html",
     "FineTuneSettings": "settings", "Runtime": "settings", "TrainConfig": "settings",
     "extract_features": "runs.extract",
+    "inspect": "inspection",
 }
 
 __all__ = ["__version__", "train", "resume", "load", "evaluate", "report", "extract_features", "explain_files",
-           "Model", "Ensemble", "get_backbone", "list_backbones", "Runtime", "FineTuneSettings", "TrainConfig"]
+           "inspect", "Model", "Ensemble", "get_backbone", "list_backbones", "Runtime", "FineTuneSettings",
+           "TrainConfig"]
 
 if typing.TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
     from headstart.nets.registry import get_backbone, list_backbones
     from headstart.models.bundle import Ensemble, Model, load
     from headstart.runs.explain import explain_files
+    from headstart.inspection import inspect
     from headstart.runs.extract import extract_features
     from headstart.runs.predict import evaluate
     from headstart.reports.html import report

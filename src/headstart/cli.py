@@ -155,6 +155,37 @@ def get_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted fine-tuning run RUN from its last checkpoint, with the settings "
                         "it was started with (default: start a new run)")
 
+    # Acting on `headstart inspect` (data/issues.py), and the check on the run's features (runs/datacheck.py).
+    ex = t.add_argument_group("data issues (headstart inspect)")
+    ex.add_argument("--exclude", metavar="ISSUES_CSV", default=None,
+                    help="leave out the files an issues.csv of `headstart inspect` lists (DATA is not touched); "
+                         "the run records them in config.json and its report (default: none left out)")
+    ex.add_argument("--exclude-kinds", metavar="KINDS", default=None,
+                    help="with --exclude, only rows of these kinds, comma-separated, e.g. label,leak (default: "
+                         "every kind)")
+    ex.add_argument("--no-data-check", dest="data_check", action="store_false", default=True,
+                    help="skip the check for likely label errors and train/test leaks on the run's features")
+
+    ins = sub.add_parser("inspect", help="find wrong labels, leaks, near duplicates, strays and odd images in an "
+                                         "image folder (writes issues.csv, summary.json, inspect.html)")
+    ins.add_argument("data", help="an image folder as for train, or the CSV's folder with --labels")
+    ins.add_argument("--labels", help="CSV of path,label[,split] (paths relative to the CSV; default: the class "
+                                      "folders of DATA)")
+    ins.add_argument("--out", default=None, help="folder for the findings (default inspections/<DATA name>)")
+    ins.add_argument("--backbone", default=None, help="see `headstart backbones` (default mobilenet_v2)")
+    ins.add_argument("--weights", default=None,
+                     help="'imagenet' (default: search the usual places), 'none' (random init), or a file")
+    ins.add_argument("--image-size", type=_size, default="auto",
+                     help="crop size in pixels; 'auto' (default) is train's, so the features cached are shared")
+    ins.add_argument("--folds", type=int, default=5,
+                     help="K of the K-fold head fits whose out-of-fold probabilities judge the labels (default 5)")
+    ins.add_argument("--val-fraction", type=float, default=0.1, help="as for train: the splits the findings name (default 0.1)")
+    ins.add_argument("--test-fraction", type=float, default=0.1, help="as for train (default 0.1)")
+    ins.add_argument("--seed", type=int, default=0, help="seed of the folds and of anything random in the checks, "
+                     "as for train (default: 0)")
+    ins.add_argument("--json", action="store_true", help="print summary.json")
+    _engine_args(ins, workers=True)
+
     xt = sub.add_parser("extract", help="only fill the feature cache (for large jobs; runs under torchrun too)")
     xt.add_argument("data", help="an image folder as for train, or the CSV's folder with --labels")
     xt.add_argument("--labels", help=_LABELS_HELP)
@@ -340,6 +371,24 @@ def cmd_train(a) -> int:
     settings = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__
                 if k not in ("data", "finetune", "finetune_given", "resume")}
     return _print_run(train(data, finetune=finetune, **settings), a.json)
+
+
+def cmd_inspect(a) -> int:
+    from headstart.inspection import inspect
+
+    data = a.data or os.path.dirname(os.path.abspath(a.labels))
+    found = inspect(data, labels=a.labels, out=a.out, backbone=a.backbone, weights=a.weights,
+                    image_size=a.image_size, folds=a.folds, val_fraction=a.val_fraction,
+                    test_fraction=a.test_fraction, seed=a.seed, runtime=_runtime(a))
+    if a.json:
+        print(json.dumps(found.summary, indent=2))
+        return 0
+    counts = found.summary["counts"]
+    print("\n".join(f"{kind:>18}: {n}" for kind, n in counts.items()) or "no issues found")
+    print(f"\n{found.out / 'issues.csv'}\n{found.out / 'inspect.html'}")
+    print(f"train without them: headstart train {data} --exclude {found.out / 'issues.csv'} "
+          "[--exclude-kinds label,leak]")
+    return 0
 
 
 def cmd_extract(a) -> int:
@@ -529,7 +578,7 @@ def cmd_export(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "extract": cmd_extract, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "extract": cmd_extract, "compare": cmd_compare, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "serve": cmd_serve, "report": cmd_report, "backbones": cmd_backbones, "cache": cmd_cache, "datasets": cmd_datasets,
             "export": cmd_export}
 

@@ -274,6 +274,11 @@ class TrainConfig:
     tta: str = "auto"  # test-time views (TTAS); "auto": flips when they pay on validation (auto.choose_tta)
     # --strategy ensemble (and auto when it trains one): epochs of the scratch member; None: ENSEMBLE's
     scratch_epochs: int | None = None
+    # `headstart inspect`'s issues.csv: its files are left out of the run (data/issues.py); exclude_kinds, comma
+    # separated, keeps to those kinds of finding (None: every kind in the file)
+    exclude: str | None = None
+    exclude_kinds: str | None = None
+    data_check: bool = True  # look for likely label errors and train/test leaks in the run's features (runs/datacheck.py)
     # The fine-tuning settings the caller set (before defaults filled the rest in): not a setting, not saved.
     finetune_given: tuple = field(default=(), repr=False, compare=False)
 
@@ -306,6 +311,10 @@ class TrainConfig:
                                  "leave no training images; their sum must be below 1.")
         given = self.finetune.to_dict() if isinstance(self.finetune, FineTuneSettings) else dict(self.finetune or {})
         self.finetune_given = tuple(sorted(given))
+        if self.exclude_kinds and not self.exclude:
+            raise HeadstartError("--exclude-kinds chooses rows of an issues.csv: pass the file with --exclude too.")
+        if self.exclude is not None:
+            self.exclude = os.fspath(self.exclude)
         if self.cv is not None and not LIMITS["cv"].accepts(self.cv):
             raise HeadstartError(f"--cv {self.cv}: K-fold cross-validation needs 2 <= K (and no more folds than "
                                  "train + validation images); pass --cv 2 or more.")

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from headstart.errors import HeadstartError
 from headstart.fileio import write_text
-from headstart.reports.markdown import run_summary, write_run_report
+from headstart.reports.markdown import data_issue_sections, run_summary, write_run_report
 from headstart.reports.tables import macro_f1_text, score_cells
 
 THUMB = 96  # pixels, the longer side of a worst-error thumbnail: 16 of them stay under ~150 KB
@@ -183,6 +183,10 @@ def render_html(s: dict, run_dir: Path) -> str:
                     f"of byte-identical files ({copies['files']} files) sit in more than one split ({esc(kinds)}). "
                     f"Copies across train and test inflate every number below. For example:</p><ul>{examples}</ul>"
                     "</div>")
+    for section in data_issue_sections(s):  # the data check's warnings, the files --exclude left out
+        title, _, text = section.partition("\n\n")
+        body.append(f'<div class="warn"><h2>{esc(title.lstrip("# "))}</h2><pre style="white-space:pre-wrap">'
+                    f"{esc(text)}</pre></div>")
     body.append('<h2 id="test">Test split</h2>')
     if s["test"]:
         body += _test_sections(s["test"])

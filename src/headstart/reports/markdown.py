@@ -74,6 +74,8 @@ def run_summary(*, name: str, config: dict, metrics: dict, skipped: list[dict], 
         "plots": [(f, PLOTS[f]) for f in PLOTS if f in files],
         "predictions": "test_predictions.csv" if "test_predictions.csv" in files else None,
         "skipped": skipped,
+        "excluded": data.get("excluded"),  # --exclude: the files an issues.csv had left out, and why
+        "data_check": metrics.get("data_check"),  # runs/datacheck.py: likely label errors and leaks
     }
 
 
@@ -115,6 +117,7 @@ def render_markdown(s: dict) -> str:
         parts.append(f"## Warning: the same file in two splits\n\n{copies['groups']} groups of byte-identical "
                      f"files ({copies['files']} files) sit in more than one split ({kinds}). Copies across train "
                      f"and test inflate every number below. For example:\n\n{examples}")
+    parts += data_issue_sections(s)
     if s["test"]:
         parts.append("## Test split")
         parts += markdown_sections(s["test"], level=3)
@@ -131,6 +134,32 @@ def render_markdown(s: dict) -> str:
     else:
         parts.append("## Skipped files\n\nNone: every file found was used.")
     return "\n\n".join(parts) + "\n"
+
+
+def data_issue_sections(s: dict) -> list[str]:
+    """The data check's warnings and the files --exclude left out, as Markdown sections (plain text in HTML)."""
+    parts = []
+    check = s.get("data_check")
+    if check and (check["many_label_errors"] or check["leaks"]):
+        lines = []
+        if check["many_label_errors"]:
+            lines.append(f"{check['likely_label_errors']} training and validation images "
+                         f"({100 * check['share']:.1f}%) look mislabelled to their nearest neighbours.")
+        if check["leaks"]:
+            ex = check["leak_examples"][0]
+            lines.append(f"{check['leaks']} validation or test images have a near copy in train (e.g. "
+                         f"`{ex['image']}` = `{ex['train_copy']}`): the test score is inflated.")
+        parts.append("## Warning: data issues\n\n" + " ".join(lines) + f" `{check['command']}` lists them; "
+                     "`train --exclude ISSUES_CSV` leaves them out.")
+    excluded = s.get("excluded")
+    if excluded:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(excluded["by_kind"].items())) or "none matched"
+        listed = "\n".join(f"- `{f['path']}` ({f['split']}): {', '.join(f['kinds'])}" for f in excluded["files"][:50])
+        more = f"\n- ... {excluded['n_files'] - 50} more in config.json" if excluded["n_files"] > 50 else ""
+        parts.append(f"## Left out (--exclude)\n\n{excluded['n_files']} files listed in `{excluded['file']}` "
+                     f"(kinds: {excluded['kinds'] if isinstance(excluded['kinds'], str) else ', '.join(excluded['kinds'])}"
+                     f") were left out of this run ({kinds}); the data folder is unchanged.\n\n{listed}{more}")
+    return parts
 
 
 def _ensemble_section(e: dict) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from headstart.data.folders import ImageData, load_data
 from headstart.data.images import is_image_name
 from headstart.distributed import SAME_ON_EVERY_RANK
 from headstart.engines.rule import choose_engine, make_engine
+from headstart.data.issues import exclusions, parse_kinds, read_issues
 from headstart.engines.features import FeatureCache, extract, image_key, make_namespace
 from headstart.engines.quantize import Int8Source, calibration_from
 from headstart.errors import DataError, HeadstartError
@@ -112,7 +113,10 @@ def load_run_data(cfg: TrainConfig, cache_root: Path | None = None) -> tuple[Ima
     File digests (copies across splits) are kept in `cache_root` for the next run."""
     data, bad_rows = load_data(cfg.data, labels=cfg.labels, val_fraction=cfg.val_fraction,
                                test_fraction=cfg.test_fraction)
+    data, excluded = leave_out(cfg, data)
     summary = data.summary()
+    if excluded is not None:
+        summary["excluded"] = excluded
     log.info("data %s: %s in %s (train %d, val %d, test %d)", data.root, count(summary["n_images"], "image"),
              count(len(data.classes), "class"), summary["splits"]["train"], summary["splits"]["val"],
              summary["splits"]["test"])
@@ -126,6 +130,34 @@ def load_run_data(cfg: TrainConfig, cache_root: Path | None = None) -> tuple[Ima
         raise DataError(f"{data.root} has a single class ({data.classes[0]}); a classifier needs at least two "
                         "class folders.")
     return data, bad_rows, summary
+
+
+def leave_out(cfg: TrainConfig, data: ImageData) -> tuple[ImageData, dict | None]:
+    """--exclude: `data` without the files an issues.csv lists (of --exclude-kinds, else every kind), and what
+    was left out and why, for config.json and the report. The files themselves are not touched."""
+    if not cfg.exclude:
+        return data, None
+    rows = read_issues(cfg.exclude)
+    kinds = parse_kinds(cfg.exclude_kinds)
+    base = os.path.dirname(data.root) if data.layout == "csv" else data.root  # issues.csv's paths start there
+    listed = exclusions(rows, base, kinds)
+    keep, gone = [], []
+    for s in data.samples:
+        (gone if os.path.normpath(s.path) in listed else keep).append(s)
+    by_kind: dict[str, int] = {}
+    for s in gone:
+        for k in listed[os.path.normpath(s.path)]:
+            by_kind[k] = by_kind.get(k, 0) + 1
+    record = {"file": os.path.abspath(cfg.exclude), "kinds": kinds or "all", "n_files": len(gone), "by_kind": by_kind,
+              "not_in_data": len(listed) - len(gone),
+              "files": [{"path": os.path.relpath(s.path, base), "split": s.split,
+                         "kinds": listed[os.path.normpath(s.path)]} for s in gone]}
+    log.info("--exclude: %s of %s left out (%s); DATA is unchanged", count(len(gone), "file"), cfg.exclude,
+             ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items())) or "none matched")
+    if record["not_in_data"]:
+        log.warning("--exclude: %d files listed in %s are not among the data's images (another folder inspected, "
+                    "or files since removed); they are ignored.", record["not_in_data"], cfg.exclude)
+    return replace(data, samples=keep), record
 
 
 def choose_image_size(cfg: TrainConfig, entry, data: ImageData) -> tuple[int, str]:

@@ -45,6 +45,7 @@ from headstart.models.model import features_of
 from headstart.reports.metrics import compute_metrics
 from headstart.runs import rundir
 from headstart.data.folders import check_input
+from headstart.runs.datacheck import check_data
 from headstart.runs.context import Place, RunContext, load_run_data, prepare, resolve_backbone, world_check
 from headstart.runs.outputs import RunOutputs, TestScores, splits_csv, write_outputs
 from headstart.settings import Runtime, TrainConfig
@@ -135,6 +136,7 @@ def _train(cfg: TrainConfig, entry, place: Place, member: bool = False) -> Run:
         return _train_members(cfg, plan, loaded[0], place, t_start)
     ctx = prepare(cfg, entry, place, loaded)
     memory.note("features extracted")
+    data_check = check_data(ctx) if cfg.data_check else None  # likely label errors and leaks (runs/datacheck.py)
     fitted = strategy.fit(ctx)
     for cb in ctx.epoch_logs:
         getattr(cb, "close", lambda: None)()  # TensorBoard's writer, before the run directory is renamed
@@ -146,6 +148,7 @@ def _train(cfg: TrainConfig, entry, place: Place, member: bool = False) -> Run:
     test = score_test_split(bundle, cfg, ctx.feats, fitted.cols)
     memory.note("test split scored")
     metrics = run_metrics(ctx, fitted, test, time.perf_counter() - t_start)
+    metrics["data_check"] = data_check
     resolved = resolved_config(ctx, fitted)
     resolved.update(resolved_tta=bundle.tta, tta_decision=tta_decision)  # what --tta became, and why
     if plan is not None and resolved["strategy_decision"] is not None:  # auto: why no ensemble
