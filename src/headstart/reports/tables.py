@@ -13,6 +13,8 @@ from headstart.fileio import write_text
 
 # Keeps the confusion matrix of a 10-class report inside a 120-column terminal.
 REPORT_WIDTH = 120
+# A class with no test images has no recall and no F1 (scikit-learn's zero_division makes them 0): its row says so.
+NO_TEST_IMAGES = "no test images"
 
 
 
@@ -54,6 +56,9 @@ def _format_per_class(per_class: list[dict]) -> str:
     name_w = max(len("class"), *(len(row["class"]) for row in per_class))
     lines = [f"{'class':<{name_w}}  precision  recall      f1  support"]
     for row in per_class:
+        if not row["support"]:
+            lines.append(f"{row['class']:<{name_w}}  {NO_TEST_IMAGES:<25}  {0:7d}")
+            continue
         lines.append(
             f"{row['class']:<{name_w}}  {row['precision']:9.4f}  {row['recall']:6.4f}"
             f"  {row['f1']:6.4f}  {row['support']:7d}"
@@ -111,6 +116,7 @@ def _markdown_summary(metrics: dict) -> str:
 def _markdown_per_class(metrics: dict) -> str:
     rows = [
         [r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
+        if r["support"] else [r["class"], NO_TEST_IMAGES, "-", "-", 0]
         for r in metrics["per_class"]
     ]
     header = ["class", "precision", "recall", "F1", "support"]
