@@ -162,7 +162,11 @@ def extraction(models, sizes, seconds: float, repeats: int, peaks: Peaks, work: 
 
 def against_peak(rows: list[dict], peaks: Peaks) -> list[dict]:
     """Each row's GFLOP/s as a fraction of the peak of its own precision (measured again first, the best
-    kept: the machine may have got quieter since the first measurement)."""
+    kept: the machine may have got quieter since the first measurement).
+
+    The fraction is reported as measured, never clipped: on two shared cores an engine timed in a quiet
+    moment can beat GEMMs timed in a busy one (415 GFLOP/s against the peak of one short run on the
+    AVX-512 bf16 kind), and the report then says so (`markdown`) instead of a test failing on the race."""
     peaks.update(sorted({r["precision"] for r in rows}))
     for r in rows:
         r["fraction_of_peak"] = round(r["gflops"] / peaks.peak(r["precision"]), 3)
@@ -584,9 +588,10 @@ def markdown(r: dict) -> str:
     for row in r.get("extraction", []):
         engine = "plain PyTorch (baseline)" if row["engine"] == "baseline" else row["engine"]
         note = ""
+        above = " (above the GEMMs' best in this run)" if row["fraction_of_peak"] > 1 else ""
         lines.append(f"| {row['model']} | {row['size']} | {engine} | {row['precision']}{note} | "
                      f"{row['images_per_second']:.1f} | {row['vs_baseline']:.2f} | {row['gflops']:.0f} | "
-                     f"{row['fraction_of_peak']:.0%} |")
+                     f"{row['fraction_of_peak']:.0%}{above} |")
     if r.get("end_to_end"):
         e = r["end_to_end"]
         lines += ["", f"End to end, median of {r.get('e2e_repeats', r['repeats'])} in alternating order, each a "

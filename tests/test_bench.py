@@ -37,32 +37,44 @@ def test_theoretical_flops_per_cycle():
     assert theoretical("fp32") >= 0
 
 
-@pytest.mark.slow
-def test_reported_peak_is_above_every_engine_in_a_short_run(tmp_path):
-    """ResNet-50 at 96 px is where the engines came closest to the GEMMs (101-106% of one torch.mm):
-    the peak the bench reports for fp32 stays above every engine's rate measured in the same run."""
-    from benchmarks import run
-    from benchmarks.baselines import plain
-    from headstart.nets.registry import get_backbone
-    from headstart.engines.rule import installed
-    from headstart.nets.weights import load_backbone
+def test_engine_rows_are_set_against_the_best_gemm_measured_before_and_after_them(monkeypatch):
+    """`make bench` times the GEMMs before and after its engine rows and sets each row against the best of all
+    of them, or the theoretical figure when that is higher. The GEMM timings are scripted here: what is checked
+    is that bookkeeping, never a race between an engine's timing and a GEMM's (on the AVX-512 bf16 kind an
+    engine timed at 415 GFLOP/s in a quiet moment beat GEMMs timed in a busy one, and the test failed)."""
+    from benchmarks import peak, run
 
-    model, _ = load_backbone(get_backbone("resnet50"), "none", seed=0)
-    flops = run.flops_per_image(model, 96)
-    # 0.25 s per GEMM: a shorter timing can only lower the measured best, which makes this check stricter.
-    peaks = Peaks(seconds=0.25).update(["fp32"])
-    rows = []
-    for engine in ("torch", "onnxruntime", "openvino"):
-        if installed(engine):
-            rate = run.engine_throughput(model, 96, engine, "fp32", 1.0, tmp_path / "engines")
-            rows.append({"engine": engine, "precision": "fp32", "gflops": rate * flops / 1e9})
-    base = plain.feature_model("resnet50", weights=None)
-    rows.append({"engine": "baseline", "precision": "fp32",
-                 "gflops": plain.network_throughput(base, 96, 1.0) * flops / 1e9})
-    rows = run.against_peak(rows, peaks)  # measures the GEMMs again after the engines, as `make bench` does
-    reported = json.loads(json.dumps(peaks.to_dict()))["fp32"]["gflops"]
-    assert all(r["gflops"] <= reported * 1.001 for r in rows), (rows, peaks.to_dict())
-    assert all(r["fraction_of_peak"] <= 1.0 for r in rows), rows
+    rates = iter([100.0, 90.0, 130.0, 120.0])  # GFLOP/s of GEMMs a, b; then a, b again after the engines
+    monkeypatch.setattr(peak, "gemms", lambda precision, smoke=False: {"a": (None, 1.0), "b": (None, 1.0)})
+    monkeypatch.setattr(peak, "_rate", lambda fn, flops, seconds: next(rates))
+    monkeypatch.setattr(peak, "theoretical", lambda precision: 110.0)
+    peaks = Peaks().update(["fp32"])
+    assert (peaks.measured["fp32"], peaks.peak("fp32")) == (100.0, 110.0)  # the theoretical figure was higher
+    rows = run.against_peak([{"precision": "fp32", "gflops": 125.0}, {"precision": "fp32", "gflops": 65.0}], peaks)
+    assert (peaks.measured["fp32"], peaks.best_of["fp32"], peaks.peak("fp32")) == (130.0, "a", 130.0)
+    assert [r["fraction_of_peak"] for r in rows] == [0.962, 0.5]
+    assert peaks.to_dict()["fp32"] == {"gflops": 130.0, "measured": 130.0, "best_of": "a",
+                                       "theoretical_nominal": 110.0}
+
+
+def test_an_engine_above_the_peak_is_reported_as_measured_and_said_so(monkeypatch):
+    """A row faster than every GEMM of its run is neither clipped nor a failure: the table says so."""
+    from benchmarks import peak, run
+
+    monkeypatch.setattr(peak, "theoretical", lambda precision: 0.0)  # the clock unknown: the GEMMs' best alone
+    peaks = Peaks(measured={"fp32": 100.0}, best_of={"fp32": "numpy 2048"})
+    peaks.update = lambda precisions=(): peaks  # no GEMM timed again here
+    row = {"model": "resnet50", "size": 96, "engine": "openvino", "precision": "fp32", "images_per_second": 50.0,
+           "vs_baseline": 1.5, "gflops": 104.0}
+    [row] = run.against_peak([row], peaks)
+    assert row["fraction_of_peak"] == 1.04
+    report = run.markdown({"date": "2026-12-07", "repeats": 3, "extraction": [row], "machine": {
+        "cpu": "test", "cores": 2, "avx512": True, "native_bf16": True}})
+    assert "| 104 | 104% (above the GEMMs' best in this run) |" in report
+    row["gflops"], row["fraction_of_peak"] = 96.0, 0.96
+    report = run.markdown({"date": "2026-12-07", "repeats": 3, "extraction": [row], "machine": {
+        "cpu": "test", "cores": 2, "avx512": True, "native_bf16": True}})
+    assert "| 96 | 96% |" in report
 
 
 def test_finetune_bf16_is_recorded_as_not_measured_without_native_bf16(fake_cpu, tmp_path, monkeypatch):

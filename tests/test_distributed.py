@@ -249,12 +249,14 @@ def test_two_nodes_fine_tune_as_one_process_and_resume_after_a_rank_dies(feature
     one = one_process([*args, "--cache-dir", str(work / "cache1"), "--out", str(work / "ft1")], work / "ft-one")
     # Rank 1 is killed once epoch 1 is done: rank 0 has written the checkpoint, and stops at the next all-reduce.
     run = str(work / "ft2")
-    procs, times = two_nodes([*args, "--cache-dir", str(work / "cache2"), "--out", run], work / "ft-killed",
-                             HEADSTART_FAULT="epoch:1@1")
+    # No hang: two_nodes fails the test when the job is not over within TIMEOUT (240 s), and the collective timeout
+    # is set far above that, so rank 0 stopped because gloo saw rank 1's sockets close, not because time ran out.
+    # (The gap between the two exit times was asserted instead: a race between two timings on two busy cores.)
+    procs, _ = two_nodes([*args, "--cache-dir", str(work / "cache2"), "--out", run], work / "ft-killed",
+                         HEADSTART_FAULT="epoch:1@1", HEADSTART_DIST_TIMEOUT=str(10 * TIMEOUT))
     err = (work / "ft-killed" / "err0.txt").read_text()
     assert procs[0].returncode != 0 and procs[1].returncode != 0
     assert "another rank stopped or could not be reached during fine-tuning" in err, err[-3000:]
-    assert times[0] - times[1] < 60  # rank 0 stops soon after rank 1 died: no hang
     assert "world size 2" in err
     procs, _ = two_nodes(["train", "--resume", run], work / "ft-resumed")
     err = (work / "ft-resumed" / "err0.txt").read_text()
@@ -275,10 +277,11 @@ def test_a_dead_rank_stops_extraction_with_a_clear_message_and_its_chunks_are_re
 
     work, _, _ = feature_extraction_runs
     cache = work / "cache3"
-    procs, times = two_nodes(["train", str(work / "fmnist"), "--strategy", "feature-extraction", "--cache-dir",
-                              str(cache), "--out", str(work / "fe3")], work / "killed", HEADSTART_FAULT="chunk:1@1")
+    # No hang: over within TIMEOUT, far below the collective timeout (as in the fine-tuning test above).
+    procs, _ = two_nodes(["train", str(work / "fmnist"), "--strategy", "feature-extraction", "--cache-dir",
+                          str(cache), "--out", str(work / "fe3")], work / "killed", HEADSTART_FAULT="chunk:1@1",
+                         HEADSTART_DIST_TIMEOUT=str(10 * TIMEOUT))
     assert procs[1].returncode != 0 and procs[0].returncode != 0  # torchrun exits 1 when its worker failed
-    assert times[0] - times[1] < 60
     err = (work / "killed" / "err0.txt").read_text()
     assert "headstart: error: rank 0 of 2: another rank stopped or could not be reached during feature " \
            "extraction" in err, err[-3000:]

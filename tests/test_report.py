@@ -2,7 +2,8 @@
 them byte for byte, and that headless Chromium renders them with no error and no request but the file itself.
 
 One real run (Fashion-MNIST tiny, 32 px, MLP head so it has a training curve) on a copy of the data in which one
-class is named with a `<script>` tag and another with bytes that are not UTF-8, plus two unusable files.
+class is named with a `<script>` tag and another with bytes that are not UTF-8, one class has no test images, plus
+two unusable files.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import headstart
@@ -25,6 +28,7 @@ CHROMIUM = "/usr/bin/chromium"
 SCRIPT_CLASS = "Bag<script>alert(1)"
 LATIN1_CLASS = os.fsdecode(b"Sandal-caf\xe9")  # not UTF-8: arrives with a surrogate
 BROKEN = os.fsdecode(b"broken-\xff.png")
+NO_TEST = "Trouser"  # its test folder removed: a class the test split says nothing about
 
 
 def shown(name: str) -> str:
@@ -42,6 +46,7 @@ def run(fmnist_tiny, tmp_path_factory, one_torch_thread) -> Path:
         os.rename(data / split / "Sandal", data / split / LATIN1_CLASS)
     (data / "test" / "Coat" / BROKEN).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     (data / "train" / "Shirt" / "notes.png").write_text("not an image\n")
+    shutil.rmtree(data / "test" / NO_TEST)
     return headstart.train(data, strategy="feature-extraction", head="mlp", image_size=32, workers=0,
                            out=base / "run", cache_dir=base / "cache").run_dir
 
@@ -59,7 +64,8 @@ def test_report_html_holds_the_run(run):
         assert fact in page, fact
     low, high = test["accuracy_ci95"]
     assert f"{test['accuracy']:.4f} (95% interval {low:.4f} - {high:.4f})" in page
-    for row in test["per_class"]:  # the per-class table, every class
+    for row in (r for r in test["per_class"] if r["support"]):  # the per-class table; the class without test
+        # images has its own test below
         assert (f"<td>{shown(row['class'])}</td><td class=\"n\">{row['precision']:.4f}</td>"
                 f"<td class=\"n\">{row['recall']:.4f}</td>") in page, row["class"]
     cm = re.search(r'<table class="cm">(.*?)</table>', page, re.S).group(1)
@@ -69,8 +75,89 @@ def test_report_html_holds_the_run(run):
     assert '<a href="test_predictions.csv">' in page
 
 
+def test_report_says_when_how_and_by_which_code_the_run_was_made(run):
+    from datetime import datetime
+
+    config = json.loads((run / "config.json").read_text())
+    started = datetime.fromisoformat(config["started"])
+    assert started.tzinfo is not None and started <= datetime.now().astimezone()
+    # The commit of this checkout, asked of git here rather than of headstart; None from an installed wheel.
+    src = Path(headstart.__file__).parent
+    head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
+    tracked = subprocess.run(["git", "-C", str(src), "ls-files", "--error-unmatch", "__init__.py"],
+                             capture_output=True).returncode == 0
+    commit = config["versions"]["headstart_commit"]
+    if head.returncode == 0 and tracked:
+        assert commit in (head.stdout.strip(), head.stdout.strip() + " + changes")
+    else:
+        assert commit is None
+    page = (run / "report.html").read_text(encoding="utf-8")
+    md = (run / "report.md").read_text(encoding="utf-8", errors="surrogateescape")
+    assert f"<th>date</th><td>{config['started'].replace('T', ' ')} (when the run started)</td>" in page
+    assert f"| date | {config['started'].replace('T', ' ')} (when the run started) |" in md
+    version = f"version {headstart.__version__}, commit {commit.split(' ')[0] if commit else 'none'}"
+    assert version in page and version in md
+    assert "headstart.train() from Python, in the process" in md  # trained through the API, in pytest's process
+
+
+def test_an_older_run_says_what_it_did_not_record(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    del config["started"], config["versions"]["headstart_commit"]
+    config["command"] = ["/venv/bin/headstart", "train", "my photos", "--strategy", "feature-extraction"]
+    (copy / "config.json").write_text(json.dumps(config))
+    headstart.report(copy)
+    md = (copy / "report.md").read_text(encoding="utf-8", errors="surrogateescape")
+    assert "| date | not recorded (a run from before headstart recorded it) |" in md
+    assert "commit not recorded (a run from before headstart recorded it)" in md
+    assert "| command | headstart train 'my photos' --strategy feature-extraction |" in md
+
+
+def test_report_counts_the_images_of_every_class_in_every_split(run):
+    used: dict[str, dict[str, int]] = {}
+    with open(run / "splits.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        for r in csv.DictReader(f):
+            used.setdefault(r["class"], {"train": 0, "val": 0, "test": 0})[r["split"]] += r["status"] == "ok"
+    found = json.loads((run / "config.json").read_text())["data_summary"]["per_class"]
+    assert used[NO_TEST]["test"] == 0 and sum(used["Shirt"].values()) == sum(found["Shirt"].values()) - 1  # notes.png
+    page = (run / "report.html").read_text(encoding="utf-8")
+    md = (run / "report.md").read_text(encoding="utf-8", errors="surrogateescape")
+    table = re.search(r'<h3 id="images">Images per class</h3><table[^>]*>(.*?)</table>', page, re.S).group(1)
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+    expected = [[shown(c), *(str(n[k]) if n[k] == found[c][k] else f"{n[k]} of {found[c][k]}"
+                             for k in ("train", "val", "test"))] for c, n in used.items()]
+    assert sorted(rows) == sorted(expected)
+    assert f"| {NO_TEST} | {used[NO_TEST]['train']} | {used[NO_TEST]['val']} | 0 |" in md
+    assert f"No test images: {NO_TEST} (the test scores say nothing about them)." in md
+    assert f"<p>No test images: {NO_TEST} (the test scores say nothing about them).</p>" in page
+
+
+def test_a_class_without_test_images_reads_no_test_images_not_zeros(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    row = next(r for r in metrics["test"]["per_class"] if r["class"] == NO_TEST)
+    assert row["support"] == 0
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert f'<tr><td>{NO_TEST}</td><td class="none" colspan="3">no test images</td><td class="n">0</td></tr>' in page
+    md = (run / "report.md").read_text(encoding="utf-8", errors="surrogateescape")
+    assert f"| {NO_TEST} | no test images | - | - | 0 |" in md
+    text = (run / "report.txt").read_text(encoding="utf-8", errors="surrogateescape")
+    line = next(line for line in text.splitlines() if line.startswith(NO_TEST + " "))
+    assert "no test images" in line and "0.0000" not in line
+
+
+def test_shown_path_is_relative_to_the_data_folder_only_inside_it():
+    from headstart.reports.plots import shown_path
+
+    assert shown_path("/d/photos/cats/IMG_1056.jpg", "/d/photos") == os.path.join("cats", "IMG_1056.jpg")
+    assert shown_path("/d/photos2/IMG_1056.jpg", "/d/photos") == "/d/photos2/IMG_1056.jpg"  # a sibling, not inside
+    assert shown_path("/elsewhere/IMG_1056.jpg", "/d/photos") == "/elsewhere/IMG_1056.jpg"  # a labels CSV's image
+    assert shown_path("/d/photos/IMG_1056.jpg", None) == "/d/photos/IMG_1056.jpg"
+
+
 def test_report_shows_the_worst_errors_as_thumbnails_with_their_file_names(run):
     page = (run / "report.html").read_text(encoding="utf-8")
+    root = json.loads((run / "config.json").read_text())["data_summary"]["root"]
     with open(run / "test_predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
         wrong = [r for r in csv.DictReader(f) if r["correct"] == "0"]
     assert wrong, "the tiny run made no mistake to show"
@@ -79,9 +166,52 @@ def test_report_shows_the_worst_errors_as_thumbnails_with_their_file_names(run):
     assert len(figures) == min(16, len(wrong))
     assert f"{len(figures)} of the {len(wrong)} wrong predictions" in page
     for fig, r in zip(figures, wrong):
-        assert f"<b>{shown(Path(r['path']).name)}</b>" in fig
-        assert f"true: {shown(r['true'])}<br>predicted: {shown(r['predicted'])}" in fig
+        assert f"<b>{shown(os.path.relpath(r['path'], root))}</b>" in fig
+        assert (f"true: {shown(r['true'])}<br>predicted: {shown(r['predicted'])} "
+                f'<span class="p">(p={float(r["probability"]):.2f})</span>') in fig
         assert re.search(r'<img alt="[^"]+" src="data:image/png;base64,[A-Za-z0-9+/=]+">', fig)
+
+
+def test_one_file_name_in_four_folders_is_four_captions(run, tmp_path):
+    """The four most confident mistakes made IMG_1056.png, each in another class folder: each caption names its
+    folder, in the page and in worst_errors.png's titles."""
+    from headstart.data.images import load_image
+    from headstart.reports.html import write_reports
+    from headstart.reports.plots import plot_worst_errors
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    text = (copy / "test_predictions.csv").read_text(encoding="utf-8", errors="surrogateescape")
+    rows = list(csv.DictReader(text.splitlines()))
+    worst = sorted((r for r in rows if r["correct"] == "0"), key=lambda r: -float(r["probability"]))[:4]
+    assert len(worst) == 4, "the tiny run made fewer than four mistakes"
+    data = tmp_path / "data"
+    renamed = []
+    for i, r in enumerate(worst):
+        new = data / f"folder{i}" / "IMG_1056.png"
+        new.parent.mkdir(parents=True)
+        shutil.copyfile(r["path"], new)
+        text = text.replace(r["path"], str(new))
+        renamed.append(new)
+    (copy / "test_predictions.csv").write_bytes(text.encode("utf-8", "surrogateescape"))
+    config = json.loads((copy / "config.json").read_text())
+    config["data_summary"]["root"] = str(data)
+    (copy / "config.json").write_text(json.dumps(config))
+    write_reports(copy)
+    captions = re.findall(r"<figcaption><b>(.*?)</b>", (copy / "report.html").read_text(encoding="utf-8"))
+    assert captions[:4] == [f"folder{i}{os.sep}IMG_1056.png" for i in range(4)]
+
+    titles = []  # the PNG's: the titles matplotlib drew, caught on their way into the figure
+    from matplotlib.axes import Axes
+
+    real = Axes.set_title
+    try:
+        Axes.set_title = lambda self, label, *a, **kw: (titles.append(label), real(self, label, *a, **kw))[1]
+        plot_worst_errors(renamed, [0, 0, 0, 0], np.tile([0.1, 0.9], (4, 1)), ["a", "b"], tmp_path / "w.png",
+                          load_image, root=data)
+    finally:
+        Axes.set_title = real
+    assert [t.splitlines()[0] for t in titles] == [f"folder{i}{os.sep}IMG_1056.png" for i in range(4)]
 
 
 def test_user_strings_are_escaped_and_skipped_files_listed_with_reasons(run):
@@ -121,7 +251,7 @@ def test_an_image_gone_since_the_run_is_still_listed(run, tmp_path):
     (copy / "test_predictions.csv").write_bytes(text.replace(worst["path"], gone).encode("utf-8", "surrogateescape"))
     write_reports(copy)
     figure = re.search(r"<figure>(.*?)</figure>", (copy / "report.html").read_text(encoding="utf-8"), re.S).group(1)
-    assert "not readable now" in figure and "<b>moved-away.png</b>" in figure
+    assert "not readable now" in figure and f"<b>{shown(gone)}</b>" in figure  # outside the data folder: all of it
 
 
 def test_a_run_without_a_test_split_says_so(run, tmp_path):
@@ -186,6 +316,12 @@ def test_the_pages_render_offline_in_headless_chromium(run, compare_dir):
                 page.goto(path.as_uri(), wait_until="load")
                 images = page.evaluate("Array.from(document.images, i => [i.alt, i.complete, i.naturalWidth])")
                 assert images and all(done and width > 0 for _, done, width in images), images
+                # Probabilities (and the command's words) are laid out on one line each: none wraps mid-number.
+                lines = page.evaluate("Array.from(document.querySelectorAll('.p'), "
+                                      "e => [e.textContent, e.getClientRects().length])")
+                assert all(n == 1 for _, n in lines), [t for t, n in lines if n != 1]
+                if path.name == "report.html":
+                    assert any(t.startswith("(p=") for t, _ in lines)
                 page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
                 page.close()
                 assert problems == [], problems

@@ -6,7 +6,6 @@ they are given, and stop cleanly on an error."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -53,20 +52,29 @@ def two_torch_threads():
 
 
 class Recording:
-    """The engine, noting which thread called it with how many threads; `fail_in` raises in that thread."""
+    """The engine, noting which thread called it with how many threads; `fail_in` raises in that thread.
+
+    With `meet` = 2, each stream's first call waits until the other stream is in a call too: the pool starts
+    its second thread only while the first is busy, and a sleep standing for "busy" lost the race to decoding
+    on busy cores (the first thread then ran every batch). A barrier makes it certain, and its timeout turns a
+    second stream that never comes into a failure instead of a hang."""
 
     parallel_calls = True
 
-    def __init__(self, engine, fail_in: str | None = None, delay: float = 0.0):
-        self.engine, self.choice, self.fail_in, self.delay = engine, engine.choice, fail_in, delay
+    def __init__(self, engine, fail_in: str | None = None, meet: int = 1):
+        self.engine, self.choice, self.fail_in = engine, engine.choice, fail_in
         self.calls: set[tuple[str, int | None]] = set()
+        self.barrier = threading.Barrier(meet, timeout=120) if meet > 1 else None
+        self.met: set[str] = set()
 
     def __call__(self, x, threads=None, **kw):
         name = threading.current_thread().name
         self.calls.add((name, threads))
         if self.fail_in and name.startswith(self.fail_in):
             raise RuntimeError(f"engine failed in {name}")
-        time.sleep(self.delay)  # a call slower than decoding a batch: the next batch goes to the other stream
+        if self.barrier is not None and name not in self.met:
+            self.met.add(name)
+            self.barrier.wait()
         return self.engine(x, threads=threads, **kw)
 
 
@@ -78,12 +86,12 @@ def _extract(engine, paths, root=None, **kw):
 
 def test_two_streams_give_one_streams_features_failures_and_shards(engine, paths, tmp_path, two_torch_threads):
     assert len(paths) > 2 * CHUNK
-    recording = Recording(engine, delay=0.02)
+    streams = min(2, decoding.os.cpu_count() or 1)
+    recording = Recording(engine, meet=streams)
     two, cache2 = _extract(recording, paths, tmp_path / "two")  # the default here: 2 threads, 2 cores or more
     assert torch.get_num_threads() == 2  # given back after the streams' 1 thread each
     torch.set_num_threads(1)
     one, cache1 = _extract(engine, paths, tmp_path / "one", streams=1)
-    streams = min(2, decoding.os.cpu_count() or 1)
     if streams == 2:  # both streams ran, on 1 thread each; the main thread only decoded
         assert recording.calls == {("headstart-stream_0", 1), ("headstart-stream_1", 1)}
     assert two.keys == one.keys and two.failures == one.failures
@@ -111,10 +119,11 @@ def test_fine_tuning_boundary_in_two_streams_is_one_streams(engine, paths, two_t
     from headstart.learn.finetune import FineTuneNet, compute_boundary
 
     net = FineTuneNet(ENTRY, seeded_init(ENTRY, 0), nn.Linear(ENTRY.feature_dim, 2), 2)
-    net.frozen_engine = Recording(make_engine(net.frozen, engine.choice), delay=0.02)
+    streams = min(2, decoding.os.cpu_count() or 1)
+    net.frozen_engine = Recording(make_engine(net.frozen, engine.choice), meet=streams)
     labels = np.arange(len(paths)) % 2
     two = compute_boundary(net, paths, labels, PRE.transform(), BATCH, 0, "boundary", flip=True)
-    if min(2, decoding.os.cpu_count() or 1) == 2:
+    if streams == 2:
         assert {threads for _, threads in net.frozen_engine.calls} == {1}
         assert {name for name, _ in net.frozen_engine.calls} == {"headstart-stream_0", "headstart-stream_1"}
     assert torch.get_num_threads() == 2

@@ -25,8 +25,10 @@ from urllib.parse import quote
 
 from headstart.errors import HeadstartError
 from headstart.fileio import write_text
-from headstart.reports.markdown import data_issue_sections, run_summary, write_run_report
-from headstart.reports.tables import macro_f1_text, score_cells
+from headstart.reports.markdown import (SPLITS, class_notes, data_issue_sections, images_per_class, provenance_facts,
+                                        run_summary, write_run_report)
+from headstart.reports.plots import shown_path
+from headstart.reports.tables import NO_TEST_IMAGES, macro_f1_text
 
 THUMB = 96  # pixels, the longer side of a worst-error thumbnail: 16 of them stay under ~150 KB
 WORST = 16  # as many as worst_errors.png shows
@@ -37,12 +39,14 @@ body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:0 auto;padding:
 h1{font-size:1.5em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0}th,td{padding:.25em .6em;border:1px solid #ddd;text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.none{color:#666;font-style:italic}
 table.facts th{background:#f6f6f6;white-space:nowrap;vertical-align:top}
 table.cm td{text-align:right;min-width:2.2em}table.cm td.d{font-weight:bold}
 table.cm th.c{writing-mode:vertical-rl;transform:rotate(180deg);vertical-align:bottom}
 .warn{background:#fff4e0;border-left:4px solid #e69500;padding:.5em 1em}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
-figure{margin:0;width:160px;font-size:12px;word-break:break-all}
+figure{margin:0;width:160px;font-size:12px;overflow-wrap:anywhere}
+.p{white-space:nowrap}
 figure img{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;background:#eee;display:block}
 figure .missing{width:96px;height:96px;background:#eee;display:flex;align-items:center;font-size:11px}
 img.plot{max-width:100%}
@@ -64,7 +68,7 @@ def load_summary(run_dir: str | os.PathLike, name: str | None = None) -> dict:
     skipped = _read_json(run_dir / "skipped.json") if (run_dir / "skipped.json").is_file() else []
     try:
         summary = run_summary(name=name or run_dir.name, config=config, metrics=metrics, skipped=skipped,
-                              files=sorted(os.listdir(run_dir)))
+                              files=sorted(os.listdir(run_dir)), per_class=_used_per_class(run_dir / "splits.csv"))
     except KeyError as exc:
         raise HeadstartError(f"{run_dir} lacks {exc} in its config.json or metrics.json: it was written by an "
                              "older headstart. Train it again to get its report.") from None
@@ -82,6 +86,19 @@ def _read_json(path: Path):
     except ValueError as exc:
         raise HeadstartError(f"{path} is not valid JSON ({exc}); it was damaged or edited. Train the run again.") \
             from None
+
+
+def _used_per_class(path: Path) -> dict | None:
+    """{class: {split: images used}} from splits.csv (None without one), in the order classes first appear."""
+    if not path.is_file():
+        return None
+    counts: dict[str, dict[str, int]] = {}
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        for row in csv.DictReader(f):
+            split = counts.setdefault(row["class"], {key: 0 for key, _ in SPLITS})
+            if row["status"] == "ok" and row["split"] in split:
+                split[row["split"]] += 1
+    return counts
 
 
 def _timings(metrics: dict) -> list[list[str]]:
@@ -152,9 +169,18 @@ def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset(),
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+class Markup(str):
+    """Text already made HTML (its user strings escaped): `_facts` places it as it is."""
+
+
 def _facts(rows: list[list[str]]) -> str:
-    return '<table class="facts">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) \
-        + "</table>"
+    return '<table class="facts">' + "".join(
+        f"<tr><th>{esc(k)}</th><td>{v if isinstance(v, Markup) else esc(v)}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _words(text: str) -> Markup:
+    """`text` that wraps only between words: a browser otherwise breaks a command after any hyphen (`--`)."""
+    return Markup(" ".join(f'<span class="p">{esc(w)}</span>' for w in text.split(" ")))
 
 
 def _data_uri(png: bytes) -> str:
@@ -173,6 +199,10 @@ def page(title: str, body: list[str]) -> str:
 def render_html(s: dict, run_dir: Path) -> str:
     """The run's page; `run_dir` holds the plots to inline."""
     body = [f"<h1>headstart run {esc(s['name'])}</h1>", "<h2>The run</h2>", _facts(_run_facts(s))]
+    if s["data"]["per_class"]:
+        header, rows = images_per_class(s["data"])
+        body.append('<h3 id="images">Images per class</h3>' + _table(header, rows, {1, 2, 3})
+                    + "".join(f"<p>{esc(note)}</p>" for note in class_notes(s["data"])))
     body.append("<h3>Timings</h3>" + _facts(s["timings"]))
     copies = s["data"]["duplicates_across_splits"]
     if copies and copies["groups"]:
@@ -195,7 +225,7 @@ def render_html(s: dict, run_dir: Path) -> str:
     if s["predictions"]:
         body.append(f'<p>Every test image\'s prediction, with its top classes: '
                     f'<a href="{_href(s["predictions"])}">{esc(s["predictions"])}</a>.</p>')
-    body += _worst_section(s["worst_errors"], bool(s["test"]))
+    body += _worst_section(s["worst_errors"], bool(s["test"]), s["data"]["root"])
     for f, title in s["plots"]:
         if f in PAGE_PLOTS:
             body.append(f"<h2>{esc(title)}</h2>"
@@ -233,7 +263,7 @@ def _run_facts(s: dict) -> list[list[str]]:
                                     f"{ft['stopped_by']}"])
     if s["val_accuracy"] is not None:
         rows.append(["validation accuracy", f"{s['val_accuracy']:.4f}"])
-    return rows
+    return rows + [[k, _words(v) if k == "command" else v] for k, v in provenance_facts(s)]
 
 
 def _test_sections(m: dict) -> list[str]:
@@ -244,12 +274,24 @@ def _test_sections(m: dict) -> list[str]:
     rows = [["images", str(m["n_images"])], ["accuracy", accuracy],
             ["balanced accuracy", f"{m['balanced_accuracy']:.4f}"], ["macro F1", macro_f1_text(m)]]
     rows += [[f"top-{k} accuracy", f"{v:.4f}"] for k, v in m["top_k_accuracy"].items()]
-    per_class = [[r["class"], *score_cells(r), r["support"]] for r in m["per_class"]]
     return ["<h3>Metrics</h3>", _facts(rows),
             '<p class="muted">The 95% interval is the Wilson score interval of the accuracy on this many test '
             "images: two runs whose intervals overlap are not clearly different.</p>",
-            "<h3>Per class</h3>", _table(["class", "precision", "recall", "F1", "support"], per_class, {1, 2, 3, 4}),
+            "<h3>Per class</h3>", _per_class(m["per_class"]),
             "<h3>Confusion matrix</h3>", _confusion(m["confusion_matrix"], m["classes"])]
+
+
+def _per_class(per_class: list[dict]) -> str:
+    """Precision, recall, F1 and support of each class; a class with no test images says so instead of 0s."""
+    head = "".join(f"<th>{h}</th>" for h in ("class", "precision", "recall", "F1", "support"))
+    rows = []
+    for r in per_class:
+        if r["support"]:
+            scores = "".join(f'<td class="n">{r[k]:.4f}</td>' for k in ("precision", "recall", "f1"))
+        else:
+            scores = f'<td class="none" colspan="3">{NO_TEST_IMAGES}</td>'
+        rows.append(f"<tr><td>{esc(r['class'])}</td>{scores}<td class=\"n\">{r['support']}</td></tr>")
+    return f'<table class=""><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _confusion(cm: list[list[int]], classes: list[str]) -> str:
@@ -266,7 +308,7 @@ def _confusion(cm: list[list[int]], classes: list[str]) -> str:
             '<p class="muted">Rows are true classes, columns predicted classes; shading is the share of the row.</p>')
 
 
-def _worst_section(worst: dict | None, has_test: bool) -> list[str]:
+def _worst_section(worst: dict | None, has_test: bool, root: str | None) -> list[str]:
     if not has_test:
         return []
     out = ["<h2>Most confident mistakes</h2>"]
@@ -277,14 +319,15 @@ def _worst_section(worst: dict | None, has_test: bool) -> list[str]:
     out.append(f'<p class="muted">{len(worst["shown"])} of the {worst["mistakes"]} wrong predictions on the test '
                "split, those made with the highest probability first: look for wrong labels and broken images.</p>")
     figures = []
-    for w in worst["shown"]:
-        figures.append(f"<figure>{_thumbnail(w['path'])}<figcaption><b>{esc(os.path.basename(w['path']))}</b><br>"
-                       f"true: {esc(w['true'])}<br>predicted: {esc(w['predicted'])} (p={w['probability']:.2f})"
-                       "</figcaption></figure>")
+    for w in worst["shown"]:  # each named by its path in the data folder: IMG_1056.jpg is in many folders
+        name = shown_path(w["path"], root)
+        figures.append(f"<figure>{_thumbnail(w['path'], name)}<figcaption><b>{esc(name)}</b><br>"
+                       f"true: {esc(w['true'])}<br>predicted: {esc(w['predicted'])} "
+                       f'<span class="p">(p={w["probability"]:.2f})</span></figcaption></figure>')
     return out + ['<div class="grid">' + "".join(figures) + "</div>"]
 
 
-def _thumbnail(path: str) -> str:
+def _thumbnail(path: str, name: str) -> str:
     from headstart.data.images import ImageError, load_image  # decoded by the same rules as training
 
     try:
@@ -294,7 +337,7 @@ def _thumbnail(path: str) -> str:
     image.thumbnail((THUMB, THUMB))
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=True)
-    return f'<img alt="{esc(os.path.basename(path))}" src="{_data_uri(buf.getvalue())}">'
+    return f'<img alt="{esc(name)}" src="{_data_uri(buf.getvalue())}">'
 
 
 # --------------------------------------------------------------------------- compare.html

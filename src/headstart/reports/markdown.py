@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shlex
 from pathlib import Path
 from typing import Sequence
 
@@ -39,9 +40,13 @@ def write_test_predictions(path: str | os.PathLike, paths: Sequence[str], y_true
     write_text(path, buf.getvalue())
 
 
-def run_summary(*, name: str, config: dict, metrics: dict, skipped: list[dict], files: Sequence[str]) -> dict:
-    """The facts of a run, from its resolved config and metrics; `files` are the names in the run directory."""
+def run_summary(*, name: str, config: dict, metrics: dict, skipped: list[dict], files: Sequence[str],
+                per_class: dict | None = None) -> dict:
+    """The facts of a run, from its resolved config and metrics; `files` are the names in the run directory;
+    `per_class` the images of each class used in each split ({class: {"train": n, ...}}, from splits.csv),
+    else the images found (config.json's data summary)."""
     data = config["data_summary"]
+    versions = config.get("versions") or {}
     decision = config.get("strategy_decision")
     if decision:
         why = "; ".join(decision["reasons"])
@@ -54,7 +59,11 @@ def run_summary(*, name: str, config: dict, metrics: dict, skipped: list[dict], 
         "data": {"root": data["root"], "labels": config.get("labels"), "layout": data["layout"],
                  "classes": len(data["classes"]), "images": data["n_images"], "splits": data["splits"],
                  "used": {"train": metrics["n_train"], "val": metrics["n_val"], "test": metrics["n_test"]},
-                 "duplicates_across_splits": data.get("duplicates_across_splits")},
+                 "duplicates_across_splits": data.get("duplicates_across_splits"),
+                 "per_class": per_class or data.get("per_class"), "per_class_found": data.get("per_class")},
+        # Runs from before the date and the commit were recorded have no such keys: "not recorded".
+        "provenance": {"started": config.get("started"), "command": config.get("command"),
+                       "version": versions.get("headstart"), "commit": versions.get("headstart_commit", False)},
         "strategy": {"asked": config["strategy"], "used": config["resolved_strategy"], "why": why,
                      "head": config["head"]},
         "backbone": {"name": config["backbone"], "weights": config["weights"]["source"],
@@ -97,6 +106,7 @@ def render_markdown(s: dict) -> str:
         ["engine", f"{s['engine']['engine']}, {s['engine']['precision']} on {s['engine']['device']} "
                    f"({s['engine']['why']})"],
         ["wall time", f"{s['wall_seconds']:.0f} s"],
+        *provenance_facts(s),
     ]
     if s["fine_tune"]:
         ft = s["fine_tune"]
@@ -108,6 +118,10 @@ def render_markdown(s: dict) -> str:
     if s["val_accuracy"] is not None:
         facts.append(["validation accuracy", f"{s['val_accuracy']:.4f}"])
     parts = [f"# headstart run {s['name']}", "## The run\n\n" + markdown_table(["", ""], facts, ["l", "l"])]
+    if d["per_class"]:
+        header, rows = images_per_class(d)
+        parts.append("## Images per class\n\n" + markdown_table(header, rows, ["l", "r", "r", "r"])
+                     + "".join(f"\n\n{note}" for note in class_notes(d)))
     if s.get("ensemble"):
         parts.append(_ensemble_section(s["ensemble"]))
     copies = d["duplicates_across_splits"]
@@ -160,6 +174,57 @@ def data_issue_sections(s: dict) -> list[str]:
                      f"(kinds: {excluded['kinds'] if isinstance(excluded['kinds'], str) else ', '.join(excluded['kinds'])}"
                      f") were left out of this run ({kinds}); the data folder is unchanged.\n\n{listed}{more}")
     return parts
+def command_line(argv: Sequence[str] | None) -> str:
+    """The command that started the run, as one would type it again; a Python caller's process otherwise."""
+    if not argv:
+        return "not recorded"
+    first = Path(argv[0])
+    if first.name == "headstart" or (first.name == "__main__.py" and first.parent.name == "headstart"):
+        return shlex.join(["headstart", *argv[1:]])
+    return f"headstart.train() from Python, in the process {shlex.join(argv)}"
+
+
+def provenance_facts(s: dict) -> list[list[str]]:
+    """When, how and by which code the run was made: the rows both reports show."""
+    p = s["provenance"]
+    before = "not recorded (a run from before headstart recorded it)"
+    date = p["started"].replace("T", " ") + " (when the run started)" if p["started"] else before
+    if p["commit"] is False:  # the key is absent
+        commit = before
+    elif p["commit"] is None:
+        commit = "none (headstart was not run from a git checkout)"
+    else:
+        commit = p["commit"].replace(" + changes", ", with uncommitted changes to its files")
+    return [["date", date], ["command", command_line(p["command"])],
+            ["headstart", f"version {p['version'] or 'not recorded'}, commit {commit}"]]
+
+
+SPLITS = (("train", "train"), ("val", "validation"), ("test", "test"))
+
+
+def images_per_class(d: dict) -> tuple[list[str], list[list[str]]]:
+    """The table of images per class and split: those used, "used of found" where some were not readable."""
+    found = d["per_class_found"] or {}
+    rows = []
+    for name, counts in d["per_class"].items():
+        row = [name]
+        for key, _ in SPLITS:
+            used, seen = counts.get(key, 0), found.get(name, {}).get(key)
+            row.append(f"{used} of {seen}" if seen is not None and seen != used else str(used))
+        rows.append(row)
+    return ["class", *(title for _, title in SPLITS)], rows
+
+
+def class_notes(d: dict) -> list[str]:
+    """A sentence for each split some class has no images in: what that means for the numbers."""
+    notes = []
+    for key, title, meaning in (("train", "training", "the model cannot predict them"),
+                                ("val", "validation", "no validation score covers them"),
+                                ("test", "test", "the test scores say nothing about them")):
+        empty = [name for name, counts in d["per_class"].items() if not counts.get(key, 0)]
+        if empty and len(empty) < len(d["per_class"]):  # a split with no images at all is in the facts
+            notes.append(f"No {title} images: {', '.join(empty)} ({meaning}).")
+    return notes
 
 
 def _ensemble_section(e: dict) -> str:

@@ -82,6 +82,17 @@ def _shown(name: Any) -> str:
     return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def shown_path(path: str | os.PathLike, root: str | os.PathLike | None) -> str:
+    """A test image as a caption names it: its path relative to the data folder `root`, so `IMG_1056.jpg` in
+    four class folders reads as four files; the whole path when it lies elsewhere (a labels CSV's) or no root."""
+    path = os.fspath(path)
+    if root:
+        rel = os.path.relpath(path, root)
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+            return rel
+    return path
+
+
 def _short(name: str, width: int = 32) -> str:
     # Keep the end of a long name: it holds the distinguishing number and the extension.
     return name if len(name) <= width else "..." + name[-(width - 3):]
@@ -145,8 +156,10 @@ def plot_worst_errors(
     path: str | os.PathLike,
     load_image: Callable[[Any], Any],
     n: int = 16,
+    root: str | os.PathLike | None = None,
 ) -> list[tuple[Any, str, str, float]]:
-    """Grid of the `n` most confident mistakes; returns them as (path, true, pred, p).
+    """Grid of the `n` most confident mistakes, each captioned with its path relative to the data folder
+    `root`; returns them as (path, true, pred, p).
 
     Confidence is the probability given to the wrong predicted class, highest first.
     `load_image(path) -> PIL.Image` is supplied by the caller, so this module never
@@ -166,8 +179,9 @@ def plot_worst_errors(
         ax = fig.add_subplot(nrows, ncols, k + 1)
         ax.imshow(_thumbnail(load_image(image_path)))
         ax.set_xticks([]), ax.set_yticks([])  # no tick to place: with them, placing the titles took half the time
-        # The file name first: the grid is for finding the images (a wrong label, a broken photo).
-        ax.set_title(f"{_short(_shown(os.path.basename(os.fspath(image_path))))}\n"
+        # The file first: the grid is for finding the images (a wrong label, a broken photo). Its end holds the
+        # name and the folders nearest it; 40 characters fill the 2.4-inch column at 7 points.
+        ax.set_title(f"{_short(_shown(shown_path(image_path, root)), 40)}\n"
                      f"true: {_shown(true_name)} / pred: {_shown(pred_name)} (p={p:.2f})", fontsize=7)
         ax.axis("off")
     fig.suptitle("Most confident mistakes")

@@ -63,7 +63,8 @@ def write_outputs(out: Path, name: str, run: RunOutputs) -> None:
     t = run.test
     if "test" in run.metrics:
         plot_confusion_matrix(run.metrics["test"]["confusion_matrix"], t.classes, out / "confusion_matrix.png")
-        plot_worst_errors(t.paths, t.y, t.proba, t.classes, out / "worst_errors.png", load_image)
+        plot_worst_errors(t.paths, t.y, t.proba, t.classes, out / "worst_errors.png", load_image,
+                          root=run.config["data_summary"]["root"])
         write_test_predictions(out / "test_predictions.csv", t.paths, t.y, t.proba, t.classes)
         write_text(out / "report.txt", format_report(run.metrics["test"]) + "\n")
     # report.md and report.html from the files just written, as `headstart report` rebuilds them

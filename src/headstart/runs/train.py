@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ import torch
 import torchvision
 
 from headstart import distributed, memory, progress
-from headstart._version import __version__
+from headstart._version import __version__, source_commit
 from headstart.data.image_size import RULE as IMAGE_SIZE_RULE
 from headstart.engines.features import cache_root_of
 from headstart.engines.quantize import Int8Source
@@ -73,7 +74,8 @@ class Run:
 def _versions() -> dict:
     return {"headstart": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
-            "pillow": PIL.__version__, "platform": platform.platform()}
+            "pillow": PIL.__version__, "platform": platform.platform(),
+            "headstart_commit": source_commit()}  # None unless headstart runs from a git checkout
 
 
 def train(data: str | os.PathLike, *, verbose: bool | None = None, **settings) -> Run | None:
@@ -128,6 +130,7 @@ def _train(cfg: TrainConfig, entry, place: Place, member: bool = False) -> Run:
     """The run's steps, writing into `place.out` (the partial directory that becomes `place.final`); an
     ensemble's `member` (whose strategy may be auto) trains one model, never an ensemble of its own."""
     t_start = time.perf_counter()
+    started = datetime.now().astimezone().isoformat(timespec="seconds")  # the run's date, in its report
     torch.manual_seed(cfg.seed)
     loaded = load_run_data(cfg, place.cache_root)
     strategy = get_strategy(cfg.strategy)
@@ -151,6 +154,7 @@ def _train(cfg: TrainConfig, entry, place: Place, member: bool = False) -> Run:
     metrics["data_check"] = data_check
     resolved = resolved_config(ctx, fitted)
     resolved.update(resolved_tta=bundle.tta, tta_decision=tta_decision)  # what --tta became, and why
+    resolved["started"] = started
     if plan is not None and resolved["strategy_decision"] is not None:  # auto: why no ensemble
         resolved["strategy_decision"]["ensemble"] = plan
     write_outputs(place.out, place.final.name, RunOutputs(resolved, metrics, ctx.skipped,
