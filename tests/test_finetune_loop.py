@@ -96,7 +96,8 @@ def test_time_budget_from_the_command_line_and_phase_one_kept_off_validation(fmn
     assert (ft["epochs_run"], ft["stopped_by"]) == (1, "time budget")
     assert "time budget of 0s reached after epoch 1" in stderr
     assert metrics["n_val"] > 0
-    assert f"final fit on {metrics['n_train']} images" in (tmp_path / "run" / "train.log").read_text()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"fit, validation kept out, on {metrics['n_train']} images" in log and "final fit" not in log
 
 
 def test_feature_extraction_refits_phase_one_on_train_and_validation(fmnist_tiny, tmp_path):
@@ -105,7 +106,17 @@ def test_feature_extraction_refits_phase_one_on_train_and_validation(fmnist_tiny
                           out=tmp_path / "r", image_size=32, workers=0, seed=0)
     n_train, n_val = run.metrics["n_train"], run.metrics["n_val"]
     assert n_val > 0
-    assert f"final fit on {n_train + n_val} images" in (tmp_path / "r" / "train.log").read_text()
+    assert (tmp_path / "r" / "train.log").read_text().count(f"final fit on {n_train + n_val} images") == 1
+
+
+def test_auto_choosing_feature_extraction_logs_one_final_fit(image_folder, tmp_path):
+    """Auto's phase-1 head keeps validation out; when auto then keeps feature extraction it refits on train +
+    validation: one "final fit" line, not two."""
+    run = headstart.train(image_folder, backbone="small_cnn", weights="none", out=tmp_path / "r", image_size=32,
+                          workers=0, cache_dir="none", val_fraction=0.25, test_fraction=0.0)
+    assert run.config["resolved_strategy"] == "feature-extraction"
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert log.count("final fit") == 1 and "fit, validation kept out" in log
 
 
 def _recorded_rates(monkeypatch) -> list[dict[str, float]]:

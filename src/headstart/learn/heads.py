@@ -245,9 +245,12 @@ class LinearHead(_Head):
             Xs, torch.as_tensor(yi), k, self.C_, self._weights(yi), init, self.max_iter, self.tol)
         self.n_iter_ = max(1, n_iter)
         self.fit_seconds_ = time.perf_counter() - t0
-        log.info("linear head: C=%g chosen on %s validation%s; final fit on %d images in %.1fs", self.C_,
+        # Without refit the validation split stays out for what follows (fine-tuning, auto's choice, which refits
+        # on train + validation when it keeps this head): this fit is not the final one, and says so.
+        kept_out = Xv_raw is not None and not self.refit and self.validation_ != "held out"
+        log.info("linear head: C=%g chosen on %s validation%s; %s on %d images in %.1fs", self.C_,
                  self.validation_ or "no", f" (accuracy {self.val_accuracy_:.4f})" if self.val_accuracy_ is not None
-                 else "", len(X), self.fit_seconds_)
+                 else "", "fit, validation kept out," if kept_out else "final fit", len(X), self.fit_seconds_)
         return self
 
     def _search(self, X, yi, Xv_raw, yv, Cs: list[float]) -> dict:
