@@ -102,6 +102,30 @@ class Server:
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
+    def holds(self, conn: http.client.HTTPConnection) -> bool:
+        """Whether the server has accepted `conn` (holds its end as an open file), read from the kernel's tables.
+
+        A connection waiting in the listen backlog has a row in /proc/net/tcp with inode 0; once the server
+        accepts it, the row gets the inode of a socket among the server's open files. Counting the server's
+        files instead races with the readiness probe's connection closing at the same time."""
+        client_port = conn.sock.getsockname()[1]
+        wanted = (f"0100007F:{self.port:04X}", f"0100007F:{client_port:04X}")
+        inode = None
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if (fields[1], fields[2]) == wanted:
+                inode = fields[9]
+        if inode in (None, "0"):
+            return False
+        target = f"socket:[{inode}]"
+        for fd in Path(f"/proc/{self.proc.pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == target:
+                    return True
+            except OSError:
+                pass  # closed meanwhile
+        return False
+
     def deleted_open_files(self) -> list[str]:
         """Open files of the server that were deleted: where a spooled upload left open would show."""
         fd_dir = Path(f"/proc/{self.proc.pid}/fd")
@@ -523,7 +547,6 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(run_dir, workdir
         server.wait_ready()
         p = test_images[0]
         body, headers = multipart((p.name, p.read_bytes()))
-        fds_before = server.open_fds()
         c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         c.putrequest("POST", "/predict?top_k=3")
         c.putheader("Content-Type", headers["Content-Type"])
@@ -531,8 +554,9 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(run_dir, workdir
         c.endheaders()
         c.send(body[:100])  # the request is in flight: headers in, body half sent
         # Once the server holds the connection it reads the headers, already sent, before its next shutdown check
-        # (uvicorn looks every 0.1 s): waited for, where a sleep of 1.5 s raced it on busy cores.
-        assert until(lambda: server.open_fds() > fds_before), "the server never accepted the connection"
+        # (uvicorn looks every 0.1 s): waited for, where a sleep of 1.5 s raced it on busy cores, and read from
+        # the kernel's socket tables, where a count of the server's open files raced the probe's closing.
+        assert until(lambda: server.holds(c)), "the server never accepted the connection"
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         assert server.proc.poll() is None, "the server exited with a request in flight"
