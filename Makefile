@@ -57,8 +57,11 @@ demo: install fmnist
 # are left to `make bench-smoke`, which keeps `make test` under 15 minutes on 2 cores.
 TEST_BENCH := peak extraction decoding pipeline finetune_epoch finetune_bf16 scale serve
 
+# The suite runs in TEST_WORKERS pytest-xdist processes (2: one per core here; 0 runs it in this process).
+TEST_WORKERS ?= 2
+
 test: install fmnist chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 	$(MKDOCS) build --strict --quiet
 	$(BIN)/python benchmarks/run.py --smoke --only $(TEST_BENCH)
 
@@ -71,7 +74,7 @@ docs: install
 
 # The inner loop: everything but the tests marked slow (real weights and data, servers, long training).
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 # The benchmark suite (under 60 min; run it alone): benchmarks/results-<cpu kind>.{json,md} and the
 # README's performance tables, one per CPU kind. bench-smoke only checks that the suite runs, on a few images.

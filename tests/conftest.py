@@ -242,6 +242,41 @@ def fmnist_tiny(tmp_path_factory) -> Path:
 MEASURED: list[str] = []  # numbers tests measured, shown in pytest's closing summary
 
 
+@pytest.fixture(autouse=True)
+def _carry_measured(request):
+    """Under pytest-xdist a test runs in a worker process: the lines it adds to MEASURED travel to the
+    controller, which prints the summary, with its report (user_properties), and are gathered there."""
+    start = len(MEASURED)
+    yield
+    request.node.user_properties.extend(("measured", line) for line in MEASURED[start:])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report):
+    if hasattr(report, "node"):  # set on the reports a controller receives from its pytest-xdist workers
+        if report.when == "teardown":
+            MEASURED.extend(line for key, line in report.user_properties if key == "measured")
+        return
+    # Captured output may hold undecodable file names (surrogate escapes, as the tests of odd names print them);
+    # a report travels from a worker to the controller as UTF-8, which cannot carry them: escaped here, first.
+    if any(_has_surrogates(text) for _, text in report.sections):
+        report.sections = [(title, _escaped(text)) for title, text in report.sections]
+    if report.longrepr is not None and _has_surrogates(str(report.longrepr)):
+        report.longrepr = _escaped(str(report.longrepr))
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def pytest_terminal_summary(terminalreporter):
     if MEASURED:
         terminalreporter.section("measured")
