@@ -8,8 +8,10 @@ two unusable files.
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
+import io
 import json
 import os
 import re
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import headstart
 from test_cli import run_cli
@@ -170,6 +173,65 @@ def test_report_shows_the_worst_errors_as_thumbnails_with_their_file_names(run):
         assert (f"true: {shown(r['true'])}<br>predicted: {shown(r['predicted'])} "
                 f'<span class="p">(p={float(r["probability"]):.2f})</span>') in fig
         assert re.search(r'<img alt="[^"]+" src="data:image/png;base64,[A-Za-z0-9+/=]+">', fig)
+
+
+IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+
+
+def _png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def test_each_worst_error_shows_the_maps_of_the_predicted_and_the_true_class(run):
+    """Beside each mistake's image, two overlays: the map of the class the model predicted and of the true class,
+    as Model.explain_classes draws them (this run's MLP head: Grad-CAM), at the thumbnail's size."""
+    from headstart.data.images import load_image
+    from headstart.heatmaps.overlay import thumbnail
+
+    page = (run / "report.html").read_text(encoding="utf-8")
+    root = json.loads((run / "config.json").read_text())["data_summary"]["root"]
+    with open(run / "test_predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        wrong = sorted((r for r in csv.DictReader(f) if r["correct"] == "0"), key=lambda r: -float(r["probability"]))
+    figures = re.findall(r"<figure>(.*?)</figure>", page, re.S)
+    assert figures and '<div class="grid maps">' in page and "No heatmaps" not in page
+    model = headstart.load(run)
+    explained = model.explain_classes([r["path"] for r in wrong[:len(figures)]],
+                                      [[r["predicted"], r["true"]] for r in wrong[:len(figures)]],
+                                      engine="torch", device="cpu", precision="fp32", cache_dir="none")
+    for fig, r, (predicted, true) in zip(figures, wrong, explained):
+        name = shown(os.path.relpath(r["path"], root))
+        images = IMG.findall(fig)
+        assert [alt for alt, _ in images] == [name, f"{name}: map of {shown(r['predicted'])}",
+                                              f"{name}: map of {shown(r['true'])}"]
+        assert "map: predicted" in fig and "map: true" in fig
+        plain, *overlays = [_png(b64) for _, b64 in images]
+        small = load_image(r["path"], min_side=96)
+        small.thumbnail((96, 96))
+        assert plain.size == small.size and all(o.size == small.size for o in overlays)
+        assert not np.allclose(np.nan_to_num(predicted.map), np.nan_to_num(true.map))  # two classes, two maps
+        for overlay, e in zip(overlays, (predicted, true)):
+            want = np.asarray(thumbnail(small, e.map, 96), np.int16)
+            assert np.abs(np.asarray(overlay.convert("RGB"), np.int16) - want).max() <= 2  # float noise only
+            assert np.abs(np.asarray(overlay.convert("RGB"), np.int16)
+                          - np.asarray(small.convert("RGB"), np.int16)).max() > 20  # a map drawn over the image
+
+
+def test_a_run_whose_model_is_gone_still_gets_its_report_saying_why_in_one_line(run, tmp_path):
+    from headstart.reports.html import write_reports
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "model" / "model.safetensors").unlink()
+    write_reports(copy)
+    page = (copy / "report.html").read_text(encoding="utf-8")
+    assert len(re.findall(r"<p class=\"muted\">No heatmaps: the run&#x27;s model could not be loaded \(.+?\)\.</p>",
+                          page)) == 1
+    figures = re.findall(r"<figure>(.*?)</figure>", page, re.S)
+    assert figures and all(len(IMG.findall(fig)) == 1 for fig in figures)  # the thumbnails, without maps
+    assert '<div class="grid">' in page
 
 
 def test_one_file_name_in_four_folders_is_four_captions(run, tmp_path):

@@ -7,10 +7,9 @@ label; a pair shows both files. At most SHOWN per kind: issues.csv lists them al
 
 from __future__ import annotations
 
-import io
 import os
 
-from headstart.reports.html import _data_uri, _facts, _table, esc, page
+from headstart.reports.pieces import esc, facts, page, table, thumbnail
 
 SHOWN = 48
 THUMB = 96
@@ -28,16 +27,7 @@ EXPLAIN = {
 
 
 def _thumb(path: str) -> str:
-    from headstart.data.images import ImageError, load_image
-
-    try:
-        image = load_image(path, min_side=THUMB)
-    except (ImageError, OSError) as exc:
-        return f'<div class="missing">not readable: {esc(exc)}</div>'
-    image.thumbnail((THUMB, THUMB))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
-    return f'<img alt="{esc(os.path.basename(path))}" src="{_data_uri(buf.getvalue())}">'
+    return thumbnail(path, os.path.basename(path), THUMB)
 
 
 def _figure(r: dict, base: str) -> str:
@@ -57,14 +47,14 @@ def _figure(r: dict, base: str) -> str:
 def render_page(summary: dict, rows: list[dict], base: str) -> str:
     """The page of an inspection of the data at `base` (the folder issues.csv's paths are relative to)."""
     counts = summary["counts"]
-    facts = [["data", summary["data"]], ["images", f"{summary['n_images']} ({summary['n_readable']} readable) in "
+    about = [["data", summary["data"]], ["images", f"{summary['n_images']} ({summary['n_readable']} readable) in "
                                                    f"{len(summary['classes'])} classes"],
              ["splits", ", ".join(f"{k} {v}" for k, v in summary["splits"].items())],
              ["features", f"{summary['backbone']} at {summary['image_size']} px"],
              ["findings", ", ".join(f"{k} {n}" for k, n in counts.items()) or "none"],
              ["seconds", ", ".join(f"{k} {v}" for k, v in summary["seconds"].items())],
              ["act on them", summary["act"]]]
-    body = ["<h1>headstart inspect</h1>", _facts(facts)]
+    body = ["<h1>headstart inspect</h1>", facts(about)]
     if summary["notes"]:
         body.append('<div class="warn"><ul>' + "".join(f"<li>{esc(n)}</li>" for n in summary["notes"]) + "</ul></div>")
     body.append('<p class="muted">Every finding is a row of issues.csv (path, split, kind, score, given_label, '
@@ -77,7 +67,7 @@ def render_page(summary: dict, rows: list[dict], base: str) -> str:
         if kind in EXPLAIN:
             body.append(f'<p class="muted">{esc(EXPLAIN[kind])}</p>')
         if kind == "unreadable":
-            body.append(_table(["path", "why"], [[r["path"], summary["unreadable"].get(r["path"], "")] for r in mine]))
+            body.append(table(["path", "why"], [[r["path"], summary["unreadable"].get(r["path"], "")] for r in mine]))
             continue
         more = f'<p class="muted">{len(mine) - SHOWN} more in issues.csv.</p>' if len(mine) > SHOWN else ""
         body.append('<div class="grid">' + "".join(_figure(r, base) for r in mine[:SHOWN]) + "</div>" + more)
@@ -86,7 +76,7 @@ def render_page(summary: dict, rows: list[dict], base: str) -> str:
     body.append("<h2>Class balance</h2>")
     b = summary["class_balance"]
     split_names = list(summary["splits"])
-    body.append(_table(["class", *split_names, "out-of-fold recall"],
+    body.append(table(["class", *split_names, "out-of-fold recall"],
                        [[c, *[b["per_class"][c][s] for s in split_names], b["out_of_fold_recall"].get(c, "")]
                         for c in summary["classes"]], set(range(1, len(split_names) + 2))))
     body.append(f'<p class="muted">Largest over smallest training class: {b["train_ratio_largest_to_smallest"]}. '
