@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 import headstart
+from conftest import write_image_folder
 from test_cli import run_cli
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # git-ignored
@@ -355,7 +356,25 @@ def test_compare_html_links_each_runs_report(compare_dir):
     assert (compare_dir / "compare.html").read_text(encoding="utf-8") == before
 
 
-def test_the_pages_render_offline_in_headless_chromium(run, compare_dir):
+@pytest.fixture(scope="module")
+def inspect_dir(tmp_path_factory, one_torch_thread) -> Path:
+    """inspect.html of a small folder with an ant labelled bee (a label finding, drawn with its two maps) and a
+    test image copied into train (a leak)."""
+    from headstart.inspection import inspect
+
+    root = tmp_path_factory.mktemp("inspect")
+    train = write_image_folder(root / "data" / "train", n_per_class=12, classes=("ant", "bee", "cow"), size=(24, 24))
+    test = write_image_folder(root / "data" / "test", n_per_class=4, classes=("ant", "bee", "cow"), size=(24, 24),
+                              seed=1)
+    shutil.move(train / "ant" / "ant_003.png", train / "bee" / "moved.png")
+    shutil.copy(test / "cow" / "cow_001.png", train / "cow" / "copy.png")
+    found = inspect(root / "data", out=root / "out", cache_dir="none", folds=3, backbone="small_cnn",
+                    weights="none", image_size=32, workers=0)
+    assert {r["kind"] for r in found.issues} >= {"label", "leak"}
+    return found.out
+
+
+def test_the_pages_render_offline_in_headless_chromium(run, compare_dir, inspect_dir):
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium).")
     from playwright.sync_api import sync_playwright
@@ -366,8 +385,9 @@ def test_the_pages_render_offline_in_headless_chromium(run, compare_dir):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"])
         try:
-            for path, shot in ((run / "report.html", "report-page.png"), (compare_dir / "compare.html",
-                                                                          "compare-page.png")):
+            for path, shot in ((run / "report.html", "report-page.png"),
+                               (compare_dir / "compare.html", "compare-page.png"),
+                               (inspect_dir / "inspect.html", "inspect-page.png")):
                 page = browser.new_page(viewport={"width": 1100, "height": 800})
                 requests, problems = [], []
                 page.on("request", lambda r: requests.append(r.url))
