@@ -259,6 +259,32 @@ def test_an_ensemble_averages_its_members_maps_each_scaled(small_run, mlp_run, i
         assert e.probability == pytest.approx(proba[i].max(), abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp", "ensemble"])
+def test_several_classes_per_image_from_one_pass_are_explains_maps(kind, small_run, mlp_run, images, tmp_path):
+    """explain_classes (report.html's worst errors: the predicted and the true class) gives, per input, the map
+    explain draws for each class asked for, from one backbone pass per batch; an unusable input its error twice."""
+    model = {"linear": lambda: headstart.load(small_run), "mlp": lambda: headstart.load(mlp_run),
+             "ensemble": lambda: Ensemble([headstart.load(small_run), headstart.load(mlp_run)])}[kind]()
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    inputs = [images[0], str(broken), images[3]]
+    asked = [["bee", None], ["ant", "cow"], ["cow", "ant"]]
+    engines = [m.engine for m in model.heatmap_members(headstart.Runtime(**TORCH))]  # each model keeps its own
+    before = [e.n_images for e in engines]
+    out = model.explain_classes(inputs, asked, **TORCH)
+    assert [e.n_images - n for e, n in zip(engines, before)] == [2] * len(engines)  # the 2 usable images, once
+    assert [len(e) for e in out] == [2, 2, 2]
+    assert all(not e.ok and "not an image" in e.error for e in out[1])
+    for e, image, classes in zip((out[0], out[2]), (images[0], images[3]), (asked[0], asked[2])):
+        for got, class_ in zip(e, classes):
+            want = model.explain(image, class_=class_, **TORCH)[0]
+            assert got.class_ == want.class_ and got.label == want.label and got.method == want.method
+            # batched with another image, not alone: the convolutions' float sums differ in the last digits
+            np.testing.assert_allclose(got.map, want.map, rtol=1e-4, atol=1e-4 * np.nanmax(np.abs(want.map)))
+        assert not np.allclose(np.nan_to_num(e[0].map), np.nan_to_num(e[1].map))  # two classes, two maps
+    assert out[0][1].class_ == out[0][1].label  # None: the predicted class
+
+
 def test_members_with_other_crops_average_where_any_saw_the_image(small_run, images):
     base = headstart.load(small_run)
     engine = base.map_engine("cpu", "torch", "fp32")
@@ -284,6 +310,22 @@ def test_the_overlay_leaves_what_the_model_did_not_see_as_it_was(tmp_path):
     left_half = middle[int(w * 0.1):int(w * 0.4)]
     assert (np.abs(left_half - [10, 200, 30]).max(axis=1) <= 2).all()  # NaN: the image alone
     assert (np.abs(middle[int(w * 0.9)] - [10, 200, 30]).max() > 40)  # the map's top: coloured over
+
+
+def test_a_thumbnail_overlay_blends_as_the_overlay_does_at_any_decoded_size():
+    from headstart.heatmaps.overlay import ALPHA, thumbnail
+
+    img = Image.new("RGB", (400, 200), (10, 200, 30))
+    heatmap = np.full((200, 400), np.nan, np.float32)
+    heatmap[:, 200:] = 1.0  # the right half at the map's top, the left unseen
+    small = thumbnail(img, heatmap, 96)
+    assert small.size == (96, 48)
+    drawn = np.asarray(small).astype(int)
+    assert (drawn[:, :48] == [10, 200, 30]).all()  # unseen: the image alone
+    red = np.array([10, 200, 30]) * (1 - ALPHA) + np.array([127.5, 0, 0]) * ALPHA  # jet's top is (0.5, 0, 0)
+    assert (np.abs(drawn[:, 48:] - red).max() <= 1)
+    half = thumbnail(img.resize((100, 50)), heatmap, 96)  # a reduced decode: the map still covers it
+    assert half.size == (96, 48) and (np.asarray(half)[:, :48] == [10, 200, 30]).all()
 
 
 def test_explain_command_writes_a_picture_and_a_map_per_input_named_after_it(small_run, tmp_path):

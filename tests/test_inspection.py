@@ -230,6 +230,67 @@ def test_inspect_writes_its_three_files_reports_the_unreadable_and_never_touches
     assert not re.search(r'src="(?!data:)', page) and not re.search(r"https?://", page)
 
 
+def test_a_fold_head_on_principal_components_is_one_linear_layer_on_the_pooled_features():
+    """The label check's head, moved onto the pooled features, gives the same logits: so its map is exact CAM."""
+    from headstart.inspection.labels import principal_axes, project
+    from headstart.inspection.overlays import feature_head
+    from headstart.learn.heads import LinearHead
+
+    X, y, _ = _clusters(n_per_class=40, k=3, d=30)
+    axes = principal_axes(X, dims=8)
+    Z = project(X, axes)
+    head = LinearHead(random_state=0).fit(Z[y != 1], y[y != 1])  # a fold that lacks class 1
+    linear = head.to_torch()[0]
+    moved = feature_head(linear.weight.detach().numpy(), linear.bias.detach().numpy(), np.array([0, 2]), axes, 3)
+    import torch
+
+    with torch.no_grad():
+        logits = moved(torch.as_tensor(X)).double().numpy()
+    np.testing.assert_allclose(logits[:, [0, 2]], head.logits(Z), rtol=1e-4, atol=1e-3)
+    assert (logits[:, 1] < -1e8).all()  # no weight, no chance
+
+
+def _png(b64: str) -> Image.Image:
+    import base64
+
+    image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def test_a_likely_wrong_label_shows_the_maps_of_its_given_and_its_suggested_label(tmp_path):
+    from headstart.data.images import load_image
+    from headstart.inspection import inspect
+
+    data = write_image_folder(tmp_path / "data" / "train", n_per_class=12, classes=("ant", "bee", "cow"),
+                              size=(24, 24))
+    shutil.move(data / "ant" / "ant_003.png", data / "bee" / "moved.png")  # an ant labelled bee
+    found = inspect(tmp_path / "data", out=tmp_path / "out", cache_dir="none", folds=3, test_fraction=0, **SMALL)
+    labels = [r for r in found.issues if r["kind"] == "label"]
+    assert {"path": "train/bee/moved.png", "given_label": "bee", "suggested_label": "ant"}.items() <= next(
+        r for r in labels if r["path"].endswith("moved.png")).items()
+    page = (found.out / "inspect.html").read_text()
+    assert found.summary["labels"]["heatmaps"] == {"drawn": len(labels), "of": len(labels),
+                                                   "method": "cam of the fold head that held each file out"}
+    section = page[page.index('<h2 id="label">'):page.index("</div>", page.index('<div class="grid">',
+                                                                                page.index('<h2 id="label">')))]
+    figures = re.findall(r"<figure[^>]*>(.*?)</figure>", page[page.index('<h2 id="label">'):], re.S)[:len(labels)]
+    assert "where the head that judged it looked" in section
+    for fig, r in zip(figures, sorted(labels, key=lambda r: -r["score"])):
+        name = os.path.basename(r["path"])
+        images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', fig)
+        assert [alt for alt, _ in images] == [name, f"{name}: map of {r['given_label']}",
+                                              f"{name}: map of {r['suggested_label']}"]
+        assert "map: given" in fig and "map: suggested" in fig
+        plain, given, suggested = (_png(b64) for _, b64 in images)
+        small = load_image(str(tmp_path / "data" / r["path"]), min_side=96)
+        small.thumbnail((96, 96))
+        assert plain.size == given.size == suggested.size == small.size
+        assert not np.array_equal(np.asarray(given), np.asarray(suggested))  # two labels, two maps
+        assert not np.array_equal(np.asarray(given), np.asarray(plain.convert("RGB")))
+
+
 def test_inspect_refuses_an_empty_folder_and_an_output_inside_the_data(tmp_path):
     from headstart.inspection import inspect
 

@@ -8,8 +8,10 @@ two unusable files.
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
+import io
 import json
 import os
 import re
@@ -19,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import headstart
+from conftest import write_image_folder
 from test_cli import run_cli
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # git-ignored
@@ -172,6 +176,65 @@ def test_report_shows_the_worst_errors_as_thumbnails_with_their_file_names(run):
         assert re.search(r'<img alt="[^"]+" src="data:image/png;base64,[A-Za-z0-9+/=]+">', fig)
 
 
+IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+
+
+def _png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def test_each_worst_error_shows_the_maps_of_the_predicted_and_the_true_class(run):
+    """Beside each mistake's image, two overlays: the map of the class the model predicted and of the true class,
+    as Model.explain_classes draws them (this run's MLP head: Grad-CAM), at the thumbnail's size."""
+    from headstart.data.images import load_image
+    from headstart.heatmaps.overlay import thumbnail
+
+    page = (run / "report.html").read_text(encoding="utf-8")
+    root = json.loads((run / "config.json").read_text())["data_summary"]["root"]
+    with open(run / "test_predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        wrong = sorted((r for r in csv.DictReader(f) if r["correct"] == "0"), key=lambda r: -float(r["probability"]))
+    figures = re.findall(r"<figure>(.*?)</figure>", page, re.S)
+    assert figures and '<div class="grid maps">' in page and "No heatmaps" not in page
+    model = headstart.load(run)
+    explained = model.explain_classes([r["path"] for r in wrong[:len(figures)]],
+                                      [[r["predicted"], r["true"]] for r in wrong[:len(figures)]],
+                                      engine="torch", device="cpu", precision="fp32", cache_dir="none")
+    for fig, r, (predicted, true) in zip(figures, wrong, explained):
+        name = shown(os.path.relpath(r["path"], root))
+        images = IMG.findall(fig)
+        assert [alt for alt, _ in images] == [name, f"{name}: map of {shown(r['predicted'])}",
+                                              f"{name}: map of {shown(r['true'])}"]
+        assert "map: predicted" in fig and "map: true" in fig
+        plain, *overlays = [_png(b64) for _, b64 in images]
+        small = load_image(r["path"], min_side=96)
+        small.thumbnail((96, 96))
+        assert plain.size == small.size and all(o.size == small.size for o in overlays)
+        assert not np.allclose(np.nan_to_num(predicted.map), np.nan_to_num(true.map))  # two classes, two maps
+        for overlay, e in zip(overlays, (predicted, true)):
+            want = np.asarray(thumbnail(small, e.map, 96), np.int16)
+            assert np.abs(np.asarray(overlay.convert("RGB"), np.int16) - want).max() <= 2  # float noise only
+            assert np.abs(np.asarray(overlay.convert("RGB"), np.int16)
+                          - np.asarray(small.convert("RGB"), np.int16)).max() > 20  # a map drawn over the image
+
+
+def test_a_run_whose_model_is_gone_still_gets_its_report_saying_why_in_one_line(run, tmp_path):
+    from headstart.reports.html import write_reports
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "model" / "model.safetensors").unlink()
+    write_reports(copy)
+    page = (copy / "report.html").read_text(encoding="utf-8")
+    assert len(re.findall(r"<p class=\"muted\">No heatmaps: the run&#x27;s model could not be loaded \(.+?\)\.</p>",
+                          page)) == 1
+    figures = re.findall(r"<figure>(.*?)</figure>", page, re.S)
+    assert figures and all(len(IMG.findall(fig)) == 1 for fig in figures)  # the thumbnails, without maps
+    assert '<div class="grid">' in page
+
+
 def test_one_file_name_in_four_folders_is_four_captions(run, tmp_path):
     """The four most confident mistakes made IMG_1056.png, each in another class folder: each caption names its
     folder, in the page and in worst_errors.png's titles."""
@@ -293,7 +356,25 @@ def test_compare_html_links_each_runs_report(compare_dir):
     assert (compare_dir / "compare.html").read_text(encoding="utf-8") == before
 
 
-def test_the_pages_render_offline_in_headless_chromium(run, compare_dir):
+@pytest.fixture(scope="module")
+def inspect_dir(tmp_path_factory, one_torch_thread) -> Path:
+    """inspect.html of a small folder with an ant labelled bee (a label finding, drawn with its two maps) and a
+    test image copied into train (a leak)."""
+    from headstart.inspection import inspect
+
+    root = tmp_path_factory.mktemp("inspect")
+    train = write_image_folder(root / "data" / "train", n_per_class=12, classes=("ant", "bee", "cow"), size=(24, 24))
+    test = write_image_folder(root / "data" / "test", n_per_class=4, classes=("ant", "bee", "cow"), size=(24, 24),
+                              seed=1)
+    shutil.move(train / "ant" / "ant_003.png", train / "bee" / "moved.png")
+    shutil.copy(test / "cow" / "cow_001.png", train / "cow" / "copy.png")
+    found = inspect(root / "data", out=root / "out", cache_dir="none", folds=3, backbone="small_cnn",
+                    weights="none", image_size=32, workers=0)
+    assert {r["kind"] for r in found.issues} >= {"label", "leak"}
+    return found.out
+
+
+def test_the_pages_render_offline_in_headless_chromium(run, compare_dir, inspect_dir):
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium).")
     from playwright.sync_api import sync_playwright
@@ -304,8 +385,9 @@ def test_the_pages_render_offline_in_headless_chromium(run, compare_dir):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"])
         try:
-            for path, shot in ((run / "report.html", "report-page.png"), (compare_dir / "compare.html",
-                                                                          "compare-page.png")):
+            for path, shot in ((run / "report.html", "report-page.png"),
+                               (compare_dir / "compare.html", "compare-page.png"),
+                               (inspect_dir / "inspect.html", "inspect-page.png")):
                 page = browser.new_page(viewport={"width": 1100, "height": 800})
                 requests, problems = [], []
                 page.on("request", lambda r: requests.append(r.url))

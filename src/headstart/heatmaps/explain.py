@@ -80,10 +80,20 @@ def class_index(classes: Sequence[str], class_: str | None) -> int | None:
 def explain(members: Sequence[Member], classes: Sequence[str], items: Sequence, names: Sequence[str],
             class_: str | None = None, batch_size: int = 64) -> list[Explanation]:
     """One Explanation per item (a path or a PIL image), in order; `names` say what each is called."""
-    wanted = class_index(classes, class_)
-    out: list[Explanation] = []
+    return [e[0] for e in explain_classes(members, classes, items, names, [[class_]] * len(items), batch_size)]
+
+
+def explain_classes(members: Sequence[Member], classes: Sequence[str], items: Sequence, names: Sequence[str],
+                    wanted: Sequence[Sequence[str | None]], batch_size: int = 64) -> list[list[Explanation]]:
+    """Per item, one Explanation per class named in `wanted[i]` (None: the predicted class), in that order, all
+    from one pass of each backbone: the maps of several classes differ only in the head's last step. An
+    unusable item gets its error once per class asked for."""
+    if len(wanted) != len(items):
+        raise ValueError(f"{len(wanted)} lists of classes for {len(items)} inputs")
+    targets = [[class_index(classes, c) for c in w] for w in wanted]
+    out: list[list[Explanation]] = []
     for s in range(0, len(items), batch_size):
-        out += _batch(members, classes, items[s:s + batch_size], names[s:s + batch_size], wanted)
+        out += _batch(members, classes, items[s:s + batch_size], names[s:s + batch_size], targets[s:s + batch_size])
     return out
 
 
@@ -113,7 +123,7 @@ def _load(item, preprocessings: Sequence[Preprocessing]):
     return [pre.transform().decode(img) for pre in preprocessings], [img.size] * len(preprocessings), img.size
 
 
-def _batch(members, classes, items, names, wanted: int | None) -> list[Explanation]:
+def _batch(members, classes, items, names, targets: list[list[int | None]]) -> list[list[Explanation]]:
     loaded, errors = [], {}
     for i, (item, name) in enumerate(zip(items, names)):
         try:
@@ -121,15 +131,15 @@ def _batch(members, classes, items, names, wanted: int | None) -> list[Explanati
         except (ImageError, OSError, ValueError) as exc:
             errors[i] = str(exc)
             log.warning("skipping %s: %s", name, exc)
-    results: dict[int, Explanation] = {i: Explanation(names[i], error=e) for i, e in errors.items()}
+    results = {i: [Explanation(names[i], error=e)] * len(targets[i]) for i, e in errors.items()}
     if loaded:
-        for i, explanation in zip([row[0] for row in loaded], _explain_loaded(members, classes, loaded, names,
-                                                                               wanted)):
-            results[i] = explanation
+        rows = [row[0] for row in loaded]
+        for i, explanations in zip(rows, _explain_loaded(members, classes, loaded, names, [targets[i] for i in rows])):
+            results[i] = explanations
     return [results[i] for i in range(len(items))]
 
 
-def _explain_loaded(members, classes, loaded, names, wanted) -> list[Explanation]:
+def _explain_loaded(members, classes, loaded, names, targets) -> list[list[Explanation]]:
     views = []  # per member: its views' feature maps of the batch
     proba = 0.0
     for k, m in enumerate(members):
@@ -140,18 +150,22 @@ def _explain_loaded(members, classes, loaded, names, wanted) -> list[Explanation
         proba = proba + p / len(members)
     proba = proba.numpy()
     predicted = proba.argmax(axis=1)
-    target = torch.as_tensor(predicted if wanted is None else np.full(len(loaded), wanted), dtype=torch.long)
-    grids = []  # per member: (B, h, w), the mean of its views' maps
-    for m, fmaps in zip(members, views):
-        grids.append((sum(cam.class_map(m.head, f, target) for f in fmaps) / len(fmaps)).numpy())
     method = members[0].method if len(members) == 1 else "mean of " + ", ".join(m.method for m in members)
-    out = []
-    for b, (i, _, decoded_sizes, size) in enumerate(loaded):
-        placed = [place(g[b], m.preprocessing, decoded_sizes[k], size) for k, (m, g) in enumerate(zip(members,
-                                                                                                     grids))]
-        t, p = int(target[b]), int(predicted[b])
-        out.append(Explanation(names[i], _combine(placed), classes[t], float(proba[b, t]), classes[p],
-                               float(proba[b, p]), method))
+    out: list[list[Explanation]] = [[] for _ in loaded]
+    for j in range(max(len(t) for t in targets)):  # the j-th class asked for, of the images that asked for one
+        batch = [b for b, t in enumerate(targets) if j < len(t)]
+        target = torch.as_tensor([predicted[b] if targets[b][j] is None else targets[b][j] for b in batch],
+                                 dtype=torch.long)
+        grids = []  # per member: (len(batch), h, w), the mean of its views' maps
+        for m, fmaps in zip(members, views):
+            grids.append((sum(cam.class_map(m.head, f[batch], target) for f in fmaps) / len(fmaps)).numpy())
+        for r, b in enumerate(batch):
+            i, _, decoded_sizes, size = loaded[b]
+            placed = [place(g[r], m.preprocessing, decoded_sizes[k], size)
+                      for k, (m, g) in enumerate(zip(members, grids))]
+            t, p = int(target[r]), int(predicted[b])
+            out[b].append(Explanation(names[i], _combine(placed), classes[t], float(proba[b, t]), classes[p],
+                                      float(proba[b, p]), method))
     return out
 
 

@@ -5,6 +5,9 @@ over the image (as pytorch-grad-cam's show_cam_on_image blends); where the map i
 crop cut away, never seen by the model) the image shows alone. A large photo is drawn at most
 MAX_SIDE pixels a side: the raw map keeps the full size. Drawn on a bare matplotlib Figure with an Agg
 canvas (reports/plots.py says why: no global backend is touched) and written atomically.
+
+`thumbnail` blends the same colours at the same opacity straight into the pixels of a small copy of the image,
+without a figure or a title: what report.html and inspect.html inline per image.
 """
 
 from __future__ import annotations
@@ -32,6 +35,22 @@ def _resample(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
     rows = ((np.arange(height) + 0.5) * heatmap.shape[0] / height).astype(np.int64)
     cols = ((np.arange(width) + 0.5) * heatmap.shape[1] / width).astype(np.int64)
     return heatmap[np.ix_(rows, cols)]
+
+
+def thumbnail(image: Image.Image, heatmap: np.ndarray, side: int) -> Image.Image:
+    """`image` at most `side` pixels a side with `heatmap` blended over it as write_overlay draws it (jet at ALPHA,
+    the image alone where the map is NaN). The map covers the whole image at any resolution of the same
+    aspect: a thumbnail of a large JPEG may come from a reduced decode (images.load_image's min_side)."""
+    from matplotlib import colormaps
+
+    small = image.convert("RGB")
+    small.thumbnail((side, side))
+    values = _resample(shown(heatmap), small.width, small.height)  # (height, width), 0 to 1 or NaN
+    seen = np.isfinite(values)
+    colour = colormaps["jet"](np.nan_to_num(values, nan=0.0))[..., :3] * 255.0
+    pixels = np.asarray(small, np.float64)
+    blend = np.where(seen[..., None], (1 - ALPHA) * pixels + ALPHA * colour, pixels)
+    return Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8))
 
 
 def write_overlay(image: Image.Image, heatmap: np.ndarray, title: str, path: str | os.PathLike) -> None:

@@ -25,8 +25,9 @@ from headstart.errors import HeadstartError
 from headstart.fileio import write_json, write_text
 from headstart.inspection.balance import class_balance
 from headstart.inspection.copies import near_copies
-from headstart.inspection.labels import label_issues, reduced
-from headstart.inspection.page import render_page
+from headstart.inspection.labels import label_issues, principal_axes, project
+from headstart.inspection.overlays import label_overlays
+from headstart.inspection.page import THUMB, render_page, shown
 from headstart.inspection.strays import stray_scores
 from headstart.runs.context import Place, load_run_data, prepare, resolve_backbone
 from headstart.runs.rundir import check_outside
@@ -79,14 +80,15 @@ def inspect(data: str | os.PathLike, *, labels: str | os.PathLike | None = None,
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "issues.csv", issues_csv(found["rows"]))
     write_json(out / "summary.json", found["summary"])
-    write_text(out / "inspect.html", render_page(found["summary"], found["rows"], found["base"]))
+    write_text(out / "inspect.html", render_page(found["summary"], found["rows"], found["base"], found["label_maps"]))
     log.info("inspection written to %s (%s)", out, ", ".join(f"{k} {n}" for k, n in found["summary"]["counts"].items())
              or "no issues")
     return Inspection(out, found["rows"], found["summary"])
 
 
 def find_issues(ctx, folds: int, seed: int, out: Path | None = None) -> dict:
-    """Every check on a prepared run context: {"rows": issues.csv's rows, "summary": ..., "base": DATA's folder}."""
+    """Every check on a prepared run context: {"rows": issues.csv's rows, "summary": ..., "base": DATA's folder,
+    "label_maps": {path: (given label's overlay, suggested label's overlay)} of the label findings the page shows}."""
     data, feats = ctx.data, ctx.feats
     base = os.path.dirname(data.root) if data.layout == "csv" else data.root
     rel = lambda p: os.path.relpath(p, base).replace(os.sep, "/")  # noqa: E731
@@ -115,7 +117,8 @@ def find_issues(ctx, folds: int, seed: int, out: Path | None = None) -> dict:
     ok = np.array([x is not None for x in looks], bool)
 
     t = time.perf_counter()
-    Z = reduced(feats.X)  # the label check's and the copy search's space
+    axes = principal_axes(feats.X)
+    Z = project(feats.X, axes)  # the label check's and the copy search's space
     seconds["components"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     lab = label_issues(Z, feats.y, classes, folds, seed)
@@ -157,6 +160,17 @@ def find_issues(ctx, folds: int, seed: int, out: Path | None = None) -> dict:
         for i in sorted(hit, key=lambda i: sc[i]):
             rows.append(row(i, check, 1.0 - sc[i]))
 
+    t = time.perf_counter()
+    at = {n: i for i, n in enumerate(names)}
+    picks = [(at[r["path"]], classes.index(r["given_label"]), classes.index(r["suggested_label"]))
+             for r in shown(rows, "label")]
+    drawn, why_not = label_overlays(ctx, lab, axes, picks, THUMB)
+    label_maps = {names[i]: pair for i, pair in drawn.items()}
+    heatmaps = {"drawn": len(label_maps), "of": len(picks), "method": "cam of the fold head that held each file out"}
+    if why_not:
+        heatmaps["note"] = why_not
+    seconds["label_heatmaps"] = round(time.perf_counter() - t, 2)
+
     balance = class_balance(ctx.summary["per_class"], classes, feats.y, lab["proba"])
     notes += balance["notes"]
     for n in notes:
@@ -169,7 +183,7 @@ def find_issues(ctx, folds: int, seed: int, out: Path | None = None) -> dict:
         "n_readable": int(len(paths)), "splits": ctx.summary["splits"],
         "backbone": ctx.entry.name, "image_size": ctx.image_size, "cache_namespace": feats.cache.key,
         "counts": counts, "notes": notes,
-        "labels": lab["info"], "near_copies": cop["info"],
+        "labels": {**lab["info"], "heatmaps": heatmaps}, "near_copies": cop["info"],
         "strays": {"listed": int(len(st["listed"]))},
         "image_checks": checks, "class_balance": balance,
         "byte_identical_across_splits": ctx.summary["duplicates_across_splits"],
@@ -181,7 +195,7 @@ def find_issues(ctx, folds: int, seed: int, out: Path | None = None) -> dict:
                "[--exclude-kinds label,leak]",
         "seconds": seconds,
     }
-    return {"rows": rows, "summary": summary, "base": base}
+    return {"rows": rows, "summary": summary, "base": base, "label_maps": label_maps}
 
 
 def low_fence(scores: np.ndarray, check: str) -> float:

@@ -38,37 +38,59 @@ MAX_GIVEN = 0.07
 FILTER = "low_self_confidence"
 
 
-def reduced(X: np.ndarray, dims: int = DIMS) -> np.ndarray:
-    """`X` on its first `dims` principal components (all of X when it has no more), float32.
+def principal_axes(X: np.ndarray, dims: int = DIMS) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean (d,), axes (d, dims)) of `X`'s first `dims` principal components; None when X has no more than
+    `dims` columns or rows (it is then used as it is).
 
     From the eigenvectors of the features' covariance (d x d): for FMNIST-TL's 20,120 x 1,280 features one
     matrix product and one symmetric eigendecomposition, where scikit-learn's randomized PCA took 21-63 s
     on the loaded machine."""
     if X.shape[1] <= dims or len(X) <= dims:
-        return np.asarray(X, np.float32)
+        return None
     X = np.asarray(X, np.float32)
     mean = X.mean(axis=0)
     centred = X - mean
     cov = (centred.T @ centred).astype(np.float64) / len(X)
     _, vectors = np.linalg.eigh(cov)  # ascending eigenvalues
-    top = vectors[:, ::-1][:, :dims].astype(np.float32)
-    return centred @ top
+    return mean, vectors[:, ::-1][:, :dims].astype(np.float32)
 
 
-def out_of_fold(Z: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """(n, n_classes) probabilities of each row from a linear head fitted on the other folds; and how."""
+def project(X: np.ndarray, axes: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """`X` on `axes` (principal_axes'), float32: (X - mean) @ axes; X itself when there are none."""
+    if axes is None:
+        return np.asarray(X, np.float32)
+    mean, top = axes
+    return (np.asarray(X, np.float32) - mean) @ top
+
+
+def reduced(X: np.ndarray, dims: int = DIMS) -> np.ndarray:
+    """`X` on its first `dims` principal components (all of X when it has no more), float32."""
+    return project(X, principal_axes(X, dims))
+
+
+def out_of_fold(Z: np.ndarray, y: np.ndarray, n_classes: int, folds: int,
+                seed: int = 0) -> tuple[np.ndarray, dict, list[tuple], np.ndarray]:
+    """(n, n_classes) probabilities of each row from a linear head fitted on the other folds; how; each fold's
+    head as (weight (k, d), bias (k,), its k classes), its feature scaler folded in (learn/heads.py); and the
+    fold that held each row out."""
     from sklearn.model_selection import StratifiedKFold
 
     t0 = time.perf_counter()
     proba = np.zeros((len(y), n_classes))
+    fold = np.full(len(y), -1, np.int64)
+    heads = []
     C = None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(Z, y):
+        for j, (train, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(Z, y)):
             head = LinearHead(**({"Cs": (C,)} if C is not None else {}), random_state=seed).fit(Z[train], y[train])
             C = head.C_
             proba[np.ix_(held, head.classes_)] = head.predict_proba(Z[held])
-    return proba, {"folds": folds, "C": C, "seconds": round(time.perf_counter() - t0, 2)}
+            linear = head.to_torch()[0]
+            heads.append((linear.weight.detach().double().numpy(), linear.bias.detach().double().numpy(),
+                          np.asarray(head.classes_)))
+            fold[held] = j
+    return proba, {"folds": folds, "C": C, "seconds": round(time.perf_counter() - t0, 2)}, heads, fold
 
 
 def label_issues(Z: np.ndarray, y: np.ndarray, classes: list[str], folds: int = 5, seed: int = 0) -> dict:
@@ -76,7 +98,9 @@ def label_issues(Z: np.ndarray, y: np.ndarray, classes: list[str], folds: int = 
 
     Returns {"flagged": indices into X, "score": 1 - cleanlab's label quality of each (higher: surer),
     "suggested": the likeliest class of each, "proba": out-of-fold probabilities of every image (rows of
-    the images left out are NaN), "notes": [...], "info": {...}}."""
+    the images left out are NaN), "heads": each fold's linear head on Z as (weight (k, d), bias (k,), its k
+    classes as indices into `classes`), "fold": the fold whose head judged each image (-1: not checked),
+    "notes": [...], "info": {...}}."""
     try:
         from cleanlab.filter import find_label_issues
         from cleanlab.rank import get_label_quality_scores
@@ -93,8 +117,9 @@ def label_issues(Z: np.ndarray, y: np.ndarray, classes: list[str], folds: int = 
     kept_classes = np.flatnonzero(counts >= folds)
     rows = np.flatnonzero(np.isin(y, kept_classes))
     proba_all = np.full((len(y), len(classes)), np.nan)
+    fold_all = np.full(len(y), -1, np.int64)
     empty = {"flagged": np.zeros(0, np.int64), "score": np.zeros(0), "suggested": np.zeros(0, np.int64),
-             "proba": proba_all, "notes": notes, "info": {"checked": 0}}
+             "proba": proba_all, "heads": [], "fold": fold_all, "notes": notes, "info": {"checked": 0}}
     if len(kept_classes) < 2:
         notes.append(f"the label check needs two classes of at least {folds} images; it was skipped")
         return empty
@@ -102,7 +127,8 @@ def label_issues(Z: np.ndarray, y: np.ndarray, classes: list[str], folds: int = 
     index[kept_classes] = np.arange(len(kept_classes))
     yk = index[y[rows]]
     t0 = time.perf_counter()
-    proba, info = out_of_fold(Z[rows], yk, len(kept_classes), folds, seed)
+    proba, info, heads, fold = out_of_fold(Z[rows], yk, len(kept_classes), folds, seed)
+    fold_all[rows] = fold
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cleanlab's notes on tiny classes: the notes above say it
         proposed = find_label_issues(yk, proba, filter_by=FILTER)
@@ -115,4 +141,5 @@ def label_issues(Z: np.ndarray, y: np.ndarray, classes: list[str], folds: int = 
     log.info("labels: %d of %d files flagged (%d proposed by cleanlab) from %d-fold probabilities in %.1fs",
              len(hit), len(rows), int(proposed.sum()), folds, info["seconds"])
     return {"flagged": rows[hit], "score": 1.0 - quality[hit], "suggested": kept_classes[proba[hit].argmax(axis=1)],
-            "proba": proba_all, "notes": notes, "info": info}
+            "proba": proba_all, "heads": [(w, b, kept_classes[k]) for w, b, k in heads], "fold": fold_all,
+            "notes": notes, "info": info}

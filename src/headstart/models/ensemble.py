@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from headstart.errors import BundleError
-from headstart.heatmaps.explain import Explanation, explain as explain_images
-from headstart.models.model import Model, _name, as_inputs
+from headstart.models.model import Model, as_inputs
 from headstart.settings import Runtime
 
 log = logging.getLogger(__name__)
@@ -107,14 +106,13 @@ class Ensemble:
     predict_proba = Model.predict_proba
     predict = Model.predict
 
-    def explain(self, images, class_: str | None = None, runtime: Runtime | None = None,
-                **kw) -> list[Explanation]:
-        """As Model.explain, for the class the ensemble predicts (or `class_`): the mean of the members' maps,
-        each scaled to its own maximum first (heatmaps/explain.py)."""
-        rt = Runtime.of(runtime, **kw)
-        items = as_inputs(images)
-        return explain_images([m.heatmap_member(rt) for m in self.members], self.classes, items,
-                              [_name(item, i) for i, item in enumerate(items)], class_, rt.batch_size)
+    def heatmap_members(self, runtime: Runtime) -> list:
+        """Each member as heatmaps/explain.py needs it: an ensemble's map is the mean of its members' maps,
+        each scaled to its own maximum first (heatmaps/explain.py), for the class the ensemble predicts."""
+        return [m.heatmap_member(runtime) for m in self.members]
+
+    explain = Model.explain
+    explain_classes = Model.explain_classes
 
     def describe(self) -> str:
         return " + ".join(f"{self.name(i)} ({m.entry.name}, {m.preprocessing.crop_size} px)"

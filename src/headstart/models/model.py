@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from headstart.errors import HeadstartError
 from headstart.engines.features import FeatureCache, cache_root_of, extract, make_namespace
 from headstart.learn.head_modules import softmax
 from headstart.heatmaps.cam import FeatureMapNet
-from headstart.heatmaps.explain import Explanation, Member as HeatmapMember, explain as explain_images
+from headstart.heatmaps.explain import Explanation, Member as HeatmapMember, explain_classes as explain_each
 from headstart.data.images import ImageError, to_rgb
 from headstart.engines.quantize import Int8Source
 from headstart.settings import Runtime
@@ -150,6 +151,10 @@ class Model:
         """This model as heatmaps/explain.py needs it."""
         eng = self.map_engine(runtime.device, runtime.engine, runtime.precision, cache_root_of(runtime.cache_dir))
         return HeatmapMember(eng, self.head, self.preprocessing, mirrored=self.tta == "flip")
+
+    def heatmap_members(self, runtime: Runtime) -> list[HeatmapMember]:
+        """The models whose maps make this one's: itself (an Ensemble: its members)."""
+        return [self.heatmap_member(runtime)]
 
     def namespace(self, choice: EngineChoice, view: str = "image") -> dict:
         ns = make_namespace(self.entry.name, self.backbone_identity or self.weights.identity(), self.preprocessing,
@@ -291,10 +296,18 @@ class Model:
         reports it. A linear head gets CAM (exact: the map's mean over the network's grid is the class's
         logit minus its bias), any other head Grad-CAM at the same layer; test-time flips average the
         mirror image's map, flipped back (heatmaps/cam.py). `runtime` and keywords as for `predict_proba`."""
+        items = as_inputs(images)
+        return [e[0] for e in self.explain_classes(items, [[class_]] * len(items), runtime, **kw)]
+
+    def explain_classes(self, images, classes: Sequence[Sequence[str | None]], runtime: Runtime | None = None,
+                        **kw) -> list[list[Explanation]]:
+        """Several maps per input from one pass of the backbone: for input i, one Explanation per class named in
+        `classes[i]` (None: the predicted class), in that order; an unusable input gets its error once per
+        class. report.html draws each worst error's predicted and true class this way."""
         rt = Runtime.of(runtime, **kw)
         items = as_inputs(images)
-        return explain_images([self.heatmap_member(rt)], self.classes, items,
-                              [_name(item, i) for i, item in enumerate(items)], class_, rt.batch_size)
+        return explain_each(self.heatmap_members(rt), self.classes, items,
+                            [_name(item, i) for i, item in enumerate(items)], classes, rt.batch_size)
 
 
 def features_of(model, images: list, runtime: Runtime | None = None,

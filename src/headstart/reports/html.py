@@ -4,54 +4,34 @@
 (config.json, metrics.json, skipped.json, test_predictions.csv, the plots), so the run
 itself and `headstart report RUN` write the same report.md and report.html, byte for byte.
 
-The page fetches nothing: plots and the worst errors' thumbnails are inlined as base64
-PNG data URIs, the CSS sits in the page, there is no script, and a Content-Security-Policy
-(`default-src 'none'`) makes the browser refuse any fetch a future edit might add. Links to
-files beside the page (test_predictions.csv, a run's report.html) are relative, followed only
-when clicked. Every string that comes from the user's data (class and file names) is
-escaped; a name that is not valid UTF-8 arrives with surrogates and is shown as `\\xff`.
+The page fetches nothing: plots, the worst errors' thumbnails and their heatmaps (overlays.py: where the
+model looked for the predicted and for the true class) are inlined as base64 PNG data URIs, the CSS sits in
+the page, there is no script, and a Content-Security-Policy (`default-src 'none'`) makes the browser refuse
+any fetch a future edit might add (pieces.py: what every page shares). Links to files beside the page
+(test_predictions.csv, a run's report.html) are relative, followed only when clicked. Every string that
+comes from the user's data (class and file names) is escaped; a name that is not valid UTF-8 arrives with
+surrogates and is shown as `\\xff`.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import io
 import json
 import os
 from pathlib import Path
-from urllib.parse import quote
 
 from headstart.errors import HeadstartError
 from headstart.fileio import write_text
 from headstart.reports.markdown import (SPLITS, class_notes, data_issue_sections, images_per_class, provenance_facts,
                                         run_summary, write_run_report)
+from headstart.reports.overlays import worst_overlays
+from headstart.reports.pieces import data_uri, esc, facts, href, img, page, table, thumbnail, words
 from headstart.reports.plots import shown_path
 from headstart.reports.tables import NO_TEST_IMAGES, macro_f1_text
 
 THUMB = 96  # pixels, the longer side of a worst-error thumbnail: 16 of them stay under ~150 KB
 WORST = 16  # as many as worst_errors.png shows
 PAGE_PLOTS = ("training_curve.png",)  # inlined; the confusion matrix and the worst errors are drawn in HTML
-
-CSS = """
-body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:0 auto;padding:1em 1.5em;color:#222}
-h1{font-size:1.5em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5em 0}th,td{padding:.25em .6em;border:1px solid #ddd;text-align:left}
-td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.none{color:#666;font-style:italic}
-table.facts th{background:#f6f6f6;white-space:nowrap;vertical-align:top}
-table.cm td{text-align:right;min-width:2.2em}table.cm td.d{font-weight:bold}
-table.cm th.c{writing-mode:vertical-rl;transform:rotate(180deg);vertical-align:bottom}
-.warn{background:#fff4e0;border-left:4px solid #e69500;padding:.5em 1em}
-.grid{display:flex;flex-wrap:wrap;gap:10px}
-figure{margin:0;width:160px;font-size:12px;overflow-wrap:anywhere}
-.p{white-space:nowrap}
-figure img{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;background:#eee;display:block}
-figure .missing{width:96px;height:96px;background:#eee;display:flex;align-items:center;font-size:11px}
-img.plot{max-width:100%}
-.muted{color:#666}
-"""
 
 
 # --------------------------------------------------------------------------- the summary, from the run's files
@@ -147,63 +127,14 @@ def report(path: str | os.PathLike) -> list[Path]:
 # --------------------------------------------------------------------------- HTML
 
 
-def esc(value) -> str:
-    """`value` as HTML text: undecodable bytes (surrogates) shown as \\xff escapes, then HTML-escaped."""
-    text = str(value)
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate surrogateescape did not make (e.g. from a JSON \\ud800)
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return html.escape(text, quote=True)
-
-
-def _href(name: str) -> str:
-    # A relative link to a file beside the page; quote() also makes '<', '"' and spaces harmless.
-    return esc(quote(name.encode("utf-8", "surrogateescape")))
-
-
-def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset(), cls: str = "") -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="n">{esc(c)}</td>' if i in numeric else f"<td>{esc(c)}</td>"
-                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-class Markup(str):
-    """Text already made HTML (its user strings escaped): `_facts` places it as it is."""
-
-
-def _facts(rows: list[list[str]]) -> str:
-    return '<table class="facts">' + "".join(
-        f"<tr><th>{esc(k)}</th><td>{v if isinstance(v, Markup) else esc(v)}</td></tr>" for k, v in rows) + "</table>"
-
-
-def _words(text: str) -> Markup:
-    """`text` that wraps only between words: a browser otherwise breaks a command after any hyphen (`--`)."""
-    return Markup(" ".join(f'<span class="p">{esc(w)}</span>' for w in text.split(" ")))
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def page(title: str, body: list[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-            "style-src 'unsafe-inline'\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{esc(title)}</title>\n<style>{CSS}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
-
-
 def render_html(s: dict, run_dir: Path) -> str:
     """The run's page; `run_dir` holds the plots to inline."""
-    body = [f"<h1>headstart run {esc(s['name'])}</h1>", "<h2>The run</h2>", _facts(_run_facts(s))]
+    body = [f"<h1>headstart run {esc(s['name'])}</h1>", "<h2>The run</h2>", facts(_run_facts(s))]
     if s["data"]["per_class"]:
         header, rows = images_per_class(s["data"])
-        body.append('<h3 id="images">Images per class</h3>' + _table(header, rows, {1, 2, 3})
+        body.append('<h3 id="images">Images per class</h3>' + table(header, rows, {1, 2, 3})
                     + "".join(f"<p>{esc(note)}</p>" for note in class_notes(s["data"])))
-    body.append("<h3>Timings</h3>" + _facts(s["timings"]))
+    body.append("<h3>Timings</h3>" + facts(s["timings"]))
     copies = s["data"]["duplicates_across_splits"]
     if copies and copies["groups"]:
         kinds = ", ".join(f"{n} across {k}" for k, n in sorted(copies["by_splits"].items()))
@@ -224,12 +155,12 @@ def render_html(s: dict, run_dir: Path) -> str:
         body.append("<p>No test split: pass --test-fraction &gt; 0 or a test/ folder to measure the model.</p>")
     if s["predictions"]:
         body.append(f'<p>Every test image\'s prediction, with its top classes: '
-                    f'<a href="{_href(s["predictions"])}">{esc(s["predictions"])}</a>.</p>')
-    body += _worst_section(s["worst_errors"], bool(s["test"]), s["data"]["root"])
+                    f'<a href="{href(s["predictions"])}">{esc(s["predictions"])}</a>.</p>')
+    body += _worst_section(s["worst_errors"], bool(s["test"]), s["data"]["root"], run_dir)
     for f, title in s["plots"]:
         if f in PAGE_PLOTS:
             body.append(f"<h2>{esc(title)}</h2>"
-                        f'<img class="plot" alt="{esc(title)}" src="{_data_uri((run_dir / f).read_bytes())}">')
+                        f'<img class="plot" alt="{esc(title)}" src="{data_uri((run_dir / f).read_bytes())}">')
     if "training_curve.png" not in [f for f, _ in s["plots"]]:
         body.append('<h2>Training curve</h2><p class="muted">None: this run recorded no epochs against a validation '
                     "split (a linear head is fitted in one L-BFGS solve; an MLP head without a validation split "
@@ -237,7 +168,7 @@ def render_html(s: dict, run_dir: Path) -> str:
     body.append("<h2>Skipped files</h2>")
     if s["skipped"]:
         body.append(f"<p>{len(s['skipped'])} files were not used:</p>"
-                    + _table(["path", "reason"], [[i.get("path", ""), i.get("reason", "")] for i in s["skipped"]]))
+                    + table(["path", "reason"], [[i.get("path", ""), i.get("reason", "")] for i in s["skipped"]]))
     else:
         body.append("<p>None: every file found was used.</p>")
     return page(f"headstart run {s['name']}", body)
@@ -263,7 +194,7 @@ def _run_facts(s: dict) -> list[list[str]]:
                                     f"{ft['stopped_by']}"])
     if s["val_accuracy"] is not None:
         rows.append(["validation accuracy", f"{s['val_accuracy']:.4f}"])
-    return rows + [[k, _words(v) if k == "command" else v] for k, v in provenance_facts(s)]
+    return rows + [[k, words(v) if k == "command" else v] for k, v in provenance_facts(s)]
 
 
 def _test_sections(m: dict) -> list[str]:
@@ -274,7 +205,7 @@ def _test_sections(m: dict) -> list[str]:
     rows = [["images", str(m["n_images"])], ["accuracy", accuracy],
             ["balanced accuracy", f"{m['balanced_accuracy']:.4f}"], ["macro F1", macro_f1_text(m)]]
     rows += [[f"top-{k} accuracy", f"{v:.4f}"] for k, v in m["top_k_accuracy"].items()]
-    return ["<h3>Metrics</h3>", _facts(rows),
+    return ["<h3>Metrics</h3>", facts(rows),
             '<p class="muted">The 95% interval is the Wilson score interval of the accuracy on this many test '
             "images: two runs whose intervals overlap are not clearly different.</p>",
             "<h3>Per class</h3>", _per_class(m["per_class"]),
@@ -308,7 +239,7 @@ def _confusion(cm: list[list[int]], classes: list[str]) -> str:
             '<p class="muted">Rows are true classes, columns predicted classes; shading is the share of the row.</p>')
 
 
-def _worst_section(worst: dict | None, has_test: bool, root: str | None) -> list[str]:
+def _worst_section(worst: dict | None, has_test: bool, root: str | None, run_dir: Path) -> list[str]:
     if not has_test:
         return []
     out = ["<h2>Most confident mistakes</h2>"]
@@ -317,27 +248,27 @@ def _worst_section(worst: dict | None, has_test: bool, root: str | None) -> list
     if not worst["shown"]:
         return out + ["<p>None: every test image was classified correctly.</p>"]
     out.append(f'<p class="muted">{len(worst["shown"])} of the {worst["mistakes"]} wrong predictions on the test '
-               "split, those made with the highest probability first: look for wrong labels and broken images.</p>")
+               "split, those made with the highest probability first: look for wrong labels and broken images. "
+               "Beside each image, where the model looked for the class it predicted and for the true class "
+               "(its heatmaps, as <code>headstart explain</code> draws them: red raised that class's score "
+               "most). A map shows where, not why.</p>")
+    overlays, why_not = worst_overlays(run_dir, worst["shown"], THUMB)
+    if why_not:
+        out.append(f'<p class="muted">No heatmaps: {esc(why_not)}.</p>')
     figures = []
-    for w in worst["shown"]:  # each named by its path in the data folder: IMG_1056.jpg is in many folders
+    for w, pair in zip(worst["shown"], overlays):  # each named by its path in the data folder: IMG_1056.jpg is in many
         name = shown_path(w["path"], root)
-        figures.append(f"<figure>{_thumbnail(w['path'], name)}<figcaption><b>{esc(name)}</b><br>"
+        cells = thumbnail(w["path"], name, THUMB, "not readable now")
+        if pair is not None:  # the image, then the predicted class's map and the true class's, captioned
+            predicted, true = (img(overlay, f"{name}: map of {w[key]}") for overlay, key in zip(pair, ("predicted",
+                                                                                                       "true")))
+            cells = (f'<div class="row"><div>{cells}image</div><div>{predicted}map: predicted</div>'
+                     f"<div>{true}map: true</div></div>")
+        figures.append(f"<figure>{cells}<figcaption><b>{esc(name)}</b><br>"
                        f"true: {esc(w['true'])}<br>predicted: {esc(w['predicted'])} "
                        f'<span class="p">(p={w["probability"]:.2f})</span></figcaption></figure>')
-    return out + ['<div class="grid">' + "".join(figures) + "</div>"]
-
-
-def _thumbnail(path: str, name: str) -> str:
-    from headstart.data.images import ImageError, load_image  # decoded by the same rules as training
-
-    try:
-        image = load_image(path, min_side=THUMB)  # a large JPEG decodes at a fraction of its size
-    except (ImageError, OSError) as exc:  # moved or changed since the run: the page still lists the file
-        return f'<div class="missing">not readable now: {esc(exc)}</div>'
-    image.thumbnail((THUMB, THUMB))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
-    return f'<img alt="{esc(name)}" src="{_data_uri(buf.getvalue())}">'
+    grid = "grid maps" if any(p is not None for p in overlays) else "grid"
+    return out + [f'<div class="{grid}">' + "".join(figures) + "</div>"]
 
 
 # --------------------------------------------------------------------------- compare.html
@@ -351,7 +282,7 @@ def render_compare_html(result: dict, out: Path) -> str:
         rel = os.path.relpath(run, out) if run.is_absolute() else r["run"]
         name = esc(r["strategy"])
         if (run / "report.html").is_file():
-            name = f'<a href="{_href(Path(rel, "report.html").as_posix())}">{name}</a>'
+            name = f'<a href="{href(Path(rel, "report.html").as_posix())}">{name}</a>'
         acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
         if r.get("test_accuracy_ci95"):
             acc += " [{:.3f}, {:.3f}]".format(*r["test_accuracy_ci95"])
@@ -362,7 +293,7 @@ def render_compare_html(result: dict, out: Path) -> str:
         rows.append(f"<tr><td>{name}</td>" + "".join(f'<td class="n">{esc(c)}</td>' for c in cells) + "</tr>")
     header = ["strategy", "test accuracy [95% interval]", "balanced accuracy", "image size", "wall s",
               "trainable parameters", "extraction images/s", "training images/s", "epochs"]
-    body = ["<h1>headstart compare</h1>", _facts([["data", result["data"]], ["seed", str(result["seed"])]]),
+    body = ["<h1>headstart compare</h1>", facts([["data", result["data"]], ["seed", str(result["seed"])]]),
             "<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>",
             '<p class="muted">Wall time includes each strategy\'s cold feature extraction. 95% intervals are Wilson '
@@ -370,7 +301,7 @@ def render_compare_html(result: dict, out: Path) -> str:
             "to its run's report.</p>"]
     if (out / "compare.png").is_file():
         body.append(f'<img class="plot" alt="test accuracy against wall time" '
-                    f'src="{_data_uri((out / "compare.png").read_bytes())}">')
+                    f'src="{data_uri((out / "compare.png").read_bytes())}">')
     return page("headstart compare", body)
 
 
