@@ -33,6 +33,7 @@ def test_cv_reports_k_fold_accuracy_on_a_real_folder(fmnist_tiny, tmp_path):
     assert f"3-fold cross-validation (train + val, {cv['n_images']} images): accuracy {cv['accuracy_mean']:.4f}" \
         in stdout
     assert json.loads((out / "config.json").read_text())["cv"] == 3
+    assert (out / "train.log").read_text().count("final fit") == 1  # the run's head; the folds' heads say nothing
     MEASURED.append(f"--cv 3 on the tiny Fashion-MNIST folder ({cv['n_images']} images, MobileNetV2, 32 px, linear "
                     f"head): accuracy {cv['accuracy_mean']:.4f} +- {cv['accuracy_std']:.4f}")
 

@@ -308,3 +308,105 @@ def test_softmax_regression_reaches_scikit_learns_optimum(balanced):
     ref = LogisticRegression(C=C, tol=1e-10, max_iter=5000, class_weight=dict(enumerate(per_class)) if balanced
                              else None).fit(X, yi).predict_proba(X)
     assert np.abs(ours - ref).max() < 1e-3
+
+
+# --- C by K-fold cross-validation on small data (issue 32, item 6) ---------------------------------------------------
+
+
+def test_linear_head_chooses_c_by_k_fold_cross_validation_on_train_and_validation():
+    """With `cv=5`, each C is scored on every train + validation image once, by a fit on the other four folds:
+    its loss and accuracy are those of scikit-learn's LogisticRegression on the same folds (an independent fit of
+    the same objective), and the final fit uses all the images."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    from headstart.learn.heads import _standardiser
+
+    X, y = blobs(330, d=24, spread=4.0, seed=9)
+    Xtr, ytr, Xv, yv = X[:200], y[:200], X[200:250], y[200:250]
+    head = LinearHead(cv=5, random_state=4).fit(Xtr, ytr, Xv, yv)
+    assert (head.validation_, head.cv_folds_, head.config()["cv_folds"]) == ("cross-validation", 5, 5)
+    assert head.scaler_.n_samples_seen_ == 250
+    best = min(head.search_, key=lambda r: r["val_loss"])
+    assert (head.C_, head.val_accuracy_) == (best["C"], best["val_accuracy"])
+    pool, yp = np.concatenate([Xtr, Xv]), np.searchsorted(LABELS, np.concatenate([ytr, yv]))
+    for row in head.search_:
+        losses, correct = [], 0
+        for tr, va in StratifiedKFold(5, shuffle=True, random_state=4).split(pool, yp):
+            scaler = _standardiser(pool[tr])
+            ref = LogisticRegression(C=row["C"], tol=1e-8, max_iter=5000).fit(scaler.transform(pool[tr]), yp[tr])
+            p = ref.predict_proba(scaler.transform(pool[va]))
+            losses += list(-np.log(p[np.arange(len(va)), yp[va]]))
+            correct += int((p.argmax(1) == yp[va]).sum())
+        assert row["val_loss"] == pytest.approx(np.mean(losses), rel=1e-2), row
+        assert abs(row["val_accuracy"] - correct / 250) <= 2 / 250, row  # a borderline image may fall either way
+    again = LinearHead(cv=5, random_state=4).fit(Xtr, ytr, Xv, yv)
+    assert again.search_ == head.search_ and np.array_equal(again.decision_function(X), head.decision_function(X))
+    other = LinearHead(cv=5, random_state=5).fit(Xtr, ytr, Xv, yv)  # other folds: other numbers
+    assert [r["val_loss"] for r in other.search_] != [r["val_loss"] for r in head.search_]
+
+
+def test_cross_validation_keeps_to_what_the_data_allows(split_data, caplog):
+    (Xtr, ytr), (Xv, yv), _ = split_data
+    kept = LinearHead(cv=5, refit=False).fit(Xtr, ytr, Xv, yv)  # validation kept unseen: it alone chooses C
+    assert (kept.validation_, kept.cv_folds_) == ("given", None) and kept.scaler_.n_samples_seen_ == 150
+    held = LinearHead(cv=5).fit(Xtr, ytr)  # no validation given: folds of X
+    assert (held.validation_, held.cv_folds_, held.scaler_.n_samples_seen_) == ("cross-validation", 5, 150)
+    few = np.flatnonzero(ytr == 2)[3:]  # class 2 down to 3 training images: 3 folds, each with every class
+    X3, y3 = np.delete(Xtr, few, axis=0), np.delete(ytr, few)
+    assert LinearHead(cv=5, validation_fraction=0).fit(X3, y3).cv_folds_ == 3
+    one = np.flatnonzero(ytr == 2)[1:]  # a single image of class 2: no folds at all, the validation split chooses
+    X1, y1 = np.delete(Xtr, one, axis=0), np.delete(ytr, one)
+    head = LinearHead(cv=5).fit(X1, y1, Xv[yv != 2], yv[yv != 2])
+    assert (head.validation_, head.cv_folds_) == ("given", None) and len(head.search_) >= 2
+
+
+def test_the_log_says_final_fit_only_of_the_fit_that_is_final(split_data, caplog):
+    import logging
+
+    (Xtr, ytr), (Xv, yv), _ = split_data
+    with caplog.at_level(logging.INFO, logger="headstart.learn.heads"):
+        for cls in HEADS:
+            cls(refit=False).fit(Xtr, ytr, Xv, yv)
+    assert "final fit" not in caplog.text
+    assert caplog.text.count("fit, validation kept out, on 150 images") == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="headstart.learn.heads"):
+        LinearHead(cv=5).fit(Xtr, ytr, Xv, yv)
+    assert "chosen by 5-fold cross-validation on 210 train + validation images" in caplog.text
+    assert caplog.text.count("final fit on 210 images") == 1
+
+
+def test_a_feature_zero_on_nearly_every_image_does_not_choose_c(monkeypatch):
+    """Pooled ReLU features zero on all but a few images (EfficientNet-Lite0 on 8x8 digits: 250 of 1,280) put a
+    validation image 100,000 deviations out under a plain StandardScaler, and its loss chose C=1e-6. The floored
+    scale keeps such a feature ordinary: the C chosen without those features, and their accuracy."""
+    from sklearn.preprocessing import StandardScaler
+
+    from headstart.learn import heads
+
+    X, y = blobs(400, d=24, spread=3.0, seed=2)
+    rare = np.zeros((400, 8), np.float32)  # train 0-150 (barely on), validation 150-200 and test 200-400 (firing)
+    rng = np.random.default_rng(0)
+    for j in range(8):
+        rare[rng.integers(0, 150), j] = 0.01
+        rare[rng.choice(np.arange(150, 400), 6, replace=False), j] = 5.0
+    Xr = np.concatenate([X, rare], axis=1)
+    assert np.abs(StandardScaler().fit(Xr[:150]).transform(Xr[150:200])).max() > 1000
+    floored = heads._standardiser(Xr[:150])
+    spread = np.sqrt(floored.var_)
+    floor = heads.SCALE_FLOOR * np.median(spread[spread > 0])
+    assert np.allclose(floored.scale_, np.sqrt(floored.var_ + floor ** 2))
+    assert np.abs(floored.transform(Xr[150:200])).max() < 50
+    without = LinearHead().fit(X[:150], y[:150], X[150:200], y[150:200])
+    with_rare = LinearHead().fit(Xr[:150], y[:150], Xr[150:200], y[150:200])
+    assert with_rare.C_ == without.C_
+    assert abs(with_rare.score(Xr[200:], y[200:]) - without.score(X[200:], y[200:])) <= 0.01
+    monkeypatch.setattr(heads, "SCALE_FLOOR", 0.0)  # the plain scaler: the rare features choose C
+    assert LinearHead().fit(Xr[:150], y[:150], Xr[150:200], y[150:200]).C_ < without.C_ / 10
+
+
+def test_cv_folds_rule():
+    from headstart.learn.heads import CV_BELOW, CV_FOLDS, cv_folds
+
+    assert cv_folds(900) == cv_folds(CV_BELOW - 1) == CV_FOLDS and cv_folds(CV_BELOW) is None

@@ -18,7 +18,7 @@ import torch
 
 from headstart import distributed, memory
 from headstart.learn.finetune import backbone_identity
-from headstart.learn.heads import cross_validate, make_head
+from headstart.learn.heads import cross_validate, cv_folds, make_head
 from headstart.strategies.auto import choose_strategy
 from headstart.strategies.finetune import run_fine_tune
 
@@ -65,8 +65,15 @@ def phase1_head(ctx, refit: bool):
     """Phase 1: the configured head on the frozen features of the training split, validated on the validation
     split; `refit` refits it on train + validation once its settings are chosen (nothing validates later)."""
     cfg = ctx.cfg
-    head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed, refit=refit)
+    head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed, refit=refit,
+                     **small_data_cv(cfg.head, ctx.feats))
     return head.fit(*fit_args(ctx.feats), **({"callbacks": ctx.epoch_logs} if cfg.head == "mlp" else {}))
+
+
+def small_data_cv(head: str, feats) -> dict:
+    """A linear head's `cv`: below heads.CV_BELOW train + validation images its C is chosen by K-fold
+    cross-validation on them (used where they all join the final fit, `refit`), instead of one validation split."""
+    return {"cv": cv_folds(int((feats.tr | feats.va).sum()))} if head == "linear" else {}
 
 
 def frozen_head(ctx, strategy: str, refit: bool) -> Fitted:
@@ -100,7 +107,8 @@ def auto(ctx) -> Fitted:
             log.warning("strategy auto chose feature extraction, so these fine-tuning settings are not used: "
                         "%s (recorded in config.json as unused_settings; pass --strategy fine-tune to "
                         "apply them)", ", ".join("--" + k.replace("_", "-") for k in unused))
-        head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed).fit(*fit_args(feats))
+        head = make_head(cfg.head, class_weight=cfg.class_weight, seed=cfg.seed, **small_data_cv(cfg.head, feats)).fit(
+            *fit_args(feats))
     fitted = fitted_head(ctx, head, strategy, t_head)
     fitted.decision, fitted.unused = decision, unused
     add_cv(ctx, fitted)
