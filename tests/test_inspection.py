@@ -23,6 +23,7 @@ from conftest import tree_digest, write_image_folder
 from headstart.data.issues import COLUMNS, exclusions, parse_kinds, read_issues
 from headstart.data.looks import COPY_SIM, Look, look, spectrum_similarity, unit_spectra
 from headstart.errors import DataError, HeadstartError
+from headstart.inspection.copies import PROPOSE_SIM, mutual_best, near_copies
 from headstart.learn import neighbours
 from headstart.learn.neighbours import nearest
 
@@ -105,6 +106,36 @@ def test_a_resaved_resized_or_shifted_copy_is_the_same_picture_and_a_lookalike_i
     sims = spectrum_similarity(np.repeat(spectra[:1], len(spectra) - 1, axis=0), spectra[1:])
     assert (sims[:4] >= COPY_SIM).all(), sims[:4]
     assert (sims[4:] < COPY_SIM).all(), sims[4:]
+
+
+@pytest.mark.parametrize("how", ["jpeg", "resize", "shift", "crop"])
+def test_near_copies_pairs_a_copy_with_its_original_and_not_a_lookalike_too(tmp_path, how):
+    arr = np.asarray(_picture(0))
+    copy = {"jpeg": _picture(0), "resize": _picture(0).resize((72, 72), Image.BILINEAR),
+            "shift": Image.fromarray(np.roll(arr, 2, axis=1)), "crop": _picture(0).crop((3, 3, 45, 45))}[how]
+    # a lookalike of the original: the same blobs with a fifth of another picture in them
+    alike = Image.fromarray((0.8 * arr + 0.2 * np.asarray(_picture(20))).astype(np.uint8))
+    files = {"test/o.png": _picture(0), f"train/copy.{'jpg' if how == 'jpeg' else 'png'}": copy,
+             "train/alike.png": alike, **{f"train/x{s}.png": _picture(s) for s in range(1, 7)}}
+    (tmp_path / "test").mkdir()
+    (tmp_path / "train").mkdir()
+    looks = [_look(im, tmp_path / name, quality=90) if name.endswith(".jpg") else _look(im, tmp_path / name)
+             for name, im in files.items()]
+    names = list(files)
+    fingers = np.stack([x.finger for x in looks])
+    spectra = unit_spectra(fingers)
+    assert spectrum_similarity(spectra[:1], spectra[2:3])[0] >= PROPOSE_SIM  # the lookalike is proposed
+    found = near_copies(fingers.reshape(len(names), -1), fingers, [n.split("/")[0] for n in names], names,
+                        [str(tmp_path / n) for n in names])
+    assert [(names[p], names[q], kind) for p, q, kind, _ in found["rows"]] == [("test/o.png", names[1], "leak")]
+
+
+def test_each_file_keeps_its_mutual_best_partner_only():
+    # 0 and 1 are each other's best; 2's best is 0, but 0's best is 1; 3 and 4 are each other's only partner
+    pairs = np.array([[0, 1], [0, 2], [1, 2], [3, 4]])
+    sims = np.array([0.99, 0.98, 0.95, 0.96], np.float32)
+    assert mutual_best(pairs, sims).tolist() == [True, False, False, True]
+    assert mutual_best(np.zeros((0, 2), int), np.zeros(0, np.float32)).tolist() == []
 
 
 def test_cleanvisions_checks_flag_a_black_and_a_tiny_image_only(tmp_path):

@@ -134,8 +134,9 @@ def find_issues(ctx, folds: int, seed: int, out: Path | None = None) -> dict:
 
     t = time.perf_counter()
     idx = np.flatnonzero(ok)
-    fingers = np.stack([looks[i].finger for i in idx]) if len(idx) else np.zeros((0, 2, 1, 1), np.float32)
-    cop = near_copies(Z[idx], fingers, [splits[i] for i in idx], [names[i] for i in idx]) if len(idx) > 1 \
+    fingers = np.stack([looks[i].finger for i in idx]) if len(idx) else np.zeros((0, 3, 1, 1), np.float32)
+    cop = near_copies(Z[idx], fingers, [splits[i] for i in idx], [names[i] for i in idx],
+                      [paths[i] for i in idx]) if len(idx) > 1 \
         else {"rows": [], "info": {}}
     for p, q, kind, s in cop["rows"]:
         rows.append(row(idx[p], kind, s, partner=names[idx[q]]))
