@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import explaining, kinds, scale, serving  # noqa: E402
+from benchmarks import explaining, inspect_scale, kinds, scale, serving  # noqa: E402
 from benchmarks import scaling as scale_out  # noqa: E402
 from benchmarks.peak import Peaks  # noqa: E402
 from benchmarks.baselines import plain  # noqa: E402
@@ -46,12 +46,13 @@ from headstart.nets.weights import load_backbone  # noqa: E402
 
 HEADSTART = [Path(sys.executable).with_name("headstart")]
 SECTIONS = ["peak", "extraction", "decoding", "pipeline", "int8", "end_to_end", "finetune_epoch", "finetune_bf16",
-            "memory", "scale", "serve", "scaling", "explain"]
+            "memory", "scale", "inspect_scale", "serve", "scaling", "explain"]
 SECTION_KEYS = {"peak": ["peak_gflops"], "extraction": ["extraction", "peak_gflops"], "decoding": ["decoding"],
                 "pipeline": ["pipeline"], "int8": ["int8"],
                 "end_to_end": ["end_to_end", "e2e_repeats"], "finetune_epoch": ["finetune_epoch"],
                 "finetune_bf16": ["finetune_bf16"],
-                "memory": ["memory"], "scale": ["scale"], "serve": ["serve"], "scaling": ["scaling"],
+                "memory": ["memory"], "scale": ["scale"], "inspect_scale": ["inspect_scale"], "serve": ["serve"],
+                "scaling": ["scaling"],
                 "explain": ["explain"]}
 ENGINES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 
@@ -634,6 +635,8 @@ def markdown(r: dict) -> str:
                   f"{m['peak_rss_mib']:.0f} | {m.get('seconds', '')} |" for m in r["memory"]]
     if r.get("scale"):
         lines += scale.markdown(r["scale"])
+    if r.get("inspect_scale"):
+        lines += inspect_scale.markdown(r["inspect_scale"])
     if r.get("serve"):
         lines += serving.markdown(r["serve"])
     if r.get("scaling"):
@@ -728,6 +731,8 @@ def main(argv=None) -> int:
                    help=f"sections: {' '.join(SECTIONS)}")
     p.add_argument("--scale-images", type=int, default=None,
                    help="images in the scale section's folder (default 200,000; smoke 1,000)")
+    p.add_argument("--inspect-images", type=int, default=None,
+                   help="synthetic images of the inspect_scale section (default 200,000 and a quarter; smoke 2,000)")
     a = p.parse_args(argv)
     smoke = a.smoke
     repeats = a.repeats or (1 if smoke else 3)
@@ -807,6 +812,12 @@ def main(argv=None) -> int:
                                       smoke=smoke, synthetic=not smoke)
         log(f"scale: {result['scale']}")
         section_seconds["scale"] = round(time.perf_counter() - t_section, 1)
+    if "inspect_scale" in sections:
+        t_section = time.perf_counter()
+        result["inspect_scale"] = inspect_scale.measure(a.inspect_images or (2_000 if smoke else 200_000), max_rss,
+                                                        smoke=smoke, log=log, work=work)
+        log(f"inspect_scale: {result['inspect_scale']['time_ratio_4x_images']}")
+        section_seconds["inspect_scale"] = round(time.perf_counter() - t_section, 1)
 
     if "serve" in sections:
         t_section = time.perf_counter()

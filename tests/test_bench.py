@@ -115,3 +115,23 @@ def test_finetune_bf16_times_fp32_against_bf16_on_a_native_bf16_cpu(fake_cpu, tm
     assert (f["bf16_channels_last"]["speedup"], f["bf16_channels_last"]["pays"]) == (1.24, False)
     table = "\n".join(bench.finetune_bf16_markdown(f))
     assert "| bf16 | 6.5 | 1.62 | 0.8990 | -0.10 |" in table and "| bf16, channels-last | 8.5 | 1.24 |" in table
+
+
+def test_the_inspect_scale_section_is_listed_and_its_table_written():
+    """The section's figures (scripted here: the section itself takes minutes at 200,000) as make bench writes
+    them: each step's seconds at n/4 and n, the ratio, the peak RSS and what the step found."""
+    from benchmarks import inspect_scale, run
+
+    assert "inspect_scale" in run.SECTIONS and run.SECTION_KEYS["inspect_scale"] == ["inspect_scale"]
+    found = {"labels": {"recall": 0.95, "precision": 0.9}, "strays": {"planted_listed": 1.0},
+             "near_copies": {"planted_found": 1.0, "planted": 1000, "wrong_pairs": 2}}
+    rows = [{"step": step, "images": n, "make_seconds": 1.0, "seconds": 0.0 if step == "data" else n / 10_000,
+             "peak_rss_mib": n / 100, **found.get(step, {})} for n in (50_000, 200_000) for step in inspect_scale.STEPS]
+    s = {"images": 200_000, "quarter": 50_000, "classes": 10, "width": 1280, "smoke": False, "rows": rows,
+         "time_ratio_4x_images": {"components": 4.0, "labels": 4.0, "strays": 4.0, "near_copies": 4.0},
+         "exact_up_to": 60_000, "load_average": 1.0}
+    table = "\n".join(inspect_scale.markdown(s))
+    assert "| s at 50,000 | s at 200,000 | time ratio (4x images) |" in table
+    assert "| near copies (4 searches + pixel check) | 5.0 | 20.0 | 4.0 | 500 | 2000 | 100% of 1000 planted copies, " \
+           "2 other pairs |" in table
+    assert "recall 0.95, precision 0.90" in table and "each step in a fresh process" in table

@@ -34,9 +34,11 @@ from PIL import Image, ImageFilter
 from headstart.data.images import ImageError, load_image
 
 FINGER = 32  # fingerprint side, pixels
+FINGER_DTYPE = np.uint8  # a fingerprint is a grey "L" picture resized by Pillow: whole grey levels, 3 KB a file
 ZOOMS = (0.88, 0.94)  # the fingerprint's cropped views keep these shares of each side (crops of 6% and 3% a side)
 COPY_SIM = 0.975  # spectrum_similarity from which two files are the same picture (docs/inspect.md)
 SPECTRUM = 8  # spatial frequencies of the copy descriptor, each way
+SPECTRA_CHUNK = 8192  # fingerprints transformed at a time (unit_spectra)
 CHECK_SIDE = 64  # cleanvision measures blur at most 64 px (MAX_RESOLUTION_FOR_BLURRY_DETECTION)
 THREADS = 2
 # cleanvision 0.3.7's defaults (ImagePropertyIssueManager.get_default_params)
@@ -52,7 +54,7 @@ class Look:
     width: int
     height: int
     measures: dict  # brightness_perc_99, brightness_perc_5, entropy, blurriness, grey_std
-    finger: np.ndarray  # (1 + len(ZOOMS), FINGER, FINGER) float32 grey: whole and cropped by each of ZOOMS
+    finger: np.ndarray  # (1 + len(ZOOMS), FINGER, FINGER) uint8 grey: whole and cropped by each of ZOOMS
 
 
 def look(path: str) -> Look:
@@ -72,7 +74,7 @@ def look(path: str) -> Look:
     for zoom in ZOOMS:
         m = max(1, round((1 - zoom) / 2 * min(width, height)))
         views.append(gray.crop((m, m, width - m, height - m)) if width > 2 * m and height > 2 * m else gray)
-    finger = np.stack([np.asarray(g.resize((FINGER, FINGER), Image.BILINEAR), dtype=np.float32) for g in views])
+    finger = np.stack([np.asarray(g.resize((FINGER, FINGER), Image.BILINEAR), dtype=FINGER_DTYPE) for g in views])
     measures = {"brightness_perc_99": float(p99), "brightness_perc_5": float(p5), "entropy": float(gray.entropy()),
                 "blurriness": float(edges.std()), "grey_std": float(np.std(small.histogram()))}
     return Look(width, height, measures, finger)
@@ -104,10 +106,18 @@ def spectrum(finger: np.ndarray) -> np.ndarray:
     return d - d.mean(axis=1, keepdims=True)
 
 
-def unit_spectra(fingers: np.ndarray) -> np.ndarray:
-    """(n, v, m) unit-length spectra of fingerprints (n, v, FINGER, FINGER), whole and cropped (Look.finger)."""
-    d = np.stack([spectrum(fingers[:, v]) for v in range(fingers.shape[1])], axis=1)
-    return (d / np.maximum(np.linalg.norm(d, axis=2, keepdims=True), 1e-12)).astype(np.float32)
+def unit_spectra(fingers: np.ndarray, chunk: int = SPECTRA_CHUNK) -> np.ndarray:
+    """(n, v, m) unit-length spectra of fingerprints (n, v, FINGER, FINGER), whole and cropped (Look.finger),
+    float32; computed `chunk` files at a time, so the Fourier transforms' temporaries stay bounded (at 200,000
+    files at once they held several GB)."""
+    out = []
+    for a in range(0, len(fingers), chunk):
+        f = np.asarray(fingers[a:a + chunk], np.float32)
+        d = np.stack([spectrum(f[:, v]) for v in range(f.shape[1])], axis=1)
+        out.append((d / np.maximum(np.linalg.norm(d, axis=2, keepdims=True), 1e-12)).astype(np.float32))
+    if not out:
+        return np.zeros((0, fingers.shape[1], 2 * SPECTRUM * SPECTRUM - SPECTRUM), np.float32)
+    return np.concatenate(out)
 
 
 def spectrum_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from headstart.learn.neighbours import nearest
 log = logging.getLogger("headstart")
 
 NEIGHBOURS = 5
+PAIRS_CHUNK = 65_536  # candidate pairs compared at a time (pair_similarities)
 PROPOSE_SIM = 0.92  # spectrum similarity from which mutual best partners are checked on their pixels
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -54,6 +55,17 @@ def candidate_pairs(X: np.ndarray, spectra: np.ndarray, k: int = NEIGHBOURS) -> 
     ok = (b >= 0) & (a != b)
     pairs = np.stack([np.minimum(a[ok], b[ok]), np.maximum(a[ok], b[ok])], axis=1)
     return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
+
+
+def pair_similarities(spectra: np.ndarray, pairs: np.ndarray, chunk: int = PAIRS_CHUNK) -> np.ndarray:
+    """`spectrum_similarity` of each pair (m, 2) of rows of `spectra` (n, v, m'), `chunk` pairs at a time: both
+    sides of every candidate pair gathered at once held 2 x pairs x views x 120 floats, 2.4 GB for the 820,000
+    pairs of 50,000 images (benchmarks/inspect_scale.py), 9.5 GB at 200,000."""
+    out = np.zeros(len(pairs), np.float32)
+    for a in range(0, len(pairs), chunk):
+        p = pairs[a:a + chunk]
+        out[a:a + chunk] = spectrum_similarity(spectra[p[:, 0]], spectra[p[:, 1]])
+    return out
 
 
 def mutual_best(pairs: np.ndarray, sims: np.ndarray) -> np.ndarray:
@@ -80,7 +92,7 @@ def near_copies(X: np.ndarray, fingers: np.ndarray, splits: list[str], names: li
     t0 = time.perf_counter()
     spectra = unit_spectra(fingers)
     pairs = candidate_pairs(X, spectra)
-    sims = spectrum_similarity(spectra[pairs[:, 0]], spectra[pairs[:, 1]]) if len(pairs) else np.zeros(0, np.float32)
+    sims = pair_similarities(spectra, pairs)
     keep = mutual_best(pairs, sims) & (sims >= (PROPOSE_SIM if paths is not None else COPY_SIM))
     proposed = int(keep.sum())
     if paths is not None and proposed:
